@@ -1,0 +1,60 @@
+"""Automatic selection: an ordered preference of backends for a call, from measured data.
+
+`routing_table.json` (written by `python -m jax_attn bench --update-routing`) maps a bucket
+(platform/GPU, dtype, head-dim bucket, sequence bucket) to backends ordered fastest first.
+Buckets it does not cover use the rules below. Backends that cannot serve are skipped by the
+router, so a preference only orders; it never forces.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import pathlib
+
+from .backends.base import gpu_compute_capability, platform
+from .contract import Spec
+
+TABLE_PATH = pathlib.Path(__file__).with_name("routing_table.json")
+# Above this many score bytes (b*n*sq*skv*4) the materializing backends are not chosen.
+SCORE_BYTES_BUDGET = 1 << 30
+
+
+def head_dim_bucket(d: int) -> str:
+    return "d<=64" if d <= 64 else "d<=128" if d <= 128 else "d>128"
+
+
+def seq_bucket(skv: int) -> str:
+    return "skv<=512" if skv <= 512 else "skv<=8192" if skv <= 8192 else "skv>8192"
+
+
+def device_key() -> str:
+    cc = gpu_compute_capability()
+    return f"sm{cc[0]}{cc[1]}" if cc else platform()
+
+
+def bucket(spec: Spec) -> str:
+    return "|".join((device_key(), spec.dtype, head_dim_bucket(spec.head_dim), seq_bucket(spec.kv_len)))
+
+
+@functools.lru_cache(maxsize=None)
+def table() -> dict:
+    if not TABLE_PATH.exists():
+        return {}
+    return json.loads(TABLE_PATH.read_text()).get("preferences", {})
+
+
+def preference(spec: Spec) -> list[str]:
+    """Backends to try, best first, for `spec` on this machine."""
+    measured = table().get(bucket(spec))
+    quadratic = spec.batch * spec.heads * spec.q_len * spec.kv_len * 4 > SCORE_BYTES_BUDGET
+    if measured:
+        order = list(measured)
+    elif platform() == "gpu":
+        order = ["cudnn", "pallas", "xla", "chunked"]
+    else:
+        order = ["xla", "chunked"]
+    if quadratic:  # keep to the backends whose memory is linear in sequence length
+        order = [n for n in order if n not in ("xla", "naive")]
+    rest = ["pallas", "cudnn", "chunked", "xla", "naive"]
+    return order + [n for n in rest if n not in order and not (quadratic and n in ("xla", "naive"))] + (
+        ["xla", "naive"] if quadratic else [])

@@ -1,0 +1,95 @@
+"""A backend is a declaration of what it supports plus the reasons it cannot serve given inputs."""
+from __future__ import annotations
+
+import functools
+
+import jax
+
+from ..contract import Spec
+from ..inputs import AttentionInputs
+
+
+@functools.lru_cache(maxsize=None)
+def platform() -> str:
+    """The default JAX platform: "cpu", "gpu" or "tpu"."""
+    return jax.default_backend()
+
+
+@functools.lru_cache(maxsize=None)
+def gpu_compute_capability() -> tuple[int, int] | None:
+    """(major, minor) of the first NVIDIA GPU, or None."""
+    if platform() != "gpu":
+        return None
+    cc = getattr(jax.devices()[0], "compute_capability", None)
+    if not cc:
+        return None
+    major, minor = str(cc).split(".")[:2]
+    return int(major), int(minor)
+
+
+class Backend:
+    """Capabilities as data; `reasons` lists, in plain sentences, why it cannot serve a call.
+
+    Subclasses set the class attributes and implement `_forward`; they extend `reasons` by
+    calling `super().reasons(spec)` first.
+    """
+
+    name: str = ""
+    description: str = ""
+    platforms: tuple[str, ...] = ("cpu", "gpu", "tpu")
+    dtypes: tuple[str, ...] = ("float16", "bfloat16", "float32", "float64")
+    head_dims: tuple[int, int] = (1, 1 << 30)  # inclusive range
+    head_dim_multiple: int = 1
+    value_dim_differs: bool = True  # dv != d
+    bool_mask: bool = True
+    bias: bool = True
+    bias_grad: bool = True  # gradient w.r.t. a float attn_mask
+    causal: bool = True
+    kv_lengths: bool = True
+    lse_grad: bool = True  # the log-sum-exp output is differentiable
+    automatic: bool = True  # may be picked by automatic selection
+
+    def unavailable(self) -> list[str]:
+        """Reasons this machine cannot run the backend at all (no GPU, package missing)."""
+        if platform() not in self.platforms:
+            return [f"needs a {' or '.join(p.upper() for p in self.platforms)} device; "
+                    f"the default JAX platform is {platform()}"]
+        return []
+
+    def reasons(self, spec: Spec) -> list[str]:
+        """Why this backend cannot serve `spec`; empty when it can."""
+        why = self.unavailable()
+        if spec.dtype not in self.dtypes:
+            why.append(f"dtype {spec.dtype} is not supported (supports {', '.join(self.dtypes)})")
+        lo, hi = self.head_dims
+        if not lo <= spec.head_dim <= hi or spec.head_dim % self.head_dim_multiple:
+            rule = f"in [{lo}, {hi}]" + (f" and a multiple of {self.head_dim_multiple}"
+                                         if self.head_dim_multiple > 1 else "")
+            why.append(f"head dim {spec.head_dim} is not supported (must be {rule})")
+        if spec.value_dim != spec.head_dim and not self.value_dim_differs:
+            why.append(f"value head dim {spec.value_dim} differs from q/k head dim {spec.head_dim}")
+        if spec.mask_kind == "bool" and not self.bool_mask:
+            why.append("a bool attn_mask is not supported")
+        if spec.mask_kind == "bias" and not self.bias:
+            why.append("an additive float attn_mask is not supported")
+        if spec.is_causal and not self.causal:
+            why.append("is_causal=True is not supported")
+        if spec.has_kv_lengths and not self.kv_lengths:
+            why.append("kv_lengths is not supported")
+        return why
+
+    def __call__(self, inputs: AttentionInputs, return_lse: bool = False):
+        """Attention in the caller's layout; with `return_lse`, also the `(b, n, sq)` float32 lse."""
+        return self._forward(inputs, return_lse)
+
+    def _forward(self, inputs: AttentionInputs, return_lse: bool):
+        raise NotImplementedError
+
+    def capabilities(self) -> dict:
+        """The declared capabilities, for tables and docs."""
+        return {
+            "platforms": self.platforms, "dtypes": self.dtypes, "head_dims": self.head_dims,
+            "head_dim_multiple": self.head_dim_multiple, "dv != d": self.value_dim_differs,
+            "bool mask": self.bool_mask, "bias": self.bias, "bias grad": self.bias_grad,
+            "causal": self.causal, "kv_lengths": self.kv_lengths, "lse grad": self.lse_grad,
+        }

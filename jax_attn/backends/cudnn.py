@@ -1,0 +1,131 @@
+"""`cudnn`: cuDNN's fused flash attention, reached through JAX.
+
+JAX's own cuDNN binding also reads `(b, n, s, d)` (its `qkv_layout="BNTH"`), so neither layout
+costs a transpose. It is private API, so it is used only when it has the signature we expect;
+otherwise `jax.nn.dot_product_attention(implementation="cudnn")` runs, with transposes for
+`bnsd`, and that fallback is logged once.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+
+import jax
+import jax.numpy as jnp
+
+from ..masking import EmptyRows
+from .base import Backend, gpu_compute_capability
+
+log = logging.getLogger(__name__)
+
+
+@functools.lru_cache(maxsize=None)
+def _binding():
+    """JAX's cuDNN binding if it has the arguments we use, else None (with the reason logged)."""
+    try:
+        from jax._src.cudnn import fused_attention_stablehlo as binding
+        params = inspect.signature(binding.dot_product_attention).parameters
+        missing = {"qkv_layout", "mask_type", "return_residual", "q_seqlen", "kv_seqlen"} - set(params)
+        if missing:
+            raise ImportError(f"its signature lacks {sorted(missing)}")
+        return binding
+    except Exception as e:  # private API: any change of it means "use the public one"
+        log.warning("cudnn: JAX's cuDNN binding is unusable (%s); using jax.nn.dot_product_attention "
+                    "with transposes for the bnsd layout", e)
+        return None
+
+
+@functools.lru_cache(maxsize=None)
+def _cudnn_version() -> int | None:
+    try:
+        from jax._src.lib import cuda_versions
+        return cuda_versions.cudnn_get_version() if cuda_versions else None
+    except Exception:
+        return None
+
+
+class CuDNN(Backend):
+    name = "cudnn"
+    description = "cuDNN fused flash attention via JAX (fp16/bf16, sm80+)"
+    platforms = ("gpu",)
+    dtypes = ("float16", "bfloat16")
+    head_dim_multiple = 8
+    value_dim_differs = False
+    lse_grad = False  # cuDNN's VJP ignores a cotangent on the log-sum-exp
+
+    @property
+    def head_dims(self):
+        cc = gpu_compute_capability()
+        return (8, 256 if cc and cc >= (9, 0) else 128)
+
+    def unavailable(self):
+        why = super().unavailable()
+        if why:
+            return why
+        cc = gpu_compute_capability()
+        if cc is None:
+            return ["needs an NVIDIA GPU (compute capability unknown)"]
+        if cc < (8, 0):
+            return [f"needs an sm80+ GPU (Ampere or newer); this one is sm{cc[0]}{cc[1]}"]
+        if _cudnn_version() is None:
+            return ["cuDNN is not installed with jaxlib"]
+        return []
+
+    def reasons(self, spec):
+        why = super().reasons(spec)
+        if spec.mask_kind != "none" and (spec.q_len % 2 or spec.kv_len % 2):
+            why.append(f"with an attn_mask (sent to cuDNN as a bias) its backward needs even sq and "
+                       f"skv, got sq={spec.q_len}, skv={spec.kv_len}")
+        return why
+
+    def _forward(self, inputs, return_lse):
+        spec = inputs.spec
+        fix = EmptyRows.fix(spec, inputs.mask, inputs.kv_lengths)
+        bias = None
+        if spec.mask_kind != "none":  # cuDNN takes one bias of full (sq, skv) extent
+            mask = fix.mask
+            full = jnp.broadcast_shapes(mask.shape, (1, 1, spec.q_len, spec.kv_len))
+            bias = jnp.where(jnp.broadcast_to(mask, full), 0.0, -0.7 * float(jnp.finfo(inputs.q.dtype).max))
+            if fix.bias is not None:
+                bias = bias + fix.bias
+            bias = bias.astype(inputs.q.dtype)
+        binding = _binding()
+        if binding is None:
+            res = self._public(inputs, bias, fix.kv_lengths, return_lse)
+        else:
+            res = self._private(binding, inputs, bias, fix.kv_lengths, return_lse)
+        out, lse = res if return_lse else (res, None)
+        out, lse = fix.zero(out, lse, spec.layout)
+        return (out, lse) if return_lse else out
+
+    @staticmethod
+    def _private(binding, inputs, bias, kv_lengths, return_lse):
+        spec = inputs.spec
+        mask_type = binding.MaskType.NO_MASK
+        q_seqlen = None
+        if kv_lengths is not None:
+            q_seqlen = jnp.full((spec.batch,), spec.q_len, jnp.int32)
+            mask_type = binding.MaskType.PADDING_CAUSAL if spec.is_causal else binding.MaskType.PADDING
+        elif spec.is_causal:
+            mask_type = binding.MaskType.CAUSAL
+        res = binding.dot_product_attention(
+            inputs.q, inputs.k, inputs.v, bias=bias, q_seqlen=q_seqlen, kv_seqlen=kv_lengths,
+            scale=spec.scale, mask_type=mask_type, return_residual=return_lse,
+            qkv_layout="BNTH" if spec.layout == "bnsd" else "BTNH")
+        if return_lse:  # cuDNN returns the lse as (b, n, sq) whatever the layout
+            out, lse = res
+            return out, lse.astype(jnp.float32)
+        return res
+
+    @staticmethod
+    def _public(inputs, bias, kv_lengths, return_lse):
+        spec = inputs.spec
+        q, k, v = inputs.bsnd()
+        res = jax.nn.dot_product_attention(
+            q, k, v, bias=bias, scale=spec.scale, is_causal=spec.is_causal,
+            key_value_seq_lengths=kv_lengths, implementation="cudnn", return_residual=return_lse)
+        if return_lse:
+            out, lse = res
+            return inputs.from_bsnd(out), jnp.swapaxes(lse, 1, 2).astype(jnp.float32)
+        return inputs.from_bsnd(res)

@@ -1,0 +1,93 @@
+"""The float64 NumPy reference: the definition every backend is tested against.
+
+Plain NumPy, no JAX, so it shares no code path with what it checks. Inputs in `(b, n, s, d)`.
+A key is masked when the bool mask is False, the bias is -inf, it lies at or past
+`kv_lengths[b]`, or (causal) after the query's position (top-left aligned, as
+`jax.nn.dot_product_attention` and `torch.nn.functional.scaled_dot_product_attention`).
+A query with no unmasked key returns zeros and zero gradients, and its log-sum-exp is -inf.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def _logits_and_keep(q, k, attn_mask, kv_lengths, is_causal, scale):
+    b, n, sq, d = q.shape
+    n_kv, skv = k.shape[1], k.shape[2]
+    k = np.repeat(k, n // n_kv, axis=1)
+    s = np.einsum("bnqd,bnkd->bnqk", q, k) * scale
+    keep = np.ones((b, n, sq, skv), dtype=bool)
+    if attn_mask is not None:
+        m = np.asarray(attn_mask)
+        if m.dtype == bool:
+            keep &= np.broadcast_to(m, keep.shape)
+        else:
+            bias = np.broadcast_to(m.astype(np.float64), keep.shape)
+            keep &= ~np.isneginf(bias)
+            s = s + np.where(np.isneginf(bias), 0.0, bias)
+    if kv_lengths is not None:
+        keep &= np.arange(skv)[None, None, None, :] < np.asarray(kv_lengths)[:, None, None, None]
+    if is_causal:
+        keep &= np.tril(np.ones((sq, skv), dtype=bool))[None, None]
+    return s, keep
+
+
+def _probs(q, k, attn_mask, kv_lengths, is_causal, scale):
+    s, keep = _logits_and_keep(q, k, attn_mask, kv_lengths, is_causal, scale)
+    s_masked = np.where(keep, s, -np.inf)
+    m = s_masked.max(-1, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0.0)
+    e = np.where(keep, np.exp(s_masked - m), 0.0)
+    l = e.sum(-1, keepdims=True)
+    p = e / np.where(l > 0, l, 1.0)
+    with np.errstate(divide="ignore"):
+        lse = np.where(l[..., 0] > 0, np.log(l[..., 0]) + m[..., 0], -np.inf)
+    return p, lse, keep
+
+
+def _f64(*xs):
+    return [None if x is None else np.asarray(x, dtype=np.float64) for x in xs]
+
+
+def attention(q, k, v, attn_mask=None, kv_lengths=None, is_causal=False, scale=None,
+              return_lse=False):
+    """Forward pass in float64. Returns `out (b, n, sq, dv)` and optionally `lse (b, n, sq)`."""
+    q, k, v = _f64(q, k, v)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    p, lse, _ = _probs(q, k, attn_mask, kv_lengths, is_causal, scale)
+    n, n_kv = q.shape[1], k.shape[1]
+    out = np.einsum("bnqk,bnkd->bnqd", p, np.repeat(v, n // n_kv, axis=1))
+    return (out, lse) if return_lse else out
+
+
+def probabilities(q, k, attn_mask=None, kv_lengths=None, is_causal=False, scale=None):
+    """The full attention map `(b, n, sq, skv)` in float64 (rows of zeros where fully masked)."""
+    q, k = _f64(q, k)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    return _probs(q, k, attn_mask, kv_lengths, is_causal, scale)[0]
+
+
+def attention_vjp(q, k, v, d_out, attn_mask=None, kv_lengths=None, is_causal=False, scale=None):
+    """Gradients `(dq, dk, dv, dbias)` of `sum(out * d_out)`, by the analytic softmax derivative.
+
+    `dbias` is the full `(b, n, sq, skv)` gradient w.r.t. an additive bias (zero where masked);
+    sum it over broadcast dims to match a smaller bias.
+    """
+    q, k, v, d_out = _f64(q, k, v, d_out)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    g = q.shape[1] // k.shape[1]
+    p, _, _ = _probs(q, k, attn_mask, kv_lengths, is_causal, scale)
+    v_rep, k_rep = np.repeat(v, g, axis=1), np.repeat(k, g, axis=1)
+    dv = np.einsum("bnqk,bnqd->bnkd", p, d_out)
+    dp = np.einsum("bnqd,bnkd->bnqk", d_out, v_rep)
+    ds = p * (dp - (dp * p).sum(-1, keepdims=True))
+    dq = np.einsum("bnqk,bnkd->bnqd", ds, k_rep) * scale
+    dk = np.einsum("bnqk,bnqd->bnkd", ds, q) * scale
+
+    def fold(x):  # sum the query heads of each group back onto their shared k/v head
+        b, n, s, e = x.shape
+        return x.reshape(b, n // g, g, s, e).sum(2)
+
+    return dq, fold(dk), fold(dv), ds
