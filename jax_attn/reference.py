@@ -12,6 +12,27 @@ import math
 
 import numpy as np
 
+# Relative error ||x - ref|| / ||ref|| allowed per input dtype, for outputs and gradients alike.
+# float32: on GPUs XLA may run float32 matmuls in TF32 (about 3e-4 relative); on CPUs we see 1e-6.
+# bfloat16: 8 mantissa bits, inputs and P rounded before the second matmul (seen 2e-3 to 8e-3).
+# float16: 11 mantissa bits (seen 3e-4 to 1e-3).
+TOLERANCE = {"float64": 1e-9, "float32": 2e-3, "bfloat16": 3e-2, "float16": 5e-3}
+
+
+def relative_error(x, ref) -> float:
+    """||x - ref|| / ||ref|| over finite entries (see floor); inf unless NaN and +-inf sit exactly where ref has them."""
+    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
+    finite = np.isfinite(ref)
+    if not (np.array_equal(np.isnan(x), np.isnan(ref)) and np.array_equal(np.isinf(x), np.isinf(ref))
+            and np.array_equal(x[np.isinf(ref)], ref[np.isinf(ref)])):
+        return float("inf")
+    with np.errstate(invalid="ignore"):
+        diff = np.linalg.norm(np.where(finite, x - ref, 0.0))
+    # Floor the denominator at an RMS of 1e-3: a gradient that is analytically zero (one key
+    # attended) is compared against that scale instead of against its own rounding noise.
+    floor = 1e-3 * np.sqrt(max(finite.sum(), 1))
+    return float(diff / max(np.linalg.norm(np.where(finite, ref, 0.0)), floor))
+
 
 def _logits_and_keep(q, k, attn_mask, kv_lengths, is_causal, scale):
     b, n, sq, d = q.shape

@@ -4,6 +4,11 @@ JAX's own cuDNN binding also reads `(b, n, s, d)` (its `qkv_layout="BNTH"`), so 
 costs a transpose. It is private API, so it is used only when it has the signature we expect;
 otherwise `jax.nn.dot_product_attention(implementation="cudnn")` runs, with transposes for
 `bnsd`, and that fallback is logged once.
+
+JAX's binding refuses odd sq or skv whenever the call is differentiated (it always passes a bias
+operand, and cuDNN's backward with a bias needs even lengths), which would rule out the 77-token
+text-encoder keys of cross-attention. So an odd length is padded by one: a masked key (through
+`kv_lengths`), or a query row that is sliced off.
 """
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ import logging
 import jax
 import jax.numpy as jnp
 
+from ..inputs import AttentionInputs
 from ..masking import EmptyRows
 from .base import Backend, gpu_compute_capability
 
@@ -72,15 +78,10 @@ class CuDNN(Backend):
             return ["cuDNN is not installed with jaxlib"]
         return []
 
-    def reasons(self, spec):
-        why = super().reasons(spec)
-        if spec.mask_kind != "none" and (spec.q_len % 2 or spec.kv_len % 2):
-            why.append(f"with an attn_mask (sent to cuDNN as a bias) its backward needs even sq and "
-                       f"skv, got sq={spec.q_len}, skv={spec.kv_len}")
-        return why
-
     def _forward(self, inputs, return_lse):
         spec = inputs.spec
+        if spec.q_len % 2 or spec.kv_len % 2:
+            return self._forward_padded(inputs, return_lse)
         fix = EmptyRows.fix(spec, inputs.mask, inputs.kv_lengths)
         bias = None
         if spec.mask_kind != "none":  # cuDNN takes one bias of full (sq, skv) extent
@@ -98,6 +99,35 @@ class CuDNN(Backend):
         out, lse = res if return_lse else (res, None)
         out, lse = fix.zero(out, lse, spec.layout)
         return (out, lse) if return_lse else out
+
+    def _forward_padded(self, inputs, return_lse):
+        """Pad odd sq / skv to even (see the module docstring), run, and cut the padding off."""
+        spec = inputs.spec
+        seq_axis = 2 if spec.layout == "bnsd" else 1
+        pad_q, pad_k = spec.q_len % 2, spec.kv_len % 2
+
+        def pad(x, axis, n, value=0):
+            if not n:
+                return x
+            widths = [(0, 0)] * x.ndim
+            widths[axis] = (0, n)
+            return jnp.pad(x, widths, constant_values=value)
+
+        q = pad(inputs.q, seq_axis, pad_q)
+        k, v = pad(inputs.k, seq_axis, pad_k), pad(inputs.v, seq_axis, pad_k)
+        kv_lengths = inputs.kv_lengths
+        if pad_k and kv_lengths is None:
+            kv_lengths = jnp.full((spec.batch,), spec.kv_len, jnp.int32)
+        mask = inputs.mask
+        if mask is not None:
+            mask = pad(mask, 2, pad_q if mask.shape[2] > 1 else 0)
+            mask = pad(mask, 3, pad_k if mask.shape[3] > 1 else 0)
+        padded = AttentionInputs.build(q, k, v, attn_mask=mask, kv_lengths=kv_lengths, scale=spec.scale,
+                                       is_causal=spec.is_causal, layout=spec.layout)
+        res = self._forward(padded, return_lse)
+        out, lse = res if return_lse else (res, None)
+        out = jax.lax.slice_in_dim(out, 0, spec.q_len, axis=seq_axis)
+        return (out, lse[..., : spec.q_len]) if return_lse else out
 
     @staticmethod
     def _private(binding, inputs, bias, kv_lengths, return_lse):

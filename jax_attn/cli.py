@@ -1,0 +1,237 @@
+"""`python -m jax_attn` / `jax-attn`: `info`, `check` and `bench`."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import platform as py_platform
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import reference
+from .api import attention_forward, available_backends
+from .backends import BACKENDS
+from .contract import validate
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One `check` configuration, (b, n, n_kv, sq, skv, d, dv) plus masking."""
+
+    name: str
+    b: int
+    n: int
+    n_kv: int
+    sq: int
+    skv: int
+    d: int
+    dv: int
+    mask: str = "none"  # "none", "key" (bool, per key), "bias" (float, full)
+    causal: bool = False
+    kv_lengths: bool = False
+    layout: str = "bnsd"
+
+    def scaled(self, factor: int) -> "Case":
+        return dataclasses.replace(self, sq=max(1, self.sq // factor), skv=max(1, self.skv // factor))
+
+
+CASES = (
+    Case("self-attention", 2, 4, 4, 1024, 1024, 64, 64),
+    Case("self-attention, bsnd layout", 2, 4, 4, 1024, 1024, 64, 64, layout="bsnd"),
+    Case("cross-attention, 77 padded keys", 2, 4, 4, 1024, 77, 40, 40, kv_lengths=True),
+    Case("GQA, causal", 1, 8, 2, 512, 512, 128, 128, causal=True),
+    Case("per-key bool mask", 2, 4, 4, 256, 160, 72, 72, mask="key"),
+    Case("additive bias", 1, 4, 4, 256, 256, 64, 64, mask="bias"),
+    Case("value dim != head dim", 1, 2, 2, 128, 96, 64, 32),
+)
+
+
+def _versions() -> dict:
+    out = {"python": py_platform.python_version(), "jax": jax.__version__}
+    try:
+        import jaxlib
+        out["jaxlib"] = jaxlib.__version__
+    except ImportError:
+        pass
+    for mod in ("flax", "torch"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except ImportError:
+            out[mod] = "not installed"
+    try:
+        from jax._src.lib import cuda_versions
+        if cuda_versions and jax.default_backend() == "gpu":
+            out["cudnn"] = str(cuda_versions.cudnn_get_version())
+    except Exception:
+        pass
+    return out
+
+
+def _table(rows, headers) -> str:
+    widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) for i, h in enumerate(headers)]
+    fmt = "  ".join(f"{{:{w}}}" for w in widths)
+    return "\n".join([fmt.format(*headers), fmt.format(*("-" * w for w in widths))]
+                     + [fmt.format(*map(str, r)) for r in rows])
+
+
+def cmd_info(args) -> int:
+    for k, v in _versions().items():
+        print(f"{k:8s} {v}")
+    print("devices ", ", ".join(f"{d.platform}:{d.device_kind}" for d in jax.devices()))
+    rows = []
+    for name, b in BACKENDS.items():
+        why = b.unavailable()
+        rows.append((name, "yes" if not why else "no", "; ".join(why) or b.description))
+    print()
+    print(_table(rows, ("backend", "available", "why not / what")))
+    return 0
+
+
+def _inputs(case: Case, dtype, seed: int):
+    rng = np.random.default_rng(seed)
+    shape = lambda n, s, e: (case.b, n, s, e)
+    q = rng.standard_normal(shape(case.n, case.sq, case.d))
+    k = rng.standard_normal(shape(case.n_kv, case.skv, case.d))
+    v = rng.standard_normal(shape(case.n_kv, case.skv, case.dv))
+    q, k, v = (jnp.asarray(x, dtype) for x in (q, k, v))
+    kw = {"is_causal": case.causal, "layout": case.layout}
+    if case.kv_lengths:  # one sample fully padded: its rows must come back as zeros
+        kw["kv_lengths"] = jnp.asarray(np.r_[rng.integers(1, case.skv + 1, case.b - 1), 0], jnp.int32)
+    if case.mask == "key":
+        kw["attn_mask"] = jnp.asarray(rng.random((case.b, 1, 1, case.skv)) < 0.8)
+    elif case.mask == "bias":
+        kw["attn_mask"] = jnp.asarray(rng.standard_normal((1, case.n, case.sq, case.skv)), dtype)
+    return q, k, v, kw
+
+
+def _median_ms(fn, *xs, repeats=5) -> float:
+    jax.block_until_ready(fn(*xs))
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*xs))
+        times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+
+def check_case(name: str, case: Case, dtype: str, seed: int = 0) -> dict:
+    """Run backend `name` on `case` against the float64 reference, forward and gradients."""
+    q, k, v, kw = _inputs(case, dtype, seed)  # in bnsd; the backend gets case.layout
+    swap = (lambda x: jnp.swapaxes(x, 1, 2)) if case.layout == "bsnd" else (lambda x: x)
+    spec = validate(*map(swap, (q, k, v)), attn_mask=kw.get("attn_mask"), kv_lengths=kw.get("kv_lengths"),
+                    is_causal=case.causal, layout=case.layout)
+    row = {"backend": name, "case": case.name, "dtype": dtype}
+    why = BACKENDS[name].reasons(spec)
+    if why:
+        return {**row, "status": "skip", "note": "; ".join(why)}
+    np_kw = {k_: (np.asarray(x, np.float64 if x.dtype != jnp.bool_ and k_ == "attn_mask" else None)
+                  if hasattr(x, "shape") else x) for k_, x in kw.items()}
+    ref, ref_lse = reference.attention(q, k, v, np_kw.get("attn_mask"), np_kw.get("kv_lengths"),
+                                       case.causal, return_lse=True)
+    d_out = jnp.asarray(np.random.default_rng(seed + 1).standard_normal(ref.shape), dtype)
+    ref_grads = reference.attention_vjp(q, k, v, d_out, np_kw.get("attn_mask"), np_kw.get("kv_lengths"),
+                                        case.causal)[:3]
+
+    def run(q, k, v, **extra):  # bnsd in and out, whatever layout the backend is given
+        res = attention_forward(swap(q), swap(k), swap(v), backend=name, **kw, **extra)
+        return (swap(res[0]), res[1]) if extra else swap(res)
+
+    fwd = jax.jit(lambda q, k, v: run(q, k, v, return_lse=True))
+    grad = jax.jit(jax.grad(lambda q, k, v: jnp.sum(run(q, k, v).astype(jnp.float32) * d_out),
+                            argnums=(0, 1, 2)))
+    try:
+        out, lse = fwd(q, k, v)
+        grads = grad(q, k, v)
+    except Exception as e:  # a crash is a failure, reported with its message
+        return {**row, "status": "FAIL", "note": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"}
+    out_err = reference.relative_error(out, ref)
+    lse_err = reference.relative_error(lse, ref_lse)
+    grad_err = max(reference.relative_error(g, r) for g, r in zip(grads, ref_grads))
+    tol = reference.TOLERANCE[dtype]
+    ok = out_err <= tol and lse_err <= tol and grad_err <= 2 * tol
+    return {**row, "status": "pass" if ok else "FAIL", "out_err": out_err, "lse_err": lse_err,
+            "grad_err": grad_err, "tol": tol, "fwd_ms": _median_ms(fwd, q, k, v),
+            "fwd_bwd_ms": _median_ms(grad, q, k, v), "note": ""}
+
+
+def cmd_check(args) -> int:
+    from tqdm import tqdm
+
+    on_cpu = jax.default_backend() == "cpu"
+    dtypes = args.dtype or (["float32"] if on_cpu else ["bfloat16", "float16", "float32"])
+    names = args.backends.split(",") if args.backends else available_backends()
+    unknown = [n for n in names if n not in BACKENDS]
+    if unknown:
+        print(f"--backends: unknown {unknown}; known: {', '.join(BACKENDS)}", file=sys.stderr)
+        return 2
+    cases = [c.scaled(args.shrink or (8 if on_cpu else 1)) for c in CASES]
+    jobs = [(n, c, dt) for dt in dtypes for c in cases for n in names]
+    results = [check_case(n, c, dt, args.seed) for n, c, dt in tqdm(jobs, desc="check", unit="run",
+                                                                      disable=args.quiet)]
+    results += _torch_rows(cases, args)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"versions": _versions(), "devices": [str(d) for d in jax.devices()],
+                       "results": results}, f, indent=1)
+    fmt = lambda r, key: f"{r[key]:.1e}" if key in r else ""
+    ms = lambda r, key: f"{r[key]:.2f}" if key in r else ""
+    rows = [(r["backend"], r["case"], r["dtype"], r["status"], fmt(r, "out_err"), fmt(r, "grad_err"),
+             fmt(r, "tol"), ms(r, "fwd_ms"), ms(r, "fwd_bwd_ms"), r.get("note", "")[:90]) for r in results]
+    print(_table(rows, ("backend", "case", "dtype", "status", "out err", "grad err", "tol", "fwd ms",
+                        "fwd+bwd ms", "note")))
+    failed = [r for r in results if r["status"] == "FAIL"]
+    print(f"\n{len(results) - len(failed)} passed or skipped, {len(failed)} failed")
+    return 1 if failed else 0
+
+
+def _torch_rows(cases, args) -> list:
+    """Rows comparing `torch_ref` with the float64 reference, when torch is installed."""
+    if args.no_torch:
+        return []
+    try:
+        from torch_ref.check import compare_with_reference
+    except ImportError as e:
+        log.info("check: torch_ref comparison skipped (%s)", e)
+        return []
+    return compare_with_reference(cases, seed=args.seed)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="jax-attn", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="versions, devices and which backends this machine has")
+    p = sub.add_parser("check", help="every available backend vs the float64 reference")
+    p.add_argument("--backends", help="comma-separated backends (default: all available)")
+    p.add_argument("--dtype", action="append", choices=("float32", "bfloat16", "float16"),
+                   help="dtype to check (repeatable; default float32 on CPU, all three on GPU)")
+    p.add_argument("--shrink", type=int, help="divide the sequence lengths by this (default 8 on CPU)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", help="write the results here")
+    p.add_argument("--no-torch", action="store_true", help="skip the torch_ref comparison")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    try:
+        from . import bench
+        bench.add_parser(sub)
+    except ImportError as e:
+        log.debug("bench command unavailable: %s", e)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if args.command == "info":
+        return cmd_info(args)
+    if args.command == "check":
+        return cmd_check(args)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
