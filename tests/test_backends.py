@@ -145,6 +145,25 @@ def test_bias_gradient(backend):
     assert reference.relative_error(g, ds.sum(1, keepdims=True)) <= TOL["float32"]
 
 
+@pytest.mark.parametrize("backend", [n for n in RUNNABLE if BACKENDS[n].lse_grad])
+def test_lse_gradient(backend):
+    """d(sum_i w_i lse_i)/ds_ij = w_i p_ij: ring attention and attention maps rely on it."""
+    rng = np.random.default_rng(9)
+    q, k, v, kw = make_call(rng, 2, 4, 2, 13, 21, 8, 8, "float32", mask="key", lengths=[21, 0])
+    w = jnp.asarray(rng.standard_normal((2, 4, 13)), jnp.float32)
+    loss = lambda q, k: jnp.sum(jnp.where(jnp.isfinite(w), w, 0) * jnp.nan_to_num(
+        jax_attn.attention_forward(q, k, v, backend=backend, return_lse=True, **kw)[1], neginf=0.0))
+    dq, dk = jax.grad(loss, argnums=(0, 1))(q, k)
+    qn, kn = to_bnsd(q, "bnsd"), np.repeat(to_bnsd(k, "bnsd"), 2, axis=1)
+    wp = np.asarray(w)[..., None] * reference.probabilities(qn, to_bnsd(k, "bnsd"), np.asarray(kw["attn_mask"]),
+                                                            np.asarray(kw["kv_lengths"]))
+    scale = 8 ** -0.5
+    ref_dq = scale * np.einsum("bnqk,bnkd->bnqd", wp, kn)
+    ref_dk = (scale * np.einsum("bnqk,bnqd->bnkd", wp, qn)).reshape(2, 2, 2, 21, 8).sum(2)
+    assert reference.relative_error(dq, ref_dq) <= TOL["float32"]
+    assert reference.relative_error(dk, ref_dk) <= TOL["float32"]
+
+
 @pytest.mark.parametrize("backend", RUNNABLE)
 def test_empty_rows_give_zeros_and_zero_gradients(backend):
     rng = np.random.default_rng(3)

@@ -1,0 +1,287 @@
+"""Sequence parallelism on several GPUs: a correctness check, then scaling on a video-sized call.
+
+For every device count 1, 2, 4, ... up to the GPUs present (and that count itself), on a mesh with
+one axis "sp":
+1. correctness: Ulysses and ring (forward, lse and dq/dk/dv) against the float64 reference on a
+   small call whose length does not divide by the device count (causal + kv_lengths, and plain);
+2. scaling: the 32k-token video shape `(b, n, s, d) = (1, 24, 32760, 128)` bf16 (a 3-D VAE latent
+   of 13 x 45 x 56 patches, self-attention), forward and forward+backward: tokens/s in all, per
+   GPU, TFLOP/s per GPU, and per-GPU memory from XLA's compiled memory analysis (arguments +
+   outputs + temporaries of the per-device program). 1 device is the plain call, no context.
+
+Prints a table last; writes `parallel_gpu.json` and `parallel_gpu.md` to `$OUT` (or `--out`).
+Runs with whatever devices exist (also CPU, for a smoke test:
+`XLA_FLAGS=--xla_force_host_platform_device_count=4 python benchmarks/parallel_gpu.py --seq 1024
+--heads 8 --dim 64 --backend chunked`). Stops starting new measurements after `--budget` seconds.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import pathlib
+import platform
+import sys
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout
+import jax_attn  # noqa: E402
+from jax_attn import parallel, reference  # noqa: E402
+from jax_attn.backends import BACKENDS  # noqa: E402
+
+T0 = time.perf_counter()
+
+
+def say(*a):
+    print(*a, flush=True)
+
+
+def device_counts(n: int) -> list[int]:
+    counts, c = [], 1
+    while c <= n:
+        counts.append(c)
+        c *= 2
+    return counts + ([n] if counts[-1] != n else [])
+
+
+def local_backend(method, p, shape, dtype, backend, mode="fwd"):
+    """The backend the local shards are routed to (what each device runs).
+
+    The ring's backward needs a differentiable lse; where the forward's backend lacks one, the
+    backward runs the first of the choice (or automatic preference) that has it: "fwd/bwd".
+    """
+    b, n, s, d = shape
+    if method == "ulysses":
+        local = (b, n // p, s, d)
+    elif method == "ring":
+        local = (b, n, -(-s // p), d)
+    else:
+        local = shape
+    x = jax.ShapeDtypeStruct(local, dtype)
+    try:
+        d = jax_attn.explain(x, x, x, backend=backend)
+        if method != "ring" or mode == "fwd" or d.backend is None or BACKENDS[d.backend].lse_grad:
+            return d.backend
+        auto = d.source == "automatic" or backend == "auto"
+        ok = [nm for nm in d.candidates if not d.reasons[nm] and BACKENDS[nm].lse_grad
+              and (BACKENDS[nm].automatic or not auto)]
+        return f"{d.backend}/{ok[0] if ok else 'none'}"
+    except Exception as e:  # noqa: BLE001 - reported, not fatal
+        return f"error: {e}"
+
+
+def context(method, mesh):
+    if method == "single":
+        import contextlib
+        return contextlib.nullcontext()
+    return parallel.sequence_parallel(mesh, "sp", method)
+
+
+# --------------------------------------------------------------------------------------------
+# 1. correctness
+
+def correctness_cases(rng):
+    """Small bf16 calls (length 1027 divides by no device count) with their float64 answers."""
+    b, n, s, d = 2, 8, 1027, 64
+    cases = []
+    for name in ("plain", "causal+kv_lengths"):
+        q, k, v, do = (jnp.asarray(rng.standard_normal((b, n, s, d)), jnp.bfloat16) for _ in range(4))
+        causal = name != "plain"
+        lengths = np.array([1000, 517], np.int32) if causal else None
+        kw = dict(is_causal=True, kv_lengths=jnp.asarray(lengths)) if causal else {}
+        ref = reference.attention(q, k, v, None, lengths, causal, return_lse=True)
+        ref += tuple(reference.attention_vjp(q, k, v, do, None, lengths, causal)[:3])
+        cases.append((name, (q, k, v, do), kw, ref))
+    return cases
+
+
+def check_correctness(p, methods, backend, cases):
+    rows = []
+    mesh = Mesh(np.array(jax.devices()[:p]), ("sp",))
+    tol = reference.TOLERANCE["bfloat16"]
+    for case, (q, k, v, do), kw, ref in cases:
+        def loss(q, k, v):
+            out, lse = jax_attn.attention_forward(q, k, v, backend=backend, return_lse=True, **kw)
+            return jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32)), (out, lse)
+
+        for method in (["single"] if p == 1 else methods):
+            row = dict(devices=p, method=method, case=case, shape=list(q.shape[:3]) + [k.shape[2], q.shape[3]])
+            try:
+                with context(method, mesh):
+                    grads, (out, lse) = jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+                errs = {name: reference.relative_error(x, r)
+                        for name, x, r in zip(("out", "lse", "dq", "dk", "dv"), (out, lse) + tuple(grads), ref)}
+                row.update(errors=errs, ok=all(e <= (tol if name in ("out", "lse") else 2 * tol)
+                                               for name, e in errs.items()))
+            except Exception as e:  # noqa: BLE001 - recorded, and the run goes on
+                row.update(ok=False, error=f"{type(e).__name__}: {e}"[:500])
+                traceback.print_exc()
+            rows.append(row)
+            say(f"  check {p} dev {method:8s} {case:18s} " + ("ok " if row["ok"] else "FAIL ")
+                + (" ".join(f"{n_}={e:.1e}" for n_, e in row.get("errors", {}).items()) or row.get("error", "")))
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# 2. scaling
+
+def memory_gib(compiled):
+    try:
+        m = compiled.memory_analysis()
+        total = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+        total -= getattr(m, "alias_size_in_bytes", 0)
+        return total / 2 ** 30, m.temp_size_in_bytes / 2 ** 30
+    except Exception:  # noqa: BLE001 - not every platform reports it
+        return None, None
+
+
+def measure(p, method, mode, shape, dtype, backend, min_time, deadline):
+    b, n, s, d = shape
+    row = dict(devices=p, method=method, mode=mode, shape=[b, n, s, s, d], dtype=str(jnp.dtype(dtype)),
+               backend=backend or "auto", local_backend=local_backend(method, p, shape, dtype, backend, mode))
+    if time.perf_counter() > deadline:
+        row["error"] = "skipped: time budget spent"
+        return row
+    mesh = Mesh(np.array(jax.devices()[:p]), ("sp",))
+    seq = P(None, None, "sp", None) if method != "single" and s % p == 0 else P()
+    sharding = NamedSharding(mesh, seq)
+    keys = jax.random.split(jax.random.key(0), 3)
+    q, k, v = (jax.device_put(jax.random.normal(key, shape, dtype), sharding) for key in keys)
+
+    def attn(q, k, v):
+        return jax_attn.attention_forward(q, k, v, backend=backend)
+
+    if mode == "fwd":
+        fn = attn
+    else:
+        def fn(q, k, v):
+            return jax.grad(lambda q, k, v: jnp.sum(attn(q, k, v).astype(jnp.float32)), argnums=(0, 1, 2))(q, k, v)
+
+    try:
+        t = time.perf_counter()
+        with context(method, mesh):
+            compiled = jax.jit(fn, out_shardings=sharding if mode == "fwd" else (sharding,) * 3) \
+                .lower(q, k, v).compile()
+        row["compile_s"] = round(time.perf_counter() - t, 1)
+        jax.block_until_ready(compiled(q, k, v))
+        iters, elapsed, start = 0, 0.0, time.perf_counter()
+        while elapsed < min_time and iters < 48:  # batches of 3 calls in flight, then wait
+            jax.block_until_ready([compiled(q, k, v) for _ in range(3)])
+            iters += 3
+            elapsed = time.perf_counter() - start
+        sec = elapsed / iters
+        flops = 4.0 * b * n * s * s * d * (1.0 if mode == "fwd" else 3.5)  # fwd: 2 matmuls; bwd: 5
+        mem, temp = memory_gib(compiled)
+        row.update(ms=round(sec * 1e3, 2), tokens_per_s=round(b * s / sec),
+                   tokens_per_s_per_gpu=round(b * s / sec / p), tflops_per_gpu=round(flops / sec / p / 1e12, 1),
+                   mem_gib_per_gpu=None if mem is None else round(mem, 3),
+                   temp_gib_per_gpu=None if temp is None else round(temp, 3), iters=iters)
+    except Exception as e:  # noqa: BLE001
+        row["error"] = f"{type(e).__name__}: {e}"[:500]
+        traceback.print_exc()
+    finally:
+        del q, k, v
+    return row
+
+
+def table(rows, base):
+    head = ("| GPUs | method | mode | local backend | ms | tokens/s | tokens/s/GPU | scaling | TFLOP/s/GPU "
+            "| GiB/GPU |")
+    lines = [head, "|---" * (head.count("|") - 1) + "|"]
+    for r in rows:
+        if "ms" not in r:
+            lines.append(f"| {r['devices']} | {r['method']} | {r['mode']} | {r['local_backend']} | "
+                         f"{r.get('error', '?')[:60]} | | | | | |")
+            continue
+        b = base.get(r["mode"])
+        eff = f"{r['tokens_per_s'] / (b * r['devices']):.2f}" if b else "-"
+        mem = "-" if r["mem_gib_per_gpu"] is None else f"{r['mem_gib_per_gpu']:.2f}"
+        lines.append(f"| {r['devices']} | {r['method']} | {r['mode']} | {r['local_backend']} | {r['ms']:.1f} "
+                     f"| {r['tokens_per_s']:,} | {r['tokens_per_s_per_gpu']:,} | {eff} | {r['tflops_per_gpu']} "
+                     f"| {mem} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--heads", type=int, default=24)
+    ap.add_argument("--seq", type=int, default=32760)
+    ap.add_argument("--dim", type=int, default=128)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--backend", default=None, help="local backend choice (default: automatic)")
+    ap.add_argument("--methods", default="ulysses,ring")
+    ap.add_argument("--max-devices", type=int, default=None)
+    ap.add_argument("--min-time", type=float, default=1.0, help="seconds of timed calls per row")
+    ap.add_argument("--budget", type=float, default=250.0, help="start no measurement after this many s")
+    ap.add_argument("--skip-check", action="store_true")
+    ap.add_argument("--out", default=os.environ.get("OUT"), help="folder for the JSON/markdown results")
+    args = ap.parse_args(argv)
+    deadline = T0 + args.budget
+    methods = [m for m in args.methods.split(",") if m]
+    n_dev = len(jax.devices()) if args.max_devices is None else min(args.max_devices, len(jax.devices()))
+    counts = device_counts(n_dev)
+    dtype = jnp.dtype(args.dtype)
+    shape = (args.batch, args.heads, args.seq, args.dim)
+    meta = dict(date=datetime.date.today().isoformat(), jax=jax.__version__, jax_attn=jax_attn.__version__,
+                python=platform.python_version(), platform=jax.default_backend(),
+                devices=[str(x.device_kind) for x in jax.devices()[:n_dev]], device_counts=counts,
+                shape_bnsd=shape, dtype=str(dtype), backend=args.backend or "auto",
+                xla_flags=os.environ.get("XLA_FLAGS", ""))
+    say(f"parallel_gpu: {n_dev} x {meta['devices'][0]} ({meta['platform']}), jax {jax.__version__}; "
+        f"counts {counts}; shape (b, n, s, d) = {shape} {dtype}")
+
+    checks = []
+    if not args.skip_check:
+        say("correctness (bf16 vs float64 reference, tolerance "
+            f"{reference.TOLERANCE['bfloat16']:.0e}, gradients 2x):")
+        cases = correctness_cases(np.random.default_rng(0))
+        for p in counts:
+            if time.perf_counter() > deadline:
+                break
+            checks.extend(check_correctness(p, methods, args.backend, cases))
+
+    rows = []
+    say("scaling:")
+    for p in counts:
+        for method in (["single"] if p == 1 else methods):
+            if method == "ulysses" and args.heads % p:
+                continue
+            for mode in ("fwd", "fwd+bwd"):
+                r = measure(p, method, mode, shape, dtype, args.backend, args.min_time, deadline)
+                rows.append(r)
+                say("  " + json.dumps(r))
+    base = {r["mode"]: r["tokens_per_s"] for r in rows if r["devices"] == 1 and "tokens_per_s" in r}
+    for r in rows:
+        if base.get(r["mode"]) and "tokens_per_s" in r:
+            r["scaling_efficiency"] = round(r["tokens_per_s"] / (base[r["mode"]] * r["devices"]), 3)
+
+    ok = all(c["ok"] for c in checks)
+    text = table(rows, base)
+    summary = (f"correctness: {sum(c['ok'] for c in checks)}/{len(checks)} ok"
+               + ("" if ok else " -- FAILURES: " + ", ".join(
+                   f"{c['devices']}/{c['method']}/{c['case']}" for c in checks if not c["ok"])))
+    if args.out:
+        out = pathlib.Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "parallel_gpu.json").write_text(json.dumps(dict(meta=meta, checks=checks, scaling=rows), indent=1))
+        (out / "parallel_gpu.md").write_text(
+            f"# Sequence parallelism, {meta['date']}\n\n{n_dev} x {meta['devices'][0]}, jax {jax.__version__}, "
+            f"shape (b, n, s, d) = {shape} {dtype}, local backend choice {meta['backend']}.\n"
+            f"Scaling = tokens/s / (GPUs x tokens/s on 1 GPU); GiB/GPU from XLA's memory analysis.\n\n"
+            f"{summary}\n\n{text}\n")
+    say(f"\n{summary}  ({time.perf_counter() - T0:.0f} s)")
+    say(text)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
