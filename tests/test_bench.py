@@ -1,0 +1,200 @@
+"""`jax-attn bench`: runs end to end on a CPU, checks before it times, and feeds routing.
+
+Timings on a shared CPU are noise; these tests check structure and logic, never speed.
+"""
+import csv
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jax_attn
+from jax_attn import autoselect, bench, cli
+from jax_attn.backends import BACKENDS
+from jax_attn.contract import validate
+
+FAST = ["--min-runs", "3", "--measure-s", "0", "--sample-ms", "1", "--quiet"]
+
+
+def run_bench(tmp_path, *argv):
+    out = tmp_path / "bench.json"
+    rc = cli.main(["bench", *argv, *FAST, "--json", str(out)])
+    return rc, json.loads(out.read_text())
+
+
+def rows(doc, **match):
+    return [r for r in doc["results"] if all(r.get(k) == v for k, v in match.items())]
+
+
+def test_diffusion_set_and_flop_count():
+    shapes = bench.SHAPE_SETS["diffusion"]
+    assert [(s.b, s.n, s.sq, s.skv, s.d) for s in shapes] == [
+        (2, 8, 4096, 4096, 40), (2, 8, 4096, 77, 40), (2, 10, 4096, 4096, 64), (2, 10, 4096, 77, 64),
+        (1, 24, 4608, 4608, 128), (1, 40, 16384, 16384, 128)]
+    assert {s.dtype for s in shapes} == {"bfloat16"}
+    s = shapes[0]
+    assert s.flops("fwd") == 4 * 2 * 8 * 4096 * 4096 * 40
+    assert s.flops("fwd+bwd") == 3.5 * s.flops("fwd")
+
+
+def test_tiny_run_end_to_end_with_every_output(tmp_path, capsys):
+    csv_path, png = tmp_path / "bench.csv", tmp_path / "bench.png"
+    names = "xla,chunked,naive,auto" + (",torch-math" if bench.torch_kernels() else "")
+    rc, doc = run_bench(tmp_path, "--shape", "1,2,64,48,16", "--shape", "2,1,40,77,8", "--backends", names,
+                        "--csv", str(csv_path), "--plot", str(png))
+    assert rc == 0
+    meta = doc["meta"]
+    assert meta["platform"] == "cpu" and meta["jax"] == jax.__version__ and meta["modes"] == ["fwd", "fwd+bwd"]
+    results = doc["results"]
+    assert len(results) == 2 * len(names.split(",")) * 2
+    for r in results:
+        assert r["status"] == "ok", r
+        assert r["ms"] > 0 and r["tflops"] > 0 and r["err"] <= r["tol"]
+        assert r["tflops"] == pytest.approx(r["flops"] / (r["ms"] * 1e-3) / 1e12)
+        assert r["runs"] >= 3
+    for shape in ("1x2x64x48x16", "2x1x40x77x8"):
+        for mode in ("fwd", "fwd+bwd"):
+            group = [r for r in rows(doc, shape=shape, mode=mode) if r["impl"] != "auto"]
+            assert min(r["ratio"] for r in group) == pytest.approx(1.0)
+            auto = rows(doc, shape=shape, mode=mode, impl="auto")[0]
+            b, n, sq, skv, d = map(int, shape.split("x"))
+            kv = jax.ShapeDtypeStruct((b, n, skv, d), jnp.float32)
+            assert auto["auto_choice"] == jax_attn.explain(jax.ShapeDtypeStruct((b, n, sq, d), jnp.float32),
+                                                           kv, kv).backend
+    with open(csv_path) as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == len(results) and {"shape", "impl", "mode", "ms", "tflops", "ratio"} <= set(table[0])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    printed = capsys.readouterr().out
+    assert "1x2x64x48x16" in printed and "auto within 3%" in printed.splitlines()[-1]
+
+
+def test_unavailable_backend_shows_its_reasons_instead_of_a_number(tmp_path):
+    rc, doc = run_bench(tmp_path, "--shape", "1,1,32,32,8", "--backends", "cudnn,xla", "--no-backward")
+    assert rc == 0
+    (cudnn,) = rows(doc, impl="cudnn")
+    assert cudnn["status"] == "skip" and "GPU" in cudnn["note"] and "ms" not in cudnn
+    assert rows(doc, impl="xla")[0]["status"] == "ok"
+
+
+def test_wrong_results_fail_the_gate_and_are_not_timed(tmp_path, monkeypatch):
+    naive = BACKENDS["naive"]
+    right = naive._forward
+
+    def off_by_ten_percent(inputs, return_lse):
+        res = right(inputs, return_lse)
+        return (res[0] * 1.1, res[1]) if return_lse else res * 1.1
+
+    monkeypatch.setattr(naive, "_forward", off_by_ten_percent)
+    rc, doc = run_bench(tmp_path, "--shape", "1,2,32,24,8", "--backends", "naive,xla")
+    assert rc == 1
+    for r in rows(doc, impl="naive"):
+        assert r["status"] == "FAIL" and r["err"] > r["tol"] and "ms" not in r
+    assert all(r["status"] == "ok" for r in rows(doc, impl="xla"))
+
+
+def test_in_program_timing_loop_computes_the_call():
+    fn = bench._jax_fn("xla", "fwd")
+    keys = jax.random.split(jax.random.key(1), 6)
+    sets = tuple(tuple(jax.random.normal(k, (1, 2, 16, 8)) for k in keys[i:i + 3]) for i in (0, 3))
+    looped = bench._jax_looped(fn, 2).lower(sets, 1).compile(compiler_options=bench.NO_HOISTING)
+    np.testing.assert_allclose(looped(sets, 3), fn(*sets[1]), rtol=1e-5, atol=1e-6)
+
+
+def test_forced_in_program_loop_runs(tmp_path):
+    rc, doc = run_bench(tmp_path, "--shape", "1,2,64,64,16", "--backends", "chunked", "--inner-loop", "always")
+    assert rc == 0
+    for r in doc["results"]:
+        assert r["status"] == "ok" and "loop" in r["timing"]
+
+
+def test_memory_chunked_stays_linear_where_xla_goes_quadratic(tmp_path):
+    rc, doc = run_bench(tmp_path, "--memory-only", "--backends", "xla,chunked",
+                        "--shape", "1,2,1024,1024,32", "--shape", "1,2,4096,4096,32")
+    assert rc == 0
+    temp = {(r["impl"], r["sq"], r["mode"]): r["temp_bytes"] for r in doc["results"]}
+    for mode in ("fwd", "fwd+bwd"):
+        assert temp["chunked", 4096, mode] < temp["xla", 4096, mode]
+        assert temp["xla", 4096, mode] >= 2 * 4096 * 4096 * 4  # the float32 scores, at least
+        growth = {n: temp[n, 4096, mode] / max(temp[n, 1024, mode], 1) for n in ("xla", "chunked")}
+        assert growth["xla"] > 8 and growth["chunked"] < 4.5, growth  # 16 vs 4 at the limits
+
+
+def synthetic_results(device="sm90"):
+    """Two buckets; in the 4k self-attention bucket pallas wins, in cross-attention cudnn."""
+    times = {  # (b, n, sq, skv, d): {backend: (fwd ms, fwd+bwd ms)}
+        (2, 8, 4096, 4096, 40): {"pallas": (0.30, 1.00), "cudnn": (0.33, 1.10), "xla": (0.90, 3.0),
+                                 "chunked": (1.2, 4.0)},
+        (2, 10, 4096, 4096, 64): {"pallas": (0.50, 1.60), "cudnn": (0.49, 1.80), "xla": (1.5, 5.0)},
+        (2, 8, 4096, 77, 40): {"pallas": (0.05, 0.20), "cudnn": (0.02, 0.10), "xla": (0.03, 0.12),
+                               "chunked": (0.01, 0.05)},  # chunked is fastest but wrong below
+    }
+    results = []
+    for (b, n, sq, skv, d), per in times.items():
+        for name, (f, fb) in per.items():
+            for mode, ms in (("fwd", f), ("fwd+bwd", fb)):
+                results.append({"shape": f"{b}x{n}x{sq}x{skv}x{d}", "b": b, "n": n, "sq": sq, "skv": skv, "d": d,
+                                "dtype": "bfloat16", "impl": name, "framework": "jax", "mode": mode,
+                                "status": "FAIL" if name == "chunked" and skv == 77 else "ok", "ms": ms})
+        results.append({"shape": f"{b}x{n}x{sq}x{skv}x{d}", "b": b, "n": n, "sq": sq, "skv": skv, "d": d,
+                        "dtype": "bfloat16", "impl": "torch-flash", "framework": "torch", "mode": "fwd",
+                        "status": "ok", "ms": 0.001})  # torch rows never enter JAX routing
+    return {"meta": {"device_key": device, "device": "H100", "date": "2026-01-01", "modes": ["fwd", "fwd+bwd"]},
+            "results": results}
+
+
+def test_routing_table_regenerated_from_results_orders_fastest_first(tmp_path):
+    table = bench.routing_from_results(synthetic_results())
+    prefs = table["preferences"]
+    assert set(prefs) == {"sm90|bfloat16|d<=64|skv<=8192", "sm90|bfloat16|d<=64|skv<=512"}
+    # Worst ratio over shapes and modes decides: pallas (1.00, 1.00, 1.02, 1.00) beats cudnn (1.10 worst).
+    assert prefs["sm90|bfloat16|d<=64|skv<=8192"] == ["pallas", "cudnn", "xla", "chunked"]
+    # chunked failed the correctness gate in this bucket, so it is left out, however fast.
+    assert prefs["sm90|bfloat16|d<=64|skv<=512"] == ["cudnn", "xla", "pallas"]
+    assert table["scores"]["sm90|bfloat16|d<=64|skv<=512"]["failed"] == ["chunked"]
+
+
+def test_update_routing_command_writes_a_table_autoselect_reads(tmp_path, monkeypatch):
+    results = tmp_path / "results.json"
+    doc = synthetic_results(device="cpu")
+    for r in doc["results"]:
+        r["dtype"] = "float32"
+    results.write_text(json.dumps(doc))
+    path = tmp_path / "routing_table.json"
+    path.write_text(json.dumps({"preferences": {"sm80|bfloat16|d<=64|skv<=512": ["cudnn"]}}))
+    assert cli.main(["bench", "--update-routing", str(results), "--routing-table", str(path)]) == 0
+    written = json.loads(path.read_text())
+    assert written["preferences"]["cpu|float32|d<=64|skv<=8192"][0] == "pallas"
+    assert written["preferences"]["sm80|bfloat16|d<=64|skv<=512"] == ["cudnn"]  # other devices kept
+    assert written["source"]["device_key"] == "cpu"
+
+    monkeypatch.setattr(autoselect, "TABLE_PATH", path)
+    autoselect.table.cache_clear()
+    try:
+        q = jax.ShapeDtypeStruct((1, 2, 64, 40), jnp.float32)
+        kv = jax.ShapeDtypeStruct((1, 2, 77, 40), jnp.float32)
+        # Measured cross-attention order on "cpu": cudnn, xla, pallas; cudnn cannot run here, so xla.
+        assert autoselect.preference(validate(q, kv, kv))[:3] == ["cudnn", "xla", "pallas"]
+        assert jax_attn.explain(q, kv, kv).backend == "xla"
+    finally:
+        autoselect.table.cache_clear()
+
+
+def test_write_routing_then_recheck_auto_in_one_run(tmp_path, monkeypatch):
+    monkeypatch.setattr(autoselect, "TABLE_PATH", autoselect.TABLE_PATH)  # restored afterwards
+    table_path = tmp_path / "routing_table.json"
+    try:
+        rc, doc = run_bench(tmp_path, "--shape", "1,2,64,64,16", "--backends", "xla,chunked,auto",
+                            "--write-routing", str(table_path), "--recheck-auto")
+    finally:
+        autoselect.table.cache_clear()
+    assert rc == 0
+    prefs = json.loads(table_path.read_text())["preferences"]
+    (order,) = prefs.values()
+    assert sorted(order) == ["chunked", "xla"] and list(prefs) == ["cpu|float32|d<=64|skv<=512"]
+    for mode in ("fwd", "fwd+bwd"):
+        assert rows(doc, mode=mode, impl="auto-before")[0]["status"] == "ok"
+        (auto,) = rows(doc, mode=mode, impl="auto")
+        assert auto["status"] == "ok" and auto["auto_choice"] == order[0] and "ratio_jax" in auto
