@@ -1,0 +1,67 @@
+"""`pallas`: our flash-attention kernel (Pallas, Triton lowering), forward and backward.
+
+On a machine without an NVIDIA GPU it is unavailable unless `JAX_ATTN_INTERPRET=1`, which runs the
+same kernels in Pallas interpret mode on the CPU: slow, for tests and CI only, so it is then never
+chosen automatically (`automatic` is False while interpreting).
+"""
+from __future__ import annotations
+
+import os
+
+import jax.numpy as jnp
+
+from ..kernels import flash_attention
+from .base import Backend, gpu_compute_capability, platform
+
+ENV_INTERPRET = "JAX_ATTN_INTERPRET"
+
+
+def interpreting() -> bool:
+    """True when the kernels must run in interpret mode: no GPU, and JAX_ATTN_INTERPRET=1."""
+    return platform() != "gpu" and os.environ.get(ENV_INTERPRET) == "1"
+
+
+class Pallas(Backend):
+    name = "pallas"
+    description = "our Pallas flash-attention kernel (Triton lowering); O(s) memory, fused backward"
+    platforms = ("gpu",)
+    dtypes = ("float16", "bfloat16", "float32")
+    head_dims = (1, 256)
+    bias_grad = False  # the bias is a constant to the backward kernels
+
+    @property
+    def automatic(self) -> bool:
+        # Interpret mode is orders of magnitude slower than any other backend.
+        return not interpreting()
+
+    def unavailable(self) -> list[str]:
+        if interpreting():
+            return []
+        if platform() != "gpu":
+            return [f"no GPU: the default JAX platform is {platform()}; set {ENV_INTERPRET}=1 to "
+                    "run in Pallas interpret mode (slow; tests only)"]
+        cc = gpu_compute_capability()
+        if cc is not None and cc < (8, 0):
+            return [f"needs an NVIDIA GPU of compute capability 8.0 or newer, found {cc[0]}.{cc[1]}"]
+        return []
+
+    def reasons(self, spec):
+        why = super().reasons(spec)
+        if spec.value_dim > 256:
+            why.append(f"value head dim {spec.value_dim} is not supported (at most 256)")
+        return why
+
+    def _forward(self, inputs, return_lse):
+        spec = inputs.spec
+        bias = key_mask = None
+        if spec.mask_kind == "bool" and spec.per_key_mask:
+            key_mask = inputs.mask  # read as a (b, n|1, skv) vector, never expanded over queries
+        elif spec.mask_kind == "bool":
+            # A full bool mask becomes a 0/-inf bias read tile by tile; bf16 holds both exactly.
+            bias = jnp.where(inputs.mask, 0.0, -jnp.inf).astype(jnp.bfloat16)
+        elif spec.mask_kind == "bias":
+            bias = inputs.mask
+        return flash_attention(
+            inputs.q, inputs.k, inputs.v, bias=bias, key_mask=key_mask,
+            kv_lengths=inputs.kv_lengths, is_causal=spec.is_causal, scale=spec.scale,
+            layout=spec.layout, return_lse=return_lse, interpret=interpreting())

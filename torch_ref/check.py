@@ -1,0 +1,171 @@
+"""`python -m jax_attn check` rows for torch_ref: each torch backend against the float64 reference,
+and each (JAX backend, torch backend) pair against each other, forward and gradients.
+
+Cases are `jax_attn.cli.Case`s, inputs come from `jax_attn.cli._inputs`, so both frameworks see
+the very same numbers. Rows use the CLI's keys: backend, case, dtype, status, out_err, grad_err,
+tol, fwd_ms, fwd_bwd_ms, note.
+"""
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+
+import numpy as np
+import torch
+
+from jax_attn import reference
+
+from .api import attention_forward, available_backends
+from .backends import BACKENDS
+from .inputs import AttentionInputs
+
+log = logging.getLogger(__name__)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _case_inputs(case, dtype: str, seed: int):
+    """The CLI's inputs for `case`: float64 NumPy in bnsd plus the keyword arguments, and d_out."""
+    from jax_attn.cli import _inputs  # late: the CLI imports this module lazily
+    q, k, v, kw = _inputs(case, dtype, seed)
+    f64 = lambda x: np.asarray(x.astype("float32"), np.float64)
+    mask = kw.get("attn_mask")
+    mask = None if mask is None else (np.asarray(mask) if mask.dtype == bool else f64(mask))
+    lengths = None if kw.get("kv_lengths") is None else np.asarray(kw["kv_lengths"])
+    d_out = np.random.default_rng(seed + 1).standard_normal((case.b, case.n, case.sq, case.dv))
+    return f64(q), f64(k), f64(v), mask, lengths, d_out
+
+
+def _run(case, dtype, arrays, backend):
+    """Forward (with lse when the backend has it) and gradients of q, k, v on torch, as float64 bnsd."""
+    q, k, v, mask, lengths, d_out = arrays
+    tdt = getattr(torch, dtype)
+    swap = (lambda x: x.transpose(1, 2)) if case.layout == "bsnd" else (lambda x: x)
+    q, k, v = (swap(torch.tensor(x, dtype=tdt, device=DEVICE)).requires_grad_() for x in (q, k, v))
+    d_out_t = swap(torch.tensor(d_out, dtype=tdt, device=DEVICE))
+    kw = dict(is_causal=case.causal, layout=case.layout,
+              attn_mask=None if mask is None else torch.tensor(mask, device=DEVICE).to(
+                  torch.bool if mask.dtype == bool else tdt),
+              kv_lengths=None if lengths is None else torch.tensor(lengths, device=DEVICE))
+    with_lse = BACKENDS[backend].lse
+
+    def fwd():
+        res = attention_forward(q, k, v, backend=backend, return_lse=with_lse, **kw)
+        return res if with_lse else (res, None)
+
+    def fwd_bwd():
+        return torch.autograd.grad(fwd()[0], (q, k, v), d_out_t)
+
+    out, lse = fwd()
+    grads = fwd_bwd()
+    f64 = lambda x: swap(x.detach()).cpu().to(torch.float64).numpy()
+    res = {"out": f64(out), "lse": None if lse is None else lse.detach().cpu().double().numpy(),
+           "grads": [f64(g) for g in grads]}
+    return res, {"fwd_ms": _median_ms(fwd), "fwd_bwd_ms": _median_ms(fwd_bwd)}
+
+
+def _median_ms(fn, repeats=5) -> float:
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+
+def _reasons(case, dtype, arrays, backend):
+    q, k, v, mask, lengths, _ = arrays
+    tdt = getattr(torch, dtype)
+    swap = (lambda s: (s[0], s[2], s[1], s[3])) if case.layout == "bsnd" else (lambda s: s)
+    meta = lambda x: torch.empty(swap(x.shape), dtype=tdt, device="meta", requires_grad=True)
+    inputs = AttentionInputs.build(
+        meta(q), meta(k), meta(v), is_causal=case.causal, layout=case.layout,
+        attn_mask=None if mask is None else torch.empty(mask.shape, device="meta",
+                                                        dtype=torch.bool if mask.dtype == bool else tdt),
+        kv_lengths=None if lengths is None else torch.tensor(lengths), return_lse=BACKENDS[backend].lse)
+    return BACKENDS[backend].reasons(inputs.spec, inputs.call)
+
+
+def compare_with_reference(cases, seed: int = 0, dtypes=("float32",), backends=None) -> list[dict]:
+    """Each available torch backend (or `backends`) on each case and dtype vs the float64 reference.
+
+    Tolerances as `jax_attn check`: `reference.TOLERANCE[dtype]` for outputs and lse, 2x for grads.
+    """
+    rows = []
+    for dtype in dtypes:
+        for case in cases:
+            arrays = _case_inputs(case, dtype, seed)
+            q, k, v, mask, lengths, d_out = arrays
+            ref, ref_lse = reference.attention(q, k, v, mask, lengths, case.causal, return_lse=True)
+            ref_grads = reference.attention_vjp(q, k, v, d_out, mask, lengths, case.causal)[:3]
+            for name in backends or available_backends():
+                row = {"backend": f"torch:{name}", "case": case.name, "dtype": dtype}
+                why = _reasons(case, dtype, arrays, name)
+                if why:
+                    rows.append({**row, "status": "skip", "note": "; ".join(why)})
+                    continue
+                try:
+                    res, times = _run(case, dtype, arrays, name)
+                except Exception as e:  # a crash is a failure, reported with its message
+                    rows.append({**row, "status": "FAIL",
+                                 "note": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"})
+                    continue
+                tol = reference.TOLERANCE[dtype]
+                out_err = reference.relative_error(res["out"], ref)
+                lse_err = 0.0 if res["lse"] is None else reference.relative_error(res["lse"], ref_lse)
+                grad_err = max(reference.relative_error(g, r) for g, r in zip(res["grads"], ref_grads))
+                ok = out_err <= tol and lse_err <= max(tol, reference.TOLERANCE["float32"]) and grad_err <= 2 * tol
+                rows.append({**row, "status": "pass" if ok else "FAIL", "out_err": out_err,
+                             "lse_err": lse_err, "grad_err": grad_err, "tol": tol, **times,
+                             "note": "" if res["lse"] is not None else "no lse"})
+    return rows
+
+
+def compare_with_jax(cases, seed: int = 0, dtypes=("float32",), jax_backends=None,
+                     torch_backends=None) -> list[dict]:
+    """Each (JAX backend, torch backend) pair on the same inputs: max relative difference of the
+    outputs and of the q, k, v gradients; passes within 2x (outputs) and 4x (grads) the per-dtype
+    tolerance, since each side is within 1x (2x) of the float64 reference."""
+    import jax
+    import jax.numpy as jnp
+
+    import jax_attn
+    from jax_attn.backends import BACKENDS as JAX_BACKENDS
+    from jax_attn.cli import _inputs
+
+    rows = []
+    for dtype in dtypes:
+        for case in cases:
+            arrays = _case_inputs(case, dtype, seed)
+            jq, jk, jv, jkw = _inputs(case, dtype, seed)
+            swap = (lambda x: jnp.swapaxes(x, 1, 2)) if case.layout == "bsnd" else (lambda x: x)
+            d_out = jnp.asarray(arrays[5], dtype)
+            for jname in jax_backends or jax_attn.available_backends():
+                spec = jax_attn.contract.validate(*map(swap, (jq, jk, jv)), attn_mask=jkw.get("attn_mask"),
+                                                  kv_lengths=jkw.get("kv_lengths"), is_causal=case.causal,
+                                                  layout=case.layout)
+                if JAX_BACKENDS[jname].reasons(spec):
+                    continue
+                f = lambda q, k, v: swap(jax_attn.attention_forward(*map(swap, (q, k, v)), backend=jname, **jkw))
+                out, vjp = jax.vjp(f, jq, jk, jv)
+                j_out = np.asarray(out.astype(jnp.float32), np.float64)
+                j_grads = [np.asarray(g.astype(jnp.float32), np.float64) for g in vjp(d_out)]
+                for tname in torch_backends or available_backends():
+                    row = {"backend": f"jax:{jname} vs torch:{tname}", "case": case.name, "dtype": dtype}
+                    if _reasons(case, dtype, arrays, tname):
+                        continue
+                    try:
+                        res, times = _run(case, dtype, arrays, tname)
+                    except Exception as e:
+                        rows.append({**row, "status": "FAIL",
+                                     "note": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"})
+                        continue
+                    tol = reference.TOLERANCE[dtype]
+                    out_err = reference.relative_error(res["out"], j_out)
+                    grad_err = max(reference.relative_error(g, r) for g, r in zip(res["grads"], j_grads))
+                    ok = out_err <= 2 * tol and grad_err <= 4 * tol
+                    rows.append({**row, "status": "pass" if ok else "FAIL", "out_err": out_err,
+                                 "grad_err": grad_err, "tol": 2 * tol, "note": ""})
+    return rows
