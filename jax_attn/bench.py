@@ -308,13 +308,18 @@ def _jax_looped(fn, n_sets: int):
     import jax
 
     def looped(sets, iters):
-        def body(_, carry):
+        def body(_, outs):
+            # Every call's output is carried out of the loop: a call whose output were overwritten
+            # unused would be dead code, and XLA removed it (seen on an H100: 1 call in 8 timed).
+            prev, new = outs[-1], []
             for s in sets:
-                s, carry = jax.lax.optimization_barrier((s, carry))
-                carry = fn(*s)
-            return carry
+                s, prev = jax.lax.optimization_barrier((s, prev))
+                prev = fn(*s)
+                new.append(prev)
+            return tuple(new)
 
-        init = jax.tree.map(lambda s: jax.numpy.zeros(s.shape, s.dtype), jax.eval_shape(fn, *sets[0]))
+        out = jax.eval_shape(fn, *sets[0])
+        init = tuple(jax.tree.map(lambda s: jax.numpy.zeros(s.shape, s.dtype), out) for _ in sets)
         return jax.lax.fori_loop(0, iters, body, init)
 
     return jax.jit(looped)

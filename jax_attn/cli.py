@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
+import functools
 import json
 import logging
+import os
 import platform as py_platform
 import statistics
 import sys
@@ -122,16 +125,10 @@ def _median_ms(fn, *xs, repeats=5) -> float:
     return statistics.median(times)
 
 
-def check_case(name: str, case: Case, dtype: str, seed: int = 0) -> dict:
-    """Run backend `name` on `case` against the float64 reference, forward and gradients."""
-    q, k, v, kw = _inputs(case, dtype, seed)  # in bnsd; the backend gets case.layout
-    swap = (lambda x: jnp.swapaxes(x, 1, 2)) if case.layout == "bsnd" else (lambda x: x)
-    spec = validate(*map(swap, (q, k, v)), attn_mask=kw.get("attn_mask"), kv_lengths=kw.get("kv_lengths"),
-                    is_causal=case.causal, layout=case.layout)
-    row = {"backend": name, "case": case.name, "dtype": dtype}
-    why = BACKENDS[name].reasons(spec)
-    if why:
-        return {**row, "status": "skip", "note": "; ".join(why)}
+@functools.lru_cache(maxsize=None)
+def _reference(case: Case, dtype: str, seed: int):
+    """Inputs and float64 reference results for one case, shared by every backend checked on it."""
+    q, k, v, kw = _inputs(case, dtype, seed)
     np_kw = {k_: (np.asarray(x, np.float64 if x.dtype != jnp.bool_ and k_ == "attn_mask" else None)
                   if hasattr(x, "shape") else x) for k_, x in kw.items()}
     ref, ref_lse = reference.attention(q, k, v, np_kw.get("attn_mask"), np_kw.get("kv_lengths"),
@@ -139,34 +136,67 @@ def check_case(name: str, case: Case, dtype: str, seed: int = 0) -> dict:
     d_out = jnp.asarray(np.random.default_rng(seed + 1).standard_normal(ref.shape), dtype)
     ref_grads = reference.attention_vjp(q, k, v, d_out, np_kw.get("attn_mask"), np_kw.get("kv_lengths"),
                                         case.causal)[:3]
+    return (q, k, v, kw), (ref, ref_lse, ref_grads, d_out)
+
+
+def compile_case(name: str, case: Case, dtype: str, seed: int = 0):
+    """Compile backend `name`'s forward (with lse) and gradient for `case`; returns a function that
+    runs them against the float64 reference and gives the result row. Compiling is the slow part
+    and releases the GIL, so `check` compiles its cases on several threads."""
+    row = {"backend": name, "case": case.name, "dtype": dtype}
+    swap = (lambda x: jnp.swapaxes(x, 1, 2)) if case.layout == "bsnd" else (lambda x: x)
+    (q, k, v, kw), (ref, ref_lse, ref_grads, d_out) = _reference(case, dtype, seed)  # q, k, v in bnsd
+    spec = validate(*map(swap, (q, k, v)), attn_mask=kw.get("attn_mask"), kv_lengths=kw.get("kv_lengths"),
+                    is_causal=case.causal, layout=case.layout)
+    why = BACKENDS[name].reasons(spec)
+    if why:
+        return lambda: {**row, "status": "skip", "note": "; ".join(why)}
+    crashed = lambda e: {**row, "status": "FAIL", "note": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"}
 
     def run(q, k, v, **extra):  # bnsd in and out, whatever layout the backend is given
         res = attention_forward(swap(q), swap(k), swap(v), backend=name, **kw, **extra)
         return (swap(res[0]), res[1]) if extra else swap(res)
 
-    fwd = jax.jit(lambda q, k, v: run(q, k, v, return_lse=True))
-    grad = jax.jit(jax.grad(lambda q, k, v: jnp.sum(run(q, k, v).astype(jnp.float32) * d_out),
-                            argnums=(0, 1, 2)))
     try:
-        out, lse = fwd(q, k, v)
-        grads = grad(q, k, v)
+        fwd = jax.jit(lambda q, k, v: run(q, k, v, return_lse=True)).lower(q, k, v).compile()
+        grad = jax.jit(jax.grad(lambda q, k, v: jnp.sum(run(q, k, v).astype(jnp.float32) * d_out),
+                                argnums=(0, 1, 2))).lower(q, k, v).compile()
     except Exception as e:  # a crash is a failure, reported with its message
-        return {**row, "status": "FAIL", "note": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"}
-    out_err = reference.relative_error(out, ref)
-    lse_err = reference.relative_error(lse, ref_lse)
-    grad_err = max(reference.relative_error(g, r) for g, r in zip(grads, ref_grads))
-    tol = reference.TOLERANCE[dtype]
-    ok = out_err <= tol and lse_err <= tol and grad_err <= 2 * tol
-    return {**row, "status": "pass" if ok else "FAIL", "out_err": out_err, "lse_err": lse_err,
-            "grad_err": grad_err, "tol": tol, "fwd_ms": _median_ms(fwd, q, k, v),
-            "fwd_bwd_ms": _median_ms(grad, q, k, v), "note": ""}
+        return lambda: crashed(e)
+
+    def evaluate() -> dict:
+        try:
+            out, lse = fwd(q, k, v)
+            grads = grad(q, k, v)
+        except Exception as e:  # noqa: BLE001
+            return crashed(e)
+        out_err = reference.relative_error(out, ref)
+        lse_err = reference.relative_error(lse, ref_lse)
+        grad_err = max(reference.relative_error(g, r) for g, r in zip(grads, ref_grads))
+        tol = reference.TOLERANCE[dtype]
+        ok = out_err <= tol and lse_err <= tol and grad_err <= 2 * tol
+        return {**row, "status": "pass" if ok else "FAIL", "out_err": out_err, "lse_err": lse_err,
+                "grad_err": grad_err, "tol": tol, "fwd_ms": _median_ms(fwd, q, k, v),
+                "fwd_bwd_ms": _median_ms(grad, q, k, v), "note": ""}
+
+    return evaluate
+
+
+def check_case(name: str, case: Case, dtype: str, seed: int = 0) -> dict:
+    """Run backend `name` on `case` against the float64 reference, forward and gradients."""
+    return compile_case(name, case, dtype, seed)()
+
+
+def _check_dtypes(args) -> tuple[str, ...]:
+    default = ("float32",) if jax.default_backend() == "cpu" else ("bfloat16", "float16", "float32")
+    return tuple(args.dtype or default)
 
 
 def cmd_check(args) -> int:
     from tqdm import tqdm
 
     on_cpu = jax.default_backend() == "cpu"
-    dtypes = args.dtype or (["float32"] if on_cpu else ["bfloat16", "float16", "float32"])
+    dtypes = _check_dtypes(args)
     names = args.backends.split(",") if args.backends else available_backends()
     unknown = [n for n in names if n not in BACKENDS]
     if unknown:
@@ -174,8 +204,17 @@ def cmd_check(args) -> int:
         return 2
     cases = [c.scaled(args.shrink or (8 if on_cpu else 1)) for c in CASES]
     jobs = [(n, c, dt) for dt in dtypes for c in cases for n in names]
-    results = [check_case(n, c, dt, args.seed) for n, c, dt in tqdm(jobs, desc="check", unit="run",
-                                                                      disable=args.quiet)]
+    for c in cases:  # the references first, one per case and dtype, so threads only compile
+        for dt in dtypes:
+            _reference(c, dt, args.seed)
+    # Compile on threads, then run and time one case at a time so timings do not overlap.
+    with concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+        pending = [pool.submit(compile_case, n, c, dt, args.seed) for n, c, dt in jobs]
+        results = []
+        with tqdm(zip(jobs, pending), total=len(jobs), desc="check", unit="run", disable=args.quiet) as bar:
+            for (n, c, dt), compiled in bar:
+                bar.set_postfix_str(f"{n} | {c.name} | {dt}")  # a slow compile shows where it is
+                results.append(compiled.result()())
     results += _torch_rows(cases, args)
     if args.json:
         with open(args.json, "w") as f:
@@ -201,7 +240,7 @@ def _torch_rows(cases, args) -> list:
     except ImportError as e:
         log.info("check: torch_ref comparison skipped (%s)", e)
         return []
-    return compare_with_reference(cases, seed=args.seed)
+    return compare_with_reference(cases, seed=args.seed, dtypes=_check_dtypes(args))
 
 
 def main(argv=None) -> int:

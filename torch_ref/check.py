@@ -7,6 +7,7 @@ tol, fwd_ms, fwd_bwd_ms, note.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import statistics
 import time
@@ -85,7 +86,9 @@ def _reasons(case, dtype, arrays, backend):
         attn_mask=None if mask is None else torch.empty(mask.shape, device="meta",
                                                         dtype=torch.bool if mask.dtype == bool else tdt),
         kv_lengths=None if lengths is None else torch.tensor(lengths), return_lse=BACKENDS[backend].lse)
-    return BACKENDS[backend].reasons(inputs.spec, inputs.call)
+    # Shapes travel on the meta device; the reasons must be those of the device the case runs on.
+    call = dataclasses.replace(inputs.call, device=DEVICE)
+    return BACKENDS[backend].reasons(inputs.spec, call)
 
 
 def compare_with_reference(cases, seed: int = 0, dtypes=("float32",), backends=None) -> list[dict]:
