@@ -882,8 +882,8 @@ def write_plot(doc: dict, path) -> None:
     modes = doc["meta"]["modes"]
     shapes = list(dict.fromkeys(r["shape"] + (f" {r['dtype']}" if r["dtype"] != "bfloat16" else "")
                                 for r in doc["results"]))
-    impls = [i for i in doc["meta"]["impls"]
-             if any(r["impl"] == i and r.get("tflops") for r in doc["results"])]
+    impls = [i for i in doc["meta"]["impls"]  # `auto-before` is a diagnostic: table and JSON only
+             if i != "auto-before" and any(r["impl"] == i and r.get("tflops") for r in doc["results"])]
     fig, axes = plt.subplots(len(modes), 1, squeeze=False,
                              figsize=(max(9, 0.25 * len(shapes) * max(1, len(impls)) + 2), 4.2 * len(modes)))
     width = 0.8 / max(1, len(impls))
@@ -896,7 +896,7 @@ def write_plot(doc: dict, path) -> None:
                           r["shape"] + (f" {r['dtype']}" if r["dtype"] != "bfloat16" else "") == s), None)
                 vals.append(r.get("tflops") or 0.0 if r else 0.0)
             xs = np.arange(len(shapes)) + (j - (len(impls) - 1) / 2) * width
-            ax.bar(xs, vals, width, label=impl, color=cmap(j % 10),
+            ax.bar(xs, vals, width, label=impl, color="black" if impl == "auto" else cmap(j % 10),
                    hatch="//" if impl in TORCH_KERNELS else None, edgecolor="white", linewidth=0.3)
         ax.set_xticks(np.arange(len(shapes)), shapes, fontsize=8)
         ax.set_ylabel("TFLOP/s")
