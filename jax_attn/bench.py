@@ -343,12 +343,22 @@ def jax_reasons(name: str, shape: Shape) -> tuple[list[str], str | None]:
     return list(d.reasons[name]) or ([] if BACKENDS[name] else ["unknown"]), None
 
 
+def _pallas_kernel(shape: Shape) -> str | None:
+    """Which kernel the `pallas` backend runs for `shape` here ("triton" or "mosaic")."""
+    try:
+        from .backends.pallas import _use_mosaic
+        return "mosaic" if _use_mosaic(shape.spec()) else "triton"
+    except Exception as e:  # noqa: BLE001 - a label, not worth failing a row for
+        log.debug("bench: pallas kernel choice unknown: %s", e)
+        return None
+
+
 def measure_jax(name: str, shape: Shape, mode: str, inputs: JaxInputs, opts, method: str | None = None) -> dict:
     """Compile, check and time one JAX row. `method` ("loop" or "python") forces the timing
     method; `auto` gets the one its chosen backend got, so the two are timed alike."""
     import jax
     import jax.numpy as jnp
-    row = {}
+    row = {"kernel": _pallas_kernel(shape)} if name == "pallas" else {}
     fn = _jax_fn(name, mode)
     args0 = inputs.args(0, mode)
     t0 = time.perf_counter()
@@ -806,6 +816,8 @@ def format_table(doc: dict) -> str:
                 notes.append(f"{m['mode']}: {m['status']}: {m.get('note', '')}")
         if f.get("auto_choice"):
             notes.insert(0, f"-> {f['auto_choice']}")
+        if (f or b).get("kernel"):
+            notes.insert(0, f"kernel: {(f or b)['kernel']}")
         note = "; ".join(notes)
         if notes and len(modes) == 2 and f.get("note") and f.get("note") == b.get("note"):
             note = (f"-> {f['auto_choice']}; " if f.get("auto_choice") else "") + f"{f['status']}: {f['note']}"

@@ -211,3 +211,11 @@ def test_write_routing_then_recheck_auto_in_one_run(tmp_path, monkeypatch):
         assert rows(doc, mode=mode, impl="auto-before")[0]["status"] == "ok"
         (auto,) = rows(doc, mode=mode, impl="auto")
         assert auto["status"] == "ok" and auto["auto_choice"] == order[0] and "ratio_jax" in auto
+
+
+def test_pallas_rows_name_the_kernel_that_ran(tmp_path):
+    rc, doc = run_bench(tmp_path, "--shape", "1,2,32,24,8", "--backends", "pallas", "--no-torch",
+                        "--no-backward")
+    assert rc == 0
+    (row,) = rows(doc, impl="pallas")
+    assert row["status"] == "ok" and row["kernel"] == "triton"  # no Hopper GPU here

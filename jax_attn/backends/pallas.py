@@ -6,14 +6,21 @@ chosen automatically (`automatic` is False while interpreting).
 """
 from __future__ import annotations
 
+import logging
 import os
 
 import jax.numpy as jnp
 
-from ..kernels import flash_attention
+from ..kernels import flash_attention, mosaic_attention
 from .base import Backend, gpu_compute_capability, platform
 
+log = logging.getLogger(__name__)
+
 ENV_INTERPRET = "JAX_ATTN_INTERPRET"
+# Which kernel serves `pallas` on Hopper: "triton", "mosaic" (the Mosaic GPU kernel, where the
+# inputs qualify) or "auto" (default: Mosaic only in the shape buckets measured faster, see
+# mosaic_attention.FASTER_THAN_TRITON_SM90). Elsewhere it is always the Triton kernel.
+ENV_KERNEL = "JAX_ATTN_PALLAS_KERNEL"
 
 
 def interpreting() -> bool:
@@ -53,6 +60,11 @@ class Pallas(Backend):
 
     def _forward(self, inputs, return_lse):
         spec = inputs.spec
+        if _use_mosaic(spec):
+            return mosaic_attention.mosaic_attention(
+                inputs.q, inputs.k, inputs.v, kv_lengths=inputs.kv_lengths,
+                key_mask=inputs.mask if spec.mask_kind == "bool" else None, scale=spec.scale,
+                layout=spec.layout, return_lse=return_lse)
         bias = key_mask = None
         if spec.mask_kind == "bool" and spec.per_key_mask:
             key_mask = inputs.mask  # read as a (b, n|1, skv) vector, never expanded over queries
@@ -65,3 +77,30 @@ class Pallas(Backend):
             inputs.q, inputs.k, inputs.v, bias=bias, key_mask=key_mask,
             kv_lengths=inputs.kv_lengths, is_causal=spec.is_causal, scale=spec.scale,
             layout=spec.layout, return_lse=return_lse, interpret=interpreting())
+
+
+def _use_mosaic(spec) -> bool:
+    """Trace-time choice between the Triton and the Mosaic GPU kernel (logged)."""
+    mode = os.environ.get(ENV_KERNEL, "auto").strip().lower() or "auto"
+    if mode not in ("auto", "triton", "mosaic"):
+        raise ValueError(f"{ENV_KERNEL} must be triton, mosaic or auto, got {mode!r}")
+    if mode == "triton" or interpreting():
+        return False
+    cc = gpu_compute_capability()
+    why = mosaic_attention.unsupported(
+        dtype=spec.dtype, d=spec.head_dim, dv=spec.value_dim, is_causal=spec.is_causal,
+        has_full_bias=(spec.mask_kind == "bias"
+                       or (spec.mask_kind == "bool" and not spec.per_key_mask)))
+    if cc is None or cc[0] != 9:
+        why.append("not a Hopper (sm90) GPU")
+    bucket = mosaic_attention.shape_bucket(spec.head_dim, spec.q_len, spec.kv_len)
+    if not why and mode == "auto" and not mosaic_attention.FASTER_THAN_TRITON_SM90.get(bucket):
+        why.append(f"bucket {bucket} not measured faster than Triton")
+    use = not why
+    if mode == "mosaic" and why:
+        log.warning("%s=mosaic, but the Mosaic kernel cannot serve these inputs (%s): using Triton",
+                    ENV_KERNEL, "; ".join(why))
+    else:
+        log.info("pallas kernel (%s=%s): %s%s", ENV_KERNEL, mode, "mosaic" if use else "triton",
+                 "" if use else f" ({'; '.join(why)})")
+    return use

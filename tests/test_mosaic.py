@@ -1,0 +1,257 @@
+"""The Mosaic GPU (Hopper) flash-attention kernel, in Mosaic GPU's interpret mode on the CPU.
+
+What interpret mode covers here: `plgpu.kernel(..., interpret=InterpretGPUParams())` runs the
+kernel body of `jax_attn.kernels.mosaic_attention` as written, on the CPU: the grid, the three
+warpgroup threads (two consumers, one producer) as real concurrent threads, every TMA copy with
+its exact GMEM slice (wrong index arithmetic reads wrong data or fails a bounds check), the
+shared-memory ring of K/V slots, and every barrier. The interpreter enforces the barrier
+protocol: a thread must observe every phase of a barrier it waits on, and a barrier may not
+complete a phase again before the previous completion was observed; a producer that overwrote a
+slot too early, a missing arrival or an extra one fails or deadlocks the test. The online softmax,
+the masking (key-bias vector built from bool masks, kv_lengths and the padded key tail), empty
+rows (zeros and lse = -inf), the epilogue (O and lse written back by TMA) and the wrapper
+(head-dim and sequence padding, GQA, both layouts, the custom VJP) are all exercised and compared
+with the float64 NumPy reference `jax_attn.reference`: out, lse, and dq/dk/dv under cotangents on
+both out and lse. The default backward is the Triton kernels (run here in Triton's interpret
+mode) fed with the Mosaic forward's lse; the experimental Mosaic backward kernels
+(`backward="mosaic"`: dQ, and dK/dV with GQA sums) are run by the same interpreter.
+
+What it cannot cover: the interpreter cannot run wgmma with a register operand or through a
+transposed shared-memory view, nor `layout_cast`; in interpret mode the kernel's two matmuls are
+`lax.dot_general` on the same shared-memory tiles, and layout casts and the tiling/swizzle
+transforms of the shared-memory buffers are skipped. So these tests prove nothing about the
+Mosaic lowering (whether it compiles), wgmma fragment layouts, swizzling, register limits
+(`set_max_registers`), asynchronous wgmma ordering, or speed. Those are checked on an H100 by
+`benchmarks/mosaic_gpu.py` (results in `benchmarks/results/2026-11-23-h100-mosaic.md`). The
+experimental Mosaic backward has so far ONLY been run here: it has never been compiled for a GPU.
+
+Runtime: about a minute on one core; interpret mode costs roughly a second per CTA, so shapes
+are a few CTAs each.
+"""
+from __future__ import annotations
+
+import math
+import os
+import pathlib
+import subprocess
+import sys
+
+os.environ.setdefault("JAX_ATTN_INTERPRET", "1")  # the Triton backward in interpret mode
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from jax_attn import reference  # noqa: E402
+from jax_attn.backends import pallas as pallas_backend  # noqa: E402
+from jax_attn.contract import Spec  # noqa: E402
+from jax_attn.kernels import mosaic_attention as M  # noqa: E402
+
+# Kernel tests need jax.experimental.pallas.mosaic_gpu (and its interpreter); the others do not.
+needs_mgpu = pytest.mark.skipif(
+    M.available() is not None, reason=f"Mosaic GPU Pallas not importable: {M.available()}")
+
+# Relative error ||x - ref|| / ||ref|| per dtype: operands of both matmuls (q, k, p, v) are
+# rounded to the dtype (bf16 ~4e-3 per rounding, fp16 ~5e-4), accumulation is float32.
+TOL = {"bfloat16": 2e-2, "float16": 5e-3}
+LSE_TOL = {"bfloat16": 5e-2, "float16": 1e-2}  # absolute, the lse is a log
+
+
+def rel(x, ref):
+    x = np.asarray(jnp.asarray(x, jnp.float32), np.float64)
+    assert np.all(np.isfinite(x)), "NaN or inf in the kernel's result"
+    return np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-30)
+
+
+def check(b, n, n_kv, sq, skv, d, *, dtype="bfloat16", layout="bnsd", kv_lengths=None,
+          key_mask=None, config=None, grads=True, seed=0, backward="triton"):
+    rng = np.random.default_rng(seed)
+    q, k, v = (rng.standard_normal(s)
+               for s in ((b, n, sq, d), (b, n_kv, skv, d), (b, n_kv, skv, d)))
+    do, dlse = rng.standard_normal((b, n, sq, d)), rng.standard_normal((b, n, sq))
+    q, k, v, do = (np.asarray(jnp.asarray(x, dtype).astype(jnp.float32), np.float64)
+                   for x in (q, k, v, do))
+    t = (lambda x: x) if layout == "bnsd" else (lambda x: np.swapaxes(x, 1, 2))
+    kw = dict(layout=layout, config=config, interpret=True, return_lse=True, backward=backward)
+    if kv_lengths is not None:
+        kw["kv_lengths"] = jnp.asarray(kv_lengths, jnp.int32)
+    if key_mask is not None:
+        kw["key_mask"] = jnp.asarray(key_mask)
+
+    def f(q, k, v):
+        return M.mosaic_attention(q, k, v, **kw)
+
+    args = [jnp.asarray(t(x), dtype) for x in (q, k, v)]
+    if grads:
+        (out, lse), vjp = jax.vjp(f, *args)
+    else:
+        out, lse = f(*args)
+    assert out.dtype == jnp.dtype(dtype) and lse.dtype == jnp.float32
+    assert out.shape == t(np.empty((b, n, sq, d))).shape and lse.shape == (b, n, sq)
+
+    scale = 1 / math.sqrt(d)
+    ro, rlse = reference.attention(q, k, v, attn_mask=key_mask, kv_lengths=kv_lengths,
+                                   scale=scale, return_lse=True)
+    errors = {"out": rel(t(np.asarray(out, np.float32)), ro)}
+    if grads:
+        dq, dk, dv = vjp((jnp.asarray(t(do), dtype), jnp.asarray(dlse, jnp.float32)))
+        rdq, rdk, rdv, _ = reference.attention_vjp(q, k, v, do, attn_mask=key_mask,
+                                                   kv_lengths=kv_lengths, scale=scale)
+        p = reference.probabilities(q, k, attn_mask=key_mask, kv_lengths=kv_lengths, scale=scale)
+        g = n // n_kv
+        ds = p * dlse[..., None] * scale  # d lse / d s = p
+        rdq = rdq + np.einsum("bnqk,bnkd->bnqd", ds, np.repeat(k, g, axis=1))
+        rdk = rdk + np.einsum("bnqk,bnqd->bnkd", ds, q).reshape(b, n_kv, g, skv, d).sum(2)
+        errors.update(dq=rel(t(np.asarray(dq, np.float32)), rdq),
+                      dk=rel(t(np.asarray(dk, np.float32)), rdk),
+                      dv=rel(t(np.asarray(dv, np.float32)), rdv))
+    bad = {k_: e for k_, e in errors.items() if not e <= TOL[dtype]}
+    assert not bad, f"relative errors over {TOL[dtype]}: {bad}"
+    lse = np.asarray(lse, np.float64)
+    np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(rlse), "empty rows: lse = -inf")
+    fin = np.isfinite(rlse)
+    np.testing.assert_allclose(lse[fin], rlse[fin], atol=LSE_TOL[dtype], rtol=0)
+    return out, lse
+
+
+@needs_mgpu
+def test_tails_and_padded_head_dim():
+    # 77 queries (one CTA of 2 x 64 rows, padded), 33 keys (tail masked), d = 40 run at 64.
+    check(1, 2, 2, 77, 33, 40, config=M.MosaicConfig(block_q=64, block_kv=64, stages=2))
+
+
+@needs_mgpu
+def test_pipeline_without_masks():
+    # Aligned lengths, no mask: the unmasked code path; 4 key steps through a 2-slot ring,
+    # two query tiles, MQA-style sharing of the one k/v head.
+    out, lse = check(1, 2, 1, 256, 256, 64, config=M.MosaicConfig(64, 64, 2), grads=False)
+    assert np.all(np.isfinite(lse))
+
+
+@needs_mgpu
+def test_gqa_kv_lengths_empty_batch_bsnd_fp16():
+    # kv_lengths with an empty batch row (zeros, lse = -inf, zero gradients), GQA, bsnd read in
+    # place, several key steps through a 3-slot ring ending mid-ring.
+    out, _ = check(2, 4, 2, 70, 300, 64, dtype="float16", layout="bsnd", kv_lengths=[0, 150],
+                   config=M.MosaicConfig(64, 64, 3))
+    np.testing.assert_array_equal(np.asarray(out[0], np.float32), 0.0)
+
+
+@needs_mgpu
+def test_per_head_key_mask_d96():
+    rng = np.random.default_rng(3)
+    mask = rng.random((1, 2, 1, 150)) > 0.4
+    mask[:, 1, :, :] = False  # a head with no key at all
+    check(1, 2, 2, 64, 150, 96, key_mask=mask, config=M.MosaicConfig(64, 64, 2))
+
+
+@needs_mgpu
+def test_head_dim_256_and_broadcast_key_mask():
+    mask = np.random.default_rng(4).random((1, 1, 1, 64)) > 0.3
+    check(1, 1, 1, 64, 64, 256, key_mask=mask, config=M.MosaicConfig(64, 64, 2), grads=False)
+
+
+# --- the experimental Mosaic backward (backward="mosaic"; never the default) ------------------
+
+@needs_mgpu
+def test_mosaic_backward_tails_kv_lengths_mqa_bsnd():
+    # dQ and dK/dV kernels: query tail (77 of 128 padded rows: lse2 = +inf there), key tail and
+    # kv_lengths through the key bias, d = 40 at 64, two query heads summed into one k/v head.
+    check(1, 2, 1, 77, 150, 40, layout="bsnd", kv_lengths=[100], backward="mosaic",
+          config=M.MosaicConfig(64, 64, 2))
+
+
+@needs_mgpu
+def test_mosaic_backward_per_head_mask_with_an_empty_head():
+    mask = np.random.default_rng(5).random((1, 2, 1, 128)) > 0.4
+    mask[:, 0] = False  # every query of head 0 is empty: zero gradients, lse = -inf
+    check(1, 2, 2, 64, 128, 64, dtype="float16", key_mask=mask, backward="mosaic",
+          config=M.MosaicConfig(64, 64, 2))
+
+
+@needs_mgpu
+def test_mosaic_backward_refuses_head_dim_256():
+    x = jnp.zeros((1, 1, 64, 256), jnp.bfloat16)
+    with pytest.raises(ValueError, match="up to 128"):
+        M.mosaic_attention(x, x, x, interpret=True, backward="mosaic")
+    with pytest.raises(ValueError, match="backward"):
+        M.mosaic_attention(x, x, x, interpret=True, backward="cutlass")
+
+
+def test_default_configs_and_buckets():
+    assert M.head_dim_padded(40) == 64 and M.head_dim_padded(80) == 128
+    assert M.head_dim_padded(256) == 256 and M.head_dim_padded(257) is None
+    assert M.default_config(256).block_kv == 64
+    assert M.shape_bucket(40, 4096, 77) == (64, "cross")
+    assert M.shape_bucket(128, 4608, 4608) == (128, "self")
+    assert M.shape_bucket(64, 1, 4096) == (64, "short_q")
+    # Every automatic choice must cite a measurement: only True/False entries of known buckets.
+    for (dp, kind), faster in M.FASTER_THAN_TRITON_SM90.items():
+        assert dp in (64, 128, 256) and kind in ("self", "cross", "short_q")
+        assert isinstance(faster, bool)
+
+
+def test_unsupported_reasons():
+    assert not M.unsupported(dtype=jnp.bfloat16, d=64, dv=64, has_full_bias=False,
+                             is_causal=False)
+    why = M.unsupported(dtype=jnp.float32, d=320, dv=64, has_full_bias=True, is_causal=True)
+    assert len(why) == 5
+    with pytest.raises(ValueError, match="cannot serve"):
+        M.mosaic_attention(jnp.zeros((1, 1, 8, 64), jnp.float32), jnp.zeros((1, 1, 8, 64)),
+                           jnp.zeros((1, 1, 8, 64)))
+
+
+def test_jax_attn_imports_without_mosaic_gpu():
+    """A JAX without the Mosaic GPU dialect must still import jax_attn and keep `pallas` (Triton)."""
+    code = ("import sys; sys.modules['jax.experimental.pallas.mosaic_gpu'] = None\n"
+            "import jax_attn\n"
+            "from jax_attn.kernels import mosaic_attention as M\n"
+            "assert M.available() is not None, 'expected the import to be reported missing'\n"
+            "why = M.unsupported(dtype='bfloat16', d=64, dv=64, has_full_bias=False, "
+            "is_causal=False)\n"
+            "assert why and 'not importable' in why[0], why\n"
+            "print('ok')\n")
+    env = dict(os.environ, PYTHONPATH=str(pathlib.Path(__file__).resolve().parents[1]))
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
+
+
+def _spec(**kw):
+    base = dict(batch=1, heads=2, kv_heads=2, q_len=4096, kv_len=4096, head_dim=64, value_dim=64,
+                dtype="bfloat16")
+    base.update(kw)
+    return Spec(**base)
+
+
+def test_backend_dispatch(monkeypatch):
+    """`pallas` picks the Mosaic kernel only on sm90, for qualifying inputs, as the env var says."""
+    use = pallas_backend._use_mosaic
+    # On the CPU (interpret mode) it is always the Triton kernel.
+    monkeypatch.setenv(pallas_backend.ENV_KERNEL, "mosaic")
+    assert not use(_spec())
+    # Pretend to be a Hopper GPU outside interpret mode.
+    monkeypatch.setattr(pallas_backend, "interpreting", lambda: False)
+    monkeypatch.setattr(pallas_backend, "gpu_compute_capability", lambda: (9, 0))
+    assert use(_spec())
+    assert use(_spec(mask_kind="bool", mask_shape=(1, 2, 1, 4096), has_kv_lengths=True))
+    assert not use(_spec(dtype="float32"))
+    assert not use(_spec(is_causal=True))
+    assert not use(_spec(mask_kind="bool", mask_shape=(1, 1, 4096, 4096)))  # full mask
+    assert not use(_spec(mask_kind="bias", mask_shape=(1, 1, 1, 4096)))
+    assert not use(_spec(value_dim=32))
+    monkeypatch.setattr(pallas_backend, "gpu_compute_capability", lambda: (8, 0))
+    assert not use(_spec())
+    monkeypatch.setattr(pallas_backend, "gpu_compute_capability", lambda: (9, 0))
+    monkeypatch.setenv(pallas_backend.ENV_KERNEL, "triton")
+    assert not use(_spec())
+    monkeypatch.setenv(pallas_backend.ENV_KERNEL, "auto")
+    monkeypatch.setattr(M, "FASTER_THAN_TRITON_SM90", {(64, "self"): True, (64, "cross"): False})
+    assert use(_spec())
+    assert not use(_spec(kv_len=77))
+    assert not use(_spec(q_len=1))  # a decode step: bucket not measured
+    assert not use(_spec(head_dim=128, value_dim=128))  # bucket not measured
+    monkeypatch.setenv(pallas_backend.ENV_KERNEL, "cutlass")
+    with pytest.raises(ValueError, match="JAX_ATTN_PALLAS_KERNEL"):
+        use(_spec())
