@@ -1,13 +1,25 @@
 """Attention over several devices, on JAX's own SPMD machinery (`Mesh`, `shard_map`, collectives).
 
+Inputs sharded over batch and/or heads (a `NamedSharding`, under `jit`) need no context: every
+backend then runs shard-local with no all-gather of q, k, v, forward and backward. `xla`,
+`chunked` and `naive` are plain jnp, which XLA's partitioner splits by itself; the `pallas` Triton
+kernel carries its own `custom_partitioning` rules (`jax_attn/kernels/sharding.py`: batch/heads
+stay split, GQA when the head shards divide `n_kv`, sequences and head dims gathered with a logged
+warning); `cudnn` goes through JAX's cuDNN binding, which has partitioning rules of its own (batch
+and heads only: JAX rejects sequence-sharded inputs there). Checked on 8 CPU devices by the
+compiled HLO, under Shardy and GSPMD (tests/test_pallas_sharding.py; cudnn only by JAX's source).
+The Mosaic GPU variant of `pallas` (`JAX_ATTN_PALLAS_KERNEL`) is not wrapped: give it
+`shard_local`.
+
 Two contexts change what `attention_forward` does with the arrays it is given; outside them it
 costs one context-variable lookup and nothing else.
 
 - `shard_local(mesh, batch_axis=..., head_axis=...)`: q, k, v (and masks, `kv_lengths`) are split
   over batch and/or heads; each device runs the chosen backend on its own shard inside
-  `shard_map`, so custom kernels (Pallas, cuDNN), which XLA's partitioner cannot split, never
-  cause an all-gather. `query_axis=` also splits the queries along the sequence while keys and
-  values stay whole on every device: cross-attention to text tokens in a sequence-parallel model.
+  `shard_map`: explicit, and it serves any kernel, including ones without partitioning rules.
+  `query_axis=` also splits the queries along the sequence while keys and values stay whole on
+  every device: cross-attention to text tokens in a sequence-parallel model (no backend's own
+  rules do that: they gather a sharded sequence).
 - `sequence_parallel(mesh, axis_name, method=...)`: q, k, v are split along the sequence over
   `axis_name` (and optionally over batch/heads as above).
   * "ulysses": one `all_to_all` turns sequence shards into head shards, each device attends over
@@ -150,8 +162,10 @@ def shard_local(mesh, *, batch_axis=None, head_axis=None, query_axis=None):
 
     q, k, v (and a mask or `kv_lengths` with those dimensions) are split over `batch_axis` and/or
     `head_axis` of `mesh`; each device calls the backend on its own shard inside `shard_map`.
-    XLA splits the jnp backends by itself, but not custom kernels (Pallas, cuDNN): without this it
-    may gather whole q, k, v onto every device first.
+    Batch/head-sharded inputs stay local without this too (XLA splits the jnp backends; the
+    `pallas` Triton kernel and JAX's cuDNN binding have partitioning rules), so it matters for
+    `query_axis`, for kernels without such rules (the Mosaic GPU variant of `pallas`), and to fix
+    the split whatever sharding propagation would choose.
     `query_axis` splits the queries along the sequence too, with k/v whole on every device
     (cross-attention to a short text sequence in a sequence-parallel model); not with causal.
     """

@@ -29,7 +29,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from . import configs
+from . import configs, sharding
 
 log = logging.getLogger(__name__)
 
@@ -485,20 +485,26 @@ def _backward(st: _Static, q, k, v, key_bias, bias, kv_lengths, out, lse, do, dl
 # VJP
 
 
+# The kernel calls as the partitioner sees them: batch/head-sharded operands stay sharded and each
+# device runs the kernel on its shard; sequences and head dims are gathered (see sharding.py).
+_forward_sharded = sharding.partitioned(_forward, "fwd")
+_backward_sharded = sharding.partitioned(_backward, "bwd")
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _flash(st, q, k, v, key_bias, bias, kv_lengths):
-    return _forward(st, q, k, v, key_bias, bias, kv_lengths)
+    return _forward_sharded(st, q, k, v, key_bias, bias, kv_lengths)
 
 
 def _flash_fwd(st, q, k, v, key_bias, bias, kv_lengths):
-    out, lse = _forward(st, q, k, v, key_bias, bias, kv_lengths)
+    out, lse = _forward_sharded(st, q, k, v, key_bias, bias, kv_lengths)
     return (out, lse), (q, k, v, key_bias, bias, kv_lengths, out, lse)
 
 
 def _flash_bwd(st, res, cotangents):
     q, k, v, key_bias, bias, kv_lengths, out, lse = res
     do, dlse = cotangents
-    dq, dk, dv = _backward(st, q, k, v, key_bias, bias, kv_lengths, out, lse, do, dlse)
+    dq, dk, dv = _backward_sharded(st, q, k, v, key_bias, bias, kv_lengths, out, lse, do, dlse)
     # Masks and biases are constants here (bias gradients are not supported), lengths are ints.
     return dq, dk, dv, None, None, None
 
