@@ -17,7 +17,6 @@ finite `-10000` bias, which averages the values there.
 from __future__ import annotations
 
 import contextvars
-import inspect
 import logging
 import math
 import zlib
@@ -369,43 +368,13 @@ class Attention(nnx.Module):
     def __call__(self, hidden_states, encoder_hidden_states=None, attention_mask=None, *,
                  kv_lengths=None, **cross_attention_kwargs):
         """Run the processor: `(b, sq, query_dim)` -> `(b, sq, out_dim)`."""
-        if getattr(hidden_states, "ndim", None) != 3 or hidden_states.shape[-1] != self.query_dim:
-            raise ValueError(f"hidden_states must have shape (b, sq, query_dim={self.query_dim}), "
-                             f"got {_shape(hidden_states) if hasattr(hidden_states, 'shape') else type(hidden_states).__name__}")
-        b, sq, _ = hidden_states.shape
-        context = hidden_states
-        if encoder_hidden_states is not None:
-            if (getattr(encoder_hidden_states, "ndim", None) != 3
-                    or encoder_hidden_states.shape[0] != b
-                    or encoder_hidden_states.shape[-1] != self.cross_attention_dim):
-                raise ValueError(f"encoder_hidden_states must have shape (b={b}, skv, "
-                                 f"cross_attention_dim={self.cross_attention_dim}), got "
-                                 f"{_shape(encoder_hidden_states)}")
-            context = encoder_hidden_states
-        skv = context.shape[1]
+        b, sq, skv = _processors.check_call(self, hidden_states, encoder_hidden_states)
         mask = self.normalize_mask(attention_mask, b, skv, sq)
         kwargs = dict(cross_attention_kwargs)
         if self._check_kv_lengths(kv_lengths, b) is not None:
             kwargs["kv_lengths"] = kv_lengths
-        _check_kwargs(self.processor, kwargs, self.layer_name)
+        _processors.check_processor_kwargs(self.processor, kwargs, self.layer_name)
         return self.processor(self, hidden_states, encoder_hidden_states, mask, **kwargs)
-
-
-def _check_kwargs(processor, kwargs, layer_name):
-    if not kwargs:
-        return
-    fn = processor if inspect.isfunction(processor) or inspect.ismethod(processor) else processor.__call__
-    params = inspect.signature(fn).parameters.values()
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
-        return
-    accepted = {p.name for p in params if p.kind in (inspect.Parameter.KEYWORD_ONLY,
-                                                     inspect.Parameter.POSITIONAL_OR_KEYWORD)}
-    accepted -= {"self", "attn", "hidden_states", "encoder_hidden_states", "attention_mask"}
-    bad = sorted(set(kwargs) - accepted)
-    if bad:
-        raise TypeError(f"attention processor {type(processor).__name__} at layer {layer_name!r} does "
-                        f"not accept {', '.join(map(repr, bad))} (from cross_attention_kwargs or "
-                        f"kv_lengths); it accepts: {', '.join(sorted(accepted)) or 'nothing extra'}")
 
 
 # ---- model-level helpers ---------------------------------------------------------------------

@@ -70,11 +70,51 @@ the previous processor's state.
 """
 from __future__ import annotations
 
+import inspect
+
 import math
 
 # Finders from a model to its attention layers, registered by the frameworks: fn(model) returns
 # {layer path: attention module}, or None when `model` is not one of that framework's modules.
 LAYER_FINDERS: list = []
+
+
+def _shape(x) -> str:
+    return "(" + ", ".join(map(str, x.shape)) + ")"
+
+
+def check_call(attn, hidden_states, encoder_hidden_states) -> tuple[int, int, int]:
+    """Validate an `Attention` call's inputs (either framework); returns `(b, sq, skv)`."""
+    if getattr(hidden_states, "ndim", None) != 3 or hidden_states.shape[-1] != attn.query_dim:
+        got = _shape(hidden_states) if hasattr(hidden_states, "shape") else type(hidden_states).__name__
+        raise ValueError(f"hidden_states must have shape (b, sq, query_dim={attn.query_dim}), got {got}")
+    b, sq, _ = hidden_states.shape
+    if encoder_hidden_states is None:
+        return b, sq, sq
+    if (getattr(encoder_hidden_states, "ndim", None) != 3 or encoder_hidden_states.shape[0] != b
+            or encoder_hidden_states.shape[-1] != attn.cross_attention_dim):
+        raise ValueError(f"encoder_hidden_states must have shape (b={b}, skv, "
+                         f"cross_attention_dim={attn.cross_attention_dim}), got "
+                         f"{_shape(encoder_hidden_states)}")
+    return b, sq, encoder_hidden_states.shape[1]
+
+
+def check_processor_kwargs(processor, kwargs, layer_name) -> None:
+    """A `TypeError` naming the processor, the layer and the keys its `__call__` does not take."""
+    if not kwargs:
+        return
+    fn = processor if inspect.isfunction(processor) or inspect.ismethod(processor) else processor.__call__
+    params = inspect.signature(fn).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return
+    accepted = {p.name for p in params if p.kind in (inspect.Parameter.KEYWORD_ONLY,
+                                                     inspect.Parameter.POSITIONAL_OR_KEYWORD)}
+    accepted -= {"self", "attn", "hidden_states", "encoder_hidden_states", "attention_mask"}
+    bad = sorted(set(kwargs) - accepted)
+    if bad:
+        raise TypeError(f"attention processor {type(processor).__name__} at layer {layer_name!r} does "
+                        f"not accept {', '.join(map(repr, bad))} (from cross_attention_kwargs or "
+                        f"kv_lengths); it accepts: {', '.join(sorted(accepted)) or 'nothing extra'}")
 
 
 def register_layer_finder(fn):

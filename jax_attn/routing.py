@@ -26,8 +26,12 @@ class BackendError(ValueError):
     """No backend in the requested choice can serve the inputs; the message lists every reason."""
 
 
-def parse_choice(choice, source: str = "backend") -> tuple[str, ...]:
-    """Normalize a choice to a tuple of names, ("auto",) for automatic. Unknown names raise."""
+def parse_choice(choice, source: str = "backend", known=None) -> tuple[str, ...]:
+    """Normalize a choice to a tuple of names, ("auto",) for automatic. Unknown names raise.
+
+    `known`: the backend registry names are checked against (default: jax_attn's; torch_ref
+    passes its own)."""
+    registry = BACKENDS if known is None else known
     if isinstance(choice, str):
         names = tuple(x.strip() for x in choice.split(",") if x.strip())
     elif isinstance(choice, (list, tuple)):
@@ -36,11 +40,11 @@ def parse_choice(choice, source: str = "backend") -> tuple[str, ...]:
         raise TypeError(f"{source} must be a backend name, a comma-separated list or 'auto', "
                         f"got {type(choice).__name__}")
     if not names:
-        raise ValueError(f"{source} names no backend; known: {', '.join(BACKENDS)} or 'auto'")
-    unknown = [x for x in names if x != "auto" and x not in BACKENDS]
+        raise ValueError(f"{source} names no backend; known: {', '.join(registry)} or 'auto'")
+    unknown = [x for x in names if x != "auto" and x not in registry]
     if unknown:
         raise ValueError(f"{source}: unknown backend {', '.join(map(repr, unknown))}; "
-                         f"known: {', '.join(BACKENDS)} or 'auto'")
+                         f"known: {', '.join(registry)} or 'auto'")
     if "auto" in names and len(names) > 1:
         raise ValueError(f"{source}: 'auto' cannot be combined with other names, got {choice!r}")
     return names

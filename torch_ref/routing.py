@@ -14,6 +14,7 @@ import os
 from jax_attn.autoselect import SCORE_BYTES_BUDGET
 from jax_attn.contract import Spec
 from jax_attn.routing import BackendError, Decision
+from jax_attn.routing import parse_choice as _parse_choice
 
 from .backends import BACKENDS, Backend
 from .inputs import Call
@@ -29,23 +30,8 @@ __all__ = ["BackendError", "Decision", "ENV_VAR", "choose", "decide", "parse_cho
 
 
 def parse_choice(choice, source: str = "backend") -> tuple[str, ...]:
-    """Normalize a choice to a tuple of names, ("auto",) for automatic. Unknown names raise."""
-    if isinstance(choice, str):
-        names = tuple(x.strip() for x in choice.split(",") if x.strip())
-    elif isinstance(choice, (list, tuple)):
-        names = tuple(choice)
-    else:
-        raise TypeError(f"{source} must be a backend name, a comma-separated list or 'auto', "
-                        f"got {type(choice).__name__}")
-    if not names:
-        raise ValueError(f"{source} names no backend; known: {', '.join(BACKENDS)} or 'auto'")
-    unknown = [x for x in names if x != "auto" and x not in BACKENDS]
-    if unknown:
-        raise ValueError(f"{source}: unknown backend {', '.join(map(repr, unknown))}; "
-                         f"known: {', '.join(BACKENDS)} or 'auto'")
-    if "auto" in names and len(names) > 1:
-        raise ValueError(f"{source}: 'auto' cannot be combined with other names, got {choice!r}")
-    return names
+    """Normalize a choice to a tuple of torch backend names (`jax_attn.routing.parse_choice`)."""
+    return _parse_choice(choice, source, BACKENDS)
 
 
 @contextlib.contextmanager
