@@ -182,11 +182,6 @@ def compile_case(name: str, case: Case, dtype: str, seed: int = 0):
     return evaluate
 
 
-def check_case(name: str, case: Case, dtype: str, seed: int = 0) -> dict:
-    """Run backend `name` on `case` against the float64 reference, forward and gradients."""
-    return compile_case(name, case, dtype, seed)()
-
-
 def _check_dtypes(args) -> tuple[str, ...]:
     default = ("float32",) if jax.default_backend() == "cpu" else ("bfloat16", "float16", "float32")
     return tuple(args.dtype or default)
