@@ -1,12 +1,14 @@
 """H100 correctness and timing of the Mosaic GPU flash-attention kernel, in one device visit.
 
     PYTHONUNBUFFERED=1 PYTHONPATH=. python benchmarks/mosaic_gpu.py --out $OUT \
-        [--quick-small] [--budget SECONDS] [--mosaic-bwd] [--tune [--tune-first]] [--quick]
+        [--quick-small] [--budget SECONDS] [--triton-bwd] [--tune-bwd] [--tune [--tune-first]]
+        [--quick]
 
 1. Correctness on small feature shapes (odd lengths, head dims 40/64/80/96/128/256, GQA,
    kv_lengths with an empty row, per-key bool masks, both layouts, bf16 and fp16) against the
    float64 NumPy reference `jax_attn.reference`: out, lse, and dq/dk/dv under cotangents on both
-   out and lse (the backward is the Triton one fed with the Mosaic lse).
+   out and lse (the default backward: the Mosaic kernels up to d = 128, else the Triton ones fed
+   with the Mosaic lse).
 2. With --tune: forward timing of a few Mosaic configs per head-dim bucket, after the main table
    (with --tune-first: before it, and the best config of each bucket is used for it).
 3. Correctness on the diffusion set against a float32 XLA reference on the GPU (first two heads).
@@ -14,9 +16,10 @@
    kernel, and `jax.nn.dot_product_attention(implementation="cudnn")`; forward and
    forward+backward; median of many runs (benchmarks/tune_pallas.time_ms). Mosaic also in bnsd.
    FLOPs: 4*b*n*sq*skv*d forward, 2.5x that backward ("bwd" = (fwd+bwd) - fwd).
-With --mosaic-bwd the experimental Mosaic backward (`backward="mosaic"`) is checked on the small
-shapes too and timed as the `mosaic_mbwd` rows. --budget stops starting new timings after that
-many seconds (the checks still run). A short table is printed last; everything is logged to
+With --triton-bwd the Triton backward behind the Mosaic forward (`backward="triton"`) is checked
+on the small shapes too and timed as the `mosaic_tbwd` rows. --tune-bwd times forward+backward of
+the target shapes with 2, 3 (and 4 at d = 64) backward pipeline stages, before the main table.
+--budget stops starting new timings after that many seconds (the checks still run). A short table is printed last; everything is logged to
 $OUT/log.txt and $OUT/bench.json.
 """
 from __future__ import annotations
@@ -37,7 +40,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).parent))
 
 log = logging.getLogger("mosaic_gpu")
 QUICK_SMALL = [False]
-MOSAIC_BWD = [False]  # --mosaic-bwd: also check and time the experimental Mosaic backward
+TRITON_BWD = [False]  # --triton-bwd: also check and time the Triton backward behind Mosaic
 DEADLINE = [float("inf")]  # time.time() after which remaining timings are skipped (--budget)
 
 
@@ -55,6 +58,7 @@ TUNE = {
     256: [(64, 64, 2, True)],
 }
 TUNE_SHAPES = {64: (2, 10, 4096, 4096, 64), 128: (1, 24, 4608, 4608, 128)}
+TUNE_BWD_STAGES = {64: (2, 3, 4), 128: (2, 3)}  # --tune-bwd: MosaicConfig.bwd_stages tried
 
 
 def rel(a, r):
@@ -86,9 +90,9 @@ def check_small():
     runs = [(jnp.bfloat16, 2e-2, c) for c in cases if c[5] != 96] + [(jnp.float16, 5e-3, cases[4])]
     if QUICK_SMALL[0]:  # one short device visit: the features that stress the kernel most
         runs = [runs[0], runs[2], runs[3], runs[4], runs[-1]]
-    runs = [(dt, tol, c, "triton") for dt, tol, c in runs]
-    if MOSAIC_BWD[0]:  # the same features through the experimental Mosaic backward (d <= 128)
-        runs += [(dt, tol, c, "mosaic") for dt, tol, c, _ in runs if c[5] <= 128]
+    runs = [(dt, tol, c, "auto") for dt, tol, c in runs]
+    if TRITON_BWD[0]:  # the same features through the Triton backward (d <= 128; above, default)
+        runs += [(dt, tol, c, "triton") for dt, tol, c, _ in runs if c[5] <= 128]
     rows = []
     for dtype, tol, (b, n, nkv, sq, skv, d, kw), bwd in runs:
         kw = dict(kw, backward=bwd)
@@ -186,6 +190,35 @@ def tune():
     return {k: v[0] for k, v in best.items()}, results
 
 
+def tune_bwd():
+    """Forward+backward time of the target shapes per backward pipeline depth (bwd_stages)."""
+    import jax
+    import jax.numpy as jnp
+
+    from jax_attn.kernels import mosaic_attention as M
+    from tune_pallas import time_ms
+
+    results = []
+    for bucket, stages in TUNE_BWD_STAGES.items():
+        b, n, sq, skv, d = TUNE_SHAPES[bucket]
+        keys = jax.random.split(jax.random.key(11), 4)
+        q, k, v, do = (jax.random.normal(kk, (b, s, n, d), jnp.bfloat16)
+                       for kk, s in zip(keys, (sq, skv, skv, sq)))
+        for n_stages in stages:
+            cfg = M.MosaicConfig(bwd_stages=n_stages)
+            try:
+                def fb(q, k, v, do, cfg=cfg):
+                    f = lambda q, k, v: M.mosaic_attention(q, k, v, layout="bsnd", config=cfg)  # noqa: E731
+                    return jax.vjp(f, q, k, v)[1](do)
+                t = time_ms(jax.jit(fb), q, k, v, do, reps=10, inner=3)
+                log.info("tune bwd d%d stages %d: fwd+bwd %.3f ms", bucket, n_stages, t)
+                results.append({"bucket": bucket, "bwd_stages": n_stages, "fwd+bwd ms": t})
+            except Exception as e:  # noqa: BLE001
+                log.warning("tune bwd d%d stages %d failed: %s", bucket, n_stages, _short(e))
+                results.append({"bucket": bucket, "bwd_stages": n_stages, "error": _short(e)})
+    return results
+
+
 def check_shape(q, k, v, do, fn):
     import jax
     import jax.numpy as jnp
@@ -225,9 +258,9 @@ def bench(best):
             "triton": lambda q, k, v: flash_attention(q, k, v, layout="bsnd"),
             "cudnn": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn"),
         }
-        if MOSAIC_BWD[0] and M.head_dim_padded(d) <= 128:  # experimental Mosaic backward
-            impls["mosaic_mbwd"] = lambda q, k, v: M.mosaic_attention(q, k, v, layout="bsnd",
-                                                                      config=cfg, backward="mosaic")
+        if TRITON_BWD[0] and M.head_dim_padded(d) <= 128:  # the Triton backward behind Mosaic
+            impls["mosaic_tbwd"] = lambda q, k, v: M.mosaic_attention(q, k, v, layout="bsnd",
+                                                                      config=cfg, backward="triton")
         shape = (b, n, sq, skv, d)
         try:
             errs = check_shape(q, k, v, do, impls["mosaic"])
@@ -304,14 +337,15 @@ def main():
     p.add_argument("--tune", action="store_true")
     p.add_argument("--quick", action="store_true", help="small checks (+ tuning) only")
     p.add_argument("--skip-small", action="store_true")
-    p.add_argument("--mosaic-bwd", action="store_true",
-                   help="also the experimental Mosaic backward (small checks and timings)")
+    p.add_argument("--triton-bwd", action="store_true",
+                   help="also the Triton backward behind the Mosaic forward (checks and timings)")
+    p.add_argument("--tune-bwd", action="store_true", help="time backward pipeline depths first")
     p.add_argument("--quick-small", action="store_true", help="5 small checks, not 9")
     p.add_argument("--tune-first", action="store_true", help="bench with the tuned configs")
     p.add_argument("--budget", type=float, default=0, help="seconds; skip timings after it")
     a = p.parse_args()
     QUICK_SMALL[0] = a.quick_small
-    MOSAIC_BWD[0] = a.mosaic_bwd
+    TRITON_BWD[0] = a.triton_bwd
     if a.budget:
         DEADLINE[0] = time.time() + a.budget
     out = pathlib.Path(a.out)
@@ -321,6 +355,7 @@ def main():
     info = versions()
     log.info("versions %s", info)
     small = [] if a.skip_small else check_small()
+    tuned_bwd = tune_bwd() if a.tune_bwd else []
     if a.tune_first:
         best, tuned = tune() if a.tune else ({}, [])
         log.info("best configs %s", best)
@@ -330,12 +365,12 @@ def main():
     if a.tune and not a.tune_first:  # after the main table, with whatever time is left
         _, tuned = tune()
     (out / "bench.json").write_text(json.dumps(
-        {"versions": info, "rows": rows, "small": small, "tune": tuned,
+        {"versions": info, "rows": rows, "small": small, "tune": tuned, "tune_bwd": tuned_bwd,
          "best": {k: str(v) for k, v in best.items()}}, indent=1, default=str))
     text = table(rows)
     (out / "table.md").write_text(text + "\n")
     print("\nversions:", info)
-    for r in tuned:
+    for r in tuned + tuned_bwd:
         print("tune", r)
     for r in rows:
         if r["impl"] == "mosaic" and (r.get("fwd_error") or r.get("fwd+bwd_error")):

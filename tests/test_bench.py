@@ -211,6 +211,23 @@ def test_write_routing_then_recheck_auto_in_one_run(tmp_path, monkeypatch):
         assert rows(doc, mode=mode, impl="auto-before")[0]["status"] == "ok"
         (auto,) = rows(doc, mode=mode, impl="auto")
         assert auto["status"] == "ok" and auto["auto_choice"] == order[0] and "ratio_jax" in auto
+        # Routing happens at trace time: auto compiles to the very program of its choice.
+        (chosen,) = rows(doc, mode=mode, impl=order[0])
+        assert auto["program"] and auto["program"] == chosen["program"]
+
+
+def test_auto_summary_counts_the_same_program_as_equal():
+    def doc(auto_program):
+        common = dict(shape="1x2x64x64x16", dtype="float32", mode="fwd", framework="jax", status="ok")
+        return {"meta": {"modes": ["fwd"]}, "results": [
+            dict(common, impl="xla", ms=1.0, program="p-xla"),
+            dict(common, impl="chunked", ms=1.5, program="p-chunked"),
+            dict(common, impl="auto", ms=1.08, ratio_jax=1.08, auto_choice="xla", program=auto_program)]}
+
+    text, ok = bench.auto_summary(doc("p-xla"))
+    assert ok and "same compiled program" in text and "MISS" not in text
+    text, ok = bench.auto_summary(doc("p-other"))
+    assert not ok and "MISS" in text
 
 
 def test_pallas_rows_name_the_kernel_that_ran(tmp_path):

@@ -65,7 +65,7 @@ def rel(x, ref):
 
 
 def check(b, n, n_kv, sq, skv, d, *, dtype="bfloat16", layout="bnsd", kv_lengths=None,
-          key_mask=None, config=None, grads=True, seed=0, backward="triton"):
+          key_mask=None, config=None, grads=True, seed=0, backward="auto"):
     rng = np.random.default_rng(seed)
     q, k, v = (rng.standard_normal(s)
                for s in ((b, n, sq, d), (b, n_kv, skv, d), (b, n_kv, skv, d)))
@@ -134,7 +134,7 @@ def test_gqa_kv_lengths_empty_batch_bsnd_fp16():
     # kv_lengths with an empty batch row (zeros, lse = -inf, zero gradients), GQA, bsnd read in
     # place, several key steps through a 3-slot ring ending mid-ring.
     out, _ = check(2, 4, 2, 70, 300, 64, dtype="float16", layout="bsnd", kv_lengths=[0, 150],
-                   config=M.MosaicConfig(64, 64, 3))
+                   config=M.MosaicConfig(64, 64, 3, bwd_stages=3))
     np.testing.assert_array_equal(np.asarray(out[0], np.float32), 0.0)
 
 
@@ -143,7 +143,8 @@ def test_per_head_key_mask_d96():
     rng = np.random.default_rng(3)
     mask = rng.random((1, 2, 1, 150)) > 0.4
     mask[:, 1, :, :] = False  # a head with no key at all
-    check(1, 2, 2, 64, 150, 96, key_mask=mask, config=M.MosaicConfig(64, 64, 2))
+    # The Triton backward fed with the Mosaic lse (what d > 128 gets), on a padded head dim.
+    check(1, 2, 2, 64, 150, 96, key_mask=mask, config=M.MosaicConfig(64, 64, 2), backward="triton")
 
 
 @needs_mgpu
@@ -152,7 +153,7 @@ def test_head_dim_256_and_broadcast_key_mask():
     check(1, 1, 1, 64, 64, 256, key_mask=mask, config=M.MosaicConfig(64, 64, 2), grads=False)
 
 
-# --- the experimental Mosaic backward (backward="mosaic"; never the default) ------------------
+# --- the Mosaic backward (the default for head dims up to 128) ---------------------------------
 
 @needs_mgpu
 def test_mosaic_backward_tails_kv_lengths_mqa_bsnd():
@@ -168,6 +169,15 @@ def test_mosaic_backward_per_head_mask_with_an_empty_head():
     mask[:, 0] = False  # every query of head 0 is empty: zero gradients, lse = -inf
     check(1, 2, 2, 64, 128, 64, dtype="float16", key_mask=mask, backward="mosaic",
           config=M.MosaicConfig(64, 64, 2))
+
+
+@needs_mgpu
+@pytest.mark.parametrize("d,kernel", [(64, "mosaic"), (256, "triton")])
+def test_default_backward_is_mosaic_up_to_head_dim_128(d, kernel):
+    x = jnp.ones((1, 1, 128, d), jnp.bfloat16)
+    loss = lambda q: M.mosaic_attention(q, x, x, interpret=True).astype(jnp.float32).sum()  # noqa: E731
+    jaxpr = str(jax.make_jaxpr(jax.grad(loss))(x))
+    assert ("flash_attention_dkdv" in jaxpr) == (kernel == "triton")
 
 
 @needs_mgpu

@@ -7,6 +7,7 @@ and key blocks, head dims that are not powers of two, dv != d, GQA and MQA.
 """
 from __future__ import annotations
 
+import importlib
 import math
 import os
 
@@ -24,6 +25,8 @@ from jax_attn.inputs import AttentionInputs  # noqa: E402
 from jax_attn.kernels import configs  # noqa: E402
 from jax_attn.kernels import flash_attention as fa_function  # noqa: E402
 from jax_attn.kernels.reference import flash_attention_reference  # noqa: E402
+
+fa_kernels = importlib.import_module("jax_attn.kernels.flash_attention")  # the module, not the function
 
 # Relative error ||x - ref|| / ||ref|| allowed per dtype, and why:
 TOL = {
@@ -175,6 +178,19 @@ def test_everything_at_once_in_bsnd():
     bias = np.random.default_rng(5).standard_normal((2, 4, 33, 70))
     bias[:, :, :, 10] = -np.inf
     check(2, 4, 2, 33, 70, 40, 24, layout="bsnd", is_causal=True, kv_lengths=[70, 25], bias=bias)
+
+
+def test_short_key_sequences_split_the_dkdv_query_loop():
+    """Cross-attention to few keys: each key block's query loop runs on several programs whose
+    float32 partial dK/dV are summed (every feature at once, both causal paths, an empty batch)."""
+    n_kb, n_qb = 2, 4  # 77 keys and 200 queries in blocks of 64
+    assert fa_kernels._dkdv_splits(n_kb, n_qb, 2, 2) == n_qb
+    assert fa_kernels._dkdv_splits(64, 64, 2, 10) == 1  # 4096 keys: enough programs
+    bias = np.random.default_rng(8).standard_normal((2, 4, 200, 77))
+    bias[:, :, :, 10] = -np.inf
+    check(2, 4, 2, 200, 77, 40, 24, layout="bsnd", is_causal=True, kv_lengths=[77, 0], bias=bias)
+    check(1, 2, 1, 200, 77, 64, key_mask=np.random.default_rng(9).random((1, 1, 1, 77)) > 0.3,
+          dtype="bfloat16")
 
 
 @pytest.mark.parametrize("layout", ["bnsd", "bsnd"])

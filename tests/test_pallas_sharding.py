@@ -246,3 +246,51 @@ def test_vmap_over_a_sharded_call_still_works():
     qs, ks, vs = (x[:, None] for x in (q, k, v))  # vmap over the batch, each a batch of one
     assert reference.relative_error(f(qs, ks, vs)[:, 0], reference.attention(q, k, v)) <= TOL
     assert np.all(np.isfinite(np.asarray(g(qs, ks, vs))))
+
+
+def test_mosaic_operand_roles():
+    """The Mosaic kernel's calls (no full bias; the caller's per-key mask and lengths) under the
+    same rules. The Mosaic GPU interpreter's IO callbacks cannot be partitioned, so a jnp
+    stand-in with the kernel calls' exact signatures runs where the kernels would, shard-local."""
+    from jax_attn.kernels import mosaic_attention as M
+    from jax_attn.kernels.reference import flash_attention_reference as ref_attention
+
+    def attend(st, q, k, v, key_bias, kv_lengths):
+        mask = None if key_bias is None else (key_bias == 0)[:, :, None, :]
+        return ref_attention(q, k, v, key_mask=mask, kv_lengths=kv_lengths, layout=st.layout,
+                             return_lse=True)
+
+    def backward(st, q, k, v, key_bias, kv_lengths, out, lse, do, dlse):
+        _, vjp = jax.vjp(lambda q, k, v: attend(st, q, k, v, key_bias, kv_lengths), q, k, v)
+        return vjp((do, dlse))
+
+    fwd = sharding_rules.partitioned(attend, "fwd", M._operands)
+    bwd = sharding_rules.partitioned(backward, "bwd", M._operands)
+    m = mesh((2, 4), ("data", "model"))
+    rng = np.random.default_rng(24)
+    q, k, v, kw = make(rng, "bsnd", n_kv=4, key_mask=True, lengths=[48, 30, 0, 17])
+    key_bias = jnp.where(kw["attn_mask"][:, :, 0, :], 0.0, -jnp.inf)
+    lengths = kw["kv_lengths"]
+    st = M._Static(scale=0.25, layout="bsnd", sq=40, skv=48, d=16, groups=2,
+                   key_bias_dims=(True, False), orig_key_bias_dims=(True, False),
+                   has_kv_lengths=True, config=M.MosaicConfig(), interpret=False,
+                   backward="mosaic")
+
+    def both(q, k, v, key_bias, lengths, do, dlse):
+        out, lse = fwd(st, q, k, v, key_bias, lengths)
+        return (out, lse), bwd(st, q, k, v, key_bias, lengths, out, lse, do, dlse)
+
+    do = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
+    dlse = jnp.asarray(rng.standard_normal((4, 8, 40)), jnp.float32)
+    qkv = NamedSharding(m, spec("bsnd", batch="data", heads="model"))
+    by_batch = NamedSharding(m, P("data"))
+    places = (qkv, qkv, qkv, by_batch, by_batch, qkv, NamedSharding(m, P("data", "model")))
+    args = [jax.device_put(x, s) for x, s in zip((q, k, v, key_bias, lengths, do, dlse), places)]
+    compiled = jax.jit(both).lower(*args).compile()
+    assert_local(compiled.as_text())
+    got, want = compiled(*args), jax.jit(both)(q, k, v, key_bias, lengths, do, dlse)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        finite = np.isfinite(np.asarray(w))
+        assert np.array_equal(finite, np.isfinite(np.asarray(g)))
+        assert reference.relative_error(np.asarray(g)[finite], np.asarray(w)[finite]) <= 1e-6
+    assert got[0][0].sharding.is_equivalent_to(qkv, 4)

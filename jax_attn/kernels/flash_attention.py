@@ -3,7 +3,9 @@
 One program of the forward kernel owns `block_q` queries of one head and walks the key blocks with
 the online softmax (FlashAttention-2). The backward has two kernels: dK/dV, one program per key
 block of a k/v head looping over the query blocks of every query head in its group (so GQA sums
-happen in registers), and dQ, one program per query block looping over key blocks.
+happen in registers), and dQ, one program per query block looping over key blocks. Short key
+sequences (77 text tokens) give too few key blocks to fill the GPU, so there each key block's query
+loop is split over several programs whose float32 partial dK/dV are summed afterwards.
 
 Shapes are arbitrary: Triton tiles must be powers of two, so the last query/key block and a head
 dim like 40 or 72 are read with masked loads (zeros outside) and written with masked stores; no
@@ -285,7 +287,7 @@ def _out_shape(st, q):
 # Backward: dK/dV kernel (loops over query blocks of each head in the group)
 
 
-def _dkdv_kernel(*refs, st: _Static):
+def _dkdv_kernel(*refs, st: _Static, splits: int):
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest = refs
     kvlen_ref = rest.pop(0) if st.has_kv_lengths else None
     kb_ref = rest.pop(0) if st.key_bias_dims else None
@@ -293,7 +295,8 @@ def _dkdv_kernel(*refs, st: _Static):
     dk_ref, dv_ref = rest
     c = st.config.bwd
     bq, bk = _clamp(c.block_q_dkv, st.sq), _clamp(c.block_k_dkv, st.skv)
-    kj, b = pl.program_id(0), pl.program_id(1)
+    # Axis 0 enumerates (key block, query split); split `part` owns a contiguous run of query blocks.
+    kj, part, b = lax.div(pl.program_id(0), splits), lax.rem(pl.program_id(0), splits), pl.program_id(1)
     k0 = kj * bk
     cols = k0 + jnp.arange(bk)
     tail_rows, tail_cols = st.sq % bq != 0, st.skv % bk != 0
@@ -347,17 +350,37 @@ def _dkdv_kernel(*refs, st: _Static):
         dk = dk + _dot(ds.astype(q.dtype).T, q)
         return dk, dv
 
+    per_split = pl.cdiv(n_qblocks, splits)
+    first, end = part * per_split, jnp.minimum((part + 1) * per_split, n_qblocks)
+
     def head(h, carry):
         if st.causal:
-            carry = lax.fori_loop(q_lo, q_full, functools.partial(body, h=h, masked=True), carry)
-        return lax.fori_loop(q_full, q_hi, functools.partial(body, h=h, masked=False), carry)
+            carry = lax.fori_loop(jnp.maximum(q_lo, first), jnp.minimum(q_full, end),
+                                  functools.partial(body, h=h, masked=True), carry)
+        return lax.fori_loop(jnp.maximum(q_full, first), jnp.minimum(q_hi, end),
+                             functools.partial(body, h=h, masked=False), carry)
 
     carry = (jnp.zeros((bk, st.dp), jnp.float32), jnp.zeros((bk, st.dvp), jnp.float32))
     carry = head(None, carry) if g == 1 else lax.fori_loop(0, g, head, carry)
     dk, dv = carry
+    if splits > 1:  # float32 partial sums in whole padded blocks, added up by the caller
+        _store(dk_ref, dk * st.scale)
+        _store(dv_ref, dv)
+        return
     out_rows = (cols < st.skv)[:, None] if tail_cols else None
     _store(dk_ref, dk * st.scale, mask=_and(out_rows, dmask))
     _store(dv_ref, dv, mask=_and(out_rows, dvmask))
+
+
+# Fewer dK/dV programs than this leave SMs idle (132 on an H100): short key sequences (77 text
+# tokens give 2 key blocks per head) then split each key block's query loop over programs.
+_DKDV_MIN_PROGRAMS = 256
+
+
+def _dkdv_splits(n_key_blocks, n_query_blocks, batch, kv_heads):
+    """Programs per key block: enough for `_DKDV_MIN_PROGRAMS`, at most one per query block."""
+    base = n_key_blocks * batch * kv_heads
+    return max(1, min(-(-_DKDV_MIN_PROGRAMS // base), n_query_blocks))
 
 
 # Backward: dQ kernel (loops over key blocks, like the forward)
@@ -439,9 +462,12 @@ def _backward(st: _Static, q, k, v, key_bias, bias, kv_lengths, out, lse, do, dl
 
     # dK/dV: grid over key blocks of each k/v head; the group's query heads come as one block.
     bq, bk = _clamp(c.block_q_dkv, st.sq), _clamp(c.block_k_dkv, st.skv)
+    n_kb = pl.cdiv(st.skv, bk)
+    splits = _dkdv_splits(n_kb, pl.cdiv(st.sq, bq), batch, kv_heads)
+    kb = lambda j: lax.div(j, splits)  # noqa: E731  (grid axis 0 -> key block)
     grp = _SQ if g == 1 else g
     q_spec = _seq_spec(st, st.sq, grp, lambda j, b, h: (b, h, 0, 0))
-    kv_spec = _seq_spec(st, bk, _SQ, lambda j, b, h: (b, h, j, 0))
+    kv_spec = _seq_spec(st, bk, _SQ, lambda j, b, h: (b, h, kb(j), 0))
     row_spec = pl.BlockSpec((_SQ, grp, st.sq), lambda j, b, h: (b, h, 0))
     in_specs = [q_spec(st.dp), kv_spec(st.dp), kv_spec(st.dvp), q_spec(st.dvp), row_spec, row_spec]
     args = [q, k, v, do, lse2, delta]
@@ -452,15 +478,28 @@ def _backward(st: _Static, q, k, v, key_bias, bias, kv_lengths, out, lse, do, dl
     _append_masks(
         st, args, in_specs, kv_lengths, key_bias, bias,
         lambda: pl.BlockSpec((_SQ, mask_group(st.key_bias_dims), bk),
-                             lambda j, b, h: (*_bh(st.key_bias_dims, b, h), j)),
+                             lambda j, b, h: (*_bh(st.key_bias_dims, b, h), kb(j))),
         lambda: pl.BlockSpec((_SQ, mask_group(st.bias_dims), st.sq, bk),
-                             lambda j, b, h: (*_bh(st.bias_dims, b, h), 0, j)))
+                             lambda j, b, h: (*_bh(st.bias_dims, b, h), 0, kb(j))))
+    if splits == 1:
+        out_specs = [kv_spec(st.dp), kv_spec(st.dvp)]
+        out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
+    else:
+        part_spec = lambda w: pl.BlockSpec(  # noqa: E731
+            (_SQ, _SQ, _SQ, bk, w), lambda j, b, h: (lax.rem(j, splits), b, h, kb(j), 0))
+        out_specs = [part_spec(st.dp), part_spec(st.dvp)]
+        out_shape = [jax.ShapeDtypeStruct((splits, batch, kv_heads, n_kb * bk, w), jnp.float32)
+                     for w in (st.dp, st.dvp)]
     dk, dv = pl.pallas_call(
-        functools.partial(_dkdv_kernel, st=st),
-        grid=(pl.cdiv(st.skv, bk), batch, kv_heads), in_specs=in_specs,
-        out_specs=[kv_spec(st.dp), kv_spec(st.dvp)],
-        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-        compiler_params=params, interpret=st.interpret, name="flash_attention_dkdv")(*args)
+        functools.partial(_dkdv_kernel, st=st, splits=splits),
+        grid=(n_kb * splits, batch, kv_heads), in_specs=in_specs, out_specs=out_specs,
+        out_shape=out_shape, compiler_params=params, interpret=st.interpret,
+        name="flash_attention_dkdv")(*args)
+    if splits > 1:
+        def total(part, width, like):
+            x = part.sum(0)[:, :, :st.skv, :width].astype(like.dtype)
+            return x if st.layout == "bnsd" else x.swapaxes(1, 2)
+        dk, dv = total(dk, st.d, k), total(dv, st.dv, v)
 
     # dQ: grid over query blocks of each query head, like the forward.
     bq, bk = _clamp(c.block_q_dq, st.sq), _clamp(c.block_k_dq, st.skv)

@@ -53,11 +53,15 @@ _BWD_IN = _FWD_IN + ("o", "row", "o", "row")
 _BWD_OUT = ("q", "k", "v")
 
 
-def _present(st, roles):
+def triton_operands(st):
+    """Which optional operands a call of the Triton kernels gets: `{role: passed}`."""
+    return {"key_bias": bool(st.key_bias_dims), "bias": bool(st.bias_dims),
+            "len": st.has_kv_lengths}
+
+
+def _present(passed, roles):
     """The roles of the operands actually passed (None masks are dropped by pytree flattening)."""
-    absent = {"key_bias": not st.key_bias_dims, "bias": not st.bias_dims,
-              "len": not st.has_kv_lengths}
-    return tuple(r for r in roles if not absent.get(r, False))
+    return tuple(r for r in roles if passed.get(r, True))
 
 
 def _positions(role, layout):
@@ -98,8 +102,9 @@ def _size(mesh, entry):
 
 
 def _plan(st, mesh, arg_shapes, roles):
-    """`(batch_entry, head_entry)`: the mesh axes the batch and the heads stay split over."""
-    roles = _present(st, roles)
+    """`(batch_entry, head_entry)`: the mesh axes the batch and the heads stay split over.
+
+    `roles`: those of the operands passed, in order."""
     shapes = {}
     for role, a in zip(roles, arg_shapes):
         shapes.setdefault(role, (a.shape, _spec(a.sharding, len(a.shape))))
@@ -148,8 +153,7 @@ def _sharding(mesh, role, shape, layout, batch, head):
 
 
 def _shardings(st, mesh, shapes, roles, batch, head):
-    return [_sharding(mesh, r, s, st.layout, batch, head)
-            for r, s in zip(_present(st, roles), shapes)]
+    return [_sharding(mesh, r, s, st.layout, batch, head) for r, s in zip(roles, shapes)]
 
 
 def _unflatten(template, flat):
@@ -162,17 +166,20 @@ def _shapes(tree):
     return [x.shape for x in jax.tree.leaves(tree)]
 
 
-def _make(local, roles_in, roles_out):
+def _make(local, roles_in, roles_out, operands):
     """`local(st, *arrays)` wrapped in custom_partitioning (static `st`) and custom_vmap."""
 
+    def ins(st):
+        return _present(operands(st), roles_in)
+
     def infer(st, mesh, arg_shapes, result_shape):
-        batch, head = _plan(st, mesh, jax.tree.leaves(arg_shapes), roles_in)
+        batch, head = _plan(st, mesh, jax.tree.leaves(arg_shapes), ins(st))
         return tuple(_shardings(st, mesh, _shapes(result_shape), roles_out, batch, head))
 
     def partition(st, mesh, arg_shapes, result_shape):
         flat = jax.tree.leaves(arg_shapes)
-        batch, head = _plan(st, mesh, flat, roles_in)
-        arg_sh = _unflatten(arg_shapes, _shardings(st, mesh, [a.shape for a in flat], roles_in,
+        batch, head = _plan(st, mesh, flat, ins(st))
+        arg_sh = _unflatten(arg_shapes, _shardings(st, mesh, [a.shape for a in flat], ins(st),
                                                    batch, head))
         out_sh = tuple(_shardings(st, mesh, _shapes(result_shape), roles_out, batch, head))
         return mesh, functools.partial(local, st), out_sh, arg_sh
@@ -188,10 +195,10 @@ def _make(local, roles_in, roles_out):
                 names[dim] = next(unique) if broadcast else meaning  # size 1: its own factor
             return ArrayMapping(*names)
 
-        ins = tuple(mapping(r, t) for r, t in zip(_present(st, roles_in), operand_types))
+        in_maps = tuple(mapping(r, t) for r, t in zip(ins(st), operand_types))
         outs = tuple(mapping(r, t) for r, t in zip(roles_out, result_types))
-        order = list(dict.fromkeys(f for m in ins + outs for f in m))  # Shardy's factor indices
-        return SdyShardingRule(ins, outs, need_replication_factors=tuple(
+        order = list(dict.fromkeys(f for m in in_maps + outs for f in m))  # Shardy's factor indices
+        return SdyShardingRule(in_maps, outs, need_replication_factors=tuple(
             f for f in order if f in ("s", "t", "d", "e")))
 
     cp = custom_partitioning(local, static_argnums=(0,))
@@ -232,8 +239,14 @@ def _inside_shard_map() -> bool:
         return False
 
 
-def partitioned(local, kind):
-    """The kernel call `local(st, *arrays)` made shard-aware; `kind` is "fwd" or "bwd"."""
+def partitioned(local, kind, operands=triton_operands):
+    """The kernel call `local(st, *arrays)` made shard-aware; `kind` is "fwd" or "bwd".
+
+    `local` takes the operands of `_FWD_IN` (or `_BWD_IN`) in that order, an absent mask as None;
+    `operands(st)` says which optional ones (`key_bias`, `bias`, `len`) a call gets, and a kernel
+    without a role's parameter at all (Mosaic has no full bias) reports it absent.
+    """
     if custom_partitioning is None:  # pragma: no cover
         return local
-    return _make(local, *((_FWD_IN, _FWD_OUT) if kind == "fwd" else (_BWD_IN, _BWD_OUT)))
+    roles = (_FWD_IN, _FWD_OUT) if kind == "fwd" else (_BWD_IN, _BWD_OUT)
+    return _make(local, *roles, operands)
