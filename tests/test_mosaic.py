@@ -12,9 +12,10 @@ the masking (key-bias vector built from bool masks, kv_lengths and the padded ke
 rows (zeros and lse = -inf), the epilogue (O and lse written back by TMA) and the wrapper
 (head-dim and sequence padding, GQA, both layouts, the custom VJP) are all exercised and compared
 with the float64 NumPy reference `jax_attn.reference`: out, lse, and dq/dk/dv under cotangents on
-both out and lse. The default backward is the Triton kernels (run here in Triton's interpret
-mode) fed with the Mosaic forward's lse; the experimental Mosaic backward kernels
-(`backward="mosaic"`: dQ, and dK/dV with GQA sums) are run by the same interpreter.
+both out and lse. The default backward (`backward="auto"`) is the Mosaic dQ and dK/dV kernels up
+to d = 128 (GQA sums included), run by the same interpreter; above d = 128, and with
+`backward="triton"`, the Triton backward (run in Triton's interpret mode) fed with the Mosaic
+forward's lse.
 
 What it cannot cover: the interpreter cannot run wgmma with a register operand or through a
 transposed shared-memory view, nor `layout_cast`; in interpret mode the kernel's two matmuls are
@@ -22,8 +23,8 @@ transposed shared-memory view, nor `layout_cast`; in interpret mode the kernel's
 transforms of the shared-memory buffers are skipped. So these tests prove nothing about the
 Mosaic lowering (whether it compiles), wgmma fragment layouts, swizzling, register limits
 (`set_max_registers`), asynchronous wgmma ordering, or speed. Those are checked on an H100 by
-`benchmarks/mosaic_gpu.py` (results in `benchmarks/results/2026-11-23-h100-mosaic.md`). The
-experimental Mosaic backward has so far ONLY been run here: it has never been compiled for a GPU.
+`benchmarks/mosaic_gpu.py` (results in `benchmarks/results/2026-11-23-h100-mosaic.md` and
+`benchmarks/results/2026-11-23-h100-mosaic-bwd/`), which also checks every timed shape.
 
 Runtime: about a minute on one core; interpret mode costs roughly a second per CTA, so shapes
 are a few CTAs each.
@@ -161,6 +162,13 @@ def test_mosaic_backward_tails_kv_lengths_mqa_bsnd():
     # kv_lengths through the key bias, d = 40 at 64, two query heads summed into one k/v head.
     check(1, 2, 1, 77, 150, 40, layout="bsnd", kv_lengths=[100], backward="mosaic",
           config=M.MosaicConfig(64, 64, 2))
+
+
+@needs_mgpu
+def test_sequence_tiles_side_by_side_grid_order():
+    # q_major_grid: (batch, heads, tiles) launch order in all three kernels; GQA, two batches.
+    check(2, 4, 2, 256, 256, 64, kv_lengths=[256, 100],
+          config=M.MosaicConfig(64, 64, 2, q_major_grid=True))
 
 
 @needs_mgpu

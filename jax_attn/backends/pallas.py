@@ -1,4 +1,8 @@
-"""`pallas`: our flash-attention kernel (Pallas, Triton lowering), forward and backward.
+"""`pallas`: our flash-attention kernels in Pallas, forward and backward.
+
+The Triton-lowered kernels (`kernels/flash_attention.py`) serve every GPU and input; on Hopper,
+self-attention in bf16/fp16 runs the Mosaic GPU kernels (`kernels/mosaic_attention.py`) where
+they measured faster (`_use_mosaic`, `JAX_ATTN_PALLAS_KERNEL`).
 
 On a machine without an NVIDIA GPU it is unavailable unless `JAX_ATTN_INTERPRET=1`, which runs the
 same kernels in Pallas interpret mode on the CPU: slow, for tests and CI only, so it is then never
@@ -30,7 +34,7 @@ def interpreting() -> bool:
 
 class Pallas(Backend):
     name = "pallas"
-    description = "our Pallas flash-attention kernel (Triton lowering); O(s) memory, fused backward"
+    description = "our Pallas flash-attention kernels (Triton; Mosaic GPU on Hopper); O(s) memory, fused backward"
     platforms = ("gpu",)
     dtypes = ("float16", "bfloat16", "float32")
     head_dims = (1, 256)

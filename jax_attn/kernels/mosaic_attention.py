@@ -36,19 +36,15 @@ zero columns change neither Q K^T nor the kept columns of P V); query rows are p
 multiple of `2 * block_q` and keys to a multiple of `block_kv` (the key tail is masked through
 the key bias; padded query rows are sliced off). Shapes that are already aligned are not copied.
 
-Backward, default (`backward="triton"`, what the `pallas` backend uses and what was measured):
-the Triton dK/dV and dQ kernels of `jax_attn.kernels.flash_attention`, fed with this forward's
-output and log-sum-exp; they follow the same masking conventions, so gradients agree with the
-Triton path. This is NOT a Mosaic backward, and it runs at the Triton kernels' speed.
-
-Backward, experimental (`backward="mosaic"`, opt-in, head dims up to 128): two Mosaic GPU kernels
-of the same CTA shape as the forward (two compute warpgroups of 64 rows, one TMA producer
-streaming a 2-slot ring): dQ over query tiles, and dK/dV over key tiles of each k/v head with the
-group's query heads streamed in turn (GQA sums stay in registers). They were written after this
-session's device time was spent: they pass the interpret-mode tests against the float64
-reference but have never been compiled for, run on or timed on a GPU. Their S^T, dP^T and dS^T
-tiles are formed as K Q^T and V dO^T (transposed views), and the delta = rowsum(dO * O) - dlse
-term and the base-2 lse are computed in XLA before the kernels.
+Backward (`backward="auto"`, the default: "mosaic" for head dims up to 128, else "triton"): two
+Mosaic GPU kernels of the same CTA shape as the forward (two compute warpgroups of 64 rows, one
+TMA producer streaming a ring of `MosaicConfig.bwd_stages` slots): dQ over query tiles, and dK/dV
+over key tiles of each k/v head with the group's query heads streamed in turn (GQA sums stay in
+registers). Their S^T, dP^T and dS^T tiles are formed as K Q^T and V dO^T (transposed views);
+delta = rowsum(dO * O) - dlse and the base-2 lse are computed in XLA before the kernels. At
+d > 128 the dK and dV accumulators would not fit in registers, so there (and with
+`backward="triton"`) the Triton dK/dV and dQ kernels of `jax_attn.kernels.flash_attention` run,
+fed with this forward's output and lse (same masking conventions, same gradients).
 
 Interpret mode (`interpret=True`, the CPU tests): Mosaic GPU's interpreter runs the same kernel
 body (grid, warpgroup threads, TMA copies, barriers with their phase checks, the index
@@ -57,9 +53,12 @@ or a transposed shared-memory view, nor `layout_cast`; there the two matmuls are
 `lax.dot_general` on the shared-memory tiles and layout casts are skipped. See
 `tests/test_mosaic.py` for what that does and does not prove.
 
-Measured on an H100 (bf16, benchmarks/results/2026-11-23-h100-mosaic.md): forward 1.04x cuDNN at
-d = 64 and 0.89-0.91x at d = 128 (1.11-1.26x our Triton kernel on self-attention); slower than
-Triton on 77-key cross-attention. The backward (Triton) stays at 0.62-0.78x cuDNN.
+Measured on an H100 (bf16, benchmarks/results/2026-11-23-h100-mosaic-bwd/README.md): at 4k-4.6k
+tokens forward 0.93-1.02x cuDNN (d = 64) and 0.95-1.01x (d = 128) over three visits, backward
+0.96-1.01x; at 16k tokens 0.88x forward and 0.79x backward, where Nsight Compute shows K/V read
+from DRAM (heads side by side, see `MosaicConfig.q_major_grid`). Against our Triton kernels on
+self-attention: forward 1.1-1.3x, backward 1.15-1.5x faster; slower than Triton on 77-key cross-attention (the `pallas` backend routes that
+to Triton).
 """
 from __future__ import annotations
 
@@ -105,7 +104,12 @@ class MosaicConfig:
     block_q: int = 64  # query rows per compute warpgroup (a CTA has two)
     block_kv: int = 128  # keys per pipeline step
     stages: int = 2  # shared-memory slots of K/V in flight
-    q_major_grid: bool = True  # grid (q tiles, heads, batch): CTAs in flight share K/V in L2
+    # Which CTAs run side by side (Mosaic launches the last grid dimension as CUDA's x). False:
+    # the heads (what every timing so far measured). True: the sequence tiles of one head, so
+    # they share its K/V (forward, dQ) or Q/dO (dK/dV) in L2; Nsight Compute on the 16k shape
+    # says heads side by side re-read K/V from DRAM (40% of its bandwidth, cuDNN 1%). Not yet
+    # timed: benchmarks/grid_order_check.py compares the two.
+    q_major_grid: bool = False
     bwd_stages: int = 2  # shared-memory slots of the tiles the backward kernels stream
 
 
@@ -196,6 +200,14 @@ class _Static:
         return -(-self.skv // t) * t
 
 
+def _grid(cfg, batch, heads, tiles):
+    """The grid (or its names) in launch order; the last dimension varies fastest (CUDA's x).
+
+    q_major_grid: (batch, heads, tiles), tiles fastest. Else (tiles, heads, batch), as measured.
+    """
+    return (batch, heads, tiles) if cfg.q_major_grid else (tiles, heads, batch)
+
+
 # ---------------------------------------------------------------------------------------------
 # Forward kernel
 
@@ -231,10 +243,7 @@ def _fwd_call(st: _Static, q, k, v, kb):
         q_bar, k_bar, v_bar, k_done, v_done, sched, *refs = refs
         kb_bar = refs[0] if has_kb else None
 
-        if cfg.q_major_grid:
-            qt, h, b = lax.axis_index("q"), lax.axis_index("h"), lax.axis_index("b")
-        else:
-            h, qt, b = lax.axis_index("h"), lax.axis_index("q"), lax.axis_index("b")
+        qt, h, b = lax.axis_index("q"), lax.axis_index("h"), lax.axis_index("b")
         wg = lax.axis_index("wg")
 
         def sched_sync():
@@ -397,10 +406,7 @@ def _fwd_call(st: _Static, q, k, v, kb):
     if has_kb:
         scratch.append(plgpu.Barrier(num_barriers=stages))
 
-    if cfg.q_major_grid:
-        grid, names = (q_tiles, heads, batch), ("q", "h", "b")
-    else:
-        grid, names = (heads, q_tiles, batch), ("h", "q", "b")
+    grid, names = _grid(cfg, batch, heads, q_tiles), _grid(cfg, "b", "h", "q")
     out_type = [jax.ShapeDtypeStruct(q.shape, dtype),
                 jax.ShapeDtypeStruct((batch, heads, st.sq_pad), jnp.float32)]
     kw = {}
@@ -416,7 +422,7 @@ def _fwd_call(st: _Static, q, k, v, kb):
 
 
 # ---------------------------------------------------------------------------------------------
-# Backward kernels (EXPERIMENTAL, opt-in with backward="mosaic"; see the module docstring)
+# Backward kernels (the default up to d = 128; see the module docstring)
 #
 # Same CTA shape as the forward: warpgroups 0 and 1 compute, warpgroup 2 streams tiles through
 # a ring of shared-memory slots. Base-2 throughout: lse2 = lse * log2(e) (+inf for an empty or
@@ -592,7 +598,8 @@ def _dq_call(st, q, k, v, do, lse2, delta, kb, sq_pad, skv_pad):
         scratch.append(plgpu.Barrier(num_barriers=stages))
     call = plgpu.kernel(
         kernel, out_type=jax.ShapeDtypeStruct(q.shape, dtype), scratch_types=scratch,
-        grid=(sq_pad // (2 * bq), heads, batch), grid_names=("q", "h", "b"),
+        grid=_grid(st.config, batch, heads, sq_pad // (2 * bq)),
+        grid_names=_grid(st.config, "b", "h", "q"),
         num_threads=3, thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True), **kw)
     return call(q, k, v, do, lse2, delta, *((kb,) if has_kb else ()))
@@ -723,7 +730,8 @@ def _dkdv_call(st, q, k, v, do, lse2, delta, kb, sq_pad, skv_pad):
         scratch.append(plgpu.Barrier(num_barriers=2 * stages))
     call = plgpu.kernel(
         kernel, out_type=[jax.ShapeDtypeStruct(kv_shape, dtype)] * 2, scratch_types=scratch,
-        grid=(skv_pad // (2 * bk), kv_heads, batch), grid_names=("k", "h", "b"),
+        grid=_grid(st.config, batch, kv_heads, skv_pad // (2 * bk)),
+        grid_names=_grid(st.config, "b", "h", "k"),
         num_threads=3, thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True), **kw)
     return call(q, k, v, do, lse2, delta, *((kb,) if has_kb else ()))
