@@ -1,26 +1,26 @@
 """H100 correctness and timing of the Mosaic GPU flash-attention kernel, in one device visit.
 
     PYTHONUNBUFFERED=1 PYTHONPATH=. python benchmarks/mosaic_gpu.py --out $OUT \
-        [--quick-small] [--budget SECONDS] [--triton-bwd] [--tune-bwd] [--tune [--tune-first]]
-        [--quick]
+        [--quick-small] [--budget SECONDS] [--triton-bwd] [--tune [--tune-first]] [--quick]
 
 1. Correctness on small feature shapes (odd lengths, head dims 40/64/80/96/128/256, GQA,
    kv_lengths with an empty row, per-key bool masks, both layouts, bf16 and fp16) against the
    float64 NumPy reference `jax_attn.reference`: out, lse, and dq/dk/dv under cotangents on both
    out and lse (the default backward: the Mosaic kernels up to d = 128, else the Triton ones fed
    with the Mosaic lse).
-2. With --tune: forward timing of a few Mosaic configs per head-dim bucket, after the main table
-   (with --tune-first: before it, and the best config of each bucket is used for it).
+2. With --tune: forward and forward+backward timing of the Mosaic configs in TUNE (forward
+   pipeline, backward pipeline depth, launch order) on the d = 64 and d = 128 self-attention
+   shapes, after the main table (with --tune-first: before it, and each bucket's config fastest
+   forward+backward is used for it). `--quick --skip-small --tune`: the tuning alone.
 3. Correctness on the diffusion set against a float32 XLA reference on the GPU (first two heads).
 4. Timing, bf16, inputs in (b, s, n, d) (cuDNN's layout): Mosaic (ours), the Triton `pallas`
    kernel, and `jax.nn.dot_product_attention(implementation="cudnn")`; forward and
    forward+backward; median of many runs (benchmarks/tune_pallas.time_ms). Mosaic also in bnsd.
    FLOPs: 4*b*n*sq*skv*d forward, 2.5x that backward ("bwd" = (fwd+bwd) - fwd).
 With --triton-bwd the Triton backward behind the Mosaic forward (`backward="triton"`) is checked
-on the small shapes too and timed as the `mosaic_tbwd` rows. --tune-bwd times forward+backward of
-the target shapes with 2, 3 (and 4 at d = 64) backward pipeline stages, before the main table.
---budget stops starting new timings after that many seconds (the checks still run). A short table is printed last; everything is logged to
-$OUT/log.txt and $OUT/bench.json.
+on the small shapes too and timed as the `mosaic_tbwd` rows. --budget stops starting new timings
+after that many seconds (the checks still run). A short table is printed last; everything is
+logged to $OUT/log.txt and $OUT/bench.json.
 """
 from __future__ import annotations
 
@@ -51,14 +51,16 @@ def out_of_time():
 SHAPES = [(2, 10, 4096, 4096, 64), (1, 24, 4608, 4608, 128), (2, 10, 4096, 77, 64),
           (1, 40, 16384, 16384, 128), (2, 8, 4096, 4096, 40), (2, 8, 4096, 77, 40)]
 
-# (head-dim bucket) -> forward configs tried by --tune: (block_q, block_kv, stages, q_major_grid)
+# --tune: per head-dim bucket, MosaicConfig fields changed from `default_config(d)` ({} = the
+# default itself), each timed forward and forward+backward on the bucket's shapes. Covers the
+# forward pipeline, the backward's pipeline depth and the launch order (q_major_grid).
 TUNE = {
-    64: [(64, 128, 2, True), (64, 128, 3, True), (64, 64, 3, True)],
-    128: [(64, 128, 2, True), (64, 128, 2, False), (64, 64, 3, True)],
-    256: [(64, 64, 2, True)],
+    64: [{}, {"stages": 3}, {"block_kv": 64, "stages": 3}, {"bwd_stages": 2}, {"bwd_stages": 3},
+         {"q_major_grid": True}],
+    128: [{}, {"block_kv": 64, "stages": 3}, {"bwd_stages": 2}, {"q_major_grid": True}],
 }
-TUNE_SHAPES = {64: (2, 10, 4096, 4096, 64), 128: (1, 24, 4608, 4608, 128)}
-TUNE_BWD_STAGES = {64: (2, 3, 4), 128: (2, 3)}  # --tune-bwd: MosaicConfig.bwd_stages tried
+TUNE_SHAPES = {64: [(2, 10, 4096, 4096, 64)],
+               128: [(1, 24, 4608, 4608, 128), (1, 40, 16384, 16384, 128)]}
 
 
 def rel(a, r):
@@ -156,6 +158,11 @@ def _short(e):
 
 
 def tune():
+    """Time every TUNE config of each bucket, forward and forward+backward, on its shapes.
+
+    Returns ({bucket: the config fastest forward+backward on the bucket's first shape}, rows)."""
+    import dataclasses
+
     import jax
     import jax.numpy as jnp
 
@@ -164,59 +171,34 @@ def tune():
 
     best = {}
     results = []
-    for bucket, cfgs in TUNE.items():
-        if bucket not in TUNE_SHAPES:
-            continue
-        b, n, sq, skv, d = TUNE_SHAPES[bucket]
-        keys = jax.random.split(jax.random.key(7), 3)
-        q, k, v = (jax.random.normal(kk, (b, s, n, d), jnp.bfloat16)
-                   for kk, s in zip(keys, (sq, skv, skv)))
-        for c in cfgs:
-            if out_of_time():
-                break
-            cfg = M.MosaicConfig(*c)
-            try:
-                f = jax.jit(lambda q, k, v, cfg=cfg: M.mosaic_attention(q, k, v, layout="bsnd",
-                                                                        config=cfg))
-                t = time_ms(f, q, k, v)
-                flops = 4.0 * b * n * sq * skv * d
-                log.info("tune d%d %s: %.3f ms %.0f TFLOP/s", bucket, c, t, flops / t / 1e9)
-                results.append({"bucket": bucket, "config": c, "ms": t})
-                if bucket not in best or t < best[bucket][1]:
-                    best[bucket] = (cfg, t)
-            except Exception as e:  # noqa: BLE001
-                log.warning("tune d%d %s failed: %s", bucket, c, _short(e))
-                results.append({"bucket": bucket, "config": c, "error": _short(e)})
+    for bucket, changes in TUNE.items():
+        for i, (b, n, sq, skv, d) in enumerate(TUNE_SHAPES[bucket]):
+            keys = jax.random.split(jax.random.key(7), 4)
+            q, k, v, do = (jax.random.normal(kk, (b, s, n, d), jnp.bfloat16)
+                           for kk, s in zip(keys, (sq, skv, skv, sq)))
+            flops = 4.0 * b * n * sq * skv * d
+            for change in changes:
+                if out_of_time():
+                    break
+                cfg = dataclasses.replace(M.default_config(d), **change)
+                row = {"shape": (b, n, sq, skv, d), "change": change, "config": str(cfg)}
+                try:
+                    def fwd(q, k, v, cfg=cfg):
+                        return M.mosaic_attention(q, k, v, layout="bsnd", config=cfg)
+
+                    def fb(q, k, v, do, fwd=fwd):
+                        return jax.vjp(fwd, q, k, v)[1](do)
+                    row["fwd ms"] = time_ms(jax.jit(fwd), q, k, v)
+                    row["fwd+bwd ms"] = time_ms(jax.jit(fb), q, k, v, do, reps=10, inner=3)
+                    log.info("tune %s %s: fwd %.3f ms (%.0f TFLOP/s), fwd+bwd %.3f ms", row["shape"],
+                             change, row["fwd ms"], flops / row["fwd ms"] / 1e9, row["fwd+bwd ms"])
+                    if i == 0 and (bucket not in best or row["fwd+bwd ms"] < best[bucket][1]):
+                        best[bucket] = (cfg, row["fwd+bwd ms"])
+                except Exception as e:  # noqa: BLE001
+                    row["error"] = _short(e)
+                    log.warning("tune %s %s failed: %s", row["shape"], change, row["error"])
+                results.append(row)
     return {k: v[0] for k, v in best.items()}, results
-
-
-def tune_bwd():
-    """Forward+backward time of the target shapes per backward pipeline depth (bwd_stages)."""
-    import jax
-    import jax.numpy as jnp
-
-    from jax_attn.kernels import mosaic_attention as M
-    from tune_pallas import time_ms
-
-    results = []
-    for bucket, stages in TUNE_BWD_STAGES.items():
-        b, n, sq, skv, d = TUNE_SHAPES[bucket]
-        keys = jax.random.split(jax.random.key(11), 4)
-        q, k, v, do = (jax.random.normal(kk, (b, s, n, d), jnp.bfloat16)
-                       for kk, s in zip(keys, (sq, skv, skv, sq)))
-        for n_stages in stages:
-            cfg = M.MosaicConfig(bwd_stages=n_stages)
-            try:
-                def fb(q, k, v, do, cfg=cfg):
-                    f = lambda q, k, v: M.mosaic_attention(q, k, v, layout="bsnd", config=cfg)  # noqa: E731
-                    return jax.vjp(f, q, k, v)[1](do)
-                t = time_ms(jax.jit(fb), q, k, v, do, reps=10, inner=3)
-                log.info("tune bwd d%d stages %d: fwd+bwd %.3f ms", bucket, n_stages, t)
-                results.append({"bucket": bucket, "bwd_stages": n_stages, "fwd+bwd ms": t})
-            except Exception as e:  # noqa: BLE001
-                log.warning("tune bwd d%d stages %d failed: %s", bucket, n_stages, _short(e))
-                results.append({"bucket": bucket, "bwd_stages": n_stages, "error": _short(e)})
-    return results
 
 
 def check_shape(q, k, v, do, fn):
@@ -339,7 +321,6 @@ def main():
     p.add_argument("--skip-small", action="store_true")
     p.add_argument("--triton-bwd", action="store_true",
                    help="also the Triton backward behind the Mosaic forward (checks and timings)")
-    p.add_argument("--tune-bwd", action="store_true", help="time backward pipeline depths first")
     p.add_argument("--quick-small", action="store_true", help="5 small checks, not 9")
     p.add_argument("--tune-first", action="store_true", help="bench with the tuned configs")
     p.add_argument("--budget", type=float, default=0, help="seconds; skip timings after it")
@@ -355,7 +336,6 @@ def main():
     info = versions()
     log.info("versions %s", info)
     small = [] if a.skip_small else check_small()
-    tuned_bwd = tune_bwd() if a.tune_bwd else []
     if a.tune_first:
         best, tuned = tune() if a.tune else ({}, [])
         log.info("best configs %s", best)
@@ -365,12 +345,12 @@ def main():
     if a.tune and not a.tune_first:  # after the main table, with whatever time is left
         _, tuned = tune()
     (out / "bench.json").write_text(json.dumps(
-        {"versions": info, "rows": rows, "small": small, "tune": tuned, "tune_bwd": tuned_bwd,
+        {"versions": info, "rows": rows, "small": small, "tune": tuned,
          "best": {k: str(v) for k, v in best.items()}}, indent=1, default=str))
     text = table(rows)
     (out / "table.md").write_text(text + "\n")
     print("\nversions:", info)
-    for r in tuned + tuned_bwd:
+    for r in tuned:
         print("tune", r)
     for r in rows:
         if r["impl"] == "mosaic" and (r.get("fwd_error") or r.get("fwd+bwd_error")):

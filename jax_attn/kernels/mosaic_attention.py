@@ -108,7 +108,7 @@ class MosaicConfig:
     # the heads (what every timing so far measured). True: the sequence tiles of one head, so
     # they share its K/V (forward, dQ) or Q/dO (dK/dV) in L2; Nsight Compute on the 16k shape
     # says heads side by side re-read K/V from DRAM (40% of its bandwidth, cuDNN 1%). Not yet
-    # timed: benchmarks/grid_order_check.py compares the two.
+    # timed: `benchmarks/mosaic_gpu.py --tune` compares the two.
     q_major_grid: bool = False
     bwd_stages: int = 2  # shared-memory slots of the tiles the backward kernels stream
 
@@ -125,8 +125,9 @@ def default_config(d: int) -> MosaicConfig:
     dp = head_dim_padded(d)
     if dp == 256:  # 64x256 f32 accumulator = 128 registers/thread; keep S and smem small
         return MosaicConfig(block_q=64, block_kv=64, stages=2)
-    # Backward pipeline depth, H100 2026-11-23 (--tune-bwd): forward+backward 3.7% faster with 4
-    # stages than 2 at d = 64, 2.2% with 3 at d = 128 (4 would not leave shared memory to spare).
+    # Backward pipeline depth, H100 2026-11-23 (benchmarks/mosaic_gpu.py tuning): forward+backward
+    # 3.7% faster with 4 stages than 2 at d = 64, 2.2% with 3 at d = 128 (4 would not leave
+    # shared memory to spare).
     return MosaicConfig(block_q=64, block_kv=128, stages=2, bwd_stages=4 if dp == 64 else 3)
 
 
@@ -900,7 +901,7 @@ def mosaic_attention(q, k, v, *, kv_lengths=None, key_mask=None, scale=None, lay
     if kv_lengths is not None:
         kv_lengths = jnp.asarray(kv_lengths, jnp.int32)
 
-    if backward == "auto":  # measured 1.2-1.3x faster than the Triton backward (module docstring)
+    if backward == "auto":  # measured faster than the Triton backward (module docstring)
         backward = "mosaic" if head_dim_padded(d) <= 128 else "triton"
     if backward == "mosaic" and head_dim_padded(d) > 128:
         raise ValueError(f"backward='mosaic' takes head dims up to 128 (dK and dV accumulators "
