@@ -7,11 +7,11 @@
    kv_lengths with an empty row, per-key bool masks, both layouts, bf16 and fp16) against the
    float64 NumPy reference `jax_attn.reference`: out, lse, and dq/dk/dv under cotangents on both
    out and lse (the default backward: the Mosaic kernels up to d = 128, else the Triton ones fed
-   with the Mosaic lse).
+   with the Mosaic lse); the d <= 128 cases again under each config variant in CHECK_CONFIGS.
 2. With --tune: forward and forward+backward timing of the Mosaic configs in TUNE (forward
-   pipeline, backward pipeline depth, launch order) on the d = 64 and d = 128 self-attention
-   shapes, after the main table (with --tune-first: before it, and each bucket's config fastest
-   forward+backward is used for it). `--quick --skip-small --tune`: the tuning alone.
+   pipeline, backward pipeline depth, launch order) and of cuDNN on the d = 64 and d = 128
+   self-attention shapes, after the main table (with --tune-first: before it, and each bucket's
+   config fastest forward+backward is used for it). `--quick --skip-small --tune`: the tuning alone.
 3. Correctness on the diffusion set against a float32 XLA reference on the GPU (first two heads).
 4. Timing, bf16, inputs in (b, s, n, d) (cuDNN's layout): Mosaic (ours), the Triton `pallas`
    kernel, and `jax.nn.dot_product_attention(implementation="cudnn")`; forward and
@@ -53,12 +53,13 @@ SHAPES = [(2, 10, 4096, 4096, 64), (1, 24, 4608, 4608, 128), (2, 10, 4096, 77, 6
 
 # --tune: per head-dim bucket, MosaicConfig fields changed from `default_config(d)` ({} = the
 # default itself), each timed forward and forward+backward on the bucket's shapes. Covers the
-# forward pipeline, the backward's pipeline depth and the launch order (q_major_grid).
+# forward pipeline, the backward's pipeline depth and the launch order.
 TUNE = {
-    64: [{}, {"stages": 3}, {"block_kv": 64, "stages": 3}, {"bwd_stages": 2}, {"bwd_stages": 3},
-         {"q_major_grid": True}],
-    128: [{}, {"block_kv": 64, "stages": 3}, {"bwd_stages": 2}, {"q_major_grid": True}],
+    64: [{}, {"block_kv": 128}, {"bwd_stages": 3}, {"q_major_grid": False}],
+    128: [{}, {"bwd_stages": 2}, {"q_major_grid": False}],
 }
+# Config variants also checked for correctness on the small feature shapes (d <= 128).
+CHECK_CONFIGS: list[dict] = []
 TUNE_SHAPES = {64: [(2, 10, 4096, 4096, 64)],
                128: [(1, 24, 4608, 4608, 128), (1, 40, 16384, 16384, 128)]}
 
@@ -72,11 +73,13 @@ def rel(a, r):
 
 
 def check_small():
+    import dataclasses
+
     import jax
     import jax.numpy as jnp
 
     from jax_attn import reference as R
-    from jax_attn.kernels.mosaic_attention import mosaic_attention
+    from jax_attn.kernels.mosaic_attention import default_config, mosaic_attention
 
     rng = np.random.default_rng(1)
     cases = [  # b, n, n_kv, sq, skv, d, kwargs
@@ -92,12 +95,17 @@ def check_small():
     runs = [(jnp.bfloat16, 2e-2, c) for c in cases if c[5] != 96] + [(jnp.float16, 5e-3, cases[4])]
     if QUICK_SMALL[0]:  # one short device visit: the features that stress the kernel most
         runs = [runs[0], runs[2], runs[3], runs[4], runs[-1]]
-    runs = [(dt, tol, c, "auto") for dt, tol, c in runs]
+    runs = [(dt, tol, c, "auto", {}) for dt, tol, c in runs]
     if TRITON_BWD[0]:  # the same features through the Triton backward (d <= 128; above, default)
-        runs += [(dt, tol, c, "triton") for dt, tol, c, _ in runs if c[5] <= 128]
+        runs += [(dt, tol, c, "triton", {}) for dt, tol, c, _, _ in runs if c[5] <= 128]
+    for change in CHECK_CONFIGS:  # config variants (--tune's), on the same features
+        runs += [(dt, tol, c, "auto", change) for dt, tol, c, bwd, ch in runs
+                 if bwd == "auto" and not ch and c[5] <= 128]
     rows = []
-    for dtype, tol, (b, n, nkv, sq, skv, d, kw), bwd in runs:
+    for dtype, tol, (b, n, nkv, sq, skv, d, kw), bwd, change in runs:
         kw = dict(kw, backward=bwd)
+        if change:
+            kw["config"] = dataclasses.replace(default_config(d), **change)
         layout = kw.pop("layout", "bnsd")
         q = rng.standard_normal((b, n, sq, d))
         k = rng.standard_normal((b, nkv, skv, d))
@@ -117,7 +125,7 @@ def check_small():
             kw["kv_lengths"] = jnp.asarray(kvl, jnp.int32)
         t = (lambda x: x) if layout == "bnsd" else (lambda x: np.swapaxes(x, 1, 2))
         name = (f"{jnp.dtype(dtype).name} b{b} n{n}/{nkv} sq{sq} skv{skv} d{d} {layout} "
-                f"{sorted(set(kw) - {'backward'})} bwd={bwd}")
+                f"{sorted(set(kw) - {'backward', 'config'})} bwd={bwd} {change or ''}")
         try:
             def fb(q, k, v, do, dl):
                 (o, lse), vjp = jax.vjp(
@@ -177,28 +185,54 @@ def tune():
             q, k, v, do = (jax.random.normal(kk, (b, s, n, d), jnp.bfloat16)
                            for kk, s in zip(keys, (sq, skv, skv, sq)))
             flops = 4.0 * b * n * sq * skv * d
-            for change in changes:
+            h = slice(0, 2)  # each config's output against float32 XLA on two heads
+            ref = np.asarray(jax.nn.dot_product_attention(
+                *(x[:, :, h].astype(jnp.float32) for x in (q, k, v)), implementation="xla"))
+            for change in changes + ["cudnn"]:  # cuDNN in the same run, for the ratio
                 if out_of_time():
                     break
-                cfg = dataclasses.replace(M.default_config(d), **change)
+                cfg = None if change == "cudnn" else dataclasses.replace(M.default_config(d),
+                                                                         **change)
                 row = {"shape": (b, n, sq, skv, d), "change": change, "config": str(cfg)}
                 try:
                     def fwd(q, k, v, cfg=cfg):
+                        if cfg is None:
+                            return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
                         return M.mosaic_attention(q, k, v, layout="bsnd", config=cfg)
 
                     def fb(q, k, v, do, fwd=fwd):
                         return jax.vjp(fwd, q, k, v)[1](do)
+                    row["rel err"] = rel(np.asarray(jax.jit(fwd)(q, k, v)[:, :, h], np.float32),
+                                         ref)
                     row["fwd ms"] = time_ms(jax.jit(fwd), q, k, v)
                     row["fwd+bwd ms"] = time_ms(jax.jit(fb), q, k, v, do, reps=10, inner=3)
-                    log.info("tune %s %s: fwd %.3f ms (%.0f TFLOP/s), fwd+bwd %.3f ms", row["shape"],
-                             change, row["fwd ms"], flops / row["fwd ms"] / 1e9, row["fwd+bwd ms"])
-                    if i == 0 and (bucket not in best or row["fwd+bwd ms"] < best[bucket][1]):
+                    log.info("tune %s %s: rel err %.1e, fwd %.3f ms (%.0f TFLOP/s), "
+                             "fwd+bwd %.3f ms", row["shape"], change, row["rel err"], row["fwd ms"],
+                             flops / row["fwd ms"] / 1e9, row["fwd+bwd ms"])
+                    if cfg is not None and i == 0 and (bucket not in best
+                                                       or row["fwd+bwd ms"] < best[bucket][1]):
                         best[bucket] = (cfg, row["fwd+bwd ms"])
                 except Exception as e:  # noqa: BLE001
                     row["error"] = _short(e)
                     log.warning("tune %s %s failed: %s", row["shape"], change, row["error"])
                 results.append(row)
     return {k: v[0] for k, v in best.items()}, results
+
+
+def tune_table(rows):
+    """The tuning rows as a table, each against cuDNN on the same shape in the same run."""
+    ref = {tuple(r["shape"]): r for r in rows if r["change"] == "cudnn"}
+    out = ["| b,n,sq,skv,d | change | rel err | fwd ms | fwd vs cuDNN | fwd+bwd ms | "
+           "fwd+bwd vs cuDNN |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        c = ref.get(tuple(r["shape"]), {})
+        cells = [f"{r['rel err']:.1e}" if "rel err" in r else "-"]
+        for key in ("fwd ms", "fwd+bwd ms"):
+            cells.append(f"{r[key]:.3f}" if key in r else r.get("error", "-")[:60])
+            cells.append(f"{c[key] / r[key]:.3f}x" if key in r and key in c else "-")
+        out.append(f"| {','.join(map(str, r['shape']))} | {r['change']} | " + " | ".join(cells)
+                   + " |")
+    return "\n".join(out)
 
 
 def check_shape(q, k, v, do, fn):
@@ -350,8 +384,8 @@ def main():
     text = table(rows)
     (out / "table.md").write_text(text + "\n")
     print("\nversions:", info)
-    for r in tuned:
-        print("tune", r)
+    if tuned:
+        print(tune_table(tuned))
     for r in rows:
         if r["impl"] == "mosaic" and (r.get("fwd_error") or r.get("fwd+bwd_error")):
             print("ERROR", r["shape"], r.get("fwd_error"), r.get("fwd+bwd_error"))

@@ -1,7 +1,9 @@
 """Automatic selection: an ordered preference of backends for a call, from measured data.
 
 `routing_table.json` (written by `python -m jax_attn bench --update-routing`) maps a bucket
-(platform/GPU, dtype, head-dim bucket, sequence bucket) to backends ordered fastest first.
+(platform/GPU, dtype, head-dim bucket, sequence bucket) to backends ordered fastest first, once
+for training (`preferences`: measured forward+backward) and once for calls that nothing
+differentiates (`preferences_forward`: measured forward; missing = the training order).
 Buckets it does not cover use the rules below. Backends that cannot serve are skipped by the
 router, so a preference only orders; it never forces.
 """
@@ -36,16 +38,25 @@ def bucket(spec: Spec) -> str:
     return "|".join((device_key(), spec.dtype, head_dim_bucket(spec.head_dim), seq_bucket(spec.kv_len)))
 
 
+MODES = ("train", "forward")
+
+
 @functools.lru_cache(maxsize=None)
-def table() -> dict:
+def table(mode: str = "train") -> dict:
+    """Bucket -> backends, fastest first, for `mode` ("train" or "forward")."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if not TABLE_PATH.exists():
         return {}
-    return json.loads(TABLE_PATH.read_text()).get("preferences", {})
+    doc = json.loads(TABLE_PATH.read_text())
+    train = doc.get("preferences", {})
+    return train if mode == "train" else {**train, **doc.get("preferences_forward", {})}
 
 
-def preference(spec: Spec) -> list[str]:
-    """Backends to try, best first, for `spec` on this machine."""
-    measured = table().get(bucket(spec))
+def preference(spec: Spec, mode: str = "train") -> list[str]:
+    """Backends to try, best first, for `spec` on this machine; `mode` "train" when the call is
+    differentiated, "forward" when nothing differentiates it."""
+    measured = table(mode).get(bucket(spec))
     quadratic = spec.batch * spec.heads * spec.q_len * spec.kv_len * 4 > SCORE_BYTES_BUDGET
     if measured:
         order = list(measured)

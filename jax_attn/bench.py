@@ -332,8 +332,9 @@ def _jax_looped(fn, n_sets: int):
     return jax.jit(looped)
 
 
-def jax_reasons(name: str, shape: Shape) -> tuple[list[str], str | None]:
-    """Why `name` cannot serve `shape` (empty when it can), and for `auto`, what it picks."""
+def jax_reasons(name: str, shape: Shape) -> tuple[list[str], dict | None]:
+    """Why `name` cannot serve `shape` (empty when it can), and for `auto`, what it picks per mode
+    (`{"fwd": ..., "fwd+bwd": ...}`: a forward alone is a call nothing differentiates)."""
     import jax
 
     from .api import explain
@@ -346,7 +347,8 @@ def jax_reasons(name: str, shape: Shape) -> tuple[list[str], str | None]:
     except BackendError as e:
         return [str(e)], None
     if name == "auto":
-        return ([] if d.backend else ["no backend can serve it"]), d.backend
+        return ([] if d.backend else ["no backend can serve it"]), {
+            "fwd": d.forward_only or d.backend, "fwd+bwd": d.backend}
     return list(d.reasons[name]) or ([] if BACKENDS[name] else ["unknown"]), None
 
 
@@ -752,7 +754,7 @@ def run_bench(args, impls=None, methods=None, budget=None) -> dict:
                        "d": shape.d, "dtype": shape.dtype, "impl": name, "framework": framework,
                        "mode": mode, "flops": shape.flops(mode)}
                 if picked:
-                    row["auto_choice"] = picked
+                    row["auto_choice"] = picked.get(mode, picked["fwd+bwd"])
                 if why:
                     row.update(status="skip", note="; ".join(why))
                 elif time.perf_counter() > opts.deadline:
@@ -762,7 +764,8 @@ def run_bench(args, impls=None, methods=None, budget=None) -> dict:
                         if framework == "jax":
                             if jax_in is None:  # sized for the forward: the most sets
                                 jax_in = JaxInputs(shape, _n_sets(shape, "fwd", l2, args.max_sets), args.seed)
-                            method = methods.get((shape, mode, picked)) if opts.inner_loop == "auto" else None
+                            method = (methods.get((shape, mode, row.get("auto_choice")))
+                                      if opts.inner_loop == "auto" else None)
                             row.update(measure_jax(name, shape, mode, jax_in, opts, method))
                             if row.get("method"):
                                 methods[(shape, mode, name)] = row["method"]
@@ -954,14 +957,21 @@ def write_plot(doc: dict, path) -> None:
 # ------------------------------------------------------------------------------------------------
 # Routing table from measurements
 
+# Routing-table keys per mode of the measured rows: training reads forward+backward, inference
+# (calls nothing differentiates) reads forward.
+ROUTING_KEYS = {"fwd+bwd": "preferences", "fwd": "preferences_forward"}
+
+
 def routing_from_results(doc: dict, tie: float = 0.01) -> dict:
-    """Preferences per bucket from a bench results document.
+    """Preferences per bucket and mode from a bench results document.
 
     For every (shape, mode) a JAX backend served correctly, its time over the fastest JAX backend
-    of that shape and mode. Within a bucket (device, dtype, head-dim bucket, sequence bucket) the
-    backends are ordered by their worst such ratio (the 3% target is per shape and mode), then by
-    the geometric mean; worst ratios within `tie` of each other count as equal. Backends that
-    failed the correctness gate in a bucket are left out of its preference.
+    of that shape and mode. Within a bucket (device, dtype, head-dim bucket, sequence bucket) and
+    mode the backends are ordered by their worst such ratio over the bucket's shapes (the 3%
+    target is per shape and mode), then by the geometric mean; worst ratios within `tie` of each
+    other count as equal. Backends that failed the correctness gate in a bucket are left out of
+    its preferences. `preferences` (training) orders by forward+backward, `preferences_forward`
+    (inference) by forward; a bucket measured forward only gets its training order from forward.
     """
     from . import autoselect
     device = doc["meta"]["device_key"]
@@ -974,30 +984,34 @@ def routing_from_results(doc: dict, tie: float = 0.01) -> dict:
         key = "|".join((device, r["dtype"], autoselect.head_dim_bucket(r["d"]), autoselect.seq_bucket(r["skv"])))
         if r.get("status") in ("FAIL", "error"):
             failed.setdefault(key, set()).add(r["impl"])
-        elif r.get("status") == "ok" and "ratio_jax" in r:
-            entries.setdefault(key, {}).setdefault(r["impl"], []).append(r["ratio_jax"])
-    prefs, scores = {}, {}
-    for key, per in sorted(entries.items()):
+        elif r.get("status") == "ok" and "ratio_jax" in r and r["mode"] in ROUTING_KEYS:
+            entries.setdefault((key, r["mode"]), {}).setdefault(r["impl"], []).append(r["ratio_jax"])
+    prefs = {name: {} for name in ROUTING_KEYS.values()}
+    scores: dict = {}
+    for (key, mode), per in sorted(entries.items()):
         stats = {n: {"worst": max(v), "geomean": math.exp(sum(map(math.log, v)) / len(v)), "entries": len(v)}
                  for n, v in per.items() if n not in failed.get(key, ())}
         # Worst ratios quantized to steps of `tie`: near-equal ones are ordered by the geomean.
         order = sorted(stats, key=lambda n: (round(math.log(stats[n]["worst"]) / math.log1p(tie)),
                                              stats[n]["geomean"]))
-        prefs[key] = order
-        scores[key] = {n: {k: round(v, 4) if isinstance(v, float) else v for k, v in stats[n].items()}
-                       for n in order}
+        prefs[ROUTING_KEYS[mode]][key] = order
+        scores.setdefault(key, {})[mode] = {n: {k: round(v, 4) if isinstance(v, float) else v
+                                                for k, v in stats[n].items()} for n in order}
         if failed.get(key):
             scores[key]["failed"] = sorted(failed[key])
+    for key, order in prefs["preferences_forward"].items():  # measured forward only
+        prefs["preferences"].setdefault(key, order)
     meta = doc["meta"]
     return {"comment": "Written by `python -m jax_attn bench --write-routing/--update-routing`; "
-                       "autoselect.py reads `preferences` (bucket -> backends, fastest first).",
+                       "autoselect.py reads `preferences` (training: forward+backward) and "
+                       "`preferences_forward` (inference), bucket -> backends, fastest first.",
             "source": {k: meta.get(k) for k in ("date", "device", "gpu", "driver", "device_key", "jax", "jaxlib",
                                                 "jax_cudnn", "torch", "command") if meta.get(k)},
-            "preferences": prefs, "scores": scores}
+            **{name: dict(sorted(v.items())) for name, v in prefs.items()}, "scores": scores}
 
 
-def predicted_auto(doc: dict, prefs: dict) -> str:
-    """What `auto` would get with `prefs`, per shape and mode, from the measured rows of `doc`."""
+def predicted_auto(doc: dict, table: dict) -> str:
+    """What `auto` would get with routing `table`, per shape and mode, from the rows of `doc`."""
     from . import autoselect
     device = doc["meta"]["device_key"]
     lines = []
@@ -1008,7 +1022,8 @@ def predicted_auto(doc: dict, prefs: dict) -> str:
     for (shape, dtype, mode), rows in by.items():
         any_row = next(iter(rows.values()))
         key = "|".join((device, dtype, autoselect.head_dim_bucket(any_row["d"]), autoselect.seq_bucket(any_row["skv"])))
-        pick = next((n for n in prefs.get(key, []) if rows.get(n, {}).get("status") == "ok"), None)
+        order = table.get(ROUTING_KEYS.get(mode, "preferences"), {}).get(key) or table.get("preferences", {}).get(key, [])
+        pick = next((n for n in order if rows.get(n, {}).get("status") == "ok"), None)
         ratio = rows[pick].get("ratio_jax") if pick else None
         lines.append(f"  {shape} {dtype} {mode}: {pick or '-'}" + (f" x{ratio:.3f}" if ratio else ""))
     return "\n".join(lines)
@@ -1025,10 +1040,9 @@ def write_routing(doc: dict, path=None, merge: bool = True) -> dict:
     if merge and path.exists():
         old = json.loads(path.read_text() or "{}")
         device = doc["meta"]["device_key"] + "|"
-        kept = {k: v for k, v in old.get("preferences", {}).items() if not k.startswith(device)}
-        kept_scores = {k: v for k, v in old.get("scores", {}).items() if not k.startswith(device)}
-        table["preferences"] = dict(sorted({**kept, **table["preferences"]}.items()))
-        table["scores"] = dict(sorted({**kept_scores, **table["scores"]}.items()))
+        for name in (*ROUTING_KEYS.values(), "scores"):
+            kept = {k: v for k, v in old.get(name, {}).items() if not k.startswith(device)}
+            table[name] = dict(sorted({**kept, **table[name]}.items()))
         if old.get("source") and old["source"].get("device_key") != doc["meta"]["device_key"]:
             table["other_sources"] = [old["source"]] + old.get("other_sources", [])
     path.write_text(json.dumps(table, indent=1) + "\n")
@@ -1104,9 +1118,9 @@ def run(args) -> int:
     if args.update_routing:
         doc = json.loads(pathlib.Path(args.update_routing).read_text())
         table = write_routing(doc, args.routing_table)
-        print(json.dumps(table["preferences"], indent=1))
+        print(json.dumps({k: table[k] for k in ROUTING_KEYS.values()}, indent=1))
         print("predicted auto picks (from the measured rows):")
-        print(predicted_auto(doc, table["preferences"]))
+        print(predicted_auto(doc, table))
         return 0
     if args.recheck_auto and args.write_routing is None:
         raise SystemExit("--recheck-auto needs --write-routing")
@@ -1118,7 +1132,7 @@ def run(args) -> int:
         path = pathlib.Path(args.write_routing or args.routing_table or autoselect.TABLE_PATH)
         table = write_routing(doc, path)
         print(f"routing table written to {path}; predicted auto picks:")
-        print(predicted_auto(doc, table["preferences"]))
+        print(predicted_auto(doc, table))
         if args.recheck_auto:  # time `auto` again, routed by the table just written
             autoselect.TABLE_PATH = path  # this process only
             autoselect.table.cache_clear()

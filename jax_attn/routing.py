@@ -1,15 +1,22 @@
 """Which backend serves a call: argument > `use_backend` > `JAX_ATTN_BACKEND` > automatic.
 
 A choice is one name, a comma-separated preference list (or a list of names), or "auto".
-Everything here runs at trace time; the compiled program holds only the chosen backend.
+Everything here runs at trace time; the compiled program holds only the chosen backend. Under
+"auto" the measured fastest backend can differ between calls that are differentiated (training:
+forward+backward) and calls that are not (inference: forward); then the call runs the inference
+backend, and autodiff, entering through a custom VJP's forward rule, runs the training one's
+forward and backward instead.
 """
 from __future__ import annotations
 
 import contextlib
 import contextvars
 import dataclasses
+import functools
 import logging
 import os
+
+import jax
 
 from . import autoselect
 from .backends import BACKENDS, Backend
@@ -84,9 +91,12 @@ class Decision:
     source: str
     candidates: tuple[str, ...]
     reasons: dict  # name -> list of reasons (empty = could serve)
+    forward_only: str | None = None  # auto: the backend when nothing differentiates, if different
 
     def __str__(self):
         lines = [f"chosen: {self.backend or 'none'} (by {self.source}; tried {', '.join(self.candidates)})"]
+        if self.forward_only:
+            lines[0] += f"; {self.forward_only} when nothing differentiates the call"
         for name, why in self.reasons.items():
             lines.append(f"  {name:8s} " + ("ok" if not why else "; ".join(why)))
         return "\n".join(lines)
@@ -95,17 +105,43 @@ class Decision:
 def decide(spec: Spec, backend=None) -> Decision:
     names, source = current_choice(backend)
     reasons = {name: b.reasons(spec) for name, b in BACKENDS.items()}
-    if names == ("auto",):
-        candidates = autoselect.preference(spec)
-        usable = [n for n in candidates if not reasons[n] and BACKENDS[n].automatic]
-    else:
-        candidates = names
-        usable = [n for n in candidates if not reasons[n]]
-    return Decision(usable[0] if usable else None, source, tuple(candidates), reasons)
+    if names != ("auto",):
+        usable = [n for n in names if not reasons[n]]
+        return Decision(usable[0] if usable else None, source, names, reasons)
+
+    def first(candidates):
+        return next((n for n in candidates if not reasons[n] and BACKENDS[n].automatic), None)
+    candidates = autoselect.preference(spec, "train")
+    chosen = first(candidates)
+    inference = first(autoselect.preference(spec, "forward"))
+    return Decision(chosen, source, tuple(candidates), reasons,
+                    inference if chosen and inference != chosen else None)
 
 
-def choose(spec: Spec, backend=None) -> Backend:
-    """The backend for `spec`, raising `BackendError` with every reason when none can serve."""
+def _by_mode(inference: Backend, training: Backend):
+    """`inference` for calls that nothing differentiates; under autodiff, `training`'s forward and
+    backward (the custom VJP's forward rule is what autodiff runs, never the primal)."""
+    def run(inputs, return_lse=False):
+        def call(backend, arrays):
+            return backend(dataclasses.replace(inputs, **arrays), return_lse)
+
+        @jax.custom_vjp
+        def attention(arrays):
+            return call(inference, arrays)
+
+        def attention_fwd(arrays):
+            return jax.vjp(functools.partial(call, training), arrays)  # (out, its VJP as residual)
+
+        attention.defvjp(attention_fwd, lambda vjp, g: vjp(g))
+        return attention({"q": inputs.q, "k": inputs.k, "v": inputs.v, "mask": inputs.mask,
+                          "kv_lengths": inputs.kv_lengths})
+    return run
+
+
+def choose(spec: Spec, backend=None):
+    """A callable `(inputs, return_lse)` running the backend for `spec` (under "auto", the pair of
+    `_by_mode` where inference and training choose differently); raises `BackendError` with every
+    reason when none can serve."""
     d = decide(spec, backend)
     if d.backend is None:
         detail = "\n".join(f"  {n}: {'; '.join(d.reasons[n]) or 'not chosen automatically'}"
@@ -121,4 +157,6 @@ def choose(spec: Spec, backend=None) -> Backend:
             _logged.add(key)
             log.warning("attention: using %r from %s; skipped %s", d.backend, d.source,
                         "; ".join(f"{n} ({', '.join(d.reasons[n])})" for n in skipped))
+    if d.forward_only:
+        return _by_mode(BACKENDS[d.forward_only], BACKENDS[d.backend])
     return BACKENDS[d.backend]

@@ -204,14 +204,19 @@ def test_write_routing_then_recheck_auto_in_one_run(tmp_path, monkeypatch):
     finally:
         autoselect.table.cache_clear()
     assert rc == 0
-    prefs = json.loads(table_path.read_text())["preferences"]
-    (order,) = prefs.values()
-    assert sorted(order) == ["chunked", "xla"] and list(prefs) == ["cpu|float32|d<=64|skv<=512"]
-    for mode in ("fwd", "fwd+bwd"):
+    table = json.loads(table_path.read_text())
+    for mode, key in (("fwd", "preferences_forward"), ("fwd+bwd", "preferences")):
+        (order,) = table[key].values()
+        assert sorted(order) == ["chunked", "xla"] and list(table[key]) == ["cpu|float32|d<=64|skv<=512"]
+        # The fastest of this mode's measured rows comes first.
+        timed = {r["impl"]: r["ms"] for r in doc["results"] if r["mode"] == mode and r["impl"] in order
+                 and r.get("status") == "ok" and r.get("ratio_jax") is not None}
+        assert timed and order[0] == min(timed, key=timed.get) or len(timed) < 2
         assert rows(doc, mode=mode, impl="auto-before")[0]["status"] == "ok"
         (auto,) = rows(doc, mode=mode, impl="auto")
         assert auto["status"] == "ok" and auto["auto_choice"] == order[0] and "ratio_jax" in auto
-        # Routing happens at trace time: auto compiles to the very program of its choice.
+        # Routing happens at trace time: auto compiles to the very program of its choice, also
+        # when the forward and the training choice differ (the custom VJP leaves no trace).
         (chosen,) = rows(doc, mode=mode, impl=order[0])
         assert auto["program"] and auto["program"] == chosen["program"]
 

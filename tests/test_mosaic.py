@@ -165,10 +165,11 @@ def test_mosaic_backward_tails_kv_lengths_mqa_bsnd():
 
 
 @needs_mgpu
-def test_sequence_tiles_side_by_side_grid_order():
-    # q_major_grid: (batch, heads, tiles) launch order in all three kernels; GQA, two batches.
+def test_heads_side_by_side_grid_order():
+    # q_major_grid=False: (tiles, heads, batch) launch order in all three kernels (the default
+    # puts the tiles last); GQA, two batches.
     check(2, 4, 2, 256, 256, 64, kv_lengths=[256, 100],
-          config=M.MosaicConfig(64, 64, 2, q_major_grid=True))
+          config=M.MosaicConfig(64, 64, 2, q_major_grid=False))
 
 
 @needs_mgpu
@@ -200,7 +201,8 @@ def test_mosaic_backward_refuses_head_dim_256():
 def test_default_configs_and_buckets():
     assert M.head_dim_padded(40) == 64 and M.head_dim_padded(80) == 128
     assert M.head_dim_padded(256) == 256 and M.head_dim_padded(257) is None
-    assert M.default_config(256).block_kv == 64
+    assert M.default_config(256).block_kv == 64 and M.default_config(40).block_kv == 256
+    assert M.default_config(128).q_major_grid
     assert M.shape_bucket(40, 4096, 77) == (64, "cross")
     assert M.shape_bucket(128, 4608, 4608) == (128, "self")
     assert M.shape_bucket(64, 1, 4096) == (64, "short_q")

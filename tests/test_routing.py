@@ -1,4 +1,5 @@
 """Routing: argument > use_backend (innermost) > JAX_ATTN_BACKEND > automatic, decided at trace time."""
+import json
 import logging
 import threading
 
@@ -129,3 +130,62 @@ def test_available_backends():
     names = jax_attn.available_backends()
     assert {"naive", "xla", "chunked"} <= set(names)
     assert ("cudnn" in names) == (jax.default_backend() == "gpu")
+
+
+def test_auto_routes_inference_and_training_separately(tmp_path, monkeypatch):
+    """A table whose forward-only choice (chunked) differs from its training choice (xla): a call
+    nothing differentiates runs chunked; under autodiff, xla's forward and backward run."""
+    from jax_attn import autoselect, reference
+    q = jax.random.normal(jax.random.key(0), (2, 2, 24, 8), jnp.float32)
+    k, v = (jax.random.normal(jax.random.key(i), (2, 2, 40, 8), jnp.float32) for i in (1, 2))
+    mask = jax.random.bernoulli(jax.random.key(3), 0.7, (2, 1, 1, 40)).at[..., 0].set(True)
+    lengths = jnp.array([40, 17], jnp.int32)
+    key = autoselect.bucket(jax_attn.contract.validate(q, k, v))
+    path = tmp_path / "routing_table.json"
+    path.write_text(json.dumps({"preferences": {key: ["xla", "chunked"]},
+                                "preferences_forward": {key: ["chunked", "xla"]}}))
+    monkeypatch.setattr(autoselect, "TABLE_PATH", path)
+    autoselect.table.cache_clear()
+    traced = []
+    for name in ("xla", "chunked"):
+        b = BACKENDS[name]
+        monkeypatch.setattr(b, "_forward", lambda inputs, lse, f=b._forward, n=name:
+                            traced.append(n) or f(inputs, lse))
+    try:
+        d = jax_attn.explain(q, k, v, attn_mask=mask, kv_lengths=lengths)
+        assert (d.backend, d.forward_only) == ("xla", "chunked")
+        assert "chunked when nothing differentiates" in str(d)
+
+        def f(q, k, v):
+            return jax_attn.attention_forward(q, k, v, attn_mask=mask, kv_lengths=lengths,
+                                              return_lse=True)
+        out, lse = jax.jit(f)(q, k, v)
+        assert traced == ["chunked"]
+        traced.clear()
+
+        def loss(q, k, v):
+            o, l_ = f(q, k, v)
+            return jnp.sum(o * jnp.cos(o)) + jnp.sum(jnp.where(jnp.isfinite(l_), l_, 0.0) ** 2)
+        grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+        assert traced == ["xla"]
+        with jax_attn.use_backend("xla"):
+            want = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+        # The custom VJP leaves no trace: the same programs as naming each backend.
+        from jax_attn.bench import program_fingerprint
+
+        def program(fn, backend=None):
+            with jax_attn.use_backend(backend or "auto"):
+                return program_fingerprint(jax.jit(fn).lower(q, k, v).compile())
+        assert program(f) == program(f, "chunked")
+        grad = jax.grad(loss, argnums=(0, 1, 2))
+        assert program(grad) == program(grad, "xla")
+    finally:
+        autoselect.table.cache_clear()
+    x64 = [np.asarray(a, np.float64) for a in (q, k, v)]
+    ro, rlse = reference.attention(*x64, attn_mask=np.asarray(mask), kv_lengths=np.asarray(lengths),
+                                   return_lse=True)
+    np.testing.assert_allclose(out, ro, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(lse, rlse, rtol=1e-4, atol=1e-5)
+    for g, w in zip(grads, want):
+        np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-6)
+        assert np.all(np.isfinite(g)) and np.abs(g).sum() > 0

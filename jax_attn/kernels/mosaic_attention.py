@@ -53,12 +53,13 @@ or a transposed shared-memory view, nor `layout_cast`; there the two matmuls are
 `lax.dot_general` on the shared-memory tiles and layout casts are skipped. See
 `tests/test_mosaic.py` for what that does and does not prove.
 
-Measured on an H100 (bf16, benchmarks/results/2026-11-23-h100-mosaic-bwd/README.md): at 4k-4.6k
-tokens forward 0.93-1.02x cuDNN (d = 64) and 0.95-1.01x (d = 128) over three visits, backward
-0.96-1.01x; at 16k tokens 0.88x forward and 0.79x backward, where Nsight Compute shows K/V read
-from DRAM (heads side by side, see `MosaicConfig.q_major_grid`). Against our Triton kernels on
-self-attention: forward 1.1-1.3x, backward 1.15-1.5x faster; slower than Triton on 77-key cross-attention (the `pallas` backend routes that
-to Triton).
+Measured on an H100 (bf16, benchmarks/results/2026-11-23-h100-mosaic-grid/README.md), against
+cuDNN in the same run: forward 1.03x (d = 64), 1.02x (d = 128, 4608 tokens), 0.99x at 16k tokens
+(1.00x reading bnsd); backward 0.94x, 0.96x, 0.90x. Against our Triton kernels on self-attention:
+forward 1.2-1.3x, backward 1.25-1.45x faster; slower than Triton on 77-key cross-attention (the
+`pallas` backend routes that to Triton). That README also lists what was tried and not kept
+(FlashAttention-3's intra-warpgroup overlap, paired backward matmuls) and what the profile says
+still separates the 16k forward from cuDNN.
 """
 from __future__ import annotations
 
@@ -104,12 +105,12 @@ class MosaicConfig:
     block_q: int = 64  # query rows per compute warpgroup (a CTA has two)
     block_kv: int = 128  # keys per pipeline step
     stages: int = 2  # shared-memory slots of K/V in flight
-    # Which CTAs run side by side (Mosaic launches the last grid dimension as CUDA's x). False:
-    # the heads (what every timing so far measured). True: the sequence tiles of one head, so
-    # they share its K/V (forward, dQ) or Q/dO (dK/dV) in L2; Nsight Compute on the 16k shape
-    # says heads side by side re-read K/V from DRAM (40% of its bandwidth, cuDNN 1%). Not yet
-    # timed: `benchmarks/mosaic_gpu.py --tune` compares the two.
-    q_major_grid: bool = False
+    # Which CTAs run side by side (Mosaic launches the last grid dimension as CUDA's x). True:
+    # the sequence tiles of one head, so they share its K/V (forward, dQ) or Q/dO (dK/dV) in L2.
+    # False: the heads, whose K/V re-read from DRAM once they outgrow L2 (Nsight Compute, 16k
+    # tokens: DRAM at 40% of its bandwidth, cuDNN 1%). H100, 16k tokens d = 128: forward 9.8 ->
+    # 8.9 ms, forward+backward 41.7 -> 36.8 ms; 1-4% faster at 4k-4.6k tokens too.
+    q_major_grid: bool = True
     bwd_stages: int = 2  # shared-memory slots of the tiles the backward kernels stream
 
 
@@ -125,10 +126,13 @@ def default_config(d: int) -> MosaicConfig:
     dp = head_dim_padded(d)
     if dp == 256:  # 64x256 f32 accumulator = 128 registers/thread; keep S and smem small
         return MosaicConfig(block_q=64, block_kv=64, stages=2)
-    # Backward pipeline depth, H100 2026-11-23 (benchmarks/mosaic_gpu.py tuning): forward+backward
-    # 3.7% faster with 4 stages than 2 at d = 64, 2.2% with 3 at d = 128 (4 would not leave
-    # shared memory to spare).
-    return MosaicConfig(block_q=64, block_kv=128, stages=2, bwd_stages=4 if dp == 64 else 3)
+    # H100 2026-11-23 (benchmarks/mosaic_gpu.py --tune): at d = 64, 256-key blocks make the
+    # forward 4-12% faster than 128 (half the barrier passes per key; no register spills).
+    # Backward pipeline depth: forward+backward 3.7% faster with 4 stages than 2 at d = 64, 2.2%
+    # with 3 at d = 128 (4 would not leave shared memory to spare).
+    if dp == 64:
+        return MosaicConfig(block_q=64, block_kv=256, stages=2, bwd_stages=4)
+    return MosaicConfig(block_q=64, block_kv=128, stages=2, bwd_stages=3)
 
 
 # Shape buckets where the Mosaic forward measured faster than the Triton kernel on an H100
@@ -204,7 +208,7 @@ class _Static:
 def _grid(cfg, batch, heads, tiles):
     """The grid (or its names) in launch order; the last dimension varies fastest (CUDA's x).
 
-    q_major_grid: (batch, heads, tiles), tiles fastest. Else (tiles, heads, batch), as measured.
+    q_major_grid: (batch, heads, tiles), tiles fastest. Else (tiles, heads, batch).
     """
     return (batch, heads, tiles) if cfg.q_major_grid else (tiles, heads, batch)
 
