@@ -7,7 +7,7 @@
    kv_lengths with an empty row, per-key bool masks, both layouts, bf16 and fp16) against the
    float64 NumPy reference `jax_attn.reference`: out, lse, and dq/dk/dv under cotangents on both
    out and lse (the default backward: the Mosaic kernels up to d = 128, else the Triton ones fed
-   with the Mosaic lse); the d <= 128 cases again under each config variant in CHECK_CONFIGS.
+   with the Mosaic lse).
 2. With --tune: forward and forward+backward timing of the Mosaic configs in TUNE (forward
    pipeline, backward pipeline depth, launch order) and of cuDNN on the d = 64 and d = 128
    self-attention shapes, after the main table (with --tune-first: before it, and each bucket's
@@ -58,8 +58,6 @@ TUNE = {
     64: [{}, {"block_kv": 128}, {"bwd_stages": 3}, {"q_major_grid": False}],
     128: [{}, {"bwd_stages": 2}, {"q_major_grid": False}],
 }
-# Config variants also checked for correctness on the small feature shapes (d <= 128).
-CHECK_CONFIGS: list[dict] = []
 TUNE_SHAPES = {64: [(2, 10, 4096, 4096, 64)],
                128: [(1, 24, 4608, 4608, 128), (1, 40, 16384, 16384, 128)]}
 
@@ -73,13 +71,11 @@ def rel(a, r):
 
 
 def check_small():
-    import dataclasses
-
     import jax
     import jax.numpy as jnp
 
     from jax_attn import reference as R
-    from jax_attn.kernels.mosaic_attention import default_config, mosaic_attention
+    from jax_attn.kernels.mosaic_attention import mosaic_attention
 
     rng = np.random.default_rng(1)
     cases = [  # b, n, n_kv, sq, skv, d, kwargs
@@ -95,17 +91,12 @@ def check_small():
     runs = [(jnp.bfloat16, 2e-2, c) for c in cases if c[5] != 96] + [(jnp.float16, 5e-3, cases[4])]
     if QUICK_SMALL[0]:  # one short device visit: the features that stress the kernel most
         runs = [runs[0], runs[2], runs[3], runs[4], runs[-1]]
-    runs = [(dt, tol, c, "auto", {}) for dt, tol, c in runs]
+    runs = [(dt, tol, c, "auto") for dt, tol, c in runs]
     if TRITON_BWD[0]:  # the same features through the Triton backward (d <= 128; above, default)
-        runs += [(dt, tol, c, "triton", {}) for dt, tol, c, _, _ in runs if c[5] <= 128]
-    for change in CHECK_CONFIGS:  # config variants (--tune's), on the same features
-        runs += [(dt, tol, c, "auto", change) for dt, tol, c, bwd, ch in runs
-                 if bwd == "auto" and not ch and c[5] <= 128]
+        runs += [(dt, tol, c, "triton") for dt, tol, c, _ in runs if c[5] <= 128]
     rows = []
-    for dtype, tol, (b, n, nkv, sq, skv, d, kw), bwd, change in runs:
+    for dtype, tol, (b, n, nkv, sq, skv, d, kw), bwd in runs:
         kw = dict(kw, backward=bwd)
-        if change:
-            kw["config"] = dataclasses.replace(default_config(d), **change)
         layout = kw.pop("layout", "bnsd")
         q = rng.standard_normal((b, n, sq, d))
         k = rng.standard_normal((b, nkv, skv, d))
@@ -125,7 +116,7 @@ def check_small():
             kw["kv_lengths"] = jnp.asarray(kvl, jnp.int32)
         t = (lambda x: x) if layout == "bnsd" else (lambda x: np.swapaxes(x, 1, 2))
         name = (f"{jnp.dtype(dtype).name} b{b} n{n}/{nkv} sq{sq} skv{skv} d{d} {layout} "
-                f"{sorted(set(kw) - {'backward', 'config'})} bwd={bwd} {change or ''}")
+                f"{sorted(set(kw) - {'backward'})} bwd={bwd}")
         try:
             def fb(q, k, v, do, dl):
                 (o, lse), vjp = jax.vjp(
@@ -202,9 +193,9 @@ def tune():
 
                     def fb(q, k, v, do, fwd=fwd):
                         return jax.vjp(fwd, q, k, v)[1](do)
-                    row["rel err"] = rel(np.asarray(jax.jit(fwd)(q, k, v)[:, :, h], np.float32),
-                                         ref)
-                    row["fwd ms"] = time_ms(jax.jit(fwd), q, k, v)
+                    fwd_jit = jax.jit(fwd)
+                    row["rel err"] = rel(np.asarray(fwd_jit(q, k, v)[:, :, h], np.float32), ref)
+                    row["fwd ms"] = time_ms(fwd_jit, q, k, v)
                     row["fwd+bwd ms"] = time_ms(jax.jit(fb), q, k, v, do, reps=10, inner=3)
                     log.info("tune %s %s: rel err %.1e, fwd %.3f ms (%.0f TFLOP/s), "
                              "fwd+bwd %.3f ms", row["shape"], change, row["rel err"], row["fwd ms"],

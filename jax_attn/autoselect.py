@@ -34,23 +34,31 @@ def device_key() -> str:
     return f"sm{cc[0]}{cc[1]}" if cc else platform()
 
 
+def bucket_key(device: str, dtype: str, head_dim: int, kv_len: int) -> str:
+    return "|".join((device, dtype, head_dim_bucket(head_dim), seq_bucket(kv_len)))
+
+
 def bucket(spec: Spec) -> str:
-    return "|".join((device_key(), spec.dtype, head_dim_bucket(spec.head_dim), seq_bucket(spec.kv_len)))
+    return bucket_key(device_key(), spec.dtype, spec.head_dim, spec.kv_len)
 
 
-MODES = ("train", "forward")
+# Mode -> the routing-table key holding its orders.
+TABLE_KEYS = {"train": "preferences", "forward": "preferences_forward"}
+
+
+def orders(doc: dict, mode: str) -> dict:
+    """Bucket -> backends of a routing-table document for `mode`; a bucket without a forward
+    order uses its training one."""
+    if mode not in TABLE_KEYS:
+        raise ValueError(f"mode must be one of {tuple(TABLE_KEYS)}, got {mode!r}")
+    train = doc.get(TABLE_KEYS["train"], {})
+    return train if mode == "train" else {**train, **doc.get(TABLE_KEYS[mode], {})}
 
 
 @functools.lru_cache(maxsize=None)
 def table(mode: str = "train") -> dict:
-    """Bucket -> backends, fastest first, for `mode` ("train" or "forward")."""
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if not TABLE_PATH.exists():
-        return {}
-    doc = json.loads(TABLE_PATH.read_text())
-    train = doc.get("preferences", {})
-    return train if mode == "train" else {**train, **doc.get("preferences_forward", {})}
+    """Bucket -> backends, fastest first, for `mode` ("train" or "forward") on this machine."""
+    return orders(json.loads(TABLE_PATH.read_text()) if TABLE_PATH.exists() else {}, mode)
 
 
 def preference(spec: Spec, mode: str = "train") -> list[str]:

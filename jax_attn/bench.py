@@ -957,9 +957,9 @@ def write_plot(doc: dict, path) -> None:
 # ------------------------------------------------------------------------------------------------
 # Routing table from measurements
 
-# Routing-table keys per mode of the measured rows: training reads forward+backward, inference
-# (calls nothing differentiates) reads forward.
-ROUTING_KEYS = {"fwd+bwd": "preferences", "fwd": "preferences_forward"}
+# The routing mode each measured mode orders: training reads forward+backward, inference (calls
+# nothing differentiates) reads forward.
+ROUTING_MODES = {"fwd+bwd": "train", "fwd": "forward"}
 
 
 def routing_from_results(doc: dict, tie: float = 0.01) -> dict:
@@ -981,12 +981,12 @@ def routing_from_results(doc: dict, tie: float = 0.01) -> dict:
     for r in doc["results"]:
         if r["framework"] != "jax" or r["impl"].startswith("auto"):
             continue
-        key = "|".join((device, r["dtype"], autoselect.head_dim_bucket(r["d"]), autoselect.seq_bucket(r["skv"])))
+        key = autoselect.bucket_key(device, r["dtype"], r["d"], r["skv"])
         if r.get("status") in ("FAIL", "error"):
             failed.setdefault(key, set()).add(r["impl"])
-        elif r.get("status") == "ok" and "ratio_jax" in r and r["mode"] in ROUTING_KEYS:
+        elif r.get("status") == "ok" and "ratio_jax" in r and r["mode"] in ROUTING_MODES:
             entries.setdefault((key, r["mode"]), {}).setdefault(r["impl"], []).append(r["ratio_jax"])
-    prefs = {name: {} for name in ROUTING_KEYS.values()}
+    prefs = {name: {} for name in autoselect.TABLE_KEYS.values()}
     scores: dict = {}
     for (key, mode), per in sorted(entries.items()):
         stats = {n: {"worst": max(v), "geomean": math.exp(sum(map(math.log, v)) / len(v)), "entries": len(v)}
@@ -994,13 +994,15 @@ def routing_from_results(doc: dict, tie: float = 0.01) -> dict:
         # Worst ratios quantized to steps of `tie`: near-equal ones are ordered by the geomean.
         order = sorted(stats, key=lambda n: (round(math.log(stats[n]["worst"]) / math.log1p(tie)),
                                              stats[n]["geomean"]))
-        prefs[ROUTING_KEYS[mode]][key] = order
+        prefs[autoselect.TABLE_KEYS[ROUTING_MODES[mode]]][key] = order
         scores.setdefault(key, {})[mode] = {n: {k: round(v, 4) if isinstance(v, float) else v
                                                 for k, v in stats[n].items()} for n in order}
-        if failed.get(key):
-            scores[key]["failed"] = sorted(failed[key])
-    for key, order in prefs["preferences_forward"].items():  # measured forward only
-        prefs["preferences"].setdefault(key, order)
+    for key, names in failed.items():
+        if key in scores:
+            scores[key]["failed"] = sorted(names)
+    train, forward = (prefs[autoselect.TABLE_KEYS[m]] for m in ("train", "forward"))
+    for key, order in forward.items():  # measured forward only
+        train.setdefault(key, order)
     meta = doc["meta"]
     return {"comment": "Written by `python -m jax_attn bench --write-routing/--update-routing`; "
                        "autoselect.py reads `preferences` (training: forward+backward) and "
@@ -1021,8 +1023,8 @@ def predicted_auto(doc: dict, table: dict) -> str:
             by.setdefault((r["shape"], r["dtype"], r["mode"]), {})[r["impl"]] = r
     for (shape, dtype, mode), rows in by.items():
         any_row = next(iter(rows.values()))
-        key = "|".join((device, dtype, autoselect.head_dim_bucket(any_row["d"]), autoselect.seq_bucket(any_row["skv"])))
-        order = table.get(ROUTING_KEYS.get(mode, "preferences"), {}).get(key) or table.get("preferences", {}).get(key, [])
+        key = autoselect.bucket_key(device, dtype, any_row["d"], any_row["skv"])
+        order = autoselect.orders(table, ROUTING_MODES.get(mode, "train")).get(key, [])
         pick = next((n for n in order if rows.get(n, {}).get("status") == "ok"), None)
         ratio = rows[pick].get("ratio_jax") if pick else None
         lines.append(f"  {shape} {dtype} {mode}: {pick or '-'}" + (f" x{ratio:.3f}" if ratio else ""))
@@ -1040,7 +1042,7 @@ def write_routing(doc: dict, path=None, merge: bool = True) -> dict:
     if merge and path.exists():
         old = json.loads(path.read_text() or "{}")
         device = doc["meta"]["device_key"] + "|"
-        for name in (*ROUTING_KEYS.values(), "scores"):
+        for name in (*autoselect.TABLE_KEYS.values(), "scores"):
             kept = {k: v for k, v in old.get(name, {}).items() if not k.startswith(device)}
             table[name] = dict(sorted({**kept, **table[name]}.items()))
         if old.get("source") and old["source"].get("device_key") != doc["meta"]["device_key"]:
@@ -1118,7 +1120,7 @@ def run(args) -> int:
     if args.update_routing:
         doc = json.loads(pathlib.Path(args.update_routing).read_text())
         table = write_routing(doc, args.routing_table)
-        print(json.dumps({k: table[k] for k in ROUTING_KEYS.values()}, indent=1))
+        print(json.dumps({k: table[k] for k in autoselect.TABLE_KEYS.values()}, indent=1))
         print("predicted auto picks (from the measured rows):")
         print(predicted_auto(doc, table))
         return 0

@@ -211,7 +211,7 @@ def test_write_routing_then_recheck_auto_in_one_run(tmp_path, monkeypatch):
         # The fastest of this mode's measured rows comes first.
         timed = {r["impl"]: r["ms"] for r in doc["results"] if r["mode"] == mode and r["impl"] in order
                  and r.get("status") == "ok" and r.get("ratio_jax") is not None}
-        assert timed and order[0] == min(timed, key=timed.get) or len(timed) < 2
+        assert len(timed) == 2 and order[0] == min(timed, key=timed.get)
         assert rows(doc, mode=mode, impl="auto-before")[0]["status"] == "ok"
         (auto,) = rows(doc, mode=mode, impl="auto")
         assert auto["status"] == "ok" and auto["auto_choice"] == order[0] and "ratio_jax" in auto
