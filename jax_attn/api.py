@@ -1,50 +1,77 @@
 """The public entry points: `attention_forward`, `explain`, `available_backends`."""
 from __future__ import annotations
 
-from .backends import BACKENDS
+from .backends import BACKENDS, Needs
+from .contract import validate
 from .inputs import AttentionInputs
-from .routing import Decision, choose, decide
+from .routing import Decision, choose, decide, forward_mode
+
+
+def _lengths_alias(kv_lengths, key_value_seq_lengths):
+    """`key_value_seq_lengths` is jax.nn's name for `kv_lengths`."""
+    if key_value_seq_lengths is None:
+        return kv_lengths
+    if kv_lengths is not None:
+        raise ValueError("give kv_lengths or key_value_seq_lengths (its jax.nn name), not both")
+    return key_value_seq_lengths
 
 
 def attention_forward(q, k, v, *, attn_mask=None, scale=None, is_causal=False, kv_lengths=None,
-                      layout="bnsd", backend=None, return_lse=False):
+                      layout="bnsd", backend=None, return_lse=False, bias=None, mask=None,
+                      query_seq_lengths=None, key_value_seq_lengths=None, local_window_size=None):
     """Scaled dot-product attention, routed to the best backend that can serve it.
 
     Args:
-      q: `(b, n, sq, d)` queries (`(b, sq, n, d)` with `layout="bsnd"`).
+      q: `(b, n, sq, d)` queries (`(b, sq, n, d)` with `layout="bsnd"`); rank 3 for all of q, k, v
+        means unbatched (`(n, s, d)`, or `(s, n, d)` with "bsnd").
       k: `(b, n_kv, skv, d)` keys, `n % n_kv == 0` (GQA/MQA).
       v: `(b, n_kv, skv, dv)` values.
       attn_mask: bool (True = attend) or additive float bias, broadcastable to `(b, n, sq, skv)`
         in either layout; a bias entry of -inf masks that key.
-      scale: logit scale, default `1/sqrt(d)`.
+      scale: logit scale (a real number), default `1/sqrt(d)`.
       is_causal: key j is visible to query i only when `j <= i` (top-left aligned).
-      kv_lengths: int `(b,)`; keys at positions `>= kv_lengths[i]` are padding.
+      kv_lengths: integer `(b,)`; keys at positions `>= kv_lengths[i]` are padding (values above
+        skv mean all keys). `key_value_seq_lengths` is the same, under jax.nn's name.
       layout: "bnsd" or "bsnd", for q, k, v and the output.
       backend: a backend name, a comma-separated preference list, or "auto" (see `use_backend`).
       return_lse: also return the log-sum-exp of the masked logits, `(b, n, sq)` float32.
+      bias, mask: jax.nn's names: a float additive bias and a bool mask, both broadcastable to
+        `(b, n, sq, skv)`; any of attn_mask, bias and mask may be given together (keys are kept
+        where every bool part keeps them, float parts add up).
+      query_seq_lengths: integer `(b,)`; queries at positions `>= query_seq_lengths[i]` are padding:
+        zeros out, lse -inf, no gradient, and they add nothing to any other gradient.
+      local_window_size: sliding window, an int (symmetric) or `(left, right)` (ints >= 0, or None
+        for unbounded): key j is visible to query i iff `i - left <= j <= i + right`.
 
     Returns:
       `out` in q's dtype and layout, with last dim `dv` (and `lse` if asked). A query with no key
-      to attend to gets zeros, zero gradients and lse = -inf.
+      to attend to gets zeros, zero gradients and lse = -inf; a NaN in a visible logit gives NaN.
+      Keys no query can see contribute exactly nothing, whatever they hold.
     """
-    inputs = AttentionInputs.build(q, k, v, attn_mask=attn_mask, kv_lengths=kv_lengths, scale=scale,
-                                   is_causal=is_causal, layout=layout)
+    inputs = AttentionInputs.build(
+        q, k, v, attn_mask=attn_mask, kv_lengths=_lengths_alias(kv_lengths, key_value_seq_lengths),
+        scale=scale, is_causal=is_causal, layout=layout, bias=bias, mask=mask,
+        query_seq_lengths=query_seq_lengths, local_window_size=local_window_size, local_blocks=True)
     from .parallel import sequence_parallel_forward  # late: parallel imports this module
-    sp = sequence_parallel_forward(inputs, backend, return_lse)
+    sp = sequence_parallel_forward(inputs, backend, return_lse)  # zeroes padding per device
     if sp is not None:
-        return sp
-    return choose(inputs.spec, backend)(inputs, return_lse)
+        return inputs.finish(sp, return_lse)
+    run = choose(inputs.spec, backend, Needs(forward_ad=forward_mode(q, k, v, attn_mask, bias, mask)))
+    return inputs.finish(run(inputs.padding_zeroed(), return_lse), return_lse)
 
 
 def explain(q, k, v, *, attn_mask=None, scale=None, is_causal=False, kv_lengths=None, layout="bnsd",
-            backend=None) -> Decision:
+            backend=None, bias=None, mask=None, query_seq_lengths=None, key_value_seq_lengths=None,
+            local_window_size=None) -> Decision:
     """What `attention_forward` would run for these inputs, and every backend's reasons.
 
     Accepts arrays or `jax.ShapeDtypeStruct`s; `print()` the result for a table.
     """
-    inputs = AttentionInputs.build(q, k, v, attn_mask=attn_mask, kv_lengths=kv_lengths, scale=scale,
-                                   is_causal=is_causal, layout=layout)
-    return decide(inputs.spec, backend)
+    spec = validate(q, k, v, attn_mask=attn_mask, scale=scale, is_causal=is_causal,
+                    kv_lengths=_lengths_alias(kv_lengths, key_value_seq_lengths), layout=layout,
+                    bias=bias, mask=mask, query_seq_lengths=query_seq_lengths,
+                    local_window_size=local_window_size)
+    return decide(spec, backend, Needs(forward_ad=forward_mode(q, k, v, attn_mask, bias, mask)))
 
 
 def available_backends() -> list[str]:

@@ -166,10 +166,11 @@ class Attention(nnx.Module):
 
     # ---- processors -------------------------------------------------------------------------
     def set_processor(self, processor, *, rngs: nnx.Rngs | None = None) -> None:
-        """Attach `processor` (drops the previous one's state), run its `setup`, freeze it."""
-        if not callable(processor):
-            raise TypeError(f"processor must be callable as processor(attn, hidden_states, ...), "
-                            f"got {type(processor).__name__}")
+        """Attach `processor` (drops the previous one's state), run its `setup`, freeze it.
+
+        When `setup` raises, the layer keeps its previous processor and state."""
+        _processors.check_processor(processor, self.layer_name or None)
+        saved = self._save_processor()
         self.processor_state = nnx.Dict()
         self.processor = processor
         token = _setup_key.set(None if rngs is None else rngs.params())
@@ -177,10 +178,20 @@ class Attention(nnx.Module):
             setup = getattr(processor, "setup", None)
             if setup is not None:
                 setup(self)
+        except BaseException:
+            self._restore_processor(saved)
+            raise
         finally:
             _setup_key.reset(token)
         if isinstance(processor, _processors.AttnProcessorBase):
             processor.freeze()
+
+    def _save_processor(self):
+        """The processor and the variables it owns (kept as they are: `set_processor` replaces them)."""
+        return getattr(self, "processor", None), self.processor_state
+
+    def _restore_processor(self, saved) -> None:
+        self.processor, self.processor_state = saved
 
     def get_processor(self):
         return self.processor
@@ -398,8 +409,7 @@ def _find_layers(model):
     return attention_layers(model) if isinstance(model, nnx.Module) else None
 
 
-def _processor_key(path: str) -> str:
-    return f"{path}.processor" if path else "processor"
+_processor_key = _processors._processor_key
 
 
 def attn_processors(model) -> dict:
@@ -413,30 +423,16 @@ def set_attn_processor(model, processor, *, rngs: nnx.Rngs | None = None) -> Non
     Keys are those of `attn_processors` (the ".processor" suffix may be left off). A dict that
     misses a layer or names an unknown one raises `ValueError`. `rngs` seeds processor parameters
     (LoRA); without it they are seeded from the layer path. Outside `nnx.jit` only.
+
+    All or nothing: the whole request is checked before any layer changes (`TypeError` /
+    `ValueError` naming the key), and when a processor's `setup` raises, every layer keeps its
+    previous processor and state, and the error propagates.
     """
     layers = attention_layers(model)
     if not layers:
         raise ValueError(f"model {type(model).__name__} has no jax_attn.Attention layer")
-    for path, layer in layers.items():
-        layer.layer_name = path
-    if isinstance(processor, dict):
-        given = {}
-        for key, p in processor.items():
-            path = _processors._layer_key(key) if key != "processor" else ""
-            given[path] = p
-        missing = sorted(set(layers) - set(given))
-        unknown = sorted(set(given) - set(layers))
-        if missing or unknown:
-            raise ValueError(
-                "set_attn_processor: the processor dict must name every attention layer exactly; "
-                + (f"missing {[_processor_key(p) for p in missing]}; " if missing else "")
-                + (f"unknown {[_processor_key(p) for p in unknown]}; " if unknown else "")
-                + f"known: {[_processor_key(p) for p in layers]}")
-        for path, layer in layers.items():
-            layer.set_processor(given[path], rngs=rngs)
-    else:
-        for layer in layers.values():
-            layer.set_processor(processor, rngs=rngs)
+    _processors.set_layer_processors(layers, processor,
+                                     lambda layer, p: layer.set_processor(p, rngs=rngs))
 
 
 __all__ = ["Attention", "ProcessorState", "JaxOps", "attention_layers", "attn_processors",

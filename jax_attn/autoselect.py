@@ -63,17 +63,19 @@ def table(mode: str = "train") -> dict:
 
 def preference(spec: Spec, mode: str = "train") -> list[str]:
     """Backends to try, best first, for `spec` on this machine; `mode` "train" when the call is
-    differentiated, "forward" when nothing differentiates it."""
+    differentiated, "forward" when nothing differentiates it. Measured orders first; backends
+    that hold the whole score matrix (`quadratic_memory`) go last when it would exceed
+    `SCORE_BYTES_BUDGET`."""
+    from .backends import BACKENDS  # late: the registry imports the kernels
     measured = table(mode).get(bucket(spec))
-    quadratic = spec.batch * spec.heads * spec.q_len * spec.kv_len * 4 > SCORE_BYTES_BUDGET
     if measured:
         order = list(measured)
     elif platform() == "gpu":
         order = ["cudnn", "pallas", "xla", "chunked"]
     else:
         order = ["xla", "chunked"]
-    if quadratic:  # keep to the backends whose memory is linear in sequence length
-        order = [n for n in order if n not in ("xla", "naive")]
-    rest = ["pallas", "cudnn", "chunked", "xla", "naive"]
-    return order + [n for n in rest if n not in order and not (quadratic and n in ("xla", "naive"))] + (
-        ["xla", "naive"] if quadratic else [])
+    order += [n for n in BACKENDS if n not in order]
+    if spec.batch * spec.heads * spec.q_len * spec.kv_len * 4 > SCORE_BYTES_BUDGET:
+        order = ([n for n in order if not BACKENDS[n].quadratic_memory]
+                 + [n for n in order if BACKENDS[n].quadratic_memory])
+    return order

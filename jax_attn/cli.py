@@ -37,10 +37,18 @@ class Case:
     skv: int
     d: int
     dv: int
-    mask: str = "none"  # "none", "key" (bool, per key), "bias" (float, full)
+    mask: str = "none"  # "none", "key" (bool, per key), "bias" (float, full), "key_bias" (float, per key)
     causal: bool = False
     kv_lengths: bool = False
     layout: str = "bnsd"
+    window: tuple | None = None  # local_window_size
+    q_lengths: bool = False  # query_seq_lengths (one sample with padding queries)
+    poison: bool = False  # NaN in k and v at the keys kv_lengths drops (they must not matter)
+
+    @property
+    def bias_grad(self) -> bool:
+        """The case differentiates its float bias too."""
+        return self.mask in ("bias", "key_bias")
 
     def scaled(self, factor: int) -> "Case":
         return dataclasses.replace(self, sq=max(1, self.sq // factor), skv=max(1, self.skv // factor))
@@ -54,6 +62,13 @@ CASES = (
     Case("per-key bool mask", 2, 4, 4, 256, 160, 72, 72, mask="key"),
     Case("additive bias", 1, 4, 4, 256, 256, 64, 64, mask="bias"),
     Case("value dim != head dim", 1, 2, 2, 128, 96, 64, 32),
+    Case("per-key bias", 2, 4, 4, 512, 300, 64, 64, mask="key_bias"),
+    Case("additive bias, d=128", 1, 4, 4, 512, 512, 128, 128, mask="bias"),
+    Case("sliding window, causal", 1, 4, 4, 1024, 1024, 64, 64, causal=True, window=(128, 0)),
+    Case("sliding window, two-sided, GQA", 1, 4, 2, 512, 512, 128, 128, window=(64, 32)),
+    Case("query and key padding", 2, 4, 4, 256, 77, 64, 64, kv_lengths=True, q_lengths=True),
+    Case("NaN in padded keys", 2, 4, 4, 1024, 77, 40, 40, kv_lengths=True, poison=True),
+    Case("NaN in padded keys, self-attention", 2, 4, 4, 1024, 1024, 64, 64, kv_lengths=True, poison=True),
 )
 
 
@@ -104,14 +119,25 @@ def _inputs(case: Case, dtype, seed: int):
     q = rng.standard_normal(shape(case.n, case.sq, case.d))
     k = rng.standard_normal(shape(case.n_kv, case.skv, case.d))
     v = rng.standard_normal(shape(case.n_kv, case.skv, case.dv))
-    q, k, v = (jnp.asarray(x, dtype) for x in (q, k, v))
     kw = {"is_causal": case.causal, "layout": case.layout}
     if case.kv_lengths:  # one sample fully padded: its rows must come back as zeros
-        kw["kv_lengths"] = jnp.asarray(np.r_[rng.integers(1, case.skv + 1, case.b - 1), 0], jnp.int32)
+        lengths = np.r_[rng.integers(1, case.skv + 1, case.b - 1), 0]
+        kw["kv_lengths"] = jnp.asarray(lengths, jnp.int32)
+        if case.poison:  # garbage in the padding, as uninitialized text-encoder outputs hold
+            pad = np.arange(case.skv)[None, None, :] >= lengths[:, None, None]
+            k, v = (np.where(pad[..., None], np.nan, x) for x in (k, v))
+    q, k, v = (jnp.asarray(x, dtype) for x in (q, k, v))
+    if case.q_lengths:
+        kw["query_seq_lengths"] = jnp.asarray(np.r_[rng.integers(1, case.sq + 1, case.b - 1), case.sq],
+                                              jnp.int32)
+    if case.window is not None:
+        kw["local_window_size"] = case.window
     if case.mask == "key":
         kw["attn_mask"] = jnp.asarray(rng.random((case.b, 1, 1, case.skv)) < 0.8)
     elif case.mask == "bias":
         kw["attn_mask"] = jnp.asarray(rng.standard_normal((1, case.n, case.sq, case.skv)), dtype)
+    elif case.mask == "key_bias":
+        kw["attn_mask"] = jnp.asarray(rng.standard_normal((case.b, 1, 1, case.skv)), dtype)
     return q, k, v, kw
 
 
@@ -131,11 +157,15 @@ def _reference(case: Case, dtype: str, seed: int):
     q, k, v, kw = _inputs(case, dtype, seed)
     np_kw = {k_: (np.asarray(x, np.float64 if x.dtype != jnp.bool_ and k_ == "attn_mask" else None)
                   if hasattr(x, "shape") else x) for k_, x in kw.items()}
+    extra = dict(q_lengths=np_kw.get("query_seq_lengths"), window=case.window)
     ref, ref_lse = reference.attention(q, k, v, np_kw.get("attn_mask"), np_kw.get("kv_lengths"),
-                                       case.causal, return_lse=True)
+                                       case.causal, return_lse=True, **extra)
     d_out = jnp.asarray(np.random.default_rng(seed + 1).standard_normal(ref.shape), dtype)
-    ref_grads = reference.attention_vjp(q, k, v, d_out, np_kw.get("attn_mask"), np_kw.get("kv_lengths"),
-                                        case.causal)[:3]
+    *ref_grads, d_bias = reference.attention_vjp(q, k, v, d_out, np_kw.get("attn_mask"),
+                                                 np_kw.get("kv_lengths"), case.causal, **extra)
+    if case.bias_grad:  # summed over the dims the bias broadcasts along
+        shape = kw["attn_mask"].shape
+        ref_grads.append(d_bias.sum(tuple(i for i, s in enumerate(shape) if s == 1), keepdims=True))
     return (q, k, v, kw), (ref, ref_lse, ref_grads, d_out)
 
 
@@ -146,28 +176,30 @@ def compile_case(name: str, case: Case, dtype: str, seed: int = 0):
     row = {"backend": name, "case": case.name, "dtype": dtype}
     swap = (lambda x: jnp.swapaxes(x, 1, 2)) if case.layout == "bsnd" else (lambda x: x)
     (q, k, v, kw), (ref, ref_lse, ref_grads, d_out) = _reference(case, dtype, seed)  # q, k, v in bnsd
-    spec = validate(*map(swap, (q, k, v)), attn_mask=kw.get("attn_mask"), kv_lengths=kw.get("kv_lengths"),
-                    is_causal=case.causal, layout=case.layout)
+    spec = validate(*map(swap, (q, k, v)), **kw)
     why = BACKENDS[name].reasons(spec)
     if why:
         return lambda: {**row, "status": "skip", "note": "; ".join(why)}
     crashed = lambda e: {**row, "status": "FAIL", "note": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"}
 
-    def run(q, k, v, **extra):  # bnsd in and out, whatever layout the backend is given
-        res = attention_forward(swap(q), swap(k), swap(v), backend=name, **kw, **extra)
+    def run(q, k, v, bias=None, **extra):  # bnsd in and out, whatever layout the backend is given
+        args = kw if bias is None else {**kw, "attn_mask": bias}
+        res = attention_forward(swap(q), swap(k), swap(v), backend=name, **args, **extra)
         return (swap(res[0]), res[1]) if extra else swap(res)
 
+    # Differentiated: q, k, v, and the float bias when the case has one.
+    diff = (q, k, v) + ((kw["attn_mask"],) if case.bias_grad else ())
     try:
         fwd = jax.jit(lambda q, k, v: run(q, k, v, return_lse=True)).lower(q, k, v).compile()
-        grad = jax.jit(jax.grad(lambda q, k, v: jnp.sum(run(q, k, v).astype(jnp.float32) * d_out),
-                                argnums=(0, 1, 2))).lower(q, k, v).compile()
+        grad = jax.jit(jax.grad(lambda *a: jnp.sum(run(*a).astype(jnp.float32) * d_out),
+                                argnums=tuple(range(len(diff))))).lower(*diff).compile()
     except Exception as e:  # a crash is a failure, reported with its message
         return lambda: crashed(e)
 
     def evaluate() -> dict:
         try:
             out, lse = fwd(q, k, v)
-            grads = grad(q, k, v)
+            grads = grad(*diff)
         except Exception as e:  # noqa: BLE001
             return crashed(e)
         out_err = reference.relative_error(out, ref)
@@ -177,7 +209,7 @@ def compile_case(name: str, case: Case, dtype: str, seed: int = 0):
         ok = out_err <= tol and lse_err <= tol and grad_err <= 2 * tol
         return {**row, "status": "pass" if ok else "FAIL", "out_err": out_err, "lse_err": lse_err,
                 "grad_err": grad_err, "tol": tol, "fwd_ms": _median_ms(fwd, q, k, v),
-                "fwd_bwd_ms": _median_ms(grad, q, k, v), "note": ""}
+                "fwd_bwd_ms": _median_ms(grad, *diff), "note": "bias grad checked" if case.bias_grad else ""}
 
     return evaluate
 

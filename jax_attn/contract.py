@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
+
+import numpy as np
 
 LAYOUTS = ("bnsd", "bsnd")
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
@@ -14,7 +17,12 @@ FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
 @dataclasses.dataclass(frozen=True)
 class Spec:
-    """Static description of one attention call, in `(b, n, s, d)` terms whatever the layout."""
+    """Static description of one attention call, in `(b, n, s, d)` terms whatever the layout.
+
+    The masks of a call (`attn_mask`, jax.nn's `bias` and `mask`) are described merged: a key is
+    kept where every bool mask keeps it, and the float parts add up (`mask_kind` "bias" when any
+    part is float). Unbatched inputs are described with `batch=1`.
+    """
 
     batch: int
     heads: int
@@ -30,14 +38,29 @@ class Spec:
     has_kv_lengths: bool = False
     is_causal: bool = False
     scale: float = 1.0
+    has_q_lengths: bool = False
+    window: tuple[int | None, int | None] | None = None  # (left, right) keys around each query
+    unbatched: bool = False
 
     @property
     def groups(self) -> int:
         return self.heads // self.kv_heads
 
     @property
+    def window_bounds(self) -> tuple[int | None, int | None] | None:
+        """`(left, right)`: key j is visible to query i iff `i - left <= j <= i + right` (None =
+        unbounded), causal folded in as `right <= 0`; None when neither restricts the keys."""
+        if self.window is None and not self.is_causal:
+            return None
+        left, right = self.window or (None, None)
+        if self.is_causal:
+            right = 0 if right is None else min(right, 0)
+        return left, right
+
+    @property
     def can_have_empty_rows(self) -> bool:
-        return self.mask_kind != "none" or self.has_kv_lengths
+        return (self.mask_kind != "none" or self.has_kv_lengths or self.has_q_lengths
+                or self.window is not None)
 
     @property
     def per_key_mask(self) -> bool:
@@ -60,11 +83,86 @@ def _shape_str(shape) -> str:
     return "(" + ", ".join(str(s) for s in shape) + ")"
 
 
+def _check_lengths(name, x, b, unbatched):
+    if x is None:
+        return
+    want = "()" if unbatched else f"({b},)"
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        raise TypeError(f"{name} must be an integer array of shape {want}, got {type(x).__name__}")
+    shapes = ((), (1,)) if unbatched else ((b,),)
+    if tuple(x.shape) not in shapes:
+        raise ValueError(f"{name} must have shape (b,) = {want}, got {_shape_str(x.shape)}")
+    if not _dtype_name(x.dtype).startswith(("int", "uint")):
+        raise TypeError(f"{name} must have an integer dtype, got {_dtype_name(x.dtype)}")
+
+
+def _check_mask(name, x, kinds, full):
+    """Validate one mask argument; returns (kind, shape left-padded to rank 4)."""
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        raise TypeError(f"{name} must be an array, got {type(x).__name__}")
+    dt = _dtype_name(x.dtype)
+    kind = "bool" if dt == "bool" else "bias" if dt in FLOAT_DTYPES else None
+    if kind not in kinds:
+        want = {("bool", "bias"): "bool (True = attend) or a floating additive bias",
+                ("bias",): "a floating additive bias", ("bool",): "bool (True = attend)"}[kinds]
+        raise TypeError(f"{name} must be {want}, got {dt}")
+    if len(x.shape) > 4:
+        raise ValueError(f"{name} must have rank <= 4, broadcastable to (b, n, sq, skv) = "
+                         f"{_shape_str(full)}, got {_shape_str(x.shape)}")
+    shape = (1,) * (4 - len(x.shape)) + tuple(x.shape)
+    if any(m not in (1, f) for m, f in zip(shape, full)):
+        raise ValueError(f"{name} of shape {_shape_str(x.shape)} is not broadcastable to "
+                         f"(b, n, sq, skv) = {_shape_str(full)}")
+    return kind, shape
+
+
+def _check_window(window):
+    """`local_window_size`: an int (symmetric) or `(left, right)` of ints >= 0 or None."""
+    if window is None:
+        return None
+
+    def side(x):
+        if x is None:
+            return None
+        if isinstance(x, bool) or not isinstance(x, numbers.Integral) or x < 0:
+            raise TypeError(f"local_window_size must be an int >= 0 or a (left, right) pair of ints "
+                            f">= 0 or None, got {window!r}")
+        return int(x)
+
+    if isinstance(window, (tuple, list)):
+        if len(window) != 2:
+            raise TypeError(f"local_window_size must be an int or a (left, right) pair, got {window!r}")
+        left, right = side(window[0]), side(window[1])
+        return None if left is None and right is None else (left, right)
+    w = side(window)
+    if w is None:
+        return None
+    return w, w
+
+
+def _check_scale(scale, d):
+    if scale is None:
+        return 1.0 / math.sqrt(d)
+    # A real number known when tracing (Python, NumPy scalar or concrete 0-d array); not a string.
+    if isinstance(scale, (str, bytes, bool, complex)) or (
+            not isinstance(scale, numbers.Real) and getattr(scale, "shape", None) != ()):
+        raise TypeError(f"scale must be a real number (static), got {type(scale).__name__} {scale!r}")
+    try:
+        value = float(scale)
+    except Exception:  # a traced value: the scale is part of the compiled program
+        raise TypeError(f"scale must be a real number known at trace time, got {type(scale).__name__}"
+                        ) from None
+    if not math.isfinite(value):
+        raise ValueError(f"scale must be finite, got {value}")
+    return value
+
+
 def validate(q, k, v, *, attn_mask=None, kv_lengths=None, scale=None, is_causal=False,
-             layout="bnsd") -> Spec:
+             layout="bnsd", bias=None, mask=None, query_seq_lengths=None,
+             local_window_size=None) -> Spec:
     """Check the arguments of `attention_forward` and describe the call.
 
-    `q`, `k`, `v`, `attn_mask` and `kv_lengths` may be anything with `.shape` and `.dtype`
+    `q`, `k`, `v`, the masks and the lengths may be anything with `.shape` and `.dtype`
     (JAX, NumPy or torch arrays, `jax.ShapeDtypeStruct`).
     """
     if layout not in LAYOUTS:
@@ -73,18 +171,24 @@ def validate(q, k, v, *, attn_mask=None, kv_lengths=None, scale=None, is_causal=
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not hasattr(x, "shape") or not hasattr(x, "dtype"):
             raise TypeError(f"{name} must be an array with a shape and dtype, got {type(x).__name__}")
-        if len(x.shape) != 4:
-            raise ValueError(f"{name} must have rank 4 {names} for layout={layout!r}, "
-                             f"got shape {_shape_str(x.shape)}")
         if _dtype_name(x.dtype) not in FLOAT_DTYPES:
             raise TypeError(f"{name} must have a floating dtype {FLOAT_DTYPES}, got {_dtype_name(x.dtype)}")
+    ranks = {len(x.shape) for x in (q, k, v)}
+    unbatched = ranks == {3}
+    if not unbatched:
+        for name, x in (("q", q), ("k", k), ("v", v)):
+            if len(x.shape) != 4:
+                raise ValueError(f"{name} must have rank 4 {names} for layout={layout!r} (or q, k and v "
+                                 f"all rank 3 {names.replace('b, ', '')}, unbatched), got shape "
+                                 f"{_shape_str(x.shape)}")
     dtypes = {_dtype_name(x.dtype) for x in (q, k, v)}
     if len(dtypes) != 1:
         raise TypeError(f"q, k and v must share one dtype, got q={_dtype_name(q.dtype)}, "
                         f"k={_dtype_name(k.dtype)}, v={_dtype_name(v.dtype)}")
 
     def bnsd(shape):
-        return tuple(shape) if layout == "bnsd" else (shape[0], shape[2], shape[1], shape[3])
+        shape = (1, *shape) if unbatched else tuple(shape)
+        return shape if layout == "bnsd" else (shape[0], shape[2], shape[1], shape[3])
 
     b, n, sq, d = bnsd(q.shape)
     kb, n_kv, skv, kd = bnsd(k.shape)
@@ -102,47 +206,26 @@ def validate(q, k, v, *, attn_mask=None, kv_lengths=None, scale=None, is_causal=
     if n % n_kv:
         raise ValueError(f"q's heads ({n}) must be a multiple of k/v's heads ({n_kv}) for GQA/MQA")
 
+    full = (b, n, sq, skv)
+    parts = [_check_mask(name, x, kinds, full) for name, x, kinds in (
+        ("attn_mask", attn_mask, ("bool", "bias")), ("bias", bias, ("bias",)), ("mask", mask, ("bool",)))
+        if x is not None]
     mask_kind, mask_shape = "none", None
-    if attn_mask is not None:
-        if not hasattr(attn_mask, "shape"):
-            raise TypeError(f"attn_mask must be an array, got {type(attn_mask).__name__}")
-        mdt = _dtype_name(attn_mask.dtype)
-        if mdt == "bool":
-            mask_kind = "bool"
-        elif mdt in FLOAT_DTYPES:
-            mask_kind = "bias"
-        else:
-            raise TypeError(f"attn_mask must be bool (True = attend) or a floating additive bias, got {mdt}")
-        full = (b, n, sq, skv)
-        if len(attn_mask.shape) > 4:
-            raise ValueError(f"attn_mask must have rank <= 4, broadcastable to (b, n, sq, skv) = "
-                             f"{_shape_str(full)}, got {_shape_str(attn_mask.shape)}")
-        mask_shape = (1,) * (4 - len(attn_mask.shape)) + tuple(attn_mask.shape)
-        if any(m not in (1, f) for m, f in zip(mask_shape, full)):
-            raise ValueError(f"attn_mask of shape {_shape_str(attn_mask.shape)} is not broadcastable to "
-                             f"(b, n, sq, skv) = {_shape_str(full)}")
+    if parts:
+        mask_kind = "bias" if any(kind == "bias" for kind, _ in parts) else "bool"
+        mask_shape = tuple(max(dims) for dims in zip(*(shape for _, shape in parts)))
 
-    if kv_lengths is not None:
-        if not hasattr(kv_lengths, "shape"):
-            raise TypeError(f"kv_lengths must be an integer array of shape ({b},), "
-                            f"got {type(kv_lengths).__name__}")
-        if tuple(kv_lengths.shape) != (b,):
-            raise ValueError(f"kv_lengths must have shape (b,) = ({b},), got {_shape_str(kv_lengths.shape)}")
-        if not _dtype_name(kv_lengths.dtype).startswith(("int", "uint")):
-            raise TypeError(f"kv_lengths must have an integer dtype, got {_dtype_name(kv_lengths.dtype)}")
-
-    if scale is None:
-        scale = 1.0 / math.sqrt(d)
-    else:
-        try:
-            scale = float(scale)
-        except TypeError:
-            raise TypeError(f"scale must be a Python number (static), got {type(scale).__name__}") from None
-        if not math.isfinite(scale):
-            raise ValueError(f"scale must be finite, got {scale}")
+    _check_lengths("kv_lengths", kv_lengths, b, unbatched)
+    _check_lengths("query_seq_lengths", query_seq_lengths, b, unbatched)
+    scale = _check_scale(scale, d)
+    if isinstance(is_causal, np.bool_):
+        is_causal = bool(is_causal)
     if not isinstance(is_causal, bool):
-        raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
+        raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__} {is_causal!r}")
 
     return Spec(batch=b, heads=n, kv_heads=n_kv, q_len=sq, kv_len=skv, head_dim=d, value_dim=dv,
                 dtype=dtypes.pop(), layout=layout, mask_kind=mask_kind, mask_shape=mask_shape,
-                has_kv_lengths=kv_lengths is not None, is_causal=is_causal, scale=scale)
+                has_kv_lengths=kv_lengths is not None, is_causal=is_causal, scale=scale,
+                has_q_lengths=query_seq_lengths is not None, window=_check_window(local_window_size),
+                unbatched=unbatched)
+

@@ -51,7 +51,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from .backends import BACKENDS
+from .backends import BACKENDS, Needs
 from .inputs import AttentionInputs
 from .routing import choose, current_choice, decide
 
@@ -185,6 +185,11 @@ def sequence_parallel_forward(inputs: AttentionInputs, backend, return_lse):
     plan = _context.get()
     if plan is None:
         return None
+    spec = inputs.spec
+    split_seq = plan.method != "local" or plan.seq_axis is not None or plan.mesh is None
+    if split_seq and (spec.window is not None or spec.has_q_lengths):
+        raise ValueError("local_window_size and query_seq_lengths need whole sequences on each device: "
+                         "they are not supported under sequence_parallel or shard_local(query_axis=...)")
     if plan.mesh is None:
         return _manual(plan, inputs, backend, return_lse)
     return _sharded(plan, inputs, backend, return_lse)
@@ -214,7 +219,7 @@ def _local(spec, q, k, v, mask, kv_lengths, is_causal=None):
     """AttentionInputs for local blocks, keeping the call's scale and layout."""
     return AttentionInputs.build(q, k, v, attn_mask=mask, kv_lengths=kv_lengths, scale=spec.scale,
                                  is_causal=spec.is_causal if is_causal is None else is_causal,
-                                 layout=spec.layout)
+                                 layout=spec.layout, local_window_size=spec.window)
 
 
 def _run(inputs, backend, return_lse):
@@ -525,33 +530,23 @@ def _grad_backend(ring: _Ring):
     """A chooser of the backend for the ring's backward: one whose log-sum-exp is differentiable.
 
     The backward recomputes each block and pulls gradients back through its `(out, lse)`, so a
-    backend that ignores the lse cotangent (cuDNN) would give wrong gradients. A backend named by
-    the caller must qualify (else ValueError); automatic or list choices fall to one that does.
+    backend that ignores the lse cotangent (cuDNN) would give wrong gradients: routing is asked
+    for `Needs(lse_grad=True)`. A backend named by the caller must qualify (else ValueError);
+    automatic or list choices fall to one that does.
     """
-    names = ring.backend
-    auto = names == ("auto",)
-
     def pick(local_spec):
-        d = decide(local_spec, ring.backend)
-        if d.backend is not None and BACKENDS[d.backend].lse_grad:
-            return BACKENDS[d.backend]
-        if not auto and len(names) == 1:
-            why = d.reasons[names[0]] or ["its log-sum-exp has no gradient (lse_grad=False), and ring "
-                                          "attention's backward differentiates each block's lse"]
-            raise ValueError(f"sequence_parallel('ring') backward: backend {names[0]!r} cannot serve it: "
-                             f"{'; '.join(why)}. Use a backend with lse gradients (pallas, xla, chunked, "
-                             f"naive), or method='ulysses'.")
-        ok = [nm for nm in d.candidates if not d.reasons[nm] and BACKENDS[nm].lse_grad
-              and (BACKENDS[nm].automatic or not auto)]
-        if not ok:
-            raise ValueError(f"sequence_parallel('ring') backward: none of {', '.join(d.candidates)} can "
-                             f"serve it with a differentiable log-sum-exp: "
-                             + "; ".join(f"{nm}: {', '.join(d.reasons[nm]) or 'lse_grad=False'}"
-                                         for nm in d.candidates))
-        key = (d.backend, ok[0])
-        if key not in _logged:
-            _logged.add(key)
-            log.info("ring attention: backward uses %r (%r has no lse gradient)", ok[0], d.backend)
-        return BACKENDS[ok[0]]
+        d = decide(local_spec, ring.backend, Needs(lse_grad=True))
+        if d.backend is None:
+            raise ValueError("sequence_parallel('ring') backward: none of the backends can serve it with a "
+                             "differentiable log-sum-exp: "
+                             + "; ".join(f"{nm!r}: {', '.join(d.reasons[nm]) or 'not chosen automatically'}"
+                                         for nm in d.candidates)
+                             + ". Use a backend with lse gradients (pallas, xla, chunked, naive), or "
+                               "method='ulysses'.")
+        plain = decide(local_spec, ring.backend).backend
+        if plain != d.backend and (plain, d.backend) not in _logged:
+            _logged.add((plain, d.backend))
+            log.info("ring attention: backward uses %r (%r has no lse gradient)", d.backend, plain)
+        return BACKENDS[d.backend]
 
     return pick

@@ -66,7 +66,9 @@ instance may be shared by many layers. Everything that changes or trains lives i
 created through `attn.new_param` / `attn.new_state` in `setup(attn)`, which the module calls once
 per layer on attach; `nnx.jit`, `nnx.grad` and optimizers see it as ordinary module state
 (`jax_attn.attention.ProcessorState` for the non-trainable part). Setting another processor drops
-the previous processor's state.
+the previous processor's state. Setting is all or nothing (`set_layer_processors`): a request is
+checked whole before any layer changes, and a `setup` that raises leaves every layer with its
+previous processor and state (modules provide `_save_processor()` / `_restore_processor(saved)`).
 """
 from __future__ import annotations
 
@@ -136,6 +138,78 @@ def attention_layers(model) -> dict:
 
 def _layer_key(name: str) -> str:
     return name[: -len(".processor")] if name.endswith(".processor") else name
+
+
+def _processor_key(path: str) -> str:
+    return f"{path}.processor" if path else "processor"
+
+
+def check_processor(processor, key=None) -> None:
+    """A `TypeError` naming `key` (a layer key) unless `processor` is a callable processor instance."""
+    where = "processor" if key is None else f"processor for {key!r}"
+    if isinstance(processor, type):
+        raise TypeError(f"{where} is the class {processor.__name__}, not a processor: "
+                        "pass an instance, e.g. AttnProcessor()")
+    if not callable(processor):
+        raise TypeError(f"{where} must be callable as processor(attn, hidden_states, ...), "
+                        f"got {type(processor).__name__}")
+
+
+def resolve_processors(layers: dict, request) -> dict:
+    """`set_attn_processor`'s request (one processor, or a dict `{layer key: processor}` naming
+    every layer once) checked against `{layer path: module}`: `{layer path: processor}`.
+
+    Touches no layer; every error names the offending key."""
+    if not isinstance(request, dict):
+        if not callable(request):
+            raise TypeError("set_attn_processor wants a processor instance or a dict "
+                            f"{{layer key: processor}}, got {type(request).__name__}")
+        check_processor(request)
+        return dict.fromkeys(layers, request)
+    given, keys = {}, {}
+    for key, processor in request.items():
+        if not isinstance(key, str):
+            raise TypeError(f"set_attn_processor: dict keys must be layer keys (str), got {key!r} "
+                            f"({type(key).__name__})")
+        path = "" if key == "processor" else _layer_key(key)
+        if path in given:
+            raise ValueError(f"set_attn_processor: {keys[path]!r} and {key!r} name the same layer "
+                             f"{_processor_key(path)!r}")
+        given[path], keys[path] = processor, key
+    missing = sorted(set(layers) - set(given))
+    unknown = sorted(set(given) - set(layers))
+    if missing or unknown:
+        raise ValueError(
+            "set_attn_processor: the processor dict must name every attention layer exactly; "
+            + (f"missing {[_processor_key(p) for p in missing]}; " if missing else "")
+            + (f"unknown {[_processor_key(p) for p in unknown]}; " if unknown else "")
+            + f"known: {[_processor_key(p) for p in layers]}")
+    for path, processor in given.items():
+        check_processor(processor, keys[path])
+    return {path: given[path] for path in layers}
+
+
+def set_layer_processors(layers: dict, request, attach) -> None:
+    """All or nothing: `attach(module, processor)` on every layer of `resolve_processors(layers,
+    request)`. When one raises, the layers changed so far get their previous processor and state
+    back (`module._save_processor()` / `module._restore_processor(saved)`, the one framework-specific
+    part), processors this call froze are thawed, and the exception propagates."""
+    plan = resolve_processors(layers, request)
+    for path, layer in layers.items():
+        layer.layer_name = path
+    thaw = [p for p in {id(p): p for p in plan.values()}.values()
+            if isinstance(p, AttnProcessorBase) and not p._frozen]
+    done = []
+    try:
+        for path, processor in plan.items():
+            done.append((layers[path], layers[path]._save_processor()))
+            attach(layers[path], processor)
+    except BaseException:
+        for layer, saved in reversed(done):
+            layer._restore_processor(saved)
+        for p in thaw:
+            object.__setattr__(p, "_frozen", False)
+        raise
 
 
 class AttnProcessorBase:

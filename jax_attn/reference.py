@@ -2,9 +2,13 @@
 
 Plain NumPy, no JAX, so it shares no code path with what it checks. Inputs in `(b, n, s, d)`.
 A key is masked when the bool mask is False, the bias is -inf, it lies at or past
-`kv_lengths[b]`, or (causal) after the query's position (top-left aligned, as
-`jax.nn.dot_product_attention` and `torch.nn.functional.scaled_dot_product_attention`).
-A query with no unmasked key returns zeros and zero gradients, and its log-sum-exp is -inf.
+`kv_lengths[b]`, (causal) after the query's position (top-left aligned, as
+`jax.nn.dot_product_attention` and `torch.nn.functional.scaled_dot_product_attention`), or
+outside the query's local window `(left, right)`: visible iff `i - left <= j <= i + right`.
+Queries at or past `q_lengths[b]` are padding and see no key. A query with no unmasked key
+returns zeros and zero gradients, and its log-sum-exp is -inf. A NaN in a visible logit is NaN.
+A key that no query sees contributes nothing, forward and backward, whatever it holds (NaN
+included); so does a padding query.
 """
 from __future__ import annotations
 
@@ -34,38 +38,64 @@ def relative_error(x, ref) -> float:
     return float(diff / max(np.linalg.norm(np.where(finite, ref, 0.0)), floor))
 
 
-def _logits_and_keep(q, k, attn_mask, kv_lengths, is_causal, scale):
-    b, n, sq, d = q.shape
-    n_kv, skv = k.shape[1], k.shape[2]
-    k = np.repeat(k, n // n_kv, axis=1)
-    s = np.einsum("bnqd,bnkd->bnqk", q, k) * scale
-    keep = np.ones((b, n, sq, skv), dtype=bool)
+def _keep(shape, attn_mask, kv_lengths, is_causal, q_lengths, window):
+    """Which logits of `(b, n, sq, skv)` are kept, and the finite part of an additive bias."""
+    b, n, sq, skv = shape
+    keep = np.ones(shape, dtype=bool)
+    bias = None
     if attn_mask is not None:
         m = np.asarray(attn_mask)
         if m.dtype == bool:
             keep &= np.broadcast_to(m, keep.shape)
         else:
-            bias = np.broadcast_to(m.astype(np.float64), keep.shape)
-            keep &= ~np.isneginf(bias)
-            s = s + np.where(np.isneginf(bias), 0.0, bias)
+            full = np.broadcast_to(m.astype(np.float64), keep.shape)
+            keep &= ~np.isneginf(full)
+            bias = np.where(np.isneginf(full), 0.0, full)
     if kv_lengths is not None:
         keep &= np.arange(skv)[None, None, None, :] < np.asarray(kv_lengths)[:, None, None, None]
+    if q_lengths is not None:
+        keep &= np.arange(sq)[None, None, :, None] < np.asarray(q_lengths)[:, None, None, None]
+    i, j = np.arange(sq)[:, None], np.arange(skv)[None, :]
     if is_causal:
-        keep &= np.tril(np.ones((sq, skv), dtype=bool))[None, None]
-    return s, keep
+        keep &= (j <= i)[None, None]
+    if window is not None:
+        left, right = (window, window) if np.isscalar(window) else window
+        if left is not None:
+            keep &= (j >= i - left)[None, None]
+        if right is not None:
+            keep &= (j <= i + right)[None, None]
+    return keep, bias
 
 
-def _probs(q, k, attn_mask, kv_lengths, is_causal, scale):
-    s, keep = _logits_and_keep(q, k, attn_mask, kv_lengths, is_causal, scale)
+def _logits_and_keep(q, k, attn_mask, kv_lengths, is_causal, scale, q_lengths=None, window=None):
+    """Scaled logits (plus bias) and the keep mask; k and q at positions nothing sees are zeroed
+    first, so that whatever they hold cannot reach any result."""
+    b, n, sq, d = q.shape
+    n_kv, skv = k.shape[1], k.shape[2]
+    g = n // n_kv
+    keep, bias = _keep((b, n, sq, skv), attn_mask, kv_lengths, is_causal, q_lengths, window)
+    key_seen = keep.any(2).reshape(b, n_kv, g, skv).any(2)  # (b, n_kv, skv)
+    k = np.where(key_seen[..., None], k, 0.0)
+    if q_lengths is not None:
+        q = np.where((np.arange(sq)[None, :] < np.asarray(q_lengths)[:, None])[:, None, :, None], q, 0.0)
+    s = np.einsum("bnqd,bnkd->bnqk", q, np.repeat(k, g, axis=1)) * scale
+    if bias is not None:
+        s = s + bias
+    return s, keep, key_seen
+
+
+def _probs(q, k, attn_mask, kv_lengths, is_causal, scale, q_lengths=None, window=None):
+    s, keep, key_seen = _logits_and_keep(q, k, attn_mask, kv_lengths, is_causal, scale, q_lengths, window)
+    empty = ~keep.any(-1, keepdims=True)  # emptiness is about visibility, never about values
     s_masked = np.where(keep, s, -np.inf)
-    m = s_masked.max(-1, keepdims=True)
-    m = np.where(np.isfinite(m), m, 0.0)
-    e = np.where(keep, np.exp(s_masked - m), 0.0)
-    l = e.sum(-1, keepdims=True)
-    p = e / np.where(l > 0, l, 1.0)
-    with np.errstate(divide="ignore"):
-        lse = np.where(l[..., 0] > 0, np.log(l[..., 0]) + m[..., 0], -np.inf)
-    return p, lse, keep
+    with np.errstate(invalid="ignore"):
+        m = np.where(empty, 0.0, s_masked.max(-1, keepdims=True))  # NaN stays NaN
+        e = np.where(keep, np.exp(s_masked - m), 0.0)
+        l = e.sum(-1, keepdims=True)
+        p = e / np.where(empty, 1.0, l)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        lse = np.where(empty[..., 0], -np.inf, np.log(l[..., 0]) + m[..., 0])
+    return p, lse, key_seen
 
 
 def _f64(*xs):
@@ -73,24 +103,27 @@ def _f64(*xs):
 
 
 def attention(q, k, v, attn_mask=None, kv_lengths=None, is_causal=False, scale=None,
-              return_lse=False):
+              return_lse=False, *, q_lengths=None, window=None):
     """Forward pass in float64. Returns `out (b, n, sq, dv)` and optionally `lse (b, n, sq)`."""
     q, k, v = _f64(q, k, v)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    p, lse, _ = _probs(q, k, attn_mask, kv_lengths, is_causal, scale)
+    p, lse, key_seen = _probs(q, k, attn_mask, kv_lengths, is_causal, scale, q_lengths, window)
     n, n_kv = q.shape[1], k.shape[1]
+    v = np.where(key_seen[..., None], v, 0.0)
     out = np.einsum("bnqk,bnkd->bnqd", p, np.repeat(v, n // n_kv, axis=1))
     return (out, lse) if return_lse else out
 
 
-def probabilities(q, k, attn_mask=None, kv_lengths=None, is_causal=False, scale=None):
+def probabilities(q, k, attn_mask=None, kv_lengths=None, is_causal=False, scale=None, *,
+                  q_lengths=None, window=None):
     """The full attention map `(b, n, sq, skv)` in float64 (rows of zeros where fully masked)."""
     q, k = _f64(q, k)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    return _probs(q, k, attn_mask, kv_lengths, is_causal, scale)[0]
+    return _probs(q, k, attn_mask, kv_lengths, is_causal, scale, q_lengths, window)[0]
 
 
-def attention_vjp(q, k, v, d_out, attn_mask=None, kv_lengths=None, is_causal=False, scale=None):
+def attention_vjp(q, k, v, d_out, attn_mask=None, kv_lengths=None, is_causal=False, scale=None, *,
+                  q_lengths=None, window=None):
     """Gradients `(dq, dk, dv, dbias)` of `sum(out * d_out)`, by the analytic softmax derivative.
 
     `dbias` is the full `(b, n, sq, skv)` gradient w.r.t. an additive bias (zero where masked);
@@ -99,7 +132,11 @@ def attention_vjp(q, k, v, d_out, attn_mask=None, kv_lengths=None, is_causal=Fal
     q, k, v, d_out = _f64(q, k, v, d_out)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     g = q.shape[1] // k.shape[1]
-    p, _, _ = _probs(q, k, attn_mask, kv_lengths, is_causal, scale)
+    p, _, key_seen = _probs(q, k, attn_mask, kv_lengths, is_causal, scale, q_lengths, window)
+    seen = key_seen[..., None]
+    k, v = np.where(seen, k, 0.0), np.where(seen, v, 0.0)
+    if q_lengths is not None:
+        q = np.where((np.arange(q.shape[2])[None, :] < np.asarray(q_lengths)[:, None])[:, None, :, None], q, 0.0)
     v_rep, k_rep = np.repeat(v, g, axis=1), np.repeat(k, g, axis=1)
     dv = np.einsum("bnqk,bnqd->bnkd", p, d_out)
     dp = np.einsum("bnqd,bnkd->bnqk", d_out, v_rep)

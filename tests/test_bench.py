@@ -2,8 +2,10 @@
 
 Timings on a shared CPU are noise; these tests check structure and logic, never speed.
 """
+import argparse
 import csv
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -241,3 +243,29 @@ def test_pallas_rows_name_the_kernel_that_ran(tmp_path):
     assert rc == 0
     (row,) = rows(doc, impl="pallas")
     assert row["status"] == "ok" and row["kernel"] == "triton"  # no Hopper GPU here
+
+
+@pytest.mark.parametrize("main", [lambda argv: cli.main(["bench", *argv]), bench.main], ids=["cli", "bench"])
+@pytest.mark.parametrize("argv, message", [
+    (["--shape", "1,2,3"], r"argument --shape: expected B,N,SQ,SKV,D \(five positive integers\), got '1,2,3'"),
+    (["--shape", "1,2,64,a,16"], r"argument --shape: expected B,N,SQ,SKV,D .* got '1,2,64,a,16'"),
+    (["--shape", "1,2,64,48,0"], r"argument --shape: expected B,N,SQ,SKV,D .* got '1,2,64,48,0'"),
+    (["--shapes", "tiny,huge"], r"argument --shapes: unknown shape set\(s\) 'huge'; known: diffusion, tiny"),
+])
+def test_bad_shape_options_are_usage_errors(main, argv, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage:" in err and "Traceback" not in err
+    assert re.search(message, err), err
+
+
+def test_shape_options_parse_to_shapes():
+    parser = argparse.ArgumentParser()
+    bench._add_arguments(parser)
+    args = parser.parse_args(["--shapes", "tiny", "--shape", "1x2x64x48x16", "--shape", "2,1,40,77,8",
+                              "--dtype", "float32"])
+    assert args.shape == [(1, 2, 64, 48, 16), (2, 1, 40, 77, 8)] and args.shapes == ["tiny"]
+    names = [s.name for s in bench.select_shapes(args)]
+    assert names == [s.name for s in bench.SHAPE_SETS["tiny"]] + ["1x2x64x48x16", "2x1x40x77x8"]

@@ -44,8 +44,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from jax_attn import reference  # noqa: E402
-from jax_attn.backends import pallas as pallas_backend  # noqa: E402
+from jax_attn import reference, routing  # noqa: E402
 from jax_attn.contract import Spec  # noqa: E402
 from jax_attn.kernels import mosaic_attention as M  # noqa: E402
 
@@ -246,32 +245,46 @@ def _spec(**kw):
 
 
 def test_backend_dispatch(monkeypatch):
-    """`pallas` picks the Mosaic kernel only on sm90, for qualifying inputs, as the env var says."""
-    use = pallas_backend._use_mosaic
+    """`pallas` picks the Mosaic kernel only on sm90, for qualifying inputs, as the env var says;
+    the choice is routing's (`routing.pallas_kernel`) and `explain()` shows it."""
+    def use(spec):
+        return routing.pallas_kernel(spec)[0] == "mosaic"
     # On the CPU (interpret mode) it is always the Triton kernel.
-    monkeypatch.setenv(pallas_backend.ENV_KERNEL, "mosaic")
+    monkeypatch.setenv(routing.ENV_PALLAS_KERNEL, "mosaic")
     assert not use(_spec())
     # Pretend to be a Hopper GPU outside interpret mode.
-    monkeypatch.setattr(pallas_backend, "interpreting", lambda: False)
-    monkeypatch.setattr(pallas_backend, "gpu_compute_capability", lambda: (9, 0))
+    monkeypatch.setattr(routing, "interpreting", lambda: False)
+    monkeypatch.setattr(routing, "gpu_compute_capability", lambda: (9, 0))
     assert use(_spec())
     assert use(_spec(mask_kind="bool", mask_shape=(1, 2, 1, 4096), has_kv_lengths=True))
     assert not use(_spec(dtype="float32"))
     assert not use(_spec(is_causal=True))
+    assert not use(_spec(window=(64, 64)))
     assert not use(_spec(mask_kind="bool", mask_shape=(1, 1, 4096, 4096)))  # full mask
     assert not use(_spec(mask_kind="bias", mask_shape=(1, 1, 1, 4096)))
     assert not use(_spec(value_dim=32))
-    monkeypatch.setattr(pallas_backend, "gpu_compute_capability", lambda: (8, 0))
+    monkeypatch.setattr(routing, "gpu_compute_capability", lambda: (8, 0))
     assert not use(_spec())
-    monkeypatch.setattr(pallas_backend, "gpu_compute_capability", lambda: (9, 0))
-    monkeypatch.setenv(pallas_backend.ENV_KERNEL, "triton")
+    monkeypatch.setattr(routing, "gpu_compute_capability", lambda: (9, 0))
+    monkeypatch.setenv(routing.ENV_PALLAS_KERNEL, "triton")
     assert not use(_spec())
-    monkeypatch.setenv(pallas_backend.ENV_KERNEL, "auto")
+    monkeypatch.setenv(routing.ENV_PALLAS_KERNEL, "auto")
     monkeypatch.setattr(M, "FASTER_THAN_TRITON_SM90", {(64, "self"): True, (64, "cross"): False})
     assert use(_spec())
     assert not use(_spec(kv_len=77))
     assert not use(_spec(q_len=1))  # a decode step: bucket not measured
     assert not use(_spec(head_dim=128, value_dim=128))  # bucket not measured
-    monkeypatch.setenv(pallas_backend.ENV_KERNEL, "cutlass")
+    monkeypatch.setenv(routing.ENV_PALLAS_KERNEL, "cutlass")
     with pytest.raises(ValueError, match="JAX_ATTN_PALLAS_KERNEL"):
         use(_spec())
+
+
+def test_explain_names_the_pallas_kernel(monkeypatch):
+    monkeypatch.setattr(routing, "interpreting", lambda: False)
+    monkeypatch.setattr(routing, "gpu_compute_capability", lambda: (9, 0))
+    monkeypatch.setattr(M, "FASTER_THAN_TRITON_SM90", {(64, "self"): True})
+    d = routing.decide(_spec(), "pallas")
+    assert d.kernel == "mosaic" and "measured faster" in d.kernel_why
+    assert "pallas runs the mosaic kernel" in str(d) and "JAX_ATTN_PALLAS_KERNEL" in str(d)
+    d = routing.decide(_spec(is_causal=True), "pallas")
+    assert d.kernel == "triton" and "causal" in d.kernel_why

@@ -236,7 +236,7 @@ def test_backend_runs_in_interpret_mode_but_is_never_automatic():
     backend = Pallas()
     assert backend.unavailable() == []
     assert backend.automatic is False
-    assert backend.bias_grad is False and backend.lse_grad is True
+    assert backend.bias_grad is True and backend.lse_grad is True and backend.window is True
 
 
 def test_backend_without_gpu_or_interpret_says_why(monkeypatch):

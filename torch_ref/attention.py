@@ -157,10 +157,10 @@ class Attention(nn.Module):
         """Attach `processor` (drops the previous one's state), run its `setup`, freeze it.
 
         `generator` seeds processor parameters; without it each is seeded from layer path and name.
+        When `setup` raises, the layer keeps its previous processor and state.
         """
-        if not callable(processor):
-            raise TypeError(f"processor must be callable as processor(attn, hidden_states, ...), "
-                            f"got {type(processor).__name__}")
+        _processors.check_processor(processor, self.layer_name or None)
+        saved = self._save_processor()
         self.processor_state = ProcessorState()
         # Not a sub-module attribute: processors are configuration, shared between layers.
         self.__dict__["processor"] = processor
@@ -169,10 +169,20 @@ class Attention(nn.Module):
             setup = getattr(processor, "setup", None)
             if setup is not None:
                 setup(self)
+        except BaseException:
+            self._restore_processor(saved)
+            raise
         finally:
             self._generator = None
         if isinstance(processor, _processors.AttnProcessorBase):
             processor.freeze()
+
+    def _save_processor(self):
+        """The processor and the module holding its state (kept: `set_processor` replaces it)."""
+        return self.__dict__.get("processor"), self.processor_state
+
+    def _restore_processor(self, saved) -> None:
+        self.__dict__["processor"], self.processor_state = saved
 
     def get_processor(self):
         return self.processor
@@ -383,8 +393,7 @@ def _find_layers(model):
     return attention_layers(model) if isinstance(model, nn.Module) else None
 
 
-def _processor_key(path: str) -> str:
-    return f"{path}.processor" if path else "processor"
+_processor_key = _processors._processor_key
 
 
 def attn_processors(model) -> dict:
@@ -395,29 +404,15 @@ def attn_processors(model) -> dict:
 def set_attn_processor(model, processor, *, generator: torch.Generator | None = None) -> None:
     """Set one processor on every attention layer, or a dict `{layer key: processor}` naming each.
 
-    Same keys and errors as `jax_attn.attention.set_attn_processor`; `generator` seeds processor
-    parameters (LoRA), which are otherwise seeded from the layer path.
+    Same keys, errors and all-or-nothing behavior as `jax_attn.attention.set_attn_processor`
+    (both run `jax_attn.processors.set_layer_processors`); `generator` seeds processor parameters
+    (LoRA), which are otherwise seeded from the layer path.
     """
     layers = attention_layers(model)
     if not layers:
         raise ValueError(f"model {type(model).__name__} has no torch_ref.Attention layer")
-    for path, layer in layers.items():
-        layer.layer_name = path
-    if isinstance(processor, dict):
-        given = {(_processors._layer_key(key) if key != "processor" else ""): p for key, p in processor.items()}
-        missing = sorted(set(layers) - set(given))
-        unknown = sorted(set(given) - set(layers))
-        if missing or unknown:
-            raise ValueError(
-                "set_attn_processor: the processor dict must name every attention layer exactly; "
-                + (f"missing {[_processor_key(p) for p in missing]}; " if missing else "")
-                + (f"unknown {[_processor_key(p) for p in unknown]}; " if unknown else "")
-                + f"known: {[_processor_key(p) for p in layers]}")
-        for path, layer in layers.items():
-            layer.set_processor(given[path], generator=generator)
-    else:
-        for layer in layers.values():
-            layer.set_processor(processor, generator=generator)
+    _processors.set_layer_processors(layers, processor,
+                                     lambda layer, p: layer.set_processor(p, generator=generator))
 
 
 __all__ = ["Attention", "TorchOps", "attention_layers", "attn_processors", "set_attn_processor"]

@@ -19,14 +19,15 @@ from jax_attn import reference
 
 from .api import attention_forward, available_backends
 from .backends import BACKENDS
-from .inputs import AttentionInputs
+from .inputs import describe
 
 log = logging.getLogger(__name__)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _case_inputs(case, dtype: str, seed: int):
-    """The CLI's inputs for `case`: float64 NumPy in bnsd plus the keyword arguments, and d_out."""
+    """The CLI's inputs for `case`: float64 NumPy in bnsd plus the keyword arguments, d_out, and the
+    reference's `q_lengths`/`window` keywords."""
     from jax_attn.cli import _inputs  # late: the CLI imports this module lazily
     q, k, v, kw = _inputs(case, dtype, seed)
     f64 = lambda x: np.asarray(x.astype("float32"), np.float64)
@@ -34,12 +35,15 @@ def _case_inputs(case, dtype: str, seed: int):
     mask = None if mask is None else (np.asarray(mask) if mask.dtype == bool else f64(mask))
     lengths = None if kw.get("kv_lengths") is None else np.asarray(kw["kv_lengths"])
     d_out = np.random.default_rng(seed + 1).standard_normal((case.b, case.n, case.sq, case.dv))
-    return f64(q), f64(k), f64(v), mask, lengths, d_out
+    q_lengths = kw.get("query_seq_lengths")
+    extra = dict(q_lengths=None if q_lengths is None else np.asarray(q_lengths),
+                 window=getattr(case, "window", None))
+    return f64(q), f64(k), f64(v), mask, lengths, d_out, extra
 
 
 def _run(case, dtype, arrays, backend):
     """Forward (with lse when the backend has it) and gradients of q, k, v on torch, as float64 bnsd."""
-    q, k, v, mask, lengths, d_out = arrays
+    q, k, v, mask, lengths, d_out, extra = arrays
     tdt = getattr(torch, dtype)
     swap = (lambda x: x.transpose(1, 2)) if case.layout == "bsnd" else (lambda x: x)
     q, k, v = (swap(torch.tensor(x, dtype=tdt, device=DEVICE)).requires_grad_() for x in (q, k, v))
@@ -47,7 +51,10 @@ def _run(case, dtype, arrays, backend):
     kw = dict(is_causal=case.causal, layout=case.layout,
               attn_mask=None if mask is None else torch.tensor(mask, device=DEVICE).to(
                   torch.bool if mask.dtype == bool else tdt),
-              kv_lengths=None if lengths is None else torch.tensor(lengths, device=DEVICE))
+              kv_lengths=None if lengths is None else torch.tensor(lengths, device=DEVICE),
+              query_seq_lengths=None if extra["q_lengths"] is None else torch.tensor(extra["q_lengths"],
+                                                                                    device=DEVICE),
+              local_window_size=extra["window"])
     with_lse = BACKENDS[backend].lse
 
     def fwd():
@@ -77,18 +84,19 @@ def _median_ms(fn, repeats=5) -> float:
 
 
 def _reasons(case, dtype, arrays, backend):
-    q, k, v, mask, lengths, _ = arrays
+    q, k, v, mask, lengths, _, extra = arrays
     tdt = getattr(torch, dtype)
     swap = (lambda s: (s[0], s[2], s[1], s[3])) if case.layout == "bsnd" else (lambda s: s)
     meta = lambda x: torch.empty(swap(x.shape), dtype=tdt, device="meta", requires_grad=True)
-    inputs = AttentionInputs.build(
+    spec, call = describe(
         meta(q), meta(k), meta(v), is_causal=case.causal, layout=case.layout,
         attn_mask=None if mask is None else torch.empty(mask.shape, device="meta",
                                                         dtype=torch.bool if mask.dtype == bool else tdt),
-        kv_lengths=None if lengths is None else torch.tensor(lengths), return_lse=BACKENDS[backend].lse)
+        kv_lengths=None if lengths is None else torch.tensor(lengths), return_lse=BACKENDS[backend].lse,
+        query_seq_lengths=None if extra["q_lengths"] is None else torch.tensor(extra["q_lengths"]),
+        local_window_size=extra["window"])
     # Shapes travel on the meta device; the reasons must be those of the device the case runs on.
-    call = dataclasses.replace(inputs.call, device=DEVICE)
-    return BACKENDS[backend].reasons(inputs.spec, call)
+    return BACKENDS[backend].reasons(spec, dataclasses.replace(call, device=DEVICE))
 
 
 def compare_with_reference(cases, seed: int = 0, dtypes=("float32",), backends=None) -> list[dict]:
@@ -100,9 +108,9 @@ def compare_with_reference(cases, seed: int = 0, dtypes=("float32",), backends=N
     for dtype in dtypes:
         for case in cases:
             arrays = _case_inputs(case, dtype, seed)
-            q, k, v, mask, lengths, d_out = arrays
-            ref, ref_lse = reference.attention(q, k, v, mask, lengths, case.causal, return_lse=True)
-            ref_grads = reference.attention_vjp(q, k, v, d_out, mask, lengths, case.causal)[:3]
+            q, k, v, mask, lengths, d_out, extra = arrays
+            ref, ref_lse = reference.attention(q, k, v, mask, lengths, case.causal, return_lse=True, **extra)
+            ref_grads = reference.attention_vjp(q, k, v, d_out, mask, lengths, case.causal, **extra)[:3]
             for name in backends or available_backends():
                 row = {"backend": f"torch:{name}", "case": case.name, "dtype": dtype}
                 why = _reasons(case, dtype, arrays, name)
@@ -146,9 +154,7 @@ def compare_with_jax(cases, seed: int = 0, dtypes=("float32",), jax_backends=Non
             swap = (lambda x: jnp.swapaxes(x, 1, 2)) if case.layout == "bsnd" else (lambda x: x)
             d_out = jnp.asarray(arrays[5], dtype)
             for jname in jax_backends or jax_attn.available_backends():
-                spec = jax_attn.contract.validate(*map(swap, (jq, jk, jv)), attn_mask=jkw.get("attn_mask"),
-                                                  kv_lengths=jkw.get("kv_lengths"), is_causal=case.causal,
-                                                  layout=case.layout)
+                spec = jax_attn.contract.validate(*map(swap, (jq, jk, jv)), **jkw)
                 if JAX_BACKENDS[jname].reasons(spec):
                     continue
                 f = lambda q, k, v: swap(jax_attn.attention_forward(*map(swap, (q, k, v)), backend=jname, **jkw))

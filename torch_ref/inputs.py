@@ -1,5 +1,12 @@
 """`AttentionInputs`: the tensors of one call, their validated `Spec`, and the runtime facts a
-torch backend also decides on (device, autograd), built once per call."""
+torch backend also decides on (device, autograd), built once per call.
+
+Building applies the parts of the contract no backend should repeat, as `jax_attn.inputs` does:
+the masks (`attn_mask`, `bias`, `mask`) merge into one; lengths are clamped to `[0, s]` in their
+own dtype (no integer wrap) and negatives raise; unbatched inputs get a batch axis of 1; keys that
+no query can see and queries past `query_seq_lengths` are zeroed, so whatever they hold reaches no
+output and no gradient on any backend.
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -9,6 +16,11 @@ import torch
 
 from jax_attn.contract import Spec, validate
 
+from . import masking
+
+# torch has next to no arithmetic for these; their lengths are clamped in Python.
+_FEW_OPS = tuple(getattr(torch, n) for n in ("uint16", "uint32", "uint64") if hasattr(torch, n))
+
 
 @dataclasses.dataclass(frozen=True)
 class Call:
@@ -16,13 +28,84 @@ class Call:
 
     device: str = "cpu"  # "cpu", "cuda", ...; "meta" for shape-only `explain`
     grad: bool = False  # autograd will differentiate through q, k or v
-    bias_grad: bool = False  # autograd will differentiate through the float attn_mask
+    bias_grad: bool = False  # autograd will differentiate through a float mask (attn_mask or bias)
     return_lse: bool = False
+
+
+def lengths_alias(kv_lengths, key_value_seq_lengths):
+    """`key_value_seq_lengths` is jax.nn's name for `kv_lengths` (`jax_attn.api._lengths_alias`)."""
+    if key_value_seq_lengths is None:
+        return kv_lengths
+    if kv_lengths is not None:
+        raise ValueError("give kv_lengths or key_value_seq_lengths (its jax.nn name), not both")
+    return key_value_seq_lengths
+
+
+def describe(q, k, v, *, attn_mask=None, kv_lengths=None, scale=None, is_causal=False, layout="bnsd",
+             return_lse=False, bias=None, mask=None, query_seq_lengths=None,
+             local_window_size=None) -> tuple[Spec, Call]:
+    """Validate a call (shapes only: meta tensors work) and describe it as `(Spec, Call)`."""
+    spec = validate(q, k, v, attn_mask=attn_mask, kv_lengths=kv_lengths, scale=scale,
+                    is_causal=is_causal, layout=layout, bias=bias, mask=mask,
+                    query_seq_lengths=query_seq_lengths, local_window_size=local_window_size)
+    masks = {"attn_mask": attn_mask, "bias": bias, "mask": mask}
+    for name, x in (("q", q), ("k", k), ("v", v), *masks.items(), ("kv_lengths", kv_lengths),
+                    ("query_seq_lengths", query_seq_lengths)):
+        if x is not None and not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    devices = {x.device for x in (q, k, v, *masks.values()) if x is not None}
+    if len(devices) > 1:
+        names = ["q", "k", "v"] + [n for n, x in masks.items() if x is not None]
+        raise ValueError(f"{', '.join(names[:-1])} and {names[-1]} must be on one device, "
+                         f"got {sorted(map(str, devices))}")
+    grad_on = torch.is_grad_enabled()
+    floats = [x for x in masks.values() if x is not None and x.dtype != torch.bool]
+    call = Call(device=q.device.type, grad=grad_on and any(x.requires_grad for x in (q, k, v)),
+                bias_grad=grad_on and any(x.requires_grad for x in floats), return_lse=return_lse)
+    return spec, call
+
+
+def _lengths(x, name: str, s: int, device):
+    """int64 `(b,)` lengths clamped to `[0, s]` in the caller's own dtype first (no wrap)."""
+    if x is None:
+        return None
+    if x.dtype in _FEW_OPS:
+        return torch.tensor([min(int(n), s) for n in x.reshape(-1).tolist()], dtype=torch.int64,
+                            device=device)
+    if not x.is_meta and bool((x < 0).any()):
+        raise ValueError(f"{name} must be >= 0, got {x.tolist()}")
+    if s < torch.iinfo(x.dtype).max:
+        x = x.clamp(0, s)
+    return x.to(device=device, dtype=torch.int64).reshape(-1)
+
+
+def _rank4(x):
+    return x.reshape((1,) * (4 - x.dim()) + tuple(x.shape))
+
+
+def merge_masks(attn_mask, bias, mask):
+    """One mask from `attn_mask`, `bias` and `mask` (`jax_attn.inputs.merge_masks`): bool where all
+    parts are bool (AND), else an additive bias (float parts added, keys a bool part drops at
+    -inf). Rank 4, not broadcast."""
+    parts = [_rank4(x) for x in (attn_mask, bias, mask) if x is not None]
+    if len(parts) <= 1:
+        return parts[0] if parts else None
+    keep = add = None
+    for x in parts:
+        if x.dtype == torch.bool:
+            keep = x if keep is None else keep & x
+        else:
+            add = x if add is None else add + x
+    if add is None or keep is None:
+        return keep if add is None else add
+    return torch.where(keep, add, torch.full((), float("-inf"), dtype=add.dtype, device=add.device))
 
 
 @dataclasses.dataclass(frozen=True)
 class AttentionInputs:
-    """Tensors in the caller's layout; `spec` in bnsd terms; `mask` left-padded to rank 4."""
+    """Tensors in the caller's layout (a batch axis of 1 added to unbatched ones); `spec` in bnsd
+    terms; `mask` the merged mask, left-padded to rank 4. `q_lengths` is applied around the
+    backends (`finish`)."""
 
     q: Any
     k: Any
@@ -31,27 +114,51 @@ class AttentionInputs:
     kv_lengths: Any
     spec: Spec
     call: Call
+    q_lengths: Any = None
 
     @classmethod
     def build(cls, q, k, v, *, attn_mask=None, kv_lengths=None, scale=None, is_causal=False,
-              layout="bnsd", return_lse=False) -> "AttentionInputs":
-        spec = validate(q, k, v, attn_mask=attn_mask, kv_lengths=kv_lengths, scale=scale,
-                        is_causal=is_causal, layout=layout)
-        for name, x in (("q", q), ("k", k), ("v", v), ("attn_mask", attn_mask), ("kv_lengths", kv_lengths)):
-            if x is not None and not isinstance(x, torch.Tensor):
-                raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-        devices = {x.device for x in (q, k, v, attn_mask) if x is not None}
-        if len(devices) > 1:
-            raise ValueError(f"q, k, v and attn_mask must be on one device, got {sorted(map(str, devices))}")
-        mask = None if attn_mask is None else attn_mask.reshape(spec.mask_shape)
-        if kv_lengths is not None:
-            kv_lengths = kv_lengths.to(device=q.device, dtype=torch.int64)
-        grad_on = torch.is_grad_enabled()
-        call = Call(device=q.device.type,
-                    grad=grad_on and any(x.requires_grad for x in (q, k, v)),
-                    bias_grad=grad_on and spec.mask_kind == "bias" and attn_mask.requires_grad,
-                    return_lse=return_lse)
-        return cls(q, k, v, mask, kv_lengths, spec, call)
+              layout="bnsd", return_lse=False, bias=None, mask=None, query_seq_lengths=None,
+              local_window_size=None) -> "AttentionInputs":
+        spec, call = describe(q, k, v, attn_mask=attn_mask, kv_lengths=kv_lengths, scale=scale,
+                              is_causal=is_causal, layout=layout, return_lse=return_lse, bias=bias,
+                              mask=mask, query_seq_lengths=query_seq_lengths,
+                              local_window_size=local_window_size)
+        if spec.unbatched:
+            q, k, v = q[None], k[None], v[None]
+        return cls(q, k, v, merge_masks(attn_mask, bias, mask),
+                   _lengths(kv_lengths, "kv_lengths", spec.kv_len, q.device), spec, call,
+                   _lengths(query_seq_lengths, "query_seq_lengths", spec.q_len, q.device))
+
+    def padding_zeroed(self) -> "AttentionInputs":
+        """Keys no query sees and padding queries zeroed (`jax_attn.inputs.padding_zeroed`)."""
+        spec, q, k, v = self.spec, self.q, self.k, self.v
+        seen = masking.seen_keys(spec, self.mask, self.kv_lengths, self.q_lengths, q.device)
+        if seen is not None:  # (b|1, n_kv|1, skv)
+            seen = seen[..., None] if spec.layout == "bnsd" else seen.transpose(1, 2)[..., None]
+            k = torch.where(seen, k, torch.zeros((), dtype=k.dtype, device=k.device))
+            v = torch.where(seen, v, torch.zeros((), dtype=v.dtype, device=v.device))
+        if self.q_lengths is not None:
+            q = torch.where(self._valid_rows(), q, torch.zeros((), dtype=q.dtype, device=q.device))
+        return dataclasses.replace(self, q=q, k=k, v=v)
+
+    def _valid_rows(self):
+        """bool `(b, sq)`, as `(b, 1, sq, 1)` or `(b, sq, 1, 1)` in the caller's layout."""
+        valid = torch.arange(self.spec.q_len, device=self.q.device)[None, :] < self.q_lengths[:, None]
+        return valid[:, None, :, None] if self.spec.layout == "bnsd" else valid[:, :, None, None]
+
+    def finish(self, result, return_lse: bool):
+        """A backend's result as the caller gets it: padding queries zeroed (lse -inf), the batch
+        axis of unbatched inputs removed."""
+        out, lse = result if return_lse else (result, None)
+        if self.q_lengths is not None:
+            out = torch.where(self._valid_rows(), out, torch.zeros((), dtype=out.dtype, device=out.device))
+            if lse is not None:
+                valid = torch.arange(self.spec.q_len, device=lse.device) < self.q_lengths[:, None]
+                lse = lse.masked_fill(~valid[:, None], float("-inf"))
+        if self.spec.unbatched:
+            out, lse = out[0], None if lse is None else lse[0]
+        return (out, lse) if return_lse else out
 
     def bnsd(self):
         """`(q, k, v)` in `(b, n, s, d)`: strided views, no copies."""

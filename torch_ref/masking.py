@@ -1,8 +1,10 @@
 """Mask algebra for the torch backends, the twin of `jax_attn.masking`.
 
 A key is dropped when the bool mask is False, the bias is -inf, it lies at or past
-`kv_lengths[b]`, or (causal) after the query's position (top-left aligned). Rows left with no key
-give zeros; `EmptyRows` serves kernels that cannot do that themselves.
+`kv_lengths[b]`, or outside the query's window (`spec.window_bounds`, causal included). A row is
+empty when no key is kept; that is decided from visibility alone, never from values (`l > 0` is
+False for NaN), so a NaN in a visible logit stays NaN. Empty rows give zeros; `EmptyRows` serves
+kernels that cannot do that themselves.
 """
 from __future__ import annotations
 
@@ -19,26 +21,41 @@ def accumulator(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def keep_and_bias(spec: Spec, mask, kv_lengths, q_pos, k_pos, with_causal: bool = True):
+def _and(a, b):
+    return b if a is None else a if b is None else a & b
+
+
+def window_keep(spec: Spec, q_pos, k_pos):
+    """`(len(q_pos), len(k_pos))` bool from the window and causality, or None when unrestricted."""
+    bounds = spec.window_bounds
+    if bounds is None:
+        return None
+    left, right = bounds
+    keep = None
+    if left is not None:
+        keep = k_pos[None, :] >= q_pos[:, None] - left
+    if right is not None:
+        keep = _and(keep, k_pos[None, :] <= q_pos[:, None] + right)
+    return keep
+
+
+def keep_and_bias(spec: Spec, mask, kv_lengths, q_pos, k_pos):
     """`(keep, bias)` for query positions `q_pos` and key positions `k_pos` (1-d tensors).
 
     `mask` is the caller's rank-4 mask cut to these positions. Each result broadcasts to
     `(b, n, len(q_pos), len(k_pos))`, or is None when nothing applies; `bias` has -inf replaced by 0.
     """
     keep = bias = None
-
-    def both(a, b):
-        return b if a is None else a & b
-
     if mask is not None and spec.mask_kind == "bool":
         keep = mask
     elif mask is not None:
         keep = ~torch.isneginf(mask)
         bias = torch.where(keep, mask, torch.zeros((), dtype=mask.dtype, device=mask.device))
     if kv_lengths is not None:
-        keep = both(keep, k_pos[None, None, None, :] < kv_lengths[:, None, None, None])
-    if spec.is_causal and with_causal:
-        keep = both(keep, (k_pos[None, :] <= q_pos[:, None])[None, None])
+        keep = _and(keep, k_pos[None, None, None, :] < kv_lengths[:, None, None, None])
+    geometry = window_keep(spec, q_pos, k_pos)
+    if geometry is not None:
+        keep = _and(keep, geometry[None, None])
     return keep, bias
 
 
@@ -51,20 +68,51 @@ def masked_logits(s, keep, bias):
     return s
 
 
-def safe_row_max(s):
-    """Row max, with empty rows (all -inf) read as 0 so `exp(s - m)` is 0 there, never NaN."""
-    m = s.amax(-1, keepdim=True)
-    return torch.where(torch.isneginf(m), torch.zeros((), dtype=m.dtype, device=m.device), m)
+def nonempty_rows(keep, shape, device):
+    """bool `(..., sq)` broadcast to `shape[:-1]`: rows with at least one kept key."""
+    if keep is None:
+        return torch.ones(shape[:-1], dtype=torch.bool, device=device)
+    return keep.any(-1).expand(shape[:-1])
+
+
+def seen_keys(spec: Spec, mask, kv_lengths, q_lengths, device):
+    """bool `(b|1, n_kv|1, skv)`: the keys of each k/v head that at least one query (before
+    `q_lengths`) can see; None when every key is seen by construction (`jax_attn.masking.seen_keys`)."""
+    skv, sq = spec.kv_len, spec.q_len
+    k_pos = torch.arange(skv, device=device)
+    seen = None
+    if kv_lengths is not None:
+        seen = (k_pos[None, :] < kv_lengths[:, None])[:, None, :]
+    right = None if spec.window_bounds is None else spec.window_bounds[1]
+    if q_lengths is not None:  # the last query that looks at key j is q_len - 1 (+ right)
+        rows = ((k_pos[None, :] <= q_lengths[:, None] - 1 + right) if right is not None
+                else (q_lengths[:, None] > 0).expand(-1, skv))
+        seen = _and(seen, rows[:, None, :])
+    elif right is not None and sq - 1 + right < skv - 1:
+        seen = _and(seen, (k_pos <= sq - 1 + right)[None, None, :])
+    if mask is not None:
+        if spec.per_key_mask:
+            keep = mask[:, :, 0, :] if spec.mask_kind == "bool" else ~torch.isneginf(mask[:, :, 0, :])
+        else:  # a key is seen when some query's mask row and window keep it
+            q_pos = torch.arange(sq, device=device)
+            keep, _ = keep_and_bias(spec, mask, None, q_pos, k_pos)
+            if q_lengths is not None:
+                keep = keep & (q_pos[None, :] < q_lengths[:, None])[:, None, :, None]
+            keep = keep.any(2)
+        if keep.shape[1] == spec.heads and spec.groups > 1:  # any query head of the group
+            keep = keep.reshape(keep.shape[0], spec.kv_heads, spec.groups, skv).any(2)
+        seen = _and(seen, keep)
+    return seen
 
 
 @dataclasses.dataclass(frozen=True)
 class EmptyRows:
     """One `attn_mask` for a fused kernel, with empty rows unmasked, and the rows to zero after.
 
-    `mask` folds the bool mask, -inf bias entries, `kv_lengths` and (when there is any other mask)
-    causality into a bool `keep`, or into a float bias with -inf where dropped when the caller gave
-    a bias. `row_valid` broadcasts to `(b, n, sq)`; None means no row can be empty. Zeroing through
-    `torch.where` also zeroes those rows' gradients.
+    `mask` folds the bool mask, -inf bias entries, `kv_lengths`, the window and (when there is any
+    of those) causality into a bool `keep`, or into a float bias with -inf where dropped when the
+    caller gave a bias. `row_valid` broadcasts to `(b, n, sq)`; None means no row can be empty.
+    Zeroing through `torch.where` also zeroes those rows' gradients.
     """
 
     mask: Any
@@ -73,7 +121,8 @@ class EmptyRows:
 
     @classmethod
     def fix(cls, spec: Spec, mask, kv_lengths, dtype, device) -> "EmptyRows":
-        if not spec.can_have_empty_rows:
+        # Causality alone leaves no row empty; query_seq_lengths is applied around the backends.
+        if spec.mask_kind == "none" and not spec.has_kv_lengths and spec.window is None:
             return cls(None, None, False)
         keep, bias = keep_and_bias(spec, mask, kv_lengths, torch.arange(spec.q_len, device=device),
                                    torch.arange(spec.kv_len, device=device))

@@ -1,6 +1,7 @@
 """A backend is a declaration of what it supports plus the reasons it cannot serve given inputs."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -27,6 +28,15 @@ def gpu_compute_capability() -> tuple[int, int] | None:
     return int(major), int(minor)
 
 
+@dataclasses.dataclass(frozen=True)
+class Needs:
+    """What a call asks of a backend beyond its inputs, known at trace time (as xformers passes
+    whether a gradient is needed)."""
+
+    forward_ad: bool = False  # traced by jax.jvp / jacfwd / hessian
+    lse_grad: bool = False  # its log-sum-exp will be differentiated (ring attention's backward)
+
+
 class Backend:
     """Capabilities as data; `reasons` lists, in plain sentences, why it cannot serve a call.
 
@@ -47,6 +57,9 @@ class Backend:
     causal: bool = True
     kv_lengths: bool = True
     lse_grad: bool = True  # the log-sum-exp output is differentiable
+    window: bool = False  # local_window_size (sliding-window attention)
+    forward_ad: bool = False  # jax.jvp / jacfwd (a custom VJP rules it out)
+    quadratic_memory: bool = False  # holds the (b, n, sq, skv) scores
     automatic: bool = True  # may be picked by automatic selection
 
     def unavailable(self) -> list[str]:
@@ -56,8 +69,9 @@ class Backend:
                     f"the default JAX platform is {platform()}"]
         return []
 
-    def reasons(self, spec: Spec) -> list[str]:
-        """Why this backend cannot serve `spec`; empty when it can."""
+    def reasons(self, spec: Spec, needs: Needs | None = None) -> list[str]:
+        """Why this backend cannot serve `spec` with `needs`; empty when it can."""
+        needs = needs or Needs()
         why = self.unavailable()
         if spec.dtype not in self.dtypes:
             why.append(f"dtype {spec.dtype} is not supported (supports {', '.join(self.dtypes)})")
@@ -76,6 +90,13 @@ class Backend:
             why.append("is_causal=True is not supported")
         if spec.has_kv_lengths and not self.kv_lengths:
             why.append("kv_lengths is not supported")
+        if spec.window is not None and not self.window:
+            why.append("local_window_size is not supported")
+        if needs.forward_ad and not self.forward_ad:
+            why.append("forward-mode autodiff (jax.jvp, jacfwd, hessian) is not supported: its gradient is "
+                       "a custom VJP; backend='xla' or 'naive' can be differentiated in forward mode")
+        if needs.lse_grad and not self.lse_grad:
+            why.append("its log-sum-exp has no gradient (lse_grad=False)")
         return why
 
     def __call__(self, inputs: AttentionInputs, return_lse: bool = False):
@@ -92,4 +113,5 @@ class Backend:
             "head_dim_multiple": self.head_dim_multiple, "dv != d": self.value_dim_differs,
             "bool mask": self.bool_mask, "bias": self.bias, "bias grad": self.bias_grad,
             "causal": self.causal, "kv_lengths": self.kv_lengths, "lse grad": self.lse_grad,
+            "window": self.window, "forward AD": self.forward_ad, "quadratic memory": self.quadratic_memory,
         }

@@ -34,10 +34,19 @@ class _Plan:
         return -(-self.spec.kv_len // self.k_chunk)
 
     def visible(self, i, j):
-        """False when causal masking hides key block j from every query of block i."""
-        if not self.spec.is_causal:
+        """False when the window (causality included) hides key block j from every query of block i."""
+        bounds = self.spec.window_bounds
+        if bounds is None:
             return True
-        return j * self.k_chunk <= i * self.q_chunk + self.q_chunk - 1
+        left, right = bounds
+        q_lo, q_hi = i * self.q_chunk, i * self.q_chunk + self.q_chunk - 1
+        k_lo, k_hi = j * self.k_chunk, j * self.k_chunk + self.k_chunk - 1
+        ok = True
+        if right is not None:
+            ok = k_lo <= q_hi + right
+        if left is not None:
+            ok = ok & (k_hi >= q_lo - left)
+        return ok
 
 
 def _pad_axis(x, axis, size, value=0):
@@ -67,7 +76,7 @@ def _grouped(x, plan):
 
 
 def _logits(plan, q_i, k_j, mask, kv_lengths, i, j):
-    """Masked float32 logits of query block i against key block j, and the keep mask."""
+    """Masked float32 logits of query block i against key block j, and the keep mask (grouped)."""
     spec = plan.spec
     s = jnp.einsum("bhgqd,bhkd->bhgqk", q_i, k_j, precision=_precision(q_i.dtype),
                    preferred_element_type=jnp.float32) * spec.scale
@@ -78,7 +87,11 @@ def _logits(plan, q_i, k_j, mask, kv_lengths, i, j):
         m = _slice(_slice(mask, 2, i * plan.q_chunk, plan.q_chunk), 3, j * plan.k_chunk, plan.k_chunk)
     keep, bias = masking.keep_and_bias(spec, m, kv_lengths, q_pos, k_pos, kv_limit=spec.kv_len)
     keep, bias = _grouped(keep, plan), _grouped(bias, plan)
-    return masking.masked_logits(s, keep, bias)
+    return masking.masked_logits(s, keep, bias), keep
+
+
+def _kept(x, keep):
+    return x if keep is None else jnp.where(keep, x, 0.0)
 
 
 def _forward(plan, q, k, v, mask, kv_lengths):
@@ -95,24 +108,24 @@ def _forward(plan, q, k, v, mask, kv_lengths):
                 m, l, acc = carry
                 k_j = jax.lax.dynamic_slice_in_dim(k, j * kc, kc, 2)
                 v_j = jax.lax.dynamic_slice_in_dim(v, j * kc, kc, 2)
-                s = _logits(plan, q_i, k_j, mask, kv_lengths, i, j)
+                s, keep = _logits(plan, q_i, k_j, mask, kv_lengths, i, j)
+                # Masked logits sit at the finite masking.MASKED; `keep`, not their value, drops
+                # them, so a visible NaN keeps its row NaN (never "empty").
                 m_new = jnp.maximum(m, s.max(-1))
-                m_safe = jnp.where(jnp.isneginf(m_new), 0.0, m_new)
-                p = jnp.exp(s - m_safe[..., None])
-                alpha = jnp.exp(m - m_safe)
+                p = _kept(jnp.exp(s - m_new[..., None]), keep)
+                alpha = jnp.exp(m - m_new)
                 pv = jnp.einsum("bhgqk,bhkd->bhgqd", p.astype(v.dtype), v_j,
                                 precision=_precision(v.dtype), preferred_element_type=jnp.float32)
                 return m_new, alpha * l + p.sum(-1), alpha[..., None] * acc + pv
 
             return jax.lax.cond(plan.visible(i, j), update, lambda c: c, carry), None
 
-        init = (jnp.full((b, hk, g, qc), -jnp.inf, jnp.float32), jnp.zeros((b, hk, g, qc), jnp.float32),
+        init = (jnp.full((b, hk, g, qc), masking.MASKED, jnp.float32), jnp.zeros((b, hk, g, qc), jnp.float32),
                 jnp.zeros((b, hk, g, qc, dv), jnp.float32))
         (m, l, acc), _ = jax.lax.scan(k_step, init, jnp.arange(plan.k_blocks))
-        nonempty = l > 0
-        out = acc / jnp.where(nonempty, l, 1.0)[..., None]
-        lse = jnp.where(nonempty, jnp.log(jnp.where(nonempty, l, 1.0)) + jnp.where(nonempty, m, 0.0),
-                        -jnp.inf)
+        empty = l == 0  # only a row with no kept key sums to exactly 0; NaN != 0
+        out = acc / jnp.where(empty, 1.0, l)[..., None]
+        lse = jnp.where(empty, -jnp.inf, jnp.log(jnp.where(empty, 1.0, l)) + m)
         return out.astype(q.dtype), lse
 
     out, lse = jax.lax.map(q_block, jnp.arange(plan.q_blocks))  # (blocks, b, hk, g, qc, ...)
@@ -152,8 +165,8 @@ def _attention_bwd(plan, res, cotangents):
                 dk_j, dv_j, dq, dbias = carry
                 q_i, do_i = (jax.lax.dynamic_slice_in_dim(x, i * qc, qc, 3) for x in (q, d_out))
                 lse_i, delta_i = (jax.lax.dynamic_slice_in_dim(x, i * qc, qc, 3) for x in (lse_safe, delta))
-                s = _logits(plan, q_i, k_j, mask, kv_lengths, i, j)
-                p = jnp.exp(s - lse_i[..., None])
+                s, keep = _logits(plan, q_i, k_j, mask, kv_lengths, i, j)
+                p = _kept(jnp.exp(s - lse_i[..., None]), keep)
                 dv_j = dv_j + jnp.einsum("bhgqk,bhgqd->bhkd", p.astype(do_i.dtype), do_i, precision=prec,
                                          preferred_element_type=jnp.float32)
                 dp = jnp.einsum("bhgqd,bhkd->bhgqk", do_i, v_j, precision=prec,
@@ -203,6 +216,7 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 class Chunked(Backend):
     name = "chunked"
     description = "jnp online softmax over key/query chunks with its own VJP; memory linear in s"
+    window = True
 
     def __init__(self, q_chunk: int = 512, k_chunk: int = 512):
         self.q_chunk, self.k_chunk = q_chunk, k_chunk

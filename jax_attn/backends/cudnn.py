@@ -32,7 +32,8 @@ def _binding():
     try:
         from jax._src.cudnn import fused_attention_stablehlo as binding
         params = inspect.signature(binding.dot_product_attention).parameters
-        missing = {"qkv_layout", "mask_type", "return_residual", "q_seqlen", "kv_seqlen"} - set(params)
+        missing = ({"qkv_layout", "mask_type", "return_residual", "q_seqlen", "kv_seqlen",
+                    "sliding_window_length"} - set(params))
         if missing:
             raise ImportError(f"its signature lacks {sorted(missing)}")
         return binding
@@ -59,6 +60,7 @@ class CuDNN(Backend):
     head_dim_multiple = 8
     value_dim_differs = False
     lse_grad = False  # cuDNN's VJP ignores a cotangent on the log-sum-exp
+    window = True  # only a left window with causality: see `reasons`
 
     @property
     def head_dims(self):
@@ -77,6 +79,21 @@ class CuDNN(Backend):
         if _cudnn_version() is None:
             return ["cuDNN is not installed with jaxlib"]
         return []
+
+    def reasons(self, spec, needs=None):
+        why = super().reasons(spec, needs)
+        if spec.window is not None:
+            left, right = spec.window_bounds
+            # cuDNN's sliding window is "the last `left + 1` keys up to the query" (causal).
+            if right != 0 or left is None:
+                why.append("local_window_size: cuDNN takes only a bounded left window with causal "
+                           "masking (right = 0 or is_causal=True)")
+            elif spec.mask_kind != "none" or spec.has_kv_lengths or spec.q_len % 2 or spec.kv_len % 2:
+                why.append("local_window_size: cuDNN's sliding window is used only without masks, "
+                           "kv_lengths or odd lengths here")
+            elif spec.q_len > spec.kv_len:
+                why.append("local_window_size with more queries than keys (rows with no key)")
+        return why
 
     def _forward(self, inputs, return_lse):
         spec = inputs.spec
@@ -123,7 +140,8 @@ class CuDNN(Backend):
             mask = pad(mask, 2, pad_q if mask.shape[2] > 1 else 0)
             mask = pad(mask, 3, pad_k if mask.shape[3] > 1 else 0)
         padded = AttentionInputs.build(q, k, v, attn_mask=mask, kv_lengths=kv_lengths, scale=spec.scale,
-                                       is_causal=spec.is_causal, layout=spec.layout)
+                                       is_causal=spec.is_causal, layout=spec.layout,
+                                       local_window_size=spec.window)
         res = self._forward(padded, return_lse)
         out, lse = res if return_lse else (res, None)
         out = jax.lax.slice_in_dim(out, 0, spec.q_len, axis=seq_axis)
@@ -134,15 +152,17 @@ class CuDNN(Backend):
         spec = inputs.spec
         mask_type = binding.MaskType.NO_MASK
         q_seqlen = None
+        causal = spec.window_bounds is not None and spec.window_bounds[1] == 0
+        window = None if spec.window is None else spec.window_bounds[0] + 1
         if kv_lengths is not None:
             q_seqlen = jnp.full((spec.batch,), spec.q_len, jnp.int32)
-            mask_type = binding.MaskType.PADDING_CAUSAL if spec.is_causal else binding.MaskType.PADDING
-        elif spec.is_causal:
+            mask_type = binding.MaskType.PADDING_CAUSAL if causal else binding.MaskType.PADDING
+        elif causal:
             mask_type = binding.MaskType.CAUSAL
         res = binding.dot_product_attention(
             inputs.q, inputs.k, inputs.v, bias=bias, q_seqlen=q_seqlen, kv_seqlen=kv_lengths,
             scale=spec.scale, mask_type=mask_type, return_residual=return_lse,
-            qkv_layout="BNTH" if spec.layout == "bnsd" else "BTNH")
+            qkv_layout="BNTH" if spec.layout == "bnsd" else "BTNH", sliding_window_length=window)
         if return_lse:  # cuDNN returns the lse as (b, n, sq) whatever the layout
             out, lse = res
             return out, lse.astype(jnp.float32)
@@ -154,7 +174,8 @@ class CuDNN(Backend):
         q, k, v = inputs.bsnd()
         res = jax.nn.dot_product_attention(
             q, k, v, bias=bias, scale=spec.scale, is_causal=spec.is_causal,
-            key_value_seq_lengths=kv_lengths, implementation="cudnn", return_residual=return_lse)
+            key_value_seq_lengths=kv_lengths, implementation="cudnn", return_residual=return_lse,
+            local_window_size=None if spec.window is None else (spec.window_bounds[0], 0))
         if return_lse:
             out, lse = res
             return inputs.from_bsnd(out), jnp.swapaxes(lse, 1, 2).astype(jnp.float32)

@@ -16,6 +16,9 @@ def _precision(dtype):
 class Naive(Backend):
     name = "naive"
     description = "plain jnp: scores, masked softmax, weighted sum; O(sq*skv) memory"
+    window = True
+    forward_ad = True
+    quadratic_memory = True
 
     def _forward(self, inputs, return_lse):
         spec = inputs.spec
@@ -30,15 +33,17 @@ class Naive(Backend):
         keep, bias = masking.keep_and_bias(spec, inputs.mask, inputs.kv_lengths,
                                            jnp.arange(sq), jnp.arange(spec.kv_len))
         s = masking.masked_logits(s, keep, bias)
-        m = jax.lax.stop_gradient(masking.safe_row_max(s))
+        nonempty = masking.nonempty_rows(keep, s.shape)  # by visibility: a NaN row is not empty
+        m = jax.lax.stop_gradient(jnp.where(nonempty, jnp.max(s, axis=-1, keepdims=True), 0.0))
         e = jnp.exp(s - m)
+        if keep is not None:
+            e = jnp.where(keep, e, 0.0)
         l = jnp.sum(e, axis=-1, keepdims=True)
-        p = e / jnp.where(l > 0, l, 1.0)
+        p = e / jnp.where(nonempty, l, 1.0)
         out = jnp.einsum("bhgqk,bhkd->bhgqd", p.reshape(b, spec.kv_heads, g, sq, -1).astype(v.dtype),
                          v, precision=prec, preferred_element_type=acc_t)
         out = inputs.from_bnsd(out.reshape(b, n, sq, -1).astype(q.dtype))
         if not return_lse:
             return out
-        lse = jnp.where(l[..., 0] > 0, jnp.log(jnp.where(l[..., 0] > 0, l[..., 0], 1.0)) + m[..., 0],
-                        -jnp.inf)
+        lse = jnp.where(nonempty, jnp.log(jnp.where(nonempty, l, 1.0)) + m, -jnp.inf)[..., 0]
         return out, lse.astype(jnp.float32)

@@ -2,7 +2,8 @@
 
 The Triton-lowered kernels (`kernels/flash_attention.py`) serve every GPU and input; on Hopper,
 self-attention in bf16/fp16 runs the Mosaic GPU kernels (`kernels/mosaic_attention.py`) where
-they measured faster (`_use_mosaic`, `JAX_ATTN_PALLAS_KERNEL`).
+they measured faster: `routing.pallas_kernel` decides (`JAX_ATTN_PALLAS_KERNEL` overrides), and
+`explain()` shows it.
 
 On a machine without an NVIDIA GPU it is unavailable unless `JAX_ATTN_INTERPRET=1`, which runs the
 same kernels in Pallas interpret mode on the CPU: slow, for tests and CI only, so it is then never
@@ -10,7 +11,6 @@ chosen automatically (`automatic` is False while interpreting).
 """
 from __future__ import annotations
 
-import logging
 import os
 
 import jax.numpy as jnp
@@ -18,13 +18,7 @@ import jax.numpy as jnp
 from ..kernels import flash_attention, mosaic_attention
 from .base import Backend, gpu_compute_capability, platform
 
-log = logging.getLogger(__name__)
-
 ENV_INTERPRET = "JAX_ATTN_INTERPRET"
-# Which kernel serves `pallas` on Hopper: "triton", "mosaic" (the Mosaic GPU kernel, where the
-# inputs qualify) or "auto" (default: Mosaic only in the shape buckets measured faster, see
-# mosaic_attention.FASTER_THAN_TRITON_SM90). Elsewhere it is always the Triton kernel.
-ENV_KERNEL = "JAX_ATTN_PALLAS_KERNEL"
 
 
 def interpreting() -> bool:
@@ -38,7 +32,7 @@ class Pallas(Backend):
     platforms = ("gpu",)
     dtypes = ("float16", "bfloat16", "float32")
     head_dims = (1, 256)
-    bias_grad = False  # the bias is a constant to the backward kernels
+    window = True
 
     @property
     def automatic(self) -> bool:
@@ -56,15 +50,16 @@ class Pallas(Backend):
             return [f"needs an NVIDIA GPU of compute capability 8.0 or newer, found {cc[0]}.{cc[1]}"]
         return []
 
-    def reasons(self, spec):
-        why = super().reasons(spec)
+    def reasons(self, spec, needs=None):
+        why = super().reasons(spec, needs)
         if spec.value_dim > 256:
             why.append(f"value head dim {spec.value_dim} is not supported (at most 256)")
         return why
 
     def _forward(self, inputs, return_lse):
         spec = inputs.spec
-        if _use_mosaic(spec):
+        from ..routing import pallas_kernel  # late: routing imports the backends
+        if pallas_kernel(spec)[0] == "mosaic":
             return mosaic_attention.mosaic_attention(
                 inputs.q, inputs.k, inputs.v, kv_lengths=inputs.kv_lengths,
                 key_mask=inputs.mask if spec.mask_kind == "bool" else None, scale=spec.scale,
@@ -79,32 +74,6 @@ class Pallas(Backend):
             bias = inputs.mask
         return flash_attention(
             inputs.q, inputs.k, inputs.v, bias=bias, key_mask=key_mask,
-            kv_lengths=inputs.kv_lengths, is_causal=spec.is_causal, scale=spec.scale,
-            layout=spec.layout, return_lse=return_lse, interpret=interpreting())
+            kv_lengths=inputs.kv_lengths, is_causal=spec.is_causal, window=spec.window,
+            scale=spec.scale, layout=spec.layout, return_lse=return_lse, interpret=interpreting())
 
-
-def _use_mosaic(spec) -> bool:
-    """Trace-time choice between the Triton and the Mosaic GPU kernel (logged)."""
-    mode = os.environ.get(ENV_KERNEL, "auto").strip().lower() or "auto"
-    if mode not in ("auto", "triton", "mosaic"):
-        raise ValueError(f"{ENV_KERNEL} must be triton, mosaic or auto, got {mode!r}")
-    if mode == "triton" or interpreting():
-        return False
-    cc = gpu_compute_capability()
-    why = mosaic_attention.unsupported(
-        dtype=spec.dtype, d=spec.head_dim, dv=spec.value_dim, is_causal=spec.is_causal,
-        has_full_bias=(spec.mask_kind == "bias"
-                       or (spec.mask_kind == "bool" and not spec.per_key_mask)))
-    if cc is None or cc[0] != 9:
-        why.append("not a Hopper (sm90) GPU")
-    bucket = mosaic_attention.shape_bucket(spec.head_dim, spec.q_len, spec.kv_len)
-    if not why and mode == "auto" and not mosaic_attention.FASTER_THAN_TRITON_SM90.get(bucket):
-        why.append(f"bucket {bucket} not measured faster than Triton")
-    use = not why
-    if mode == "mosaic" and why:
-        log.warning("%s=mosaic, but the Mosaic kernel cannot serve these inputs (%s): using Triton",
-                    ENV_KERNEL, "; ".join(why))
-    else:
-        log.info("pallas kernel (%s=%s): %s%s", ENV_KERNEL, mode, "mosaic" if use else "triton",
-                 "" if use else f" ({'; '.join(why)})")
-    return use

@@ -17,6 +17,9 @@ class XLA(Backend):
     name = "xla"
     description = "jax.nn.dot_product_attention(implementation='xla'); O(sq*skv) memory"
     value_dim_differs = False  # jax.nn requires v to have k's shape
+    window = True
+    forward_ad = True
+    quadratic_memory = True
 
     def _forward(self, inputs, return_lse):
         if return_lse:
@@ -24,7 +27,10 @@ class XLA(Backend):
         spec = inputs.spec
         fix = EmptyRows.fix(spec, inputs.mask, inputs.kv_lengths)
         q, k, v = inputs.bsnd()  # jax.nn reads (b, s, n, d)
+        window = None
+        if spec.window is not None:  # jax.nn wants ints: an unbounded side reaches every key
+            window = tuple(spec.q_len + spec.kv_len if w is None else w for w in spec.window)
         out = jax.nn.dot_product_attention(
             q, k, v, bias=fix.bias, mask=fix.mask, scale=spec.scale, is_causal=spec.is_causal,
-            key_value_seq_lengths=fix.kv_lengths, implementation="xla")
+            key_value_seq_lengths=fix.kv_lengths, local_window_size=window, implementation="xla")
         return fix.zero(inputs.from_bsnd(out), None, spec.layout)[0]

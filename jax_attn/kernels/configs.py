@@ -83,3 +83,36 @@ def get_config(d: int, dtype: str, compute_capability: tuple[int, int] | None = 
         # Same element size and tensor-core rate as bf16, so the same tiles fit and win.
         found = TUNED.get((device, "bfloat16", bucket))
     return found or default_config(d)
+
+
+# Shared memory a block may use (bytes), by compute capability; other GPUs get the smallest.
+SHARED_MEMORY = {(9, 0): 232448, (8, 0): 166912}
+SHARED_MEMORY_MIN = 101376
+
+
+def forward_shared_bytes(fwd: FwdConfig, d: int, dv: int, itemsize: int, bias_itemsize: int = 0) -> int:
+    """Estimate of the forward kernel's shared memory: the Q tile plus, per pipeline stage, the K
+    and V tiles and (with a full bias) the bias tile."""
+    dp, dvp = head_dim_bucket(d), head_dim_bucket(dv)
+    stage = fwd.block_k * (dp + dvp) * itemsize + fwd.block_q * fwd.block_k * bias_itemsize
+    return fwd.block_q * dp * itemsize + fwd.num_stages * stage
+
+
+def fit_forward(config: Config, d: int, dv: int, itemsize: int, bias_itemsize: int,
+                compute_capability: tuple[int, int] | None) -> Config:
+    """`config` with a forward that fits the GPU's shared memory once a full bias tile rides along
+    in every pipeline stage (tuned entries were measured without one): fewer stages first, then
+    narrower key blocks."""
+    if compute_capability is None or not bias_itemsize:
+        return config
+    limit = SHARED_MEMORY.get(tuple(compute_capability), SHARED_MEMORY_MIN)
+    fwd = config.fwd
+    while forward_shared_bytes(fwd, d, dv, itemsize, bias_itemsize) > limit:
+        if fwd.num_stages > 2:
+            fwd = dataclasses.replace(fwd, num_stages=fwd.num_stages - 1)
+        elif fwd.block_k > 16:
+            fwd = dataclasses.replace(fwd, block_k=fwd.block_k // 2)
+        else:
+            break
+    return config if fwd == config.fwd else dataclasses.replace(config, fwd=fwd)
+

@@ -1,8 +1,9 @@
 """A torch backend: `jax_attn`'s capability declaration plus what torch decides at run time.
 
 Subclassing `jax_attn.backends.base.Backend` keeps the reasons for dtype, head dim, masks,
-causality and `kv_lengths` word for word the same in both frameworks. Torch adds the device the
-tensors live on, whether autograd will differentiate, and whether the log-sum-exp is wanted.
+causality, `kv_lengths` and `local_window_size` word for word the same in both frameworks. Torch
+adds the device the tensors live on, whether autograd will differentiate, and whether the
+log-sum-exp is wanted. (`query_seq_lengths` and unbatched inputs are applied around every backend.)
 """
 from __future__ import annotations
 

@@ -27,8 +27,15 @@ class _Plan:
         return [(start, min(start + chunk, length)) for start in range(0, length, chunk)]
 
     def visible(self, q_block, k_block):
-        """False when causal masking hides the key block from every query of the query block."""
-        return not self.spec.is_causal or k_block[0] <= q_block[1] - 1
+        """False when the window (causality included) hides the key block from every query of the
+        query block: such blocks are skipped."""
+        bounds = self.spec.window_bounds
+        if bounds is None:
+            return True
+        left, right = bounds
+        (q_lo, q_end), (k_lo, k_end) = q_block, k_block
+        return ((right is None or k_lo <= q_end - 1 + right)
+                and (left is None or k_end - 1 >= q_lo - left))
 
 
 def _cut(x, axis, block):
@@ -46,12 +53,18 @@ def _grouped(x, spec):
 
 
 def _logits(plan, q_i, k_j, mask, kv_lengths, qb, kb):
+    """Masked logits of query block qb against key block kb, and the keep mask (grouped)."""
     spec = plan.spec
     s = torch.einsum("bhgqd,bhkd->bhgqk", q_i, k_j) * spec.scale
     dev = q_i.device
     keep, bias = masking.keep_and_bias(spec, _cut(_cut(mask, 2, qb), 3, kb), kv_lengths,
                                        torch.arange(*qb, device=dev), torch.arange(*kb, device=dev))
-    return masking.masked_logits(s, _grouped(keep, spec), _grouped(bias, spec))
+    keep = _grouped(keep, spec)
+    return masking.masked_logits(s, keep, _grouped(bias, spec)), keep
+
+
+def _kept(x, keep):
+    return x if keep is None else torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
 class _Attention(torch.autograd.Function):
@@ -67,22 +80,23 @@ class _Attention(torch.autograd.Function):
             m = q.new_full(q_i.shape[:-1], float("-inf"))
             l = q.new_zeros(q_i.shape[:-1])
             acc = q.new_zeros(*q_i.shape[:-1], v.shape[-1])
+            nonempty = torch.zeros(q_i.shape[:-1], dtype=torch.bool, device=q.device)
             for kb in plan.blocks(k.shape[2], plan.k_chunk):
                 if not plan.visible(qb, kb):
                     continue
-                s = _logits(plan, q_i, k[:, :, kb[0]:kb[1]], mask, kv_lengths, qb, kb)
+                s, keep = _logits(plan, q_i, k[:, :, kb[0]:kb[1]], mask, kv_lengths, qb, kb)
+                # Emptiness comes from `keep`, never from `l > 0`, so a NaN row stays NaN.
+                nonempty = nonempty | (True if keep is None else keep.any(-1))
                 m_new = torch.maximum(m, s.amax(-1))
                 m_safe = m_new.masked_fill(torch.isneginf(m_new), 0.0)
-                p = torch.exp(s - m_safe[..., None])
+                p = _kept(torch.exp(s - m_safe[..., None]), keep)
                 alpha = torch.exp(m - m_safe)
                 l = alpha * l + p.sum(-1)
                 acc = alpha[..., None] * acc + torch.einsum("bhgqk,bhkd->bhgqd", p, v[:, :, kb[0]:kb[1]])
                 m = m_new
-            nonempty = l > 0
             l_safe = torch.where(nonempty, l, torch.ones_like(l))
             out[..., qb[0]:qb[1], :] = acc / l_safe[..., None]
-            lse[..., qb[0]:qb[1]] = (torch.log(l_safe) + m.masked_fill(~nonempty, 0.0)).masked_fill(
-                ~nonempty, float("-inf"))
+            lse[..., qb[0]:qb[1]] = torch.where(nonempty, torch.log(l_safe) + m, float("-inf"))
         ctx.plan = plan
         ctx.save_for_backward(q, k, v, mask, kv_lengths, out, lse)
         return out, lse
@@ -104,8 +118,8 @@ class _Attention(torch.autograd.Function):
                 if not plan.visible(qb, kb):
                     continue
                 q_i, do_i = q[..., qb[0]:qb[1], :], d_out[..., qb[0]:qb[1], :]
-                s = _logits(plan, q_i, k_j, mask, kv_lengths, qb, kb)
-                p = torch.exp(s - lse[..., qb[0]:qb[1], None])
+                s, keep = _logits(plan, q_i, k_j, mask, kv_lengths, qb, kb)
+                p = _kept(torch.exp(s - lse[..., qb[0]:qb[1], None]), keep)
                 dv[:, :, kb[0]:kb[1]] += torch.einsum("bhgqk,bhgqd->bhkd", p, do_i)
                 dp = torch.einsum("bhgqd,bhkd->bhgqk", do_i, v_j)
                 ds = p * (dp - delta[..., qb[0]:qb[1], None])
@@ -129,6 +143,7 @@ def _accumulate_dbias(dbias, ds, qb, kb):
 class Chunked(Backend):
     name = "chunked"
     description = "torch online softmax over key/query chunks with its own backward; memory linear in s"
+    window = True
 
     def __init__(self, q_chunk: int = 512, k_chunk: int = 512):
         self.q_chunk, self.k_chunk = q_chunk, k_chunk

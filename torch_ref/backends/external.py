@@ -2,8 +2,9 @@
 
 Each is available only when its package imports and a CUDA device is present (the routing
 DiffSynth-Studio does by probing installed packages); otherwise `reasons` says which is missing.
-What each cannot express (masks, `kv_lengths`, gradients, the log-sum-exp) is declared, so routing
-falls through to `sdpa` or `chunked` with a logged reason instead of a wrong answer.
+What each cannot express (masks, `kv_lengths`, `local_window_size`, gradients, the log-sum-exp) is
+declared, so routing falls through to `sdpa` or `chunked` with a logged reason instead of a wrong
+answer. `query_seq_lengths`, unbatched inputs and padding are handled around every backend.
 """
 from __future__ import annotations
 
@@ -79,6 +80,7 @@ class XFormers(Backend):
     devices = ("cuda",)
     dtypes = ("float16", "bfloat16", "float32")
     lse = False
+    window = True  # folded into its attn_bias
 
     def _forward(self, inputs, return_lse):
         xops = importlib.import_module("xformers.ops")

@@ -3,7 +3,8 @@
 `sdpa` lets torch pick its kernel; `sdpa_math`, `sdpa_flash`, `sdpa_efficient` and `sdpa_cudnn`
 pin one through `torch.nn.attention.sdpa_kernel`. Their declared limits are the documented ones;
 when torch still refuses, the error carries torch's own reasons (its warnings).
-Masks, `kv_lengths` and empty rows are folded into the one `attn_mask` sdpa takes (`EmptyRows`).
+Masks, `kv_lengths`, the window and empty rows are folded into the one `attn_mask` sdpa takes
+(`EmptyRows`).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ class SDPA(Backend):
     description = "torch.nn.functional.scaled_dot_product_attention, torch picks the kernel"
     kernel: SDPBackend | None = None  # None: torch's own choice
     lse = False  # sdpa does not return the log-sum-exp
+    window = True  # folded into its attn_mask
     native_gqa = True  # reads grouped k/v itself (`enable_gqa`); else k/v heads are repeated
 
     def _forward(self, inputs, return_lse):
@@ -72,6 +74,8 @@ class SDPAFlash(SDPA):
                 why.append(f"head dim {spec.head_dim} is not supported on CUDA (at most 256)")
             if spec.mask_kind != "none" or spec.has_kv_lengths:
                 why.append("an attn_mask (or kv_lengths) is not supported on CUDA")
+            if spec.window is not None:
+                why.append("local_window_size is not supported on CUDA (it needs an attn_mask)")
         return why
 
 

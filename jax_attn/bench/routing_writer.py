@@ -1,0 +1,111 @@
+"""The routing-table writer: bench results -> `jax_attn/routing_table.json`.
+
+The writer of the table whose reader is `jax_attn.autoselect`: it keys buckets with the
+reader's own `bucket_key`, names the two preference lists with its `TABLE_KEYS`, reads orders
+back with its `orders`, writes to its `TABLE_PATH` and clears its `table` cache, so the two
+sides cannot drift apart. `routing_from_results` orders backends per bucket and mode from a
+results document, `predicted_auto` says what `auto` would pick with a table, `write_routing`
+merges and writes it (`--write-routing`, `--update-routing`).
+"""
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+
+from .report import _add_ratios
+
+
+# The routing mode each measured mode orders: training reads forward+backward, inference (calls
+# nothing differentiates) reads forward.
+ROUTING_MODES = {"fwd+bwd": "train", "fwd": "forward"}
+
+
+def routing_from_results(doc: dict, tie: float = 0.01) -> dict:
+    """Preferences per bucket and mode from a bench results document.
+
+    For every (shape, mode) a JAX backend served correctly, its time over the fastest JAX backend
+    of that shape and mode. Within a bucket (device, dtype, head-dim bucket, sequence bucket) and
+    mode the backends are ordered by their worst such ratio over the bucket's shapes (the 3%
+    target is per shape and mode), then by the geometric mean; worst ratios within `tie` of each
+    other count as equal. Backends that failed the correctness gate in a bucket are left out of
+    its preferences. `preferences` (training) orders by forward+backward, `preferences_forward`
+    (inference) by forward; a bucket measured forward only gets its training order from forward.
+    """
+    from .. import autoselect
+    device = doc["meta"]["device_key"]
+    _add_ratios(doc["results"])
+    entries: dict = {}
+    failed: dict = {}
+    for r in doc["results"]:
+        if r["framework"] != "jax" or r["impl"].startswith("auto"):
+            continue
+        key = autoselect.bucket_key(device, r["dtype"], r["d"], r["skv"])
+        if r.get("status") in ("FAIL", "error"):
+            failed.setdefault(key, set()).add(r["impl"])
+        elif r.get("status") == "ok" and "ratio_jax" in r and r["mode"] in ROUTING_MODES:
+            entries.setdefault((key, r["mode"]), {}).setdefault(r["impl"], []).append(r["ratio_jax"])
+    prefs = {name: {} for name in autoselect.TABLE_KEYS.values()}
+    scores: dict = {}
+    for (key, mode), per in sorted(entries.items()):
+        stats = {n: {"worst": max(v), "geomean": math.exp(sum(map(math.log, v)) / len(v)), "entries": len(v)}
+                 for n, v in per.items() if n not in failed.get(key, ())}
+        # Worst ratios quantized to steps of `tie`: near-equal ones are ordered by the geomean.
+        order = sorted(stats, key=lambda n: (round(math.log(stats[n]["worst"]) / math.log1p(tie)),
+                                             stats[n]["geomean"]))
+        prefs[autoselect.TABLE_KEYS[ROUTING_MODES[mode]]][key] = order
+        scores.setdefault(key, {})[mode] = {n: {k: round(v, 4) if isinstance(v, float) else v
+                                                for k, v in stats[n].items()} for n in order}
+    for key, names in failed.items():
+        if key in scores:
+            scores[key]["failed"] = sorted(names)
+    train, forward = (prefs[autoselect.TABLE_KEYS[m]] for m in ("train", "forward"))
+    for key, order in forward.items():  # measured forward only
+        train.setdefault(key, order)
+    meta = doc["meta"]
+    return {"comment": "Written by `python -m jax_attn bench --write-routing/--update-routing`; "
+                       "autoselect.py reads `preferences` (training: forward+backward) and "
+                       "`preferences_forward` (inference), bucket -> backends, fastest first.",
+            "source": {k: meta.get(k) for k in ("date", "device", "gpu", "driver", "device_key", "jax", "jaxlib",
+                                                "jax_cudnn", "torch", "command") if meta.get(k)},
+            **{name: dict(sorted(v.items())) for name, v in prefs.items()}, "scores": scores}
+
+
+def predicted_auto(doc: dict, table: dict) -> str:
+    """What `auto` would get with routing `table`, per shape and mode, from the rows of `doc`."""
+    from .. import autoselect
+    device = doc["meta"]["device_key"]
+    lines = []
+    by = {}
+    for r in doc["results"]:
+        if r["framework"] == "jax" and not r["impl"].startswith("auto"):
+            by.setdefault((r["shape"], r["dtype"], r["mode"]), {})[r["impl"]] = r
+    for (shape, dtype, mode), rows in by.items():
+        any_row = next(iter(rows.values()))
+        key = autoselect.bucket_key(device, dtype, any_row["d"], any_row["skv"])
+        order = autoselect.orders(table, ROUTING_MODES.get(mode, "train")).get(key, [])
+        pick = next((n for n in order if rows.get(n, {}).get("status") == "ok"), None)
+        ratio = rows[pick].get("ratio_jax") if pick else None
+        lines.append(f"  {shape} {dtype} {mode}: {pick or '-'}" + (f" x{ratio:.3f}" if ratio else ""))
+    return "\n".join(lines)
+
+
+def write_routing(doc: dict, path=None, merge: bool = True) -> dict:
+    """Write the routing table for `doc` to `path` (default: the package's table); returns it.
+
+    With `merge`, buckets of other devices already in the file are kept.
+    """
+    from .. import autoselect
+    path = pathlib.Path(path or autoselect.TABLE_PATH)
+    table = routing_from_results(doc)
+    if merge and path.exists():
+        old = json.loads(path.read_text() or "{}")
+        device = doc["meta"]["device_key"] + "|"
+        for name in (*autoselect.TABLE_KEYS.values(), "scores"):
+            kept = {k: v for k, v in old.get(name, {}).items() if not k.startswith(device)}
+            table[name] = dict(sorted({**kept, **table[name]}.items()))
+        if old.get("source") and old["source"].get("device_key") != doc["meta"]["device_key"]:
+            table["other_sources"] = [old["source"]] + old.get("other_sources", [])
+    path.write_text(json.dumps(table, indent=1) + "\n")
+    autoselect.table.cache_clear()
+    return table

@@ -1,0 +1,330 @@
+"""The Hopper (sm90) Mosaic GPU flash-attention backward kernels: dQ, and dK/dV.
+
+The default backward up to d = 128 (`mosaic_attention.py` chooses; at d > 128 the dK and dV
+accumulators would not fit in registers, so there the Triton kernels run instead).
+
+Same CTA shape as the forward (`mosaic_forward.py`): warpgroups 0 and 1 compute, 64 rows each,
+warpgroup 2 is a TMA producer streaming tiles through a ring of `MosaicConfig.bwd_stages`
+shared-memory slots (`_produce`). Base-2 throughout: lse2 = lse * log2(e) (+inf for an empty or
+padded query row, so its p is exactly 0), the key bias is 0/-inf; delta = rowsum(dO * O) - dlse
+and lse2 are computed in XLA before the kernels (`mosaic_attention._mosaic_backward`).
+
+* dQ kernel (`_dq_call`, grid over query tiles): per key block, S = Q K^T,
+  P = exp2(S*c + kb - lse2), dP = dO V^T, dS = P * (dP - delta), dQ += dS K.
+* dK/dV kernel (`_dkdv_call`, grid over key tiles of each k/v head; the group's query heads are
+  streamed one after the other, so GQA sums stay in registers): per query block,
+  S^T = K Q^T, P^T = exp2(S^T*c + kb - lse2), dV += P^T dO, dP^T = V dO^T,
+  dS^T = P^T * (dP^T - delta), dK += dS^T Q. Its S^T, dP^T and dS^T tiles are formed as K Q^T
+  and V dO^T (transposed views).
+
+In interpret mode the matmuls (`_mm`) are `lax.dot_general` on the same shared-memory tiles.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from .mosaic_config import LOG2E, _grid, pl, plgpu
+
+BWD_BLOCK = 64  # rows per compute warpgroup and per streamed step, both kernels
+
+
+def _produce(n_steps, stages, groups_of_copies):
+    """Producer warpgroup: fill `stages` slots, then refill a slot once its consumers released it.
+
+    `groups_of_copies`: list of (consumed barrier ring, [issue(step, slot) ...]). After the last
+    copy it waits for the final release of every slot (every phase observed).
+    """
+    for s0 in range(stages):
+        for _, issuers in groups_of_copies:
+            for issue in issuers:
+                issue(s0, s0)
+
+    @pl.loop(0, n_steps - stages)
+    def _(i):
+        slot = lax.rem(i, jnp.array(stages, i.dtype))
+        for done, issuers in groups_of_copies:
+            plgpu.barrier_wait(done.at[slot])
+            for issue in issuers:
+                issue(i + stages, slot)
+
+    for j in range(stages):
+        slot = (n_steps - stages + j) % stages
+        for done, _ in groups_of_copies:
+            plgpu.barrier_wait(done.at[slot])
+
+
+def _mm(interp, a, b_ref, shape, *, transpose_b, acc=None, a_is_ref=True):
+    """acc + a @ (b^T if transpose_b else b) in float32; `a` a smem ref or (a_is_ref=False) a
+    register value.
+
+    On the GPU a wgmma (b through a transposed view, no copy); in interpret mode a dot_general
+    on the same tiles (the interpreter has no register-operand or transposed wgmma).
+    """
+    if interp:
+        a_val = a[...] if a_is_ref else a
+        dims = (((1,), (1,)), ((), ())) if transpose_b else (((1,), (0,)), ((), ()))
+        out = lax.dot_general(a_val, b_ref[...], dims, preferred_element_type=jnp.float32)
+        return out if acc is None else acc + out
+    b = plgpu.transpose_ref(b_ref, (1, 0)) if transpose_b else b_ref
+    if acc is None:
+        def fresh(acc_ref):
+            plgpu.wgmma(acc_ref, a, b)
+            return acc_ref[...]
+        return pl.run_scoped(fresh, plgpu.ACC(shape, jnp.float32))
+
+    def accumulate(acc_ref):
+        plgpu.wgmma(acc_ref, a, b)
+    return pl.run_state(accumulate)(plgpu.ACC.init(acc))
+
+
+def _bwd_common(st):
+    bnsd = st.layout == "bnsd"
+
+    def rows(ref, b, h, start, size):
+        return ref.at[b, h, pl.ds(start, size)] if bnsd else ref.at[b, pl.ds(start, size), h]
+
+    kw = {}
+    if st.interpret:
+        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+        kw["interpret"] = InterpretGPUParams()
+    smem_t = () if st.interpret else (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+    return rows, kw, smem_t
+
+
+def _dq_call(st, q, k, v, do, lse2, delta, kb, sq_pad, skv_pad):
+    bq = bk = BWD_BLOCK
+    dp, dtype, interp = st.dp, q.dtype, st.interpret
+    rows, kw, smem_t = _bwd_common(st)
+    bnsd = st.layout == "bnsd"
+    batch, heads = q.shape[0], (q.shape[1] if bnsd else q.shape[2])
+    n_steps = skv_pad // bk
+    stages = max(1, min(st.config.bwd_stages, n_steps))
+    has_kb = kb is not None
+    c = st.scale * LOG2E
+    wgmma_l = None if interp else plgpu.Layout.WGMMA
+
+    def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs):
+        if has_kb:
+            kb_ref, *refs = refs
+        dq_ref, q_smem, do_smem, lse_smem, delta_smem, k_smem, v_smem, *refs = refs
+        if has_kb:
+            kb_smem, *refs = refs
+        in_bar, kv_bar, kv_done, *refs = refs
+        kb_bar = refs[0] if has_kb else None
+        qt, h, b = lax.axis_index("q"), lax.axis_index("h"), lax.axis_index("b")
+        wg = lax.axis_index("wg")
+
+        @pl.when(wg < 2)
+        def _compute():
+            plgpu.set_max_registers(232, action="increase")
+            q0 = qt * (2 * bq) + wg * bq
+            for src, dst, i in ((rows(q_ref, b, h, q0, bq), q_smem.at[wg], 0),
+                                (rows(do_ref, b, h, q0, bq), do_smem.at[wg], 1),
+                                (lse_ref.at[b, h, pl.ds(q0, bq)], lse_smem.at[wg], 2),
+                                (delta_ref.at[b, h, pl.ds(q0, bq)], delta_smem.at[wg], 3)):
+                plgpu.copy_gmem_to_smem(src, dst, in_bar.at[wg * 4 + i])
+            for i in range(4):
+                plgpu.barrier_wait(in_bar.at[wg * 4 + i])
+            if interp:
+                lse2, dlt = lse_smem[wg], delta_smem[wg]
+            else:
+                lse2 = plgpu.load(lse_smem.at[wg], (), layout=plgpu.Layout.WGMMA.reduce(1))
+                dlt = plgpu.load(delta_smem.at[wg], (), layout=plgpu.Layout.WGMMA.reduce(1))
+            dq = jnp.zeros((bq, dp), jnp.float32)
+            if not interp:
+                dq = plgpu.layout_cast(dq, wgmma_l)
+
+            def step(i, dq):
+                slot = lax.rem(i, jnp.array(stages, i.dtype))
+                plgpu.barrier_wait(kv_bar.at[slot * 2])
+                plgpu.barrier_wait(kv_bar.at[slot * 2 + 1])
+                s = _mm(interp, q_smem.at[wg], k_smem.at[slot], (bq, bk), transpose_b=True)
+                s = s * c - lax.broadcast_in_dim(lse2, (bq, bk), [0])
+                if has_kb:
+                    plgpu.barrier_wait(kb_bar.at[slot])
+                    kbias = kb_smem[slot] if interp else plgpu.load(
+                        kb_smem.at[slot], (), layout=plgpu.Layout.WGMMA.reduce(0))
+                    s = s + lax.broadcast_in_dim(kbias, (bq, bk), [1])
+                p = jnp.exp2(s)
+                dpm = _mm(interp, do_smem.at[wg], v_smem.at[slot], (bq, bk), transpose_b=True)
+                ds = p * (dpm - lax.broadcast_in_dim(dlt, (bq, bk), [0]))
+                dq = _mm(interp, ds.astype(dtype), k_smem.at[slot], (bq, dp), transpose_b=False,
+                         acc=dq, a_is_ref=False)
+                plgpu.barrier_arrive(kv_done.at[slot])
+                return dq
+
+            dq = lax.fori_loop(0, n_steps, step, dq)
+            q_smem.at[wg][...] = (dq * st.scale).astype(dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(q_smem.at[wg], rows(dq_ref, b, h, q0, bq))
+            plgpu.wait_smem_to_gmem(0)
+
+        @pl.when(wg == 2)
+        def _producer():
+            plgpu.set_max_registers(40, action="decrease")
+            kvh = lax.div(h, jnp.array(st.groups, h.dtype))
+            issuers = [
+                lambda s_, sl: plgpu.copy_gmem_to_smem(rows(k_ref, b, kvh, s_ * bk, bk),
+                                                       k_smem.at[sl], kv_bar.at[sl * 2]),
+                lambda s_, sl: plgpu.copy_gmem_to_smem(rows(v_ref, b, kvh, s_ * bk, bk),
+                                                       v_smem.at[sl], kv_bar.at[sl * 2 + 1]),
+            ]
+            if has_kb:
+                kbb = b if st.key_bias_dims[0] else 0
+                kbh = h if st.key_bias_dims[1] else 0
+                issuers.append(lambda s_, sl: plgpu.copy_gmem_to_smem(
+                    kb_ref.at[kbb, kbh, pl.ds(s_ * bk, bk)], kb_smem.at[sl], kb_bar.at[sl]))
+            _produce(n_steps, stages, [(kv_done, issuers)])
+
+    scratch = [plgpu.SMEM((2, bq, dp), dtype, transforms=smem_t),
+               plgpu.SMEM((2, bq, dp), dtype, transforms=smem_t),
+               plgpu.SMEM((2, bq), jnp.float32), plgpu.SMEM((2, bq), jnp.float32),
+               plgpu.SMEM((stages, bk, dp), dtype, transforms=smem_t),
+               plgpu.SMEM((stages, bk, dp), dtype, transforms=smem_t)]
+    if has_kb:
+        scratch.append(plgpu.SMEM((stages, bk), jnp.float32))
+    scratch += [plgpu.Barrier(num_barriers=8), plgpu.Barrier(num_barriers=2 * stages),
+                plgpu.Barrier(num_arrivals=2, num_barriers=stages)]
+    if has_kb:
+        scratch.append(plgpu.Barrier(num_barriers=stages))
+    call = plgpu.kernel(
+        kernel, out_type=jax.ShapeDtypeStruct(q.shape, dtype), scratch_types=scratch,
+        grid=_grid(st.config, batch, heads, sq_pad // (2 * bq)),
+        grid_names=_grid(st.config, "b", "h", "q"),
+        num_threads=3, thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True), **kw)
+    return call(q, k, v, do, lse2, delta, *((kb,) if has_kb else ()))
+
+
+def _dkdv_call(st, q, k, v, do, lse2, delta, kb, sq_pad, skv_pad):
+    bq = bk = BWD_BLOCK
+    dp, dtype, interp = st.dp, q.dtype, st.interpret
+    rows, kw, smem_t = _bwd_common(st)
+    bnsd = st.layout == "bnsd"
+    batch, kv_heads = k.shape[0], (k.shape[1] if bnsd else k.shape[2])
+    n_qt = sq_pad // bq
+    g = st.groups
+    n_steps = g * n_qt
+    stages = max(1, min(st.config.bwd_stages, n_steps))
+    has_kb = kb is not None
+    c = st.scale * LOG2E
+    wgmma_l = None if interp else plgpu.Layout.WGMMA
+
+    def head_and_row(t):  # streamed step -> (query head, first query row)
+        t = jnp.asarray(t, jnp.int32)
+        return lax.div(t, jnp.int32(n_qt)), lax.rem(t, jnp.int32(n_qt)) * bq
+
+    def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs):
+        if has_kb:
+            kb_ref, *refs = refs
+        dk_ref, dv_ref, k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, *refs = refs
+        if has_kb:
+            kb_smem, *refs = refs
+        kv_in, q_bar, q_done, *refs = refs
+        kb_bar = refs[0] if has_kb else None
+        kt, kvh, b = lax.axis_index("k"), lax.axis_index("h"), lax.axis_index("b")
+        wg = lax.axis_index("wg")
+
+        @pl.when(wg < 2)
+        def _compute():
+            plgpu.set_max_registers(232, action="increase")
+            k0 = kt * (2 * bk) + wg * bk
+            plgpu.copy_gmem_to_smem(rows(k_ref, b, kvh, k0, bk), k_smem.at[wg], kv_in.at[wg * 2])
+            plgpu.copy_gmem_to_smem(rows(v_ref, b, kvh, k0, bk), v_smem.at[wg],
+                                    kv_in.at[wg * 2 + 1])
+            plgpu.barrier_wait(kv_in.at[wg * 2])
+            plgpu.barrier_wait(kv_in.at[wg * 2 + 1])
+            acc0 = jnp.zeros((bk, dp), jnp.float32)
+            if not interp:
+                acc0 = plgpu.layout_cast(acc0, wgmma_l)
+
+            def step(i, carry):
+                dk, dv = carry
+                slot = lax.rem(i, jnp.array(stages, i.dtype))
+                for j in range(4):
+                    plgpu.barrier_wait(q_bar.at[slot * 4 + j])
+                if interp:
+                    lse2, dlt = lse_smem[slot], delta_smem[slot]
+                else:
+                    lse2 = plgpu.load(lse_smem.at[slot], (), layout=plgpu.Layout.WGMMA.reduce(0))
+                    dlt = plgpu.load(delta_smem.at[slot], (), layout=plgpu.Layout.WGMMA.reduce(0))
+                st_ = _mm(interp, k_smem.at[wg], q_smem.at[slot], (bk, bq), transpose_b=True)
+                st_ = st_ * c - lax.broadcast_in_dim(lse2, (bk, bq), [1])
+                if has_kb:
+                    plgpu.barrier_wait(kb_bar.at[slot * 2 + wg])
+                    kbias = kb_smem[slot, wg] if interp else plgpu.load(
+                        kb_smem.at[slot, wg], (), layout=plgpu.Layout.WGMMA.reduce(1))
+                    st_ = st_ + lax.broadcast_in_dim(kbias, (bk, bq), [0])
+                pt = jnp.exp2(st_)
+                dv = _mm(interp, pt.astype(dtype), do_smem.at[slot], (bk, dp), transpose_b=False,
+                         acc=dv, a_is_ref=False)
+                dpt = _mm(interp, v_smem.at[wg], do_smem.at[slot], (bk, bq), transpose_b=True)
+                dst = pt * (dpt - lax.broadcast_in_dim(dlt, (bk, bq), [1]))
+                dk = _mm(interp, dst.astype(dtype), q_smem.at[slot], (bk, dp), transpose_b=False,
+                         acc=dk, a_is_ref=False)
+                plgpu.barrier_arrive(q_done.at[slot])
+                return dk, dv
+
+            dk, dv = lax.fori_loop(0, n_steps, step, (acc0, acc0))
+            k_smem.at[wg][...] = (dk * st.scale).astype(dtype)
+            v_smem.at[wg][...] = dv.astype(dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(k_smem.at[wg], rows(dk_ref, b, kvh, k0, bk))
+            plgpu.copy_smem_to_gmem(v_smem.at[wg], rows(dv_ref, b, kvh, k0, bk))
+            plgpu.wait_smem_to_gmem(0)
+
+        @pl.when(wg == 2)
+        def _producer():
+            plgpu.set_max_registers(40, action="decrease")
+
+            def q_issue(src_ref, smem, j):
+                def issue(s_, sl):
+                    hq, r0 = head_and_row(s_)
+                    plgpu.copy_gmem_to_smem(rows(src_ref, b, kvh * g + hq, r0, bq), smem.at[sl],
+                                            q_bar.at[sl * 4 + j])
+                return issue
+
+            def vec_issue(src_ref, smem, j):
+                def issue(s_, sl):
+                    hq, r0 = head_and_row(s_)
+                    plgpu.copy_gmem_to_smem(src_ref.at[b, kvh * g + hq, pl.ds(r0, bq)], smem.at[sl],
+                                            q_bar.at[sl * 4 + j])
+                return issue
+
+            issuers = [q_issue(q_ref, q_smem, 0), q_issue(do_ref, do_smem, 1),
+                       vec_issue(lse_ref, lse_smem, 2), vec_issue(delta_ref, delta_smem, 3)]
+            if has_kb:
+                kbb = b if st.key_bias_dims[0] else 0
+
+                def kb_issue(w):
+                    def issue(s_, sl):
+                        hq, _ = head_and_row(s_)
+                        kbh = kvh * g + hq if st.key_bias_dims[1] else 0
+                        plgpu.copy_gmem_to_smem(
+                            kb_ref.at[kbb, kbh, pl.ds(kt * (2 * bk) + w * bk, bk)],
+                            kb_smem.at[sl, w], kb_bar.at[sl * 2 + w])
+                    return issue
+                issuers += [kb_issue(0), kb_issue(1)]
+            _produce(n_steps, stages, [(q_done, issuers)])
+
+    kv_shape = k.shape
+    scratch = [plgpu.SMEM((2, bk, dp), dtype, transforms=smem_t),
+               plgpu.SMEM((2, bk, dp), dtype, transforms=smem_t),
+               plgpu.SMEM((stages, bq, dp), dtype, transforms=smem_t),
+               plgpu.SMEM((stages, bq, dp), dtype, transforms=smem_t),
+               plgpu.SMEM((stages, bq), jnp.float32), plgpu.SMEM((stages, bq), jnp.float32)]
+    if has_kb:
+        scratch.append(plgpu.SMEM((stages, 2, bk), jnp.float32))
+    scratch += [plgpu.Barrier(num_barriers=4), plgpu.Barrier(num_barriers=4 * stages),
+                plgpu.Barrier(num_arrivals=2, num_barriers=stages)]
+    if has_kb:
+        scratch.append(plgpu.Barrier(num_barriers=2 * stages))
+    call = plgpu.kernel(
+        kernel, out_type=[jax.ShapeDtypeStruct(kv_shape, dtype)] * 2, scratch_types=scratch,
+        grid=_grid(st.config, batch, kv_heads, skv_pad // (2 * bk)),
+        grid_names=_grid(st.config, "b", "h", "k"),
+        num_threads=3, thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True), **kw)
+    return call(q, k, v, do, lse2, delta, *((kb,) if has_kb else ()))

@@ -1,0 +1,148 @@
+"""Configuration of the Hopper Mosaic GPU attention kernels (`mosaic_attention.py`).
+
+What the kernels can serve and how they are tuned: the guarded import of the Mosaic GPU Pallas
+dialect (`available`), `MosaicConfig` and its per-head-dim defaults, the head dims the kernels run
+at (`head_dim_padded`: 64, 128 or 256), the shape buckets where the Mosaic forward measured faster
+than the Triton kernel (`FASTER_THAN_TRITON_SM90`, read by the `pallas` backend's automatic
+choice), `unsupported`, and `_Static`, the hashable description of one call that the forward, the
+backward kernels and the custom VJP share.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax.numpy as jnp
+
+LOG2E = math.log2(math.e)
+LN2 = math.log(2.0)
+
+try:  # Mosaic GPU is experimental; a JAX without it must still import jax_attn.
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+    _IMPORT_ERROR = None
+except Exception as e:  # pragma: no cover - depends on the installed JAX
+    pl = plgpu = None
+    _IMPORT_ERROR = f"{type(e).__name__}: {e}"
+
+
+def available() -> str | None:
+    """None when the Mosaic GPU Pallas dialect can be imported, else why not."""
+    return _IMPORT_ERROR
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicConfig:
+    block_q: int = 64  # query rows per compute warpgroup (a CTA has two)
+    block_kv: int = 128  # keys per pipeline step
+    stages: int = 2  # shared-memory slots of K/V in flight
+    # Which CTAs run side by side (Mosaic launches the last grid dimension as CUDA's x). True:
+    # the sequence tiles of one head, so they share its K/V (forward, dQ) or Q/dO (dK/dV) in L2.
+    # False: the heads, whose K/V re-read from DRAM once they outgrow L2 (Nsight Compute, 16k
+    # tokens: DRAM at 40% of its bandwidth, cuDNN 1%). H100, 16k tokens d = 128: forward 9.8 ->
+    # 8.9 ms, forward+backward 41.7 -> 36.8 ms; 1-4% faster at 4k-4.6k tokens too.
+    q_major_grid: bool = True
+    bwd_stages: int = 2  # shared-memory slots of the tiles the backward kernels stream
+
+
+def head_dim_padded(d: int) -> int | None:
+    """The head dim the kernel runs at, or None when it is not supported (d > 256)."""
+    for dp in (64, 128, 256):
+        if d <= dp:
+            return dp
+    return None
+
+
+def default_config(d: int) -> MosaicConfig:
+    dp = head_dim_padded(d)
+    if dp == 256:  # 64x256 f32 accumulator = 128 registers/thread; keep S and smem small
+        return MosaicConfig(block_q=64, block_kv=64, stages=2)
+    # H100 2026-11-23 (benchmarks/mosaic_gpu.py --tune): at d = 64, 256-key blocks make the
+    # forward 4-12% faster than 128 (half the barrier passes per key; no register spills).
+    # Backward pipeline depth: forward+backward 3.7% faster with 4 stages than 2 at d = 64, 2.2%
+    # with 3 at d = 128 (4 would not leave shared memory to spare).
+    if dp == 64:
+        return MosaicConfig(block_q=64, block_kv=256, stages=2, bwd_stages=4)
+    return MosaicConfig(block_q=64, block_kv=128, stages=2, bwd_stages=3)
+
+
+# Shape buckets where the Mosaic forward measured faster than the Triton kernel on an H100
+# (bf16, 2026-11-23, benchmarks/results/2026-11-23-h100-mosaic.md). Keys: (padded head dim,
+# kind), kind "cross" for fewer than 256 keys, else "short_q" for fewer than 128 queries (a CTA
+# computes 128 query rows, so a short query block wastes most of it; not measured), else "self".
+# The `pallas` backend's automatic choice (JAX_ATTN_PALLAS_KERNEL=auto) uses Mosaic only for
+# buckets listed True; an unlisted bucket was not measured and stays on Triton.
+FASTER_THAN_TRITON_SM90: dict[tuple[int, str], bool] = {
+    (64, "self"): True,  # d=64: 1.26x Triton forward (1.04x cuDNN); d=40 (run at 64): 1.21x
+    (128, "self"): True,  # d=128: 1.20x (4608 keys), 1.11x (16384 keys)
+    (64, "cross"): False,  # 77 keys: 0.46-0.85x (d=64), 0.91x (d=40): padding + launch bound
+}
+
+
+def shape_bucket(d: int, sq: int, skv: int) -> tuple[int | None, str]:
+    kind = "cross" if skv < 256 else "short_q" if sq < 128 else "self"
+    return head_dim_padded(d), kind
+
+
+def unsupported(*, dtype, d, dv, has_full_bias, is_causal) -> list[str]:
+    """Why the Mosaic kernel cannot serve these inputs (empty when it can)."""
+    why = []
+    if _IMPORT_ERROR is not None:
+        why.append(f"Mosaic GPU Pallas is not importable ({_IMPORT_ERROR})")
+    if jnp.dtype(dtype).name not in ("bfloat16", "float16"):
+        why.append(f"dtype {jnp.dtype(dtype).name} (the Mosaic kernel takes bfloat16/float16)")
+    if head_dim_padded(d) is None:
+        why.append(f"head dim {d} > 256")
+    if dv != d:
+        why.append(f"dv ({dv}) != d ({d})")
+    if has_full_bias:
+        why.append("a full (sq, skv) mask or bias (the Mosaic kernel reads per-key masks only)")
+    if is_causal:
+        why.append("causal masking (not implemented in the Mosaic kernel)")
+    return why
+
+
+# ---------------------------------------------------------------------------------------------
+# Static description of one call (hashable: a custom_vjp nondiff argument)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    scale: float
+    layout: str
+    sq: int
+    skv: int
+    d: int
+    groups: int
+    key_bias_dims: tuple[bool, bool] | None  # kernel key bias: (varies over b, varies over n)
+    orig_key_bias_dims: tuple[bool, bool] | None  # the caller's mask, for the backward
+    has_kv_lengths: bool
+    config: MosaicConfig
+    interpret: bool
+    backward: str  # "mosaic" or "triton"
+
+    @property
+    def dp(self):
+        return head_dim_padded(self.d)
+
+    @property
+    def sq_pad(self):
+        t = 2 * self.config.block_q
+        return -(-self.sq // t) * t
+
+    @property
+    def skv_pad(self):
+        t = self.config.block_kv
+        return -(-self.skv // t) * t
+
+
+def _grid(cfg, batch, heads, tiles):
+    """The grid (or its names) in launch order; the last dimension varies fastest (CUDA's x).
+
+    q_major_grid: (batch, heads, tiles), tiles fastest. Else (tiles, heads, batch).
+    """
+    return (batch, heads, tiles) if cfg.q_major_grid else (tiles, heads, batch)
