@@ -1,7 +1,10 @@
 """Measure block sizes / warps / stages of the Pallas flash-attention kernels and write the table.
 
 On the GPU:   PYTHONPATH=. python benchmarks/tune_pallas.py --out tuned.json
-Then here:    python benchmarks/tune_pallas.py --apply tuned.json   (rewrites TUNED in configs.py)
+Then here:    python benchmarks/tune_pallas.py --apply tuned.json
+              (merges the picks into jax_attn/data/pallas_tuning.json under the device kind they
+              were measured on; `--data PATH` writes another file, e.g. the per-user cache
+              `jax_attn.data.cache_path("pallas_tuning")`). Keep tuned.json in benchmarks/results/.
 
 Forward candidates are timed on the forward alone; backward candidates on forward + backward with
 the best forward config. Candidates that fail to compile (shared memory, registers) are skipped
@@ -15,7 +18,6 @@ import datetime
 import json
 import logging
 import pathlib
-import re
 import statistics
 import time
 
@@ -126,31 +128,33 @@ def run(out_path):
     return entries
 
 
-def apply(json_path, configs_path=pathlib.Path(__file__).parents[1] / "jax_attn/kernels/configs.py"):
-    """Rewrite the TUNED block of configs.py from a tuning run's JSON."""
-    entries = json.loads(pathlib.Path(json_path).read_text())["entries"]
-    lines = ["TUNED: dict[tuple[str, str, int], Config] = {"]
-    for e in entries:
-        f, b = e["fwd"], e["bwd"]
-        lines.append(f"    {tuple(e['key'])!r}: Config(")
-        lines.append(f"        FwdConfig({f['block_q']}, {f['block_k']}, {f['num_warps']}, {f['num_stages']}),")
-        lines.append(f"        BwdConfig({b['block_q_dkv']}, {b['block_k_dkv']}, {b['block_q_dq']}, "
-                     f"{b['block_k_dq']}, {b['num_warps']}, {b['num_stages']}),")
-        lines.append(f"        device={e['device']!r}, measured={e['measured']!r}),")
-    lines.append("}")
-    text = pathlib.Path(configs_path).read_text()
-    new = re.sub(r"(# BEGIN TUNED[^\n]*\n).*?(\n# END TUNED)", lambda m: m.group(1) + "\n".join(lines)
-                 + m.group(2), text, flags=re.S)
-    pathlib.Path(configs_path).write_text(new)
+def apply(json_path, data_path=None):
+    """Merge a tuning run's picks (`run`'s JSON) into the Pallas tuning data (default the
+    package's, `jax_attn/data/pallas_tuning.json`): each entry under the device kind it was
+    measured on, keyed `dtype|head-dim bucket`, with its device and date; the first device
+    measured for a generation becomes that generation's fallback."""
+    from jax_attn import data
+    from jax_attn.kernels import configs
+
+    data_path = pathlib.Path(data_path or data.path(configs.DATA))
+    for e in json.loads(pathlib.Path(json_path).read_text())["entries"]:
+        generation, dtype, bucket = e["key"]
+        table = data.read(data_path).get("tables", {}).get(e["device"])
+        table = dict(table) if isinstance(table, dict) else {}
+        table[f"{dtype}|{bucket}"] = {"fwd": e["fwd"], "bwd": e["bwd"], "device": e["device"],
+                                      "date": e["measured"], "source": str(json_path)}
+        data.write(data_path, e["device"], table, generation)
 
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="tuned.json")
-    p.add_argument("--apply", help="a tuning JSON to write into configs.py (no GPU needed)")
+    p.add_argument("--apply", help="a tuning JSON to merge into the tuning data (no GPU needed)")
+    p.add_argument("--data", help="with --apply: the data file to write (default "
+                                  "jax_attn/data/pallas_tuning.json)")
     a = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if a.apply:
-        apply(a.apply)
+        apply(a.apply, a.data)
     else:
         run(a.out)

@@ -2,18 +2,11 @@
 from __future__ import annotations
 
 from .backends import BACKENDS, Needs
+from .backends.base import lse_without_gradient
 from .contract import validate
 from .inputs import AttentionInputs
 from .routing import Decision, choose, decide, forward_mode
-
-
-def _lengths_alias(kv_lengths, key_value_seq_lengths):
-    """`key_value_seq_lengths` is jax.nn's name for `kv_lengths`."""
-    if key_value_seq_lengths is None:
-        return kv_lengths
-    if kv_lengths is not None:
-        raise ValueError("give kv_lengths or key_value_seq_lengths (its jax.nn name), not both")
-    return key_value_seq_lengths
+from .visibility import lengths_alias
 
 
 def attention_forward(q, k, v, *, attn_mask=None, scale=None, is_causal=False, kv_lengths=None,
@@ -49,7 +42,7 @@ def attention_forward(q, k, v, *, attn_mask=None, scale=None, is_causal=False, k
       Keys no query can see contribute exactly nothing, whatever they hold.
     """
     inputs = AttentionInputs.build(
-        q, k, v, attn_mask=attn_mask, kv_lengths=_lengths_alias(kv_lengths, key_value_seq_lengths),
+        q, k, v, attn_mask=attn_mask, kv_lengths=lengths_alias(kv_lengths, key_value_seq_lengths),
         scale=scale, is_causal=is_causal, layout=layout, bias=bias, mask=mask,
         query_seq_lengths=query_seq_lengths, local_window_size=local_window_size, local_blocks=True)
     from .parallel import sequence_parallel_forward  # late: parallel imports this module
@@ -57,7 +50,10 @@ def attention_forward(q, k, v, *, attn_mask=None, scale=None, is_causal=False, k
     if sp is not None:
         return inputs.finish(sp, return_lse)
     run = choose(inputs.spec, backend, Needs(forward_ad=forward_mode(q, k, v, attn_mask, bias, mask)))
-    return inputs.finish(run(inputs.padding_zeroed(), return_lse), return_lse)
+    result = run(inputs.padding_zeroed(), return_lse)
+    if return_lse and not run.lse_grad:  # differentiating this lse raises instead of missing it
+        result = (result[0], lse_without_gradient(run.name)(result[1]))
+    return inputs.finish(result, return_lse)
 
 
 def explain(q, k, v, *, attn_mask=None, scale=None, is_causal=False, kv_lengths=None, layout="bnsd",
@@ -68,7 +64,7 @@ def explain(q, k, v, *, attn_mask=None, scale=None, is_causal=False, kv_lengths=
     Accepts arrays or `jax.ShapeDtypeStruct`s; `print()` the result for a table.
     """
     spec = validate(q, k, v, attn_mask=attn_mask, scale=scale, is_causal=is_causal,
-                    kv_lengths=_lengths_alias(kv_lengths, key_value_seq_lengths), layout=layout,
+                    kv_lengths=lengths_alias(kv_lengths, key_value_seq_lengths), layout=layout,
                     bias=bias, mask=mask, query_seq_lengths=query_seq_lengths,
                     local_window_size=local_window_size)
     return decide(spec, backend, Needs(forward_ad=forward_mode(q, k, v, attn_mask, bias, mask)))

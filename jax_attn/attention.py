@@ -28,6 +28,7 @@ from flax import nnx
 
 from . import processors as _processors
 from .api import attention_forward as _attention_forward
+from .backends.naive import _precision  # the one definition, shared with the backends
 from .processors import AttnProcessor
 
 log = logging.getLogger(__name__)
@@ -39,10 +40,6 @@ _setup_key: contextvars.ContextVar = contextvars.ContextVar("jax_attn_setup_key"
 
 class ProcessorState(nnx.Variable):
     """Non-trainable state a processor keeps in a layer (e.g. recorded attention maps)."""
-
-
-def _precision(dtype):
-    return jax.lax.Precision.HIGHEST if jnp.dtype(dtype).itemsize >= 4 else None
 
 
 class JaxOps:

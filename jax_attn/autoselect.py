@@ -1,22 +1,27 @@
 """Automatic selection: an ordered preference of backends for a call, from measured data.
 
-`routing_table.json` (written by `python -m jax_attn bench --update-routing`) maps a bucket
-(platform/GPU, dtype, head-dim bucket, sequence bucket) to backends ordered fastest first, once
-for training (`preferences`: measured forward+backward) and once for calls that nothing
-differentiates (`preferences_forward`: measured forward; missing = the training order).
+The routing data, `jax_attn/data/routing.json` (written by `python -m jax_attn bench
+--write-routing/--update-routing`, `jax_attn/routing_writer.py`), holds one table per GPU device
+kind, read through `jax_attn.data` (the per-user cache first; an unmeasured GPU gets its
+generation's table, with a logged note). A table maps a bucket (platform/GPU generation, dtype,
+head-dim bucket, sequence bucket) to backends ordered fastest first, once for training
+(`preferences`: measured forward+backward) and once for calls that nothing differentiates
+(`preferences_forward`: measured forward; missing = the training order).
 Buckets it does not cover use the rules below. Backends that cannot serve are skipped by the
 router, so a preference only orders; it never forces.
 """
 from __future__ import annotations
 
 import functools
-import json
 import pathlib
 
+from . import data
 from .backends.base import gpu_compute_capability, platform
 from .contract import Spec
 
-TABLE_PATH = pathlib.Path(__file__).with_name("routing_table.json")
+# The routing data. Pointed at another file (`bench --write-routing PATH` output, tests), that
+# file is read instead: one device's table as it is, or a document keyed by device kind.
+TABLE_PATH = data.path("routing")
 # Above this many score bytes (b*n*sq*skv*4) the materializing backends are not chosen.
 SCORE_BYTES_BUDGET = 1 << 30
 
@@ -55,10 +60,19 @@ def orders(doc: dict, mode: str) -> dict:
     return train if mode == "train" else {**train, **doc.get(TABLE_KEYS[mode], {})}
 
 
+def routing_table() -> dict:
+    """This machine's routing table (`source`, `preferences`, `preferences_forward`, `scores`):
+    its device kind's, else its generation's, else `{}`."""
+    if pathlib.Path(TABLE_PATH).resolve() == data.path("routing"):
+        return data.load("routing")
+    doc = data.read(TABLE_PATH)
+    return data.lookup(doc["tables"], data.device(), str(TABLE_PATH)) if "tables" in doc else doc
+
+
 @functools.lru_cache(maxsize=None)
 def table(mode: str = "train") -> dict:
     """Bucket -> backends, fastest first, for `mode` ("train" or "forward") on this machine."""
-    return orders(json.loads(TABLE_PATH.read_text()) if TABLE_PATH.exists() else {}, mode)
+    return orders(routing_table(), mode)
 
 
 def preference(spec: Spec, mode: str = "train") -> list[str]:

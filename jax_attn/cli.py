@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import dataclasses
 import functools
 import json
 import logging
@@ -15,61 +14,15 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from . import cases as case_data  # `cases` names lists of them below
 from . import reference
 from .api import attention_forward, available_backends
 from .backends import BACKENDS
+from .cases import CASES, Case  # noqa: F401  (`cli.CASES`, as before)
 from .contract import validate
 
 log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass(frozen=True)
-class Case:
-    """One `check` configuration, (b, n, n_kv, sq, skv, d, dv) plus masking."""
-
-    name: str
-    b: int
-    n: int
-    n_kv: int
-    sq: int
-    skv: int
-    d: int
-    dv: int
-    mask: str = "none"  # "none", "key" (bool, per key), "bias" (float, full), "key_bias" (float, per key)
-    causal: bool = False
-    kv_lengths: bool = False
-    layout: str = "bnsd"
-    window: tuple | None = None  # local_window_size
-    q_lengths: bool = False  # query_seq_lengths (one sample with padding queries)
-    poison: bool = False  # NaN in k and v at the keys kv_lengths drops (they must not matter)
-
-    @property
-    def bias_grad(self) -> bool:
-        """The case differentiates its float bias too."""
-        return self.mask in ("bias", "key_bias")
-
-    def scaled(self, factor: int) -> "Case":
-        return dataclasses.replace(self, sq=max(1, self.sq // factor), skv=max(1, self.skv // factor))
-
-
-CASES = (
-    Case("self-attention", 2, 4, 4, 1024, 1024, 64, 64),
-    Case("self-attention, bsnd layout", 2, 4, 4, 1024, 1024, 64, 64, layout="bsnd"),
-    Case("cross-attention, 77 padded keys", 2, 4, 4, 1024, 77, 40, 40, kv_lengths=True),
-    Case("GQA, causal", 1, 8, 2, 512, 512, 128, 128, causal=True),
-    Case("per-key bool mask", 2, 4, 4, 256, 160, 72, 72, mask="key"),
-    Case("additive bias", 1, 4, 4, 256, 256, 64, 64, mask="bias"),
-    Case("value dim != head dim", 1, 2, 2, 128, 96, 64, 32),
-    Case("per-key bias", 2, 4, 4, 512, 300, 64, 64, mask="key_bias"),
-    Case("additive bias, d=128", 1, 4, 4, 512, 512, 128, 128, mask="bias"),
-    Case("sliding window, causal", 1, 4, 4, 1024, 1024, 64, 64, causal=True, window=(128, 0)),
-    Case("sliding window, two-sided, GQA", 1, 4, 2, 512, 512, 128, 128, window=(64, 32)),
-    Case("query and key padding", 2, 4, 4, 256, 77, 64, 64, kv_lengths=True, q_lengths=True),
-    Case("NaN in padded keys", 2, 4, 4, 1024, 77, 40, 40, kv_lengths=True, poison=True),
-    Case("NaN in padded keys, self-attention", 2, 4, 4, 1024, 1024, 64, 64, kv_lengths=True, poison=True),
-)
 
 
 def _versions() -> dict:
@@ -113,34 +66,6 @@ def cmd_info(args) -> int:
     return 0
 
 
-def _inputs(case: Case, dtype, seed: int):
-    rng = np.random.default_rng(seed)
-    shape = lambda n, s, e: (case.b, n, s, e)
-    q = rng.standard_normal(shape(case.n, case.sq, case.d))
-    k = rng.standard_normal(shape(case.n_kv, case.skv, case.d))
-    v = rng.standard_normal(shape(case.n_kv, case.skv, case.dv))
-    kw = {"is_causal": case.causal, "layout": case.layout}
-    if case.kv_lengths:  # one sample fully padded: its rows must come back as zeros
-        lengths = np.r_[rng.integers(1, case.skv + 1, case.b - 1), 0]
-        kw["kv_lengths"] = jnp.asarray(lengths, jnp.int32)
-        if case.poison:  # garbage in the padding, as uninitialized text-encoder outputs hold
-            pad = np.arange(case.skv)[None, None, :] >= lengths[:, None, None]
-            k, v = (np.where(pad[..., None], np.nan, x) for x in (k, v))
-    q, k, v = (jnp.asarray(x, dtype) for x in (q, k, v))
-    if case.q_lengths:
-        kw["query_seq_lengths"] = jnp.asarray(np.r_[rng.integers(1, case.sq + 1, case.b - 1), case.sq],
-                                              jnp.int32)
-    if case.window is not None:
-        kw["local_window_size"] = case.window
-    if case.mask == "key":
-        kw["attn_mask"] = jnp.asarray(rng.random((case.b, 1, 1, case.skv)) < 0.8)
-    elif case.mask == "bias":
-        kw["attn_mask"] = jnp.asarray(rng.standard_normal((1, case.n, case.sq, case.skv)), dtype)
-    elif case.mask == "key_bias":
-        kw["attn_mask"] = jnp.asarray(rng.standard_normal((case.b, 1, 1, case.skv)), dtype)
-    return q, k, v, kw
-
-
 def _median_ms(fn, *xs, repeats=5) -> float:
     jax.block_until_ready(fn(*xs))
     times = []
@@ -153,19 +78,11 @@ def _median_ms(fn, *xs, repeats=5) -> float:
 
 @functools.lru_cache(maxsize=None)
 def _reference(case: Case, dtype: str, seed: int):
-    """Inputs and float64 reference results for one case, shared by every backend checked on it."""
-    q, k, v, kw = _inputs(case, dtype, seed)
-    np_kw = {k_: (np.asarray(x, np.float64 if x.dtype != jnp.bool_ and k_ == "attn_mask" else None)
-                  if hasattr(x, "shape") else x) for k_, x in kw.items()}
-    extra = dict(q_lengths=np_kw.get("query_seq_lengths"), window=case.window)
-    ref, ref_lse = reference.attention(q, k, v, np_kw.get("attn_mask"), np_kw.get("kv_lengths"),
-                                       case.causal, return_lse=True, **extra)
-    d_out = jnp.asarray(np.random.default_rng(seed + 1).standard_normal(ref.shape), dtype)
-    *ref_grads, d_bias = reference.attention_vjp(q, k, v, d_out, np_kw.get("attn_mask"),
-                                                 np_kw.get("kv_lengths"), case.causal, **extra)
-    if case.bias_grad:  # summed over the dims the bias broadcasts along
-        shape = kw["attn_mask"].shape
-        ref_grads.append(d_bias.sum(tuple(i for i, s in enumerate(shape) if s == 1), keepdims=True))
+    """Inputs (`jax_attn.cases.inputs`, as jnp) and float64 reference results for one case, shared
+    by every backend checked on it."""
+    q, k, v, kw = case_data.inputs(case, dtype, seed, jnp.asarray)
+    d_out = jnp.asarray(case_data.output_cotangent(case, seed), dtype)
+    ref, ref_lse, ref_grads = case_data.expected(case, q, k, v, d_out, **kw)
     return (q, k, v, kw), (ref, ref_lse, ref_grads, d_out)
 
 

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import masking
+from . import masking, visibility
 from .contract import Spec, validate
 
 
@@ -34,12 +34,11 @@ def _lengths(x, name: str):
         return None
     if isinstance(x, np.ndarray) or np.isscalar(x):
         x = np.asarray(x)
-        if (x < 0).any():
-            raise ValueError(f"{name} must be >= 0, got {x.tolist()}")
+        visibility.check_lengths(x, name)
         top = min(INT32_MAX, int(np.iinfo(x.dtype).max))
         return jnp.asarray(np.minimum(x, np.asarray(top, x.dtype)).astype(np.int32).reshape(-1))
-    if _concrete(x) and (np.asarray(x) < 0).any():  # NumPy: inside a trace jnp would stage it
-        raise ValueError(f"{name} must be >= 0, got {np.asarray(x).tolist()}")
+    if _concrete(x):  # checked in NumPy: inside a trace jnp would stage it
+        visibility.check_lengths(np.asarray(x), name)
     x = jnp.asarray(x)
     # Under jit a negative length cannot raise; it clamps to 0 (a row or key set with nothing).
     if jnp.iinfo(x.dtype).max > INT32_MAX:
@@ -55,18 +54,9 @@ def _rank4(x):
 def merge_masks(attn_mask, bias, mask):
     """One mask from `attn_mask`, `bias` and `mask`: bool where all parts are bool (AND), else an
     additive bias (float parts added, keys a bool part drops at -inf). Rank 4, not broadcast."""
-    parts = [_rank4(x) for x in (attn_mask, bias, mask) if x is not None]
-    if len(parts) <= 1:
-        return parts[0] if parts else None
-    keep = add = None
-    for x in parts:
-        if x.dtype == jnp.bool_:
-            keep = x if keep is None else keep & x
-        else:
-            add = x if add is None else add + x
-    if add is None or keep is None:
-        return keep if add is None else add
-    return jnp.where(keep, add, -jnp.inf)
+    return visibility.merge_masks([None if x is None else _rank4(x) for x in (attn_mask, bias, mask)],
+                                  lambda x: x.dtype == jnp.bool_,
+                                  lambda keep, add: jnp.where(keep, add, -jnp.inf))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,9 +1,10 @@
 """Mask algebra shared by the jnp backends: which logits are kept, and which query rows are empty.
 
 A key is dropped when the bool mask is False, the bias is -inf, it lies at or past
-`kv_lengths[b]`, or outside the query's window (`spec.window_bounds`, causal included). A row is
-empty when no key is kept; that is decided from visibility alone, never from values, so a NaN in
-a visible logit stays NaN instead of reading as "empty". Empty rows produce zeros; backends that
+`kv_lengths[b]`, or outside the query's window (`spec.window_bounds`, causal included); that
+geometry, and which keys any query sees, are `jax_attn.visibility`'s, shared with torch_ref.
+A row is empty when no key is kept; that is decided from visibility alone, never from values,
+so a NaN in a visible logit stays NaN instead of reading as "empty". Empty rows produce zeros; backends that
 cannot do that natively get `EmptyRows` to unmask such rows and zero them after.
 
 Masked logits are set to a large finite negative number, not -inf, so that `jax.debug_infs`
@@ -17,29 +18,13 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from . import visibility
 from .contract import Spec
+from .visibility import restrict, window_keep
 
 # Masked logits: finite (see the module docstring), far below any real logit, with room left
 # for `s - max` not to overflow to -inf (jax.nn uses the same margin).
 MASKED = -0.7 * float(np.finfo(np.float32).max)
-
-
-def _and(a, b):
-    return b if a is None else a if b is None else a & b
-
-
-def window_keep(spec: Spec, q_pos, k_pos):
-    """`(len(q_pos), len(k_pos))` bool from the window and causality, or None when unrestricted."""
-    bounds = spec.window_bounds
-    if bounds is None:
-        return None
-    left, right = bounds
-    keep = None
-    if left is not None:
-        keep = k_pos[None, :] >= q_pos[:, None] - left
-    if right is not None:
-        keep = _and(keep, k_pos[None, :] <= q_pos[:, None] + right)
-    return keep
 
 
 def keep_and_bias(spec: Spec, mask, kv_lengths, q_pos, k_pos, kv_limit=None):
@@ -56,14 +41,7 @@ def keep_and_bias(spec: Spec, mask, kv_lengths, q_pos, k_pos, kv_limit=None):
         finite = ~jnp.isneginf(mask)
         keep = finite
         bias = jnp.where(finite, mask, 0).astype(jnp.float32)
-    if kv_limit is not None:
-        keep = _and(keep, (k_pos < kv_limit)[None, None, None, :])
-    if kv_lengths is not None:
-        keep = _and(keep, k_pos[None, None, None, :] < kv_lengths[:, None, None, None])
-    geometry = window_keep(spec, q_pos, k_pos)
-    if geometry is not None:
-        keep = _and(keep, geometry[None, None])
-    return keep, bias
+    return restrict(spec, keep, kv_lengths, q_pos, k_pos, kv_limit), bias
 
 
 def masked_logits(s, keep, bias):
@@ -84,31 +62,8 @@ def nonempty_rows(keep, shape):
 
 def seen_keys(spec: Spec, mask, kv_lengths, q_lengths):
     """bool `(b|1, n_kv|1, skv)`: the keys of each k/v head that at least one query (before
-    `q_lengths`) can see; None when every key is seen by construction (no work to do)."""
-    skv, sq = spec.kv_len, spec.q_len
-    k_pos = jnp.arange(skv)
-    seen = None
-    if kv_lengths is not None:
-        seen = (k_pos[None, :] < kv_lengths[:, None])[:, None, :]
-    right = None if spec.window_bounds is None else spec.window_bounds[1]
-    if q_lengths is not None:  # the last query that looks at key j is q_len - 1 (+ right)
-        last = q_lengths[:, None] - 1 + (0 if right is None else right)
-        seen = _and(seen, ((k_pos[None, :] <= last) if right is not None
-                           else (q_lengths[:, None] > 0) & (k_pos[None, :] >= 0))[:, None, :])
-    elif right is not None and sq - 1 + right < skv - 1:
-        seen = _and(seen, (k_pos <= sq - 1 + right)[None, None, :])
-    if mask is not None:
-        if spec.per_key_mask:
-            keep = mask[:, :, 0, :] if spec.mask_kind == "bool" else ~jnp.isneginf(mask[:, :, 0, :])
-        else:  # a key is seen when some query's mask row and window keep it
-            keep, _ = keep_and_bias(spec, mask, None, jnp.arange(sq), k_pos)
-            if q_lengths is not None:
-                keep = keep & (jnp.arange(sq)[None, :] < q_lengths[:, None])[:, None, :, None]
-            keep = jnp.any(keep, axis=2)
-        if keep.shape[1] == spec.heads and spec.groups > 1:  # any query head of the group
-            keep = keep.reshape(keep.shape[0], spec.kv_heads, spec.groups, skv).any(2)
-        seen = _and(seen, keep)
-    return seen
+    `q_lengths`) can see; None when every key is seen by construction (`visibility.seen_keys`)."""
+    return visibility.seen_keys(spec, mask, kv_lengths, q_lengths, jnp)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,11 +100,7 @@ class EmptyRows:
                                                          else kv_lengths[:, None, None])), -1)
             row_valid = rows[None, None] if rows.ndim == 1 else rows[:, None]
         if bool_mask is not None:
-            keep = bool_mask
-            if kv_lengths is not None:
-                keep = keep & (k_pos[None, None, None, :] < kv_lengths[:, None, None, None])
-            if geometry is not None:
-                keep = keep & geometry[None, None]
+            keep = restrict(spec, bool_mask, kv_lengths, q_pos, k_pos)
             mask_rows = jnp.any(keep, axis=-1)
             row_valid = mask_rows if row_valid is None else row_valid & mask_rows
             bool_mask = bool_mask | ~mask_rows[..., None]

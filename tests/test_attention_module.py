@@ -102,10 +102,6 @@ def rand(seed, *shape):
     return jax.random.normal(jax.random.key(seed), shape, jnp.float32)
 
 
-def rel(x, ref):
-    return reference.relative_error(np.asarray(x), ref)
-
-
 def make(cross=True, qk_norm=None, heads=3, dim_head=8, backend="xla", seed=0, **kw):
     attn = Attention(16, 12 if cross else None, heads=heads, dim_head=dim_head, bias=True,
                      qk_norm=qk_norm, backend=backend, rngs=nnx.Rngs(seed), **kw)
@@ -163,6 +159,7 @@ def test_diffusers_names_and_weight_shapes():
     assert plain.inner_dim == 512 and plain.cross_attention_dim == 16 and not plain.is_cross_attention
 
 
+@pytest.mark.fast_diagonal  # the fast run: each mask kind once, the norms and cross/self in turn
 @pytest.mark.parametrize("cross", [True, False], ids=["cross", "self"])
 @pytest.mark.parametrize("qk_norm", [None, "layer_norm", "rms_norm"])
 @pytest.mark.parametrize("mask_kind", MASK_KINDS)
@@ -173,7 +170,7 @@ def test_forward_matches_reference(cross, qk_norm, mask_kind):
     out = attn(x, ctx, mask, kv_lengths=lengths)
     ref = forward(attn, x, ctx, ref_mask, ref_lengths, qk_norm)
     assert out.shape == (B, SQ, 16) and out.dtype == jnp.float32
-    assert rel(out, ref) < TOL["float32"]
+    assert reference.relative_error(out, ref) < TOL["float32"]
 
 
 def test_gradients_match_reference():
@@ -202,8 +199,8 @@ def test_gradients_match_reference():
            "to_k.kernel": np.einsum("bsi,bso->io", c64, merge(dk))}
     got = weights_of_grads(grads)
     for name, r in ref.items():
-        assert rel(got[name], r) < TOL["float32"], name
-    assert rel(dx, merge(dq) @ w["to_q.kernel"].T) < TOL["float32"]
+        assert reference.relative_error(got[name], r) < TOL["float32"], name
+    assert reference.relative_error(dx, merge(dq) @ w["to_q.kernel"].T) < TOL["float32"]
 
 
 def weights_of_grads(grads):
@@ -223,8 +220,8 @@ def test_jit_matches_eager_and_routing_applies(monkeypatch):
     with use_backend("chunked"):
         jitted = nnx.jit(lambda m, x, c: m(x, c))(attn, x, ctx)
     assert calls, "use_backend did not reach the module's attention_forward"
-    assert rel(jitted, np.asarray(eager, np.float64)) < 1e-5
-    assert rel(eager, forward(attn, x, ctx)) < TOL["float32"]
+    assert reference.relative_error(jitted, np.asarray(eager, np.float64)) < 1e-5
+    assert reference.relative_error(eager, forward(attn, x, ctx)) < TOL["float32"]
 
 
 def test_diffusers_helpers():
@@ -244,7 +241,7 @@ def test_diffusers_helpers():
     assert attn.prepare_attention_mask(mask, SKV, B, out_dim=4).shape == (B, 3, 1, SKV)
     p = attn.get_attention_scores(q.reshape(B * 3, SQ, 8), k.reshape(B * 3, SKV, 8), prepared)
     ref = reference.probabilities(q, k, ref_mask, ref_lengths, scale=attn.scale)
-    assert rel(np.asarray(p).reshape(B, 3, SQ, SKV), ref) < TOL["float32"]
+    assert reference.relative_error(np.asarray(p).reshape(B, 3, SQ, SKV), ref) < TOL["float32"]
     assert np.all(np.asarray(p).reshape(ref.shape)[ref == 0] == 0)  # masked keys get exactly 0
 
 
@@ -326,8 +323,8 @@ def test_cross_attention_kwargs_reach_every_processor():
     # both layers got gain=2: layer 0's doubled output feeds layer 1, whose output is doubled
     l0, l1 = model.layers
     ref = 2.0 * forward(l1, 2.0 * forward(l0, x), ctx)
-    assert rel(out, ref) < TOL["float32"]
-    assert rel(base, forward(l1, forward(l0, x), ctx)) < TOL["float32"]
+    assert reference.relative_error(out, ref) < TOL["float32"]
+    assert reference.relative_error(base, forward(l1, forward(l0, x), ctx)) < TOL["float32"]
     set_attn_processor(model, AttnProcessor())
     with pytest.raises(TypeError, match=r"AttnProcessor at layer 'layers.0' does not accept 'gain'"):
         model(x, ctx, {"gain": 2.0})

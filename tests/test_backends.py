@@ -21,14 +21,8 @@ EXAMPLES = {"naive": 20, "xla": 15, "chunked": 25, "pallas": 15}
 RUNNABLE = [n for n in EXAMPLES if not BACKENDS[n].unavailable()]
 
 
-@pytest.fixture(autouse=True)
-def small_chunks():
-    """Chunk sizes that do not divide the test lengths, so tails and several chunks are exercised."""
-    c = BACKENDS["chunked"]
-    saved = c.q_chunk, c.k_chunk
-    c.q_chunk, c.k_chunk = 16, 24
-    yield
-    c.q_chunk, c.k_chunk = saved
+# Chunk sizes that do not divide the test lengths: tails and several chunks (tests/conftest.py).
+pytestmark = pytest.mark.small_chunks(16, 24)
 
 
 def make_call(rng, b, n, n_kv, sq, skv, d, dv, dtype, layout="bnsd", mask="none", causal=False,
@@ -108,6 +102,7 @@ def calls(draw):
                 causal=draw(st.booleans()), lengths=lengths), draw(st.integers(0, 2 ** 31))
 
 
+@pytest.mark.slow  # a property sweep (15-25 examples each); the fast run keeps the tests below
 @pytest.mark.parametrize("backend", RUNNABLE)
 def test_matches_reference_on_random_calls(backend):
     @settings(max_examples=EXAMPLES[backend], deadline=None, derandomize=True,
@@ -125,15 +120,19 @@ def test_matches_reference_on_random_calls(backend):
     check()
 
 
+@pytest.mark.fast_diagonal  # the fast run: each backend once (the first three shapes)
 @pytest.mark.parametrize("backend", ["naive", "xla", "chunked"])
-@pytest.mark.parametrize("sq,skv,d", [(1, 77, 8), (77, 1, 256), (4097, 77, 40), (33, 4097, 72),
-                                      (64, 64, 128), (5, 9, 200)])
+@pytest.mark.parametrize("sq,skv,d", [(1, 77, 8), (77, 1, 256), (4097, 77, 40),
+                                      pytest.param(33, 4097, 72, marks=pytest.mark.slow),
+                                      pytest.param(64, 64, 128, marks=pytest.mark.slow),
+                                      pytest.param(5, 9, 200, marks=pytest.mark.slow)])
 def test_required_lengths_and_head_dims(backend, sq, skv, d):
     rng = np.random.default_rng(sq * skv + d)
     q, k, v, kw = make_call(rng, 1, 2, 1, sq, skv, d, d, "float32", lengths=[max(1, skv - 3)])
     assert_matches_reference(backend, q, k, v, kw, "float32", rng)
 
 
+@pytest.mark.slow  # the fast run has tests/test_reliability.py::test_bias_gradient_is_real
 @pytest.mark.parametrize("backend", ["naive", "xla", "chunked"])
 def test_bias_gradient(backend):
     rng = np.random.default_rng(7)

@@ -17,6 +17,7 @@ def test_info_lists_every_backend_with_availability(capsys):
         assert any(line.startswith(name) for line in out.splitlines()), name
 
 
+@pytest.mark.slow  # `check` over every case, twice; the fast run keeps the failing check below
 def test_check_passes_and_writes_json(tmp_path, capsys):
     path = tmp_path / "check.json"
     assert cli.main(["check", "--backends", "xla,naive", "--no-torch", "--json", str(path), *FAST]) == 0
@@ -30,6 +31,7 @@ def test_check_passes_and_writes_json(tmp_path, capsys):
     assert "0 failed" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # `check` over every case
 def test_check_fails_with_a_wrong_backend(monkeypatch, capsys):
     naive = BACKENDS["naive"]
     right = naive._forward
@@ -49,6 +51,7 @@ def test_check_rejects_an_unknown_backend(capsys):
     assert "nope" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # `check` over every case, in both frameworks
 def test_check_adds_torch_rows_in_the_asked_dtype(tmp_path):
     pytest.importorskip("torch")
     path = tmp_path / "check.json"

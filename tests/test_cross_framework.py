@@ -141,19 +141,19 @@ def _serves(case, jax_name, torch_name):
     return not JAX_BACKENDS[jax_name].reasons(spec) and not tb.reasons(spec, call)
 
 
-PAIRS = [pytest.param(c, j, t, id=f"{c.name}-{j}-{t}") for c in CASES for j in JAX_NAMES
-         for t in TORCH_NAMES if _serves(c, j, t)]
+def _fast(case, jax_name):
+    """The fast run pairs the first cases, each with one JAX backend in turn, with every torch
+    backend: every JAX and every torch backend, one JAX computation each; the rest is `slow`."""
+    return JAX_NAMES.index(jax_name) == CASES.index(case)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def small_chunks():
-    """Chunks that do not divide the lengths, in both frameworks: tails and several chunks."""
-    saved = [(b, b.q_chunk, b.k_chunk) for b in (JAX_BACKENDS["chunked"], TORCH_BACKENDS["chunked"])]
-    for b, _, _ in saved:
-        b.q_chunk, b.k_chunk = 8, 12
-    yield
-    for b, qc, kc in saved:
-        b.q_chunk, b.k_chunk = qc, kc
+PAIRS = [pytest.param(c, j, t, id=f"{c.name}-{j}-{t}", marks=() if _fast(c, j) else pytest.mark.slow)
+         for c in CASES for j in JAX_NAMES for t in TORCH_NAMES if _serves(c, j, t)]
+
+
+# Chunks that do not divide the lengths, in both frameworks: tails and several chunks
+# (tests/conftest.py).
+pytestmark = pytest.mark.small_chunks(8, 12, frameworks=("jax", "torch"))
 
 
 @pytest.mark.parametrize("case,jax_name,torch_name", PAIRS)
@@ -235,12 +235,6 @@ def _randomize_processor_params(flax_model):
                 var.set_value(jnp.asarray(0.3 * rng.standard_normal(var.get_value().shape), jnp.float32))
 
 
-def _rel(a, b):
-    a = np.asarray(a.detach().numpy() if isinstance(a, torch.Tensor) else a, np.float64)
-    b = np.asarray(b.detach().numpy() if isinstance(b, torch.Tensor) else b, np.float64)
-    return reference.relative_error(a, b)
-
-
 def _source_maps():
     rng = np.random.default_rng(2)
     p = rng.random((B, HEADS, SQ, SKV)).astype(np.float32)
@@ -259,6 +253,7 @@ PROCESSORS = {
 }
 
 
+@pytest.mark.fast_diagonal  # the fast run: each processor once, the maskings in turn
 @pytest.mark.parametrize("masking", ["mask", "both"])
 @pytest.mark.parametrize("name", list(PROCESSORS))
 def test_cross_framework_processor_gives_the_same_result(name, masking):
@@ -275,15 +270,15 @@ def test_cross_framework_processor_gives_the_same_result(name, masking):
     j_out = ja(jnp.asarray(x), jnp.asarray(ctx), **j_kw)
     tx = torch.tensor(x, requires_grad=True)
     t_out = ta(tx, torch.tensor(ctx), **t_kw)
-    assert _rel(t_out, j_out) <= MODULE_TOL
+    assert reference.relative_error(t_out.detach(), j_out) <= MODULE_TOL
     if not isinstance(processor, P.AttentionMapStore):  # it writes module state: not under jax.grad
         j_dx = jax.grad(lambda x: jnp.sum(ja(x, jnp.asarray(ctx), **j_kw) * cot))(jnp.asarray(x))
         (t_dx,) = torch.autograd.grad(t_out, tx, torch.tensor(cot), materialize_grads=True)
-        assert _rel(t_dx, j_dx) <= MODULE_TOL
+        assert reference.relative_error(t_dx, j_dx) <= MODULE_TOL
     else:
         j_maps, t_maps = processor.maps(ja), processor.maps(ta)
         assert set(j_maps) == set(t_maps) == {""}
-        assert _rel(t_maps[""], j_maps[""]) <= MODULE_TOL
+        assert reference.relative_error(t_maps[""].detach(), j_maps[""]) <= MODULE_TOL
 
 
 def test_cross_framework_processor_dict_and_kwargs_errors_match():
@@ -341,6 +336,7 @@ def diffusers_attention():
     return ap
 
 
+@pytest.mark.fast_diagonal  # the fast run: each configuration once, the processors in turn
 @pytest.mark.parametrize("diffusers_processor", ["AttnProcessor2_0", "AttnProcessor"])
 @pytest.mark.parametrize("cross,qk_norm,mask", [
     (False, None, "none"), (True, None, "bool"), (True, "layer_norm", "bias"),
@@ -373,8 +369,8 @@ def test_cross_framework_flax_attention_matches_diffusers(diffusers_attention, d
         t_out = ta(t(x), t(ctx), attention_mask=t(m))
     j_out = ja(jnp.asarray(x), None if ctx is None else jnp.asarray(ctx),
                attention_mask=None if m is None else jnp.asarray(m))
-    assert _rel(j_out, ref) <= MODULE_TOL
-    assert _rel(t_out, ref) <= MODULE_TOL
+    assert reference.relative_error(j_out, ref) <= MODULE_TOL
+    assert reference.relative_error(t_out, ref) <= MODULE_TOL
 
 
 # --- the example model ---------------------------------------------------------------------
@@ -391,6 +387,7 @@ def _dit_inputs(cfg, seed=0):
     return lat, np.array([10.0, 500.0], np.float32), txt, keep, rng
 
 
+@pytest.mark.slow  # a whole model, jitted, forward and backward in both frameworks
 @pytest.mark.parametrize("direction", ["flax_to_torch", "torch_to_flax"])
 def test_cross_framework_example_model_matches_its_torch_twin(direction):
     cfg = DiTConfig(sample_size=8, depth=2)
@@ -418,9 +415,11 @@ def test_cross_framework_example_model_matches_its_torch_twin(direction):
     tl = torch.tensor(lat, requires_grad=True)
     t_out = tm(tl, torch.tensor(ts), torch.tensor(txt), torch.tensor(keep), **kw)
     (t_grad,) = torch.autograd.grad(t_out, tl, torch.tensor(cot))
-    assert _rel(t_out, j_out) <= MODULE_TOL and _rel(t_grad, j_grad) <= MODULE_TOL
+    assert reference.relative_error(t_out.detach(), j_out) <= MODULE_TOL
+    assert reference.relative_error(t_grad, j_grad) <= MODULE_TOL
 
 
+@pytest.mark.slow  # `check` over two cases in both frameworks
 def test_cross_framework_cli_check_pairs_pass():
     from jax_attn.cli import CASES
     from torch_ref.check import compare_with_jax

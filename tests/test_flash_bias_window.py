@@ -27,6 +27,9 @@ from jax_attn.kernels import configs  # noqa: E402
 fa = importlib.import_module("jax_attn.kernels.flash_attention")  # the module, not the function
 
 INTERPRET = True
+# Interpret mode costs seconds per call: the fast run keeps one test of each kind (a per-key and
+# a full bias gradient, a window, block skipping); the others are `slow`.
+SLOW = pytest.mark.slow
 # 16-wide tiles everywhere, and a mix (forward 32x16, dK/dV 16x32, dQ 32x16).
 SMALL = configs.Config(configs.FwdConfig(16, 16, 4, 2), configs.BwdConfig(16, 16, 16, 16, 4, 2))
 MIXED = configs.Config(configs.FwdConfig(32, 16, 4, 2), configs.BwdConfig(16, 32, 32, 16, 4, 2))
@@ -145,6 +148,7 @@ def check(b, n, n_kv, sq, skv, d=16, *, bias_shape=None, dtype="float32", bias_d
 
 # --- bias gradients ----------------------------------------------------------------------------
 
+@SLOW
 def test_key_bias_gradient_split_dkdv():
     """A per-key bias (query dim 1) of a short key sequence: its gradient is the column sum of dS
     in the dK/dV kernel, whose query loop is split over programs here (asserted)."""
@@ -158,12 +162,15 @@ def test_key_bias_gradient_split_dkdv():
 
 @pytest.mark.parametrize("path,case", [
     ("whole", dict(bias_shape=(1, 4, 1, 53), window=(7, 2))),
-    ("split", dict(bias_shape=(2, 4, 1, 53), kv_lengths=[53, 0], layout="bsnd")),
-    ("whole", dict(bias_shape=(2, 4, 1, 53), kv_lengths=[53, 20], is_causal=True, config=MIXED)),
+    pytest.param("split", dict(bias_shape=(2, 4, 1, 53), kv_lengths=[53, 0], layout="bsnd"), marks=SLOW),
+    pytest.param("whole", dict(bias_shape=(2, 4, 1, 53), kv_lengths=[53, 20], is_causal=True, config=MIXED),
+                 marks=SLOW),
     ("split", dict(bias_shape=(1, 4, 37, 53), is_causal=True,
                    neg_inf=[(0, 1, 3), (0, 2, slice(None), 4)])),  # (head 1, query 3): no key
-    ("whole", dict(bias_shape=(2, 4, 37, 53), kv_lengths=[20, 53], window=(3, None))),
-    ("split", dict(bias_shape=(37, 53), window=(16, 16), is_causal=True, config=MIXED)),
+    pytest.param("whole", dict(bias_shape=(2, 4, 37, 53), kv_lengths=[20, 53], window=(3, None)),
+                 marks=SLOW),
+    pytest.param("split", dict(bias_shape=(37, 53), window=(16, 16), is_causal=True, config=MIXED),
+                 marks=SLOW),
 ])
 def test_bias_gradient(path, case, dkdv_path):
     """Per-key biases (b|1, n|1, 1, skv) through the dK/dV kernel's column sums, full biases
@@ -173,6 +180,7 @@ def test_bias_gradient(path, case, dkdv_path):
     check(2, 4, 2, 37, 53, **case)
 
 
+@SLOW
 def test_per_query_bias_gradient_is_the_lse_cotangent():
     """A (1, 1, sq, 1) bias shifts every logit of a row alike: out does not move and lse moves
     one for one, so its gradient is the lse cotangent summed over batch and heads."""
@@ -184,11 +192,13 @@ def test_per_query_bias_gradient_is_the_lse_cotangent():
     np.testing.assert_allclose(got[5][0, 0, :, 0], dlse.sum((0, 1)), atol=1e-4)
 
 
+@SLOW
 def test_bfloat16_bias_gradient():
     check(1, 2, 1, 50, 33, 32, bias_shape=(1, 2, 50, 33), dtype="bfloat16", bias_dtype="bfloat16",
           is_causal=True, window=(20, None))
 
 
+@SLOW
 def test_bias_gradient_of_an_lse_only_loss():
     """Only lse in the loss (out's cotangent is a symbolic zero): d lse / d bias = p."""
     rng = np.random.default_rng(3)
@@ -243,11 +253,12 @@ def test_bias_gradients_cost_nothing_unless_differentiated(monkeypatch):
 
 @pytest.mark.parametrize("path,case", [
     ("split", dict(window=(0, 0), sq=45, skv=70)),  # keys 45 and up: seen by no query
-    ("whole", dict(window=(3, None), sq=45, skv=70, kv_lengths=[70, 9])),
-    ("split", dict(window=(None, 5), sq=70, skv=45, is_causal=True)),
-    ("whole", dict(window=(16, 16), sq=45, skv=70, is_causal=True, kv_lengths=[33, 70],
-                   config=MIXED)),
-    ("whole", dict(window=(40, 1), sq=64, skv=64, bias_shape=(2, 1, 1, 64))),  # inner blocks
+    pytest.param("whole", dict(window=(3, None), sq=45, skv=70, kv_lengths=[70, 9]), marks=SLOW),
+    pytest.param("split", dict(window=(None, 5), sq=70, skv=45, is_causal=True), marks=SLOW),
+    pytest.param("whole", dict(window=(16, 16), sq=45, skv=70, is_causal=True, kv_lengths=[33, 70],
+                               config=MIXED), marks=SLOW),
+    pytest.param("whole", dict(window=(40, 1), sq=64, skv=64, bias_shape=(2, 1, 1, 64)),  # inner blocks
+                 marks=SLOW),
 ])
 def test_window_matches_reference(path, case, dkdv_path):
     """Forward, lse and gradients with windows, alone and with causal, kv_lengths, GQA, tails."""
@@ -255,6 +266,7 @@ def test_window_matches_reference(path, case, dkdv_path):
     check(2, 4, 2, **case)
 
 
+@SLOW
 def test_window_rows_with_no_key():
     """sq != skv and a narrow window: queries 22 and up see no key (keys stop at 19): zeros,
     lse -inf, and zero gradients, the bias's included."""
@@ -265,7 +277,7 @@ def test_window_rows_with_no_key():
         assert not np.any(x[:, :, 22:])
 
 
-@pytest.mark.parametrize("path", ["split", "whole"])
+@pytest.mark.parametrize("path", ["split", pytest.param("whole", marks=SLOW)])
 def test_window_skips_blocks_no_query_of_the_tile_can_see(path, dkdv_path):
     """Poison whole key blocks with NaN and check results that would be NaN if any kernel visited
     a block outside its tile's window range, even masked (0 * NaN = NaN in the matmuls).
@@ -294,6 +306,7 @@ def test_window_skips_blocks_no_query_of_the_tile_can_see(path, dkdv_path):
         assert reference.relative_error(x[:, :, keys], r[:, :, keys]) <= tol
 
 
+@SLOW
 def test_window_argument():
     rng = np.random.default_rng(6)
     q = jnp.asarray(rng.standard_normal((1, 1, 20, 16)), jnp.float32)
@@ -307,6 +320,7 @@ def test_window_argument():
 
 # --- transformations ---------------------------------------------------------------------------
 
+@SLOW
 def test_jit_grad_of_bias_and_qkv():
     """Under jit, with an out-only loss (the lse cotangent is a symbolic zero)."""
     rng = np.random.default_rng(7)
@@ -324,6 +338,7 @@ def test_jit_grad_of_bias_and_qkv():
         assert reference.relative_error(g, r) <= reference.TOLERANCE["float32"]
 
 
+@SLOW
 def test_sharded_bias_gradients_stay_split():
     """Batch/head-sharded inputs under jit: the backward with bias gradients is partitioned like
     the plain one (the bias gradients are results split over batch and heads; the broadcast dims

@@ -31,10 +31,6 @@ def keep_mask(seed, shape):
     return jnp.asarray(m)
 
 
-def rel(x, ref):
-    return reference.relative_error(np.asarray(x), np.asarray(ref, np.float64))
-
-
 def spy(fn, calls):
     import inspect
 
@@ -46,6 +42,7 @@ def spy(fn, calls):
     return wrapped
 
 
+@pytest.mark.fast_diagonal  # the fast run: each case once, the backends in turn
 @pytest.mark.parametrize("backend", ["xla", "chunked"])
 @pytest.mark.parametrize("case", ["self", "cross_mask", "causal", "self_mask_per_query"])
 def test_nnx_multihead_attention(backend, case):
@@ -65,7 +62,7 @@ def test_nnx_multihead_attention(backend, case):
         call_kw["is_causal"] = True
     out = ours(*args, **call_kw)
     assert calls, "attention_fn was not called"
-    assert rel(out, default(*args, **call_kw)) < SAME
+    assert reference.relative_error(out, default(*args, **call_kw)) < SAME
 
 
 def test_nnx_adapter_matches_float64_reference():
@@ -76,9 +73,10 @@ def test_nnx_adapter_matches_float64_reference():
     t = lambda a: np.asarray(a, np.float64).transpose(0, 2, 1, 3)
     ref_mask = np.where(np.asarray(mask), np.asarray(bias, np.float64), -np.inf)
     ref = reference.attention(t(q), t(k), t(v), attn_mask=ref_mask)
-    assert rel(out, ref.transpose(0, 2, 1, 3)) < reference.TOLERANCE["float32"]
+    assert reference.relative_error(out, ref.transpose(0, 2, 1, 3)) < reference.TOLERANCE["float32"]
 
 
+@pytest.mark.slow  # Linen's module, compiled; the fast run has the NNX adapter tests
 @pytest.mark.parametrize("batch_shape", [(2,), (2, 3)])
 def test_linen_multihead_dot_product_attention(batch_shape):
     x, c = rand(0, *batch_shape, 6, 16), rand(1, *batch_shape, 5, 12)
@@ -89,9 +87,9 @@ def test_linen_multihead_dot_product_attention(batch_shape):
     params = default.init(jax.random.key(0), x, c)
     out = ours.apply(params, x, c, mask=mask)
     assert calls
-    assert rel(out, default.apply(params, x, c, mask=mask)) < SAME
+    assert reference.relative_error(out, default.apply(params, x, c, mask=mask)) < SAME
     jitted = jax.jit(lambda p, x, c: ours.apply(p, x, c, mask=mask))(params, x, c)
-    assert rel(jitted, out) < SAME
+    assert reference.relative_error(jitted, out) < SAME
 
 
 def test_unsupported_options_raise():

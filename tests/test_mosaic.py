@@ -26,8 +26,9 @@ Mosaic lowering (whether it compiles), wgmma fragment layouts, swizzling, regist
 `benchmarks/mosaic_gpu.py` (results in `benchmarks/results/2026-11-23-h100-mosaic.md` and
 `benchmarks/results/2026-11-23-h100-mosaic-bwd/`), which also checks every timed shape.
 
-Runtime: about a minute on one core; interpret mode costs roughly a second per CTA, so shapes
-are a few CTAs each.
+Runtime: interpret mode costs roughly a second per CTA, so shapes are a few CTAs each; still,
+the whole module takes about 3.5 CPU minutes, so most kernel tests are marked `slow` (run with
+`-m "slow or not slow"`) and the default run keeps one of them (a few seconds).
 """
 from __future__ import annotations
 
@@ -51,17 +52,14 @@ from jax_attn.kernels import mosaic_attention as M  # noqa: E402
 # Kernel tests need jax.experimental.pallas.mosaic_gpu (and its interpreter); the others do not.
 needs_mgpu = pytest.mark.skipif(
     M.available() is not None, reason=f"Mosaic GPU Pallas not importable: {M.available()}")
+# The interpreter runs about a second per CTA: the fast run keeps one (forward-only) kernel test;
+# the others are `slow`.
+SLOW = pytest.mark.slow
 
 # Relative error ||x - ref|| / ||ref|| per dtype: operands of both matmuls (q, k, p, v) are
 # rounded to the dtype (bf16 ~4e-3 per rounding, fp16 ~5e-4), accumulation is float32.
 TOL = {"bfloat16": 2e-2, "float16": 5e-3}
 LSE_TOL = {"bfloat16": 5e-2, "float16": 1e-2}  # absolute, the lse is a log
-
-
-def rel(x, ref):
-    x = np.asarray(jnp.asarray(x, jnp.float32), np.float64)
-    assert np.all(np.isfinite(x)), "NaN or inf in the kernel's result"
-    return np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-30)
 
 
 def check(b, n, n_kv, sq, skv, d, *, dtype="bfloat16", layout="bnsd", kv_lengths=None,
@@ -93,7 +91,7 @@ def check(b, n, n_kv, sq, skv, d, *, dtype="bfloat16", layout="bnsd", kv_lengths
     scale = 1 / math.sqrt(d)
     ro, rlse = reference.attention(q, k, v, attn_mask=key_mask, kv_lengths=kv_lengths,
                                    scale=scale, return_lse=True)
-    errors = {"out": rel(t(np.asarray(out, np.float32)), ro)}
+    errors = {"out": reference.relative_error(t(np.asarray(out, np.float32)), ro)}
     if grads:
         dq, dk, dv = vjp((jnp.asarray(t(do), dtype), jnp.asarray(dlse, jnp.float32)))
         rdq, rdk, rdv, _ = reference.attention_vjp(q, k, v, do, attn_mask=key_mask,
@@ -103,9 +101,9 @@ def check(b, n, n_kv, sq, skv, d, *, dtype="bfloat16", layout="bnsd", kv_lengths
         ds = p * dlse[..., None] * scale  # d lse / d s = p
         rdq = rdq + np.einsum("bnqk,bnkd->bnqd", ds, np.repeat(k, g, axis=1))
         rdk = rdk + np.einsum("bnqk,bnqd->bnkd", ds, q).reshape(b, n_kv, g, skv, d).sum(2)
-        errors.update(dq=rel(t(np.asarray(dq, np.float32)), rdq),
-                      dk=rel(t(np.asarray(dk, np.float32)), rdk),
-                      dv=rel(t(np.asarray(dv, np.float32)), rdv))
+        errors.update(dq=reference.relative_error(t(np.asarray(dq, np.float32)), rdq),
+                      dk=reference.relative_error(t(np.asarray(dk, np.float32)), rdk),
+                      dv=reference.relative_error(t(np.asarray(dv, np.float32)), rdv))
     bad = {k_: e for k_, e in errors.items() if not e <= TOL[dtype]}
     assert not bad, f"relative errors over {TOL[dtype]}: {bad}"
     lse = np.asarray(lse, np.float64)
@@ -115,12 +113,14 @@ def check(b, n, n_kv, sq, skv, d, *, dtype="bfloat16", layout="bnsd", kv_lengths
     return out, lse
 
 
+@SLOW
 @needs_mgpu
 def test_tails_and_padded_head_dim():
     # 77 queries (one CTA of 2 x 64 rows, padded), 33 keys (tail masked), d = 40 run at 64.
     check(1, 2, 2, 77, 33, 40, config=M.MosaicConfig(block_q=64, block_kv=64, stages=2))
 
 
+@SLOW
 @needs_mgpu
 def test_pipeline_without_masks():
     # Aligned lengths, no mask: the unmasked code path; 4 key steps through a 2-slot ring,
@@ -129,6 +129,7 @@ def test_pipeline_without_masks():
     assert np.all(np.isfinite(lse))
 
 
+@SLOW
 @needs_mgpu
 def test_gqa_kv_lengths_empty_batch_bsnd_fp16():
     # kv_lengths with an empty batch row (zeros, lse = -inf, zero gradients), GQA, bsnd read in
@@ -138,6 +139,7 @@ def test_gqa_kv_lengths_empty_batch_bsnd_fp16():
     np.testing.assert_array_equal(np.asarray(out[0], np.float32), 0.0)
 
 
+@SLOW
 @needs_mgpu
 def test_per_head_key_mask_d96():
     rng = np.random.default_rng(3)
@@ -155,6 +157,7 @@ def test_head_dim_256_and_broadcast_key_mask():
 
 # --- the Mosaic backward (the default for head dims up to 128) ---------------------------------
 
+@SLOW
 @needs_mgpu
 def test_mosaic_backward_tails_kv_lengths_mqa_bsnd():
     # dQ and dK/dV kernels: query tail (77 of 128 padded rows: lse2 = +inf there), key tail and
@@ -163,6 +166,7 @@ def test_mosaic_backward_tails_kv_lengths_mqa_bsnd():
           config=M.MosaicConfig(64, 64, 2))
 
 
+@SLOW
 @needs_mgpu
 def test_heads_side_by_side_grid_order():
     # q_major_grid=False: (tiles, heads, batch) launch order in all three kernels (the default
@@ -171,6 +175,7 @@ def test_heads_side_by_side_grid_order():
           config=M.MosaicConfig(64, 64, 2, q_major_grid=False))
 
 
+@SLOW
 @needs_mgpu
 def test_mosaic_backward_per_head_mask_with_an_empty_head():
     mask = np.random.default_rng(5).random((1, 2, 1, 128)) > 0.4

@@ -17,7 +17,7 @@ from flax import nnx
 from jax_attn import processors as P, reference
 from jax_attn.attention import ProcessorState, set_attn_processor
 from test_attention_module import (B, SKV, SQ, TOL, Pair, forward, inputs, make, masks, merge,
-                                   out_proj, qkv, rel, split, weights, weights_of_grads)
+                                   out_proj, qkv, split, weights, weights_of_grads)
 
 
 def test_processors_module_imports_no_array_framework():
@@ -27,7 +27,8 @@ def test_processors_module_imports_no_array_framework():
     assert not imported & {"jax", "flax", "numpy", "torch"}, imported
 
 
-@pytest.mark.parametrize("slice_size", [1, 4, 6, 100])
+@pytest.mark.fast_diagonal  # the fast run: each mask kind once, the slice sizes in turn (1, the
+@pytest.mark.parametrize("slice_size", [4, 6, 100, 1])  # slowest, last: it comes up once)
 @pytest.mark.parametrize("mask_kind", ["none", "int_per_query", "additive", "bool_and_kv_lengths",
                                        "kv_lengths_empty"])
 def test_sliced_matches_reference(slice_size, mask_kind):
@@ -36,7 +37,8 @@ def test_sliced_matches_reference(slice_size, mask_kind):
     x, ctx = inputs(True)
     mask, lengths, ref_mask, ref_lengths = masks(mask_kind)
     out = attn(x, ctx, mask, kv_lengths=lengths)
-    assert rel(out, forward(attn, x, ctx, ref_mask, ref_lengths, "layer_norm")) < TOL["float32"]
+    ref = forward(attn, x, ctx, ref_mask, ref_lengths, "layer_norm")
+    assert reference.relative_error(out, ref) < TOL["float32"]
 
 
 def test_sliced_rejects_bad_slice_size():
@@ -50,6 +52,7 @@ def ref_maps(attn, x, ctx, ref_mask, ref_lengths):
     return reference.probabilities(q, k, ref_mask, ref_lengths, scale=attn.scale)
 
 
+@pytest.mark.fast_diagonal  # the fast run: each masking once, the options in turn
 @pytest.mark.parametrize("queries", [None, (0, 3, -1)], ids=["all", "some"])
 @pytest.mark.parametrize("average_heads", [True, False], ids=["mean", "heads"])
 @pytest.mark.parametrize("cross, mask_kind", [(True, "bool_and_kv_lengths"), (False, "additive"),
@@ -61,7 +64,7 @@ def test_map_store_matches_reference_under_jit(queries, average_heads, cross, ma
     x, ctx = inputs(cross)
     mask, lengths, ref_mask, ref_lengths = masks(mask_kind, cross)
     out = nnx.jit(lambda m, x, c: m(x, c, mask, kv_lengths=lengths))(attn, x, ctx)
-    assert rel(out, forward(attn, x, ctx, ref_mask, ref_lengths)) < TOL["float32"]
+    assert reference.relative_error(out, forward(attn, x, ctx, ref_mask, ref_lengths)) < TOL["float32"]
     ref = ref_maps(attn, x, ctx, ref_mask, ref_lengths)
     if queries is not None:
         ref = ref[:, :, [i % SQ for i in queries]]
@@ -69,7 +72,7 @@ def test_map_store_matches_reference_under_jit(queries, average_heads, cross, ma
         ref = ref.mean(1)
     maps = store.maps(attn)
     assert list(maps) == [""] and maps[""].shape == ref.shape
-    assert rel(maps[""], ref) < TOL["float32"]
+    assert reference.relative_error(maps[""], ref) < TOL["float32"]
     assert isinstance(attn.processor_state["attention_maps"], ProcessorState)
 
 
@@ -79,7 +82,7 @@ def test_map_store_chosen_layers_and_kinds():
     only_cross = P.AttentionMapStore(kind="cross")
     set_attn_processor(model, only_cross)
     base = forward(model.layers[1], forward(model.layers[0], x), ctx)
-    assert rel(model(x, ctx), base) < TOL["float32"]
+    assert reference.relative_error(model(x, ctx), base) < TOL["float32"]
     assert list(only_cross.maps(model)) == ["layers.1"]
     named = P.AttentionMapStore(layers=["layers.0.processor"], queries=[2])
     set_attn_processor(model, named)
@@ -121,6 +124,7 @@ def test_map_store_does_not_materialize_full_maps(queries, full_map):
     assert (_largest_intermediate(jaxpr.jaxpr) >= s * s) == full_map
 
 
+@pytest.mark.fast_diagonal
 @pytest.mark.parametrize("renormalize", [True, False])
 @pytest.mark.parametrize("backend", ["xla", "chunked"])
 def test_reweight_matches_reference(renormalize, backend):
@@ -141,15 +145,16 @@ def test_reweight_matches_reference(renormalize, backend):
         total = pw.sum(-1, keepdims=True)
         pw = np.where(total > 0, pw / np.where(total > 0, total, 1), 0)
     ref = out_proj(attn, np.einsum("bnqk,bnkd->bnqd", pw, v))
-    assert rel(out, ref) < TOL["float32"]
-    assert rel(out[0], forward(attn, x, ctx, ref_mask, ref_lengths)[0]) < TOL["float32"]  # untouched
+    assert reference.relative_error(out, ref) < TOL["float32"]
+    untouched = forward(attn, x, ctx, ref_mask, ref_lengths)[0]
+    assert reference.relative_error(out[0], untouched) < TOL["float32"]
 
 
 def test_reweight_leaves_self_attention_and_checks_weights():
     attn = make(cross=False)
     attn.set_processor(P.AttentionReweightProcessor({0: 5.0}))
     x, _ = inputs(False)
-    assert rel(attn(x), forward(attn, x)) < TOL["float32"]
+    assert reference.relative_error(attn(x), forward(attn, x)) < TOL["float32"]
     with pytest.raises(ValueError, match="token_weights"):
         P.AttentionReweightProcessor({0: -1.0})
     with pytest.raises(TypeError, match="token_weights"):
@@ -171,8 +176,9 @@ def test_map_replace_injects_source_maps(averaged):
     p = np.asarray(src, np.float64)
     p = p[:, None] if averaged else p
     ref = out_proj(l1, np.einsum("bnqk,bnkd->bnqd", np.broadcast_to(p, (B, 3, SQ, SKV)), v))
-    assert rel(out, ref) < TOL["float32"]
-    assert rel(model(x, ctx), forward(l1, h, ctx)) < TOL["float32"]  # no source maps: default
+    assert reference.relative_error(out, ref) < TOL["float32"]
+    no_maps = forward(l1, h, ctx)  # no source maps: the default processor
+    assert reference.relative_error(model(x, ctx), no_maps) < TOL["float32"]
     with pytest.raises(ValueError, match=r"source_maps\['layers.1'\] must have shape"):
         model(x, ctx, {"source_maps": {"layers.1": src[:, :2]}})
 
@@ -186,7 +192,7 @@ def test_map_store_feeds_map_replace():
     source = model(x, ctx)
     set_attn_processor(model, P.AttentionMapReplaceProcessor())
     replayed = model(x, ctx, {"source_maps": store.maps(model)})
-    assert rel(replayed, np.asarray(source, np.float64)) < 1e-5
+    assert reference.relative_error(replayed, np.asarray(source, np.float64)) < 1e-5
 
 
 def lora_params(attn):
@@ -216,7 +222,7 @@ def test_lora_starts_as_identity_and_matches_reference():
         lora = {t: (params[f"to_{t}_lora_down"], params[f"to_{t}_lora_up"], f) for t in ("q", "k", "v", "out")}
         q, k, v = qkv(attn, x, ctx, "rms_norm", lora)
         o = reference.attention(q, k, v, ref_mask, ref_lengths, scale=attn.scale)
-        assert rel(out, out_proj(attn, o, lora)) < TOL["float32"]
+        assert reference.relative_error(out, out_proj(attn, o, lora)) < TOL["float32"]
 
 
 def test_lora_gradients_match_reference():
@@ -238,8 +244,8 @@ def test_lora_gradients_match_reference():
     _, _, dv, _ = reference.attention_vjp(q, k, v, split(g64 @ w_out.T, 3), scale=attn.scale)
     ref_up_out = np.einsum("bsr,bso->ro", merge(o) @ p["to_out_lora_down"], g64)
     ref_up_v = np.einsum("bsr,bso->ro", c64 @ p["to_v_lora_down"], merge(dv))
-    assert rel(got["processor_state.to_out_lora_up"], ref_up_out) < TOL["float32"]
-    assert rel(got["processor_state.to_v_lora_up"], ref_up_v) < TOL["float32"]
+    assert reference.relative_error(got["processor_state.to_out_lora_up"], ref_up_out) < TOL["float32"]
+    assert reference.relative_error(got["processor_state.to_v_lora_up"], ref_up_v) < TOL["float32"]
     assert "processor_state.to_q_lora_up" not in got  # not a target
 
 

@@ -15,16 +15,11 @@ from jax_attn.backends import BACKENDS
 
 BACKEND_NAMES = [n for n in ("naive", "xla", "chunked", "pallas") if not BACKENDS[n].unavailable()]
 TOL = reference.TOLERANCE["float32"]
+SLOW = pytest.mark.slow
 
 
-@pytest.fixture(autouse=True)
-def small_chunks():
-    """Chunks that do not divide the lengths, so several chunks and tails are exercised."""
-    c = BACKENDS["chunked"]
-    saved = c.q_chunk, c.k_chunk
-    c.q_chunk, c.k_chunk = 8, 16
-    yield
-    c.q_chunk, c.k_chunk = saved
+# Chunks that do not divide the lengths: several chunks and tails (tests/conftest.py).
+pytestmark = pytest.mark.small_chunks(8, 16)
 
 
 def normal(rng, *shape, dtype=jnp.float32):
@@ -48,6 +43,7 @@ def grads(backend, q, k, v, d_out, **kw):
 
 # ---- 1. a float bias gets its real gradient on every backend ---------------------------------
 
+@pytest.mark.fast_diagonal  # the fast run: each bias shape once, each backend once
 @pytest.mark.parametrize("bias_shape", [(2, 1, 1, 40), (1, 4, 24, 40), (2, 4, 24, 40), (1, 4, 1, 40)])
 @pytest.mark.parametrize("backend", BACKEND_NAMES)
 def test_bias_gradient_is_real(backend, bias_shape):
@@ -105,6 +101,7 @@ PADDING = {
 }
 
 
+@pytest.mark.fast_diagonal  # the fast run: each case once, backends and values in turn
 @pytest.mark.parametrize("value", [np.nan, np.inf])
 @pytest.mark.parametrize("case", list(PADDING))
 @pytest.mark.parametrize("backend", BACKEND_NAMES)
@@ -223,7 +220,8 @@ def test_numpy_scalars_are_accepted():
 
 # ---- 7. jax.debug_infs ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("backend", ["naive", "xla", "chunked"])
+@pytest.mark.parametrize("backend", [pytest.param("naive", marks=SLOW), pytest.param("xla", marks=SLOW),
+                                     "chunked"])
 def test_debug_infs_is_quiet_on_masked_calls(backend):
     rng = np.random.default_rng(8)
     q, k, v = qkv(rng)
@@ -266,7 +264,8 @@ def jnn(q, k, v, **kw):
     return jnp.swapaxes(out, 1, 2)
 
 
-@pytest.mark.parametrize("backend", BACKEND_NAMES)
+@pytest.mark.parametrize("backend", [n if n == "pallas" else pytest.param(n, marks=SLOW)
+                                     for n in BACKEND_NAMES])
 def test_bias_and_mask_together_like_jax_nn(backend):
     rng = np.random.default_rng(10)
     q, k, v = qkv(rng, n_kv=4)
@@ -281,6 +280,7 @@ def test_bias_and_mask_together_like_jax_nn(backend):
     assert reference.relative_error(db, want.sum(0, keepdims=True)) <= 2 * TOL
 
 
+@pytest.mark.fast_diagonal  # the fast run: each window once, backends in turn
 @pytest.mark.parametrize("backend", BACKEND_NAMES)
 @pytest.mark.parametrize("window", [(3, 2), (0, 0), 5, (None, 4), (6, None)])
 def test_local_window_size_like_jax_nn(backend, window):
@@ -299,7 +299,8 @@ def test_local_window_size_like_jax_nn(backend, window):
     assert max(reference.relative_error(g, w) for g, w in zip(got, want)) <= 2 * TOL
 
 
-@pytest.mark.parametrize("backend", BACKEND_NAMES)
+@pytest.mark.parametrize("backend", [pytest.param(n, marks=SLOW) if n in ("naive", "xla") else n
+                                     for n in BACKEND_NAMES])
 def test_query_and_key_value_seq_lengths(backend):
     rng = np.random.default_rng(12)
     q, k, v = qkv(rng)
@@ -334,3 +335,23 @@ def test_unbatched_inputs(layout):
     if layout == "bsnd":  # jax.nn's own unbatched form
         want = jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=jnp.asarray([31]))
         assert reference.relative_error(out, np.asarray(want, np.float64)) <= TOL
+
+
+# ---- an lse without a gradient says so -----------------------------------------------------------
+
+def test_differentiating_an_lse_without_gradient_raises(monkeypatch):
+    """A backend whose VJP ignores the lse cotangent (cuDNN) must not return a gradient that
+    silently misses the lse's share: differentiating the lse raises, naming the backend."""
+    monkeypatch.setattr(BACKENDS["naive"], "lse_grad", False)
+    rng = np.random.default_rng(14)
+    q, k, v = qkv(rng)
+
+    def loss(q, use_lse):
+        out, lse = jax_attn.attention_forward(q, k, v, backend="naive", return_lse=True)
+        return jnp.sum(out) + (jnp.sum(lse) if use_lse else jnp.sum(jax.lax.stop_gradient(lse)))
+
+    g = jax.grad(loss)(q, False)  # the lse not differentiated: fine
+    want = reference.attention_vjp(q, k, v, np.ones((2, 4, 24, 16)))[0]
+    assert reference.relative_error(g, want) <= 2 * TOL
+    with pytest.raises(ValueError, match="backend 'naive': the log-sum-exp it returns has no gradient"):
+        jax.grad(loss)(q, True)

@@ -32,14 +32,9 @@ NAMES = torch_ref.available_backends()
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-@pytest.fixture(autouse=True)
-def small_chunks():
-    """Chunks that do not divide the lengths: tails, several chunks, and chunks a window skips."""
-    c = BACKENDS["chunked"]
-    saved = c.q_chunk, c.k_chunk
-    c.q_chunk, c.k_chunk = 4, 6
-    yield
-    c.q_chunk, c.k_chunk = saved
+# torch_ref's chunks do not divide the lengths: tails, several chunks, and chunks a window skips
+# (tests/conftest.py).
+pytestmark = pytest.mark.small_chunks(4, 6, frameworks=("torch",))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -499,9 +494,11 @@ def assert_agree(case, t, j, jax_name, torch_name):
         assert err <= limit, f"{key}: {jax_name} vs {torch_name}: relative difference {err:.2e} > {limit:.0e}"
 
 
+@pytest.mark.fast_diagonal  # the fast run: the first three cases, the JAX and torch backends in turn
 @pytest.mark.parametrize("torch_name", NAMES)
 @pytest.mark.parametrize("jax_name", JAX_NAMES)
-@pytest.mark.parametrize("case", CROSS, ids=[c.name for c in CROSS])
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.name, marks=() if i < 3 else pytest.mark.slow)
+                                  for i, c in enumerate(CROSS)])
 def test_cross_framework_new_arguments_agree(case, jax_name, torch_name):
     if not _jax_serves(case, jax_name):
         pytest.skip(f"jax {jax_name} does not serve {case.name}")
@@ -511,7 +508,8 @@ def test_cross_framework_new_arguments_agree(case, jax_name, torch_name):
     assert_agree(case, t, j, jax_name, torch_name)
 
 
-@pytest.mark.parametrize("torch_name", ["naive", "chunked", "sdpa_math"])
+@pytest.mark.parametrize("torch_name", ["naive", pytest.param("chunked", marks=pytest.mark.slow),
+                                        pytest.param("sdpa_math", marks=pytest.mark.slow)])
 def test_cross_framework_nan_rows_and_padded_keys_agree(torch_name):
     """A NaN logit and NaN/inf at padded keys: the same NaN pattern and finite values in both."""
     case = PADDED["kv_lengths"][0]

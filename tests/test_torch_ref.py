@@ -29,15 +29,14 @@ RUNNABLE = [n for n in EXAMPLES if not BACKENDS[n].unavailable()]
 OPTIONAL = ("flash_attn", "sageattention", "xformers")
 
 
+# torch_ref's chunks do not divide the test lengths: tails and many chunks (tests/conftest.py).
+pytestmark = pytest.mark.small_chunks(16, 24, frameworks=("torch",))
+
+
 @pytest.fixture(autouse=True)
 def clean_routing(monkeypatch):
     monkeypatch.delenv(routing.ENV_VAR, raising=False)
     routing._logged.clear()
-    c = BACKENDS["chunked"]  # chunks that do not divide the test lengths: tails and many chunks
-    saved = c.q_chunk, c.k_chunk
-    c.q_chunk, c.k_chunk = 16, 24
-    yield
-    c.q_chunk, c.k_chunk = saved
 
 
 def make_call(rng, b, n, n_kv, sq, skv, d, dv, dtype, layout="bnsd", mask="none", causal=False,
@@ -124,6 +123,7 @@ def calls(draw):
                 causal=draw(st.booleans()), lengths=lengths), draw(st.integers(0, 2 ** 31))
 
 
+@pytest.mark.slow  # a property sweep (15-25 examples each); the fast run keeps the tests below
 @pytest.mark.parametrize("backend", RUNNABLE)
 def test_matches_reference_on_random_calls(backend):
     @settings(max_examples=EXAMPLES[backend], deadline=None, derandomize=True,
@@ -140,6 +140,7 @@ def test_matches_reference_on_random_calls(backend):
     check()
 
 
+@pytest.mark.fast_diagonal  # the fast run: each shape once, the backends in turn
 @pytest.mark.parametrize("backend", ["naive", "chunked", "sdpa"])
 @pytest.mark.parametrize("sq,skv,d", [(1, 77, 8), (77, 1, 256), (600, 77, 40), (33, 600, 72)])
 def test_required_lengths_and_head_dims(backend, sq, skv, d):

@@ -1,8 +1,10 @@
 """The public entry points: `attention_forward`, `explain`, `available_backends`."""
 from __future__ import annotations
 
+from jax_attn.visibility import lengths_alias
+
 from .backends import BACKENDS
-from .inputs import AttentionInputs, describe, lengths_alias
+from .inputs import AttentionInputs, describe
 from .routing import Decision, choose, decide
 
 

@@ -1,9 +1,9 @@
 """`python -m jax_attn check` rows for torch_ref: each torch backend against the float64 reference,
 and each (JAX backend, torch backend) pair against each other, forward and gradients.
 
-Cases are `jax_attn.cli.Case`s, inputs come from `jax_attn.cli._inputs`, so both frameworks see
-the very same numbers. Rows use the CLI's keys: backend, case, dtype, status, out_err, grad_err,
-tol, fwd_ms, fwd_bwd_ms, note.
+Cases, their inputs and the reference come from `jax_attn.cases` (NumPy, imports no framework),
+as for `python -m jax_attn check`, so both frameworks see the very same numbers. Rows use the
+CLI's keys: backend, case, dtype, status, out_err, grad_err, tol, fwd_ms, fwd_bwd_ms, note.
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import time
 import numpy as np
 import torch
 
+from jax_attn import cases as case_data  # `cases` names lists of them below
 from jax_attn import reference
 
 from .api import attention_forward, available_backends
@@ -26,19 +27,15 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _case_inputs(case, dtype: str, seed: int):
-    """The CLI's inputs for `case`: float64 NumPy in bnsd plus the keyword arguments, d_out, and the
-    reference's `q_lengths`/`window` keywords."""
-    from jax_attn.cli import _inputs  # late: the CLI imports this module lazily
-    q, k, v, kw = _inputs(case, dtype, seed)
-    f64 = lambda x: np.asarray(x.astype("float32"), np.float64)
+    """`jax_attn.cases.inputs` for `case` as float64 NumPy in bnsd (holding `dtype`'s values) plus the
+    keyword arguments, d_out, and the reference's `q_lengths`/`window` keywords."""
+    q, k, v, kw = case_data.inputs(case, dtype, seed)
+    f64 = lambda x: x.astype(np.float64)  # noqa: E731
     mask = kw.get("attn_mask")
-    mask = None if mask is None else (np.asarray(mask) if mask.dtype == bool else f64(mask))
-    lengths = None if kw.get("kv_lengths") is None else np.asarray(kw["kv_lengths"])
-    d_out = np.random.default_rng(seed + 1).standard_normal((case.b, case.n, case.sq, case.dv))
-    q_lengths = kw.get("query_seq_lengths")
-    extra = dict(q_lengths=None if q_lengths is None else np.asarray(q_lengths),
-                 window=getattr(case, "window", None))
-    return f64(q), f64(k), f64(v), mask, lengths, d_out, extra
+    mask = mask if mask is None or mask.dtype == bool else f64(mask)
+    extra = dict(q_lengths=kw.get("query_seq_lengths"), window=case.window)
+    d_out = case_data.output_cotangent(case, seed)
+    return f64(q), f64(k), f64(v), mask, kw.get("kv_lengths"), d_out, extra
 
 
 def _run(case, dtype, arrays, backend):
@@ -109,8 +106,9 @@ def compare_with_reference(cases, seed: int = 0, dtypes=("float32",), backends=N
         for case in cases:
             arrays = _case_inputs(case, dtype, seed)
             q, k, v, mask, lengths, d_out, extra = arrays
-            ref, ref_lse = reference.attention(q, k, v, mask, lengths, case.causal, return_lse=True, **extra)
-            ref_grads = reference.attention_vjp(q, k, v, d_out, mask, lengths, case.causal, **extra)[:3]
+            ref, ref_lse, ref_grads = case_data.expected(case, q, k, v, d_out, mask, lengths,
+                                                         extra["q_lengths"])
+            ref_grads = ref_grads[:3]  # q, k, v: these rows do not differentiate a bias
             for name in backends or available_backends():
                 row = {"backend": f"torch:{name}", "case": case.name, "dtype": dtype}
                 why = _reasons(case, dtype, arrays, name)
@@ -144,13 +142,12 @@ def compare_with_jax(cases, seed: int = 0, dtypes=("float32",), jax_backends=Non
 
     import jax_attn
     from jax_attn.backends import BACKENDS as JAX_BACKENDS
-    from jax_attn.cli import _inputs
 
     rows = []
     for dtype in dtypes:
         for case in cases:
             arrays = _case_inputs(case, dtype, seed)
-            jq, jk, jv, jkw = _inputs(case, dtype, seed)
+            jq, jk, jv, jkw = case_data.inputs(case, dtype, seed, jnp.asarray)
             swap = (lambda x: jnp.swapaxes(x, 1, 2)) if case.layout == "bsnd" else (lambda x: x)
             d_out = jnp.asarray(arrays[5], dtype)
             for jname in jax_backends or jax_attn.available_backends():

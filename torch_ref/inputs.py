@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from jax_attn import visibility
 from jax_attn.contract import Spec, validate
 
 from . import masking
@@ -30,15 +31,6 @@ class Call:
     grad: bool = False  # autograd will differentiate through q, k or v
     bias_grad: bool = False  # autograd will differentiate through a float mask (attn_mask or bias)
     return_lse: bool = False
-
-
-def lengths_alias(kv_lengths, key_value_seq_lengths):
-    """`key_value_seq_lengths` is jax.nn's name for `kv_lengths` (`jax_attn.api._lengths_alias`)."""
-    if key_value_seq_lengths is None:
-        return kv_lengths
-    if kv_lengths is not None:
-        raise ValueError("give kv_lengths or key_value_seq_lengths (its jax.nn name), not both")
-    return key_value_seq_lengths
 
 
 def describe(q, k, v, *, attn_mask=None, kv_lengths=None, scale=None, is_causal=False, layout="bnsd",
@@ -72,8 +64,8 @@ def _lengths(x, name: str, s: int, device):
     if x.dtype in _FEW_OPS:
         return torch.tensor([min(int(n), s) for n in x.reshape(-1).tolist()], dtype=torch.int64,
                             device=device)
-    if not x.is_meta and bool((x < 0).any()):
-        raise ValueError(f"{name} must be >= 0, got {x.tolist()}")
+    if not x.is_meta:
+        visibility.check_lengths(x, name)
     if s < torch.iinfo(x.dtype).max:
         x = x.clamp(0, s)
     return x.to(device=device, dtype=torch.int64).reshape(-1)
@@ -84,21 +76,13 @@ def _rank4(x):
 
 
 def merge_masks(attn_mask, bias, mask):
-    """One mask from `attn_mask`, `bias` and `mask` (`jax_attn.inputs.merge_masks`): bool where all
-    parts are bool (AND), else an additive bias (float parts added, keys a bool part drops at
+    """One mask from `attn_mask`, `bias` and `mask` (`jax_attn.visibility.merge_masks`): bool where
+    all parts are bool (AND), else an additive bias (float parts added, keys a bool part drops at
     -inf). Rank 4, not broadcast."""
-    parts = [_rank4(x) for x in (attn_mask, bias, mask) if x is not None]
-    if len(parts) <= 1:
-        return parts[0] if parts else None
-    keep = add = None
-    for x in parts:
-        if x.dtype == torch.bool:
-            keep = x if keep is None else keep & x
-        else:
-            add = x if add is None else add + x
-    if add is None or keep is None:
-        return keep if add is None else add
-    return torch.where(keep, add, torch.full((), float("-inf"), dtype=add.dtype, device=add.device))
+    minus_inf = lambda x: torch.full((), float("-inf"), dtype=x.dtype, device=x.device)  # noqa: E731
+    return visibility.merge_masks([None if x is None else _rank4(x) for x in (attn_mask, bias, mask)],
+                                  lambda x: x.dtype == torch.bool,
+                                  lambda keep, add: torch.where(keep, add, minus_inf(add)))
 
 
 @dataclasses.dataclass(frozen=True)

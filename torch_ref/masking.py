@@ -1,7 +1,8 @@
 """Mask algebra for the torch backends, the twin of `jax_attn.masking`.
 
 A key is dropped when the bool mask is False, the bias is -inf, it lies at or past
-`kv_lengths[b]`, or outside the query's window (`spec.window_bounds`, causal included). A row is
+`kv_lengths[b]`, or outside the query's window (`spec.window_bounds`, causal included); that
+geometry, and which keys any query sees, are `jax_attn.visibility`'s. A row is
 empty when no key is kept; that is decided from visibility alone, never from values (`l > 0` is
 False for NaN), so a NaN in a visible logit stays NaN. Empty rows give zeros; `EmptyRows` serves
 kernels that cannot do that themselves.
@@ -9,34 +10,20 @@ kernels that cannot do that themselves.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import types
 from typing import Any
 
 import torch
 
+from jax_attn import visibility
 from jax_attn.contract import Spec
+from jax_attn.visibility import restrict, window_keep  # noqa: F401  (the twin's name, kept)
 
 
 def accumulator(dtype: torch.dtype) -> torch.dtype:
     """float64 stays float64; everything else accumulates in float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _and(a, b):
-    return b if a is None else a if b is None else a & b
-
-
-def window_keep(spec: Spec, q_pos, k_pos):
-    """`(len(q_pos), len(k_pos))` bool from the window and causality, or None when unrestricted."""
-    bounds = spec.window_bounds
-    if bounds is None:
-        return None
-    left, right = bounds
-    keep = None
-    if left is not None:
-        keep = k_pos[None, :] >= q_pos[:, None] - left
-    if right is not None:
-        keep = _and(keep, k_pos[None, :] <= q_pos[:, None] + right)
-    return keep
 
 
 def keep_and_bias(spec: Spec, mask, kv_lengths, q_pos, k_pos):
@@ -51,12 +38,7 @@ def keep_and_bias(spec: Spec, mask, kv_lengths, q_pos, k_pos):
     elif mask is not None:
         keep = ~torch.isneginf(mask)
         bias = torch.where(keep, mask, torch.zeros((), dtype=mask.dtype, device=mask.device))
-    if kv_lengths is not None:
-        keep = _and(keep, k_pos[None, None, None, :] < kv_lengths[:, None, None, None])
-    geometry = window_keep(spec, q_pos, k_pos)
-    if geometry is not None:
-        keep = _and(keep, geometry[None, None])
-    return keep, bias
+    return restrict(spec, keep, kv_lengths, q_pos, k_pos), bias
 
 
 def masked_logits(s, keep, bias):
@@ -77,32 +59,10 @@ def nonempty_rows(keep, shape, device):
 
 def seen_keys(spec: Spec, mask, kv_lengths, q_lengths, device):
     """bool `(b|1, n_kv|1, skv)`: the keys of each k/v head that at least one query (before
-    `q_lengths`) can see; None when every key is seen by construction (`jax_attn.masking.seen_keys`)."""
-    skv, sq = spec.kv_len, spec.q_len
-    k_pos = torch.arange(skv, device=device)
-    seen = None
-    if kv_lengths is not None:
-        seen = (k_pos[None, :] < kv_lengths[:, None])[:, None, :]
-    right = None if spec.window_bounds is None else spec.window_bounds[1]
-    if q_lengths is not None:  # the last query that looks at key j is q_len - 1 (+ right)
-        rows = ((k_pos[None, :] <= q_lengths[:, None] - 1 + right) if right is not None
-                else (q_lengths[:, None] > 0).expand(-1, skv))
-        seen = _and(seen, rows[:, None, :])
-    elif right is not None and sq - 1 + right < skv - 1:
-        seen = _and(seen, (k_pos <= sq - 1 + right)[None, None, :])
-    if mask is not None:
-        if spec.per_key_mask:
-            keep = mask[:, :, 0, :] if spec.mask_kind == "bool" else ~torch.isneginf(mask[:, :, 0, :])
-        else:  # a key is seen when some query's mask row and window keep it
-            q_pos = torch.arange(sq, device=device)
-            keep, _ = keep_and_bias(spec, mask, None, q_pos, k_pos)
-            if q_lengths is not None:
-                keep = keep & (q_pos[None, :] < q_lengths[:, None])[:, None, :, None]
-            keep = keep.any(2)
-        if keep.shape[1] == spec.heads and spec.groups > 1:  # any query head of the group
-            keep = keep.reshape(keep.shape[0], spec.kv_heads, spec.groups, skv).any(2)
-        seen = _and(seen, keep)
-    return seen
+    `q_lengths`) can see; None when every key is seen by construction (`visibility.seen_keys`)."""
+    xp = types.SimpleNamespace(arange=functools.partial(torch.arange, device=device),
+                               isneginf=torch.isneginf)
+    return visibility.seen_keys(spec, mask, kv_lengths, q_lengths, xp)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,6 +5,7 @@ import dataclasses
 import functools
 
 import jax
+from jax.custom_derivatives import SymbolicZero
 
 from ..contract import Spec
 from ..inputs import AttentionInputs
@@ -115,3 +116,24 @@ class Backend:
             "causal": self.causal, "kv_lengths": self.kv_lengths, "lse grad": self.lse_grad,
             "window": self.window, "forward AD": self.forward_ad, "quadratic memory": self.quadratic_memory,
         }
+
+
+@functools.cache
+def lse_without_gradient(name: str):
+    """Identity on the lse of a backend whose lse has no gradient (`lse_grad=False`): its backward
+    raises unless the lse's cotangent is a symbolic zero (the lse not differentiated), so a
+    gradient never silently misses the lse's share. Raised while the gradient is traced."""
+    @jax.custom_vjp
+    def lse_out(lse):
+        return lse
+
+    def bwd(_, cotangent):
+        if isinstance(cotangent, SymbolicZero):
+            return (cotangent,)
+        raise ValueError(f"backend {name!r}: the log-sum-exp it returns has no gradient (its VJP ignores "
+                         "the lse cotangent), and this call differentiates it; use another backend "
+                         "(pallas, xla, chunked, naive) or jax.lax.stop_gradient(lse)")
+
+    lse_out.defvjp(lambda lse: (lse.value, None), bwd, symbolic_zeros=True)
+    return lse_out
+

@@ -10,6 +10,7 @@ from .base import Backend
 
 def _precision(dtype):
     # float32/64 inputs get full-precision matmuls (no TF32 on GPUs); half inputs accumulate in f32.
+    # The one definition: `chunked` and the processors' ops (`attention.JaxOps`) import it.
     return jax.lax.Precision.HIGHEST if jnp.dtype(dtype).itemsize >= 4 else None
 
 

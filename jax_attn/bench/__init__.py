@@ -24,7 +24,7 @@ torch SDPA's kernels when torch is installed), forward and forward+backward:
 
 Results: a table (ms, TFLOP/s, ratio to the fastest row of the same shape), `--json`, `--csv`,
 `--plot` (PNG bars of TFLOP/s), and `--write-routing` / `--update-routing`, which turn a run into
-`jax_attn/routing_table.json` (see `routing_from_results`).
+this GPU's table of the routing data, `jax_attn/data/routing.json` (see `routing_from_results`).
 
 CLI entry points: `add_parser(subparsers)` (sets `run` as the sub-command's handler) and
 `main(argv)` for running this module alone.
@@ -40,8 +40,9 @@ from __future__ import annotations
 #   torch_runner    torch SDPA rows
 #   suite           the run: shapes x implementations x modes -> results document
 #   report          ratios, table, auto summary, CSV, plot
-#   routing_writer  results -> routing_table.json (its reader: jax_attn.autoselect)
 #   cli             options, `add_parser`, `run`, `main`
+# The routing writer (results -> jax_attn/data/routing.json) lives beside its reader,
+# jax_attn.autoselect, as jax_attn.routing_writer; its names are re-exported here.
 # Every name the single-module `jax_attn.bench` had is re-exported here, so `bench.X` and
 # `from jax_attn.bench import X` keep working. Code inside the package imports from the module
 # that defines a name, so to monkeypatch a name for the code that uses it, patch it there
@@ -56,7 +57,7 @@ from .jax_runner import (  # noqa: F401
     JaxInputs, _jax_fn, _pallas_kernel, jax_reasons, measure_jax, program_fingerprint)
 from .report import (  # noqa: F401
     CSV_FIELDS, _add_ratios, _fmt, auto_summary, format_table, write_csv, write_plot)
-from .routing_writer import ROUTING_MODES, predicted_auto, routing_from_results, write_routing  # noqa: F401
+from ..routing_writer import ROUTING_MODES, predicted_auto, routing_from_results, write_routing  # noqa: F401
 from .shapes import MODES, SHAPE_SETS, GiB, MiB, Shape, select_shapes  # noqa: F401
 from .suite import QUADRATIC, run_bench, select_impls  # noqa: F401
 from .timing import (  # noqa: F401

@@ -15,7 +15,7 @@ import os
 import pathlib
 
 from .report import _add_ratios, auto_summary, format_table, write_csv, write_plot
-from .routing_writer import predicted_auto, write_routing
+from ..routing_writer import predicted_auto, write_routing
 from .shapes import SHAPE_SETS
 from .suite import run_bench
 
@@ -97,10 +97,10 @@ def _add_arguments(p) -> None:
     r = p.add_argument_group("routing")
     r.add_argument("--write-routing", nargs="?", const="", metavar="PATH",
                    help="after the run, write the routing table from its results "
-                        "(default path: jax_attn/routing_table.json)")
+                        "(default path: jax_attn/data/routing.json)")
     r.add_argument("--update-routing", metavar="RESULTS_JSON",
                    help="do not run: write the routing table from a saved --json results file "
-                        "(to --routing-table, default jax_attn/routing_table.json)")
+                        "(to --routing-table, default jax_attn/data/routing.json)")
     r.add_argument("--routing-table", metavar="PATH", help="where --update-routing writes")
     r.add_argument("--recheck-auto", action="store_true",
                    help="with --write-routing: then time `auto` again, routed by the new table "

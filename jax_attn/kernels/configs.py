@@ -1,13 +1,19 @@
-"""Block sizes, warps and pipeline stages of the Pallas flash-attention kernels, as data.
+"""Block sizes, warps and pipeline stages of the Pallas flash-attention kernels.
 
-`TUNED` is written by `benchmarks/tune_pallas.py` on the device it names; every entry carries the
-device and date it was measured on. A lookup that finds no measured entry (another GPU, a head-dim
-bucket nobody tuned, the CPU interpreter) falls back to `default_config`, sized to fit the shared
-memory of any GPU from compute capability 8.0 on.
+The measured choices are data: `jax_attn/data/pallas_tuning.json` (written by
+`benchmarks/tune_pallas.py --apply`), keyed by the GPU's device kind with the generation's table
+as the fallback, read through `jax_attn.data`; every entry carries the device and date it was
+measured on. `TUNED` is the dict-like view of it that `get_config` reads. A lookup that finds no
+measured entry (a GPU generation nobody tuned, a head-dim bucket nobody tuned, the CPU
+interpreter) falls back to `default_config`, sized to fit the shared memory of any GPU from
+compute capability 8.0 on.
 """
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
+
+from .. import data
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,19 +61,61 @@ def default_config(d: int) -> Config:
     return Config(FwdConfig(64, 32, 8, 2), BwdConfig(32, 32, 32, 32, 8, 1))
 
 
-# (device key, dtype, head-dim bucket) -> Config. The device key is "sm<major><minor>".
-# BEGIN TUNED (written by benchmarks/tune_pallas.py; edit there, not here)
-TUNED: dict[tuple[str, str, int], Config] = {
-    ('sm90', 'bfloat16', 64): Config(
-        FwdConfig(64, 64, 4, 3),
-        BwdConfig(64, 64, 64, 64, 4, 3),
-        device='NVIDIA H100 80GB HBM3', measured='2026-11-23'),
-    ('sm90', 'bfloat16', 128): Config(
-        FwdConfig(128, 128, 8, 3),
-        BwdConfig(64, 64, 64, 64, 4, 2),
-        device='NVIDIA H100 80GB HBM3', measured='2026-11-23'),
-}
-# END TUNED
+DATA = "pallas_tuning"  # jax_attn/data/pallas_tuning.json
+
+
+def _config(entry: dict) -> Config:
+    return Config(FwdConfig(**entry["fwd"]), BwdConfig(**entry["bwd"]),
+                  device=entry["device"], measured=entry["date"])
+
+
+class _Tuned(collections.abc.MutableMapping):
+    """(generation "sm<major><minor>", dtype, head-dim bucket) -> Config, read from
+    `jax_attn/data/pallas_tuning.json`: for a generation, this GPU's own table when it is of that
+    generation and was measured, else the generation's table (logged once), so an H100 reads the
+    H100's entries and an H200 the sm90 fallback. Iterating lists the generations in the data.
+    Assignments are process-local overrides read first (`benchmarks/pallas_gpu.py --tune` puts a
+    fresh tuning here); `del` removes an override."""
+
+    def __init__(self):
+        self.overrides: dict = {}
+
+    @staticmethod
+    def _table(generation: str) -> dict:
+        kind, gen = data.device()
+        return data.load(DATA, (kind if gen == generation else None, generation))
+
+    def __getitem__(self, key):
+        if key in self.overrides:
+            return self.overrides[key]
+        generation, dtype, bucket = key
+        entry = self._table(generation).get(f"{dtype}|{bucket}") if generation else None
+        if entry is None:
+            raise KeyError(key)
+        return _config(entry)
+
+    def __iter__(self):
+        keys = dict.fromkeys(self.overrides)
+        for generation in filter(data.is_generation, data.tables(DATA)):
+            for name in self._table(generation):
+                dtype, bucket = name.split("|")
+                keys[(generation, dtype, int(bucket))] = None
+        return iter(keys)
+
+    def __len__(self):
+        return sum(1 for _ in self)
+
+    def __setitem__(self, key, config):
+        self.overrides[key] = config
+
+    def __delitem__(self, key):
+        del self.overrides[key]
+
+    def __repr__(self):
+        return f"TUNED({dict(self.items())!r})"
+
+
+TUNED = _Tuned()
 
 
 def device_key(compute_capability: tuple[int, int] | None) -> str | None:
@@ -75,9 +123,11 @@ def device_key(compute_capability: tuple[int, int] | None) -> str | None:
 
 
 def get_config(d: int, dtype: str, compute_capability: tuple[int, int] | None = None) -> Config:
-    """The measured config for this GPU, dtype and head dim (float16 borrows bfloat16's), else
-    `default_config(d)`."""
+    """The measured config for this GPU (its device kind's, else its generation's: `TUNED`),
+    dtype and head dim (float16 borrows bfloat16's), else `default_config(d)`."""
     device, bucket = device_key(compute_capability), head_dim_bucket(d)
+    if device is None:  # no GPU: the interpreter
+        return default_config(d)
     found = TUNED.get((device, str(dtype), bucket))
     if found is None and str(dtype) == "float16":
         # Same element size and tensor-core rate as bf16, so the same tiles fit and win.

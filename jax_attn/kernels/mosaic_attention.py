@@ -3,8 +3,9 @@
 The kernels are split by role, as in tokamax:
 
 * `mosaic_config.py`: what the kernels serve and how they are tuned (`MosaicConfig`,
-  `default_config`, `head_dim_padded`, `FASTER_THAN_TRITON_SM90`, `shape_bucket`,
-  `unsupported`, `available`) and `_Static`, the hashable description of one call.
+  `default_config`, `head_dim_padded`, `FASTER_THAN_TRITON_SM90` (a view of
+  `jax_attn/data/mosaic_routing.json`), `shape_bucket`, `unsupported`, `available`) and
+  `_Static`, the hashable description of one call.
 * `mosaic_forward.py`: the forward kernel (one CTA = two compute warpgroups and a TMA producer,
   FlashAttention-3 style; its design is in that module's docstring).
 * `mosaic_backward.py`: the dQ and dK/dV kernels.
@@ -44,13 +45,11 @@ or a transposed shared-memory view, nor `layout_cast`; there the two matmuls are
 `lax.dot_general` on the shared-memory tiles and layout casts are skipped. See
 `tests/test_mosaic.py` for what that does and does not prove.
 
-Measured on an H100 (bf16, benchmarks/results/2026-11-23-h100-mosaic-grid/README.md), against
-cuDNN in the same run: forward 1.03x (d = 64), 1.02x (d = 128, 4608 tokens), 0.99x at 16k tokens
-(1.00x reading bnsd); backward 0.94x, 0.96x, 0.90x. Against our Triton kernels on self-attention:
-forward 1.2-1.3x, backward 1.25-1.45x faster; slower than Triton on 77-key cross-attention (the
-`pallas` backend routes that to Triton). That README also lists what was tried and not kept
-(FlashAttention-3's intra-warpgroup overlap, paired backward matmuls) and what the profile says
-still separates the 16k forward from cuDNN.
+Measurements (against cuDNN and our Triton kernels, forward and backward) are in
+`benchmarks/results/`: `2026-11-23-h100-mosaic-grid/README.md` (the current kernel, with what was
+tried and not kept and what the profile says still separates the 16k forward from cuDNN),
+`2026-11-23-h100-mosaic-bwd/README.md` (the backward) and `2026-11-23-h100-mosaic.md` (the
+buckets where the `pallas` backend picks Mosaic over Triton: `jax_attn/data/mosaic_routing.json`).
 """
 from __future__ import annotations
 

@@ -4,15 +4,19 @@ What the kernels can serve and how they are tuned: the guarded import of the Mos
 dialect (`available`), `MosaicConfig` and its per-head-dim defaults, the head dims the kernels run
 at (`head_dim_padded`: 64, 128 or 256), the shape buckets where the Mosaic forward measured faster
 than the Triton kernel (`FASTER_THAN_TRITON_SM90`, read by the `pallas` backend's automatic
-choice), `unsupported`, and `_Static`, the hashable description of one call that the forward, the
-backward kernels and the custom VJP share.
+choice; the measurements are data, `jax_attn/data/mosaic_routing.json`), `unsupported`, and
+`_Static`, the hashable description of one call that the forward, the backward kernels and the
+custom VJP share.
 """
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import math
 
 import jax.numpy as jnp
+
+from .. import data
 
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
@@ -42,9 +46,8 @@ class MosaicConfig:
     stages: int = 2  # shared-memory slots of K/V in flight
     # Which CTAs run side by side (Mosaic launches the last grid dimension as CUDA's x). True:
     # the sequence tiles of one head, so they share its K/V (forward, dQ) or Q/dO (dK/dV) in L2.
-    # False: the heads, whose K/V re-read from DRAM once they outgrow L2 (Nsight Compute, 16k
-    # tokens: DRAM at 40% of its bandwidth, cuDNN 1%). H100, 16k tokens d = 128: forward 9.8 ->
-    # 8.9 ms, forward+backward 41.7 -> 36.8 ms; 1-4% faster at 4k-4.6k tokens too.
+    # False: the heads, whose K/V re-read from DRAM once they outgrow L2. Measurements and the
+    # profile: benchmarks/results/2026-11-23-h100-mosaic-grid/README.md.
     q_major_grid: bool = True
     bwd_stages: int = 2  # shared-memory slots of the tiles the backward kernels stream
 
@@ -61,29 +64,55 @@ def default_config(d: int) -> MosaicConfig:
     dp = head_dim_padded(d)
     if dp == 256:  # 64x256 f32 accumulator = 128 registers/thread; keep S and smem small
         return MosaicConfig(block_q=64, block_kv=64, stages=2)
-    # H100 2026-11-23 (benchmarks/mosaic_gpu.py --tune): at d = 64, 256-key blocks make the
-    # forward 4-12% faster than 128 (half the barrier passes per key; no register spills).
-    # Backward pipeline depth: forward+backward 3.7% faster with 4 stages than 2 at d = 64, 2.2%
-    # with 3 at d = 128 (4 would not leave shared memory to spare).
+    # Chosen with `benchmarks/mosaic_gpu.py --tune`: 256-key blocks at d = 64 (half the barrier
+    # passes per key, no register spills), backward pipeline depth 4 at d = 64 and 3 at d = 128
+    # (4 would not leave shared memory to spare). Measurements:
+    # benchmarks/results/2026-11-23-h100-mosaic-grid/README.md and
+    # benchmarks/results/2026-11-23-h100-mosaic-bwd/README.md.
     if dp == 64:
         return MosaicConfig(block_q=64, block_kv=256, stages=2, bwd_stages=4)
     return MosaicConfig(block_q=64, block_kv=128, stages=2, bwd_stages=3)
 
 
-# Shape buckets where the Mosaic forward measured faster than the Triton kernel on an H100
-# (bf16, 2026-11-23, benchmarks/results/2026-11-23-h100-mosaic.md). Keys: (padded head dim,
-# kind), kind "cross" for fewer than 256 keys, else "short_q" for fewer than 128 queries (a CTA
-# computes 128 query rows, so a short query block wastes most of it; not measured), else "self".
-# The `pallas` backend's automatic choice (JAX_ATTN_PALLAS_KERNEL=auto) uses Mosaic only for
-# buckets listed True; an unlisted bucket was not measured and stays on Triton.
-FASTER_THAN_TRITON_SM90: dict[tuple[int, str], bool] = {
-    (64, "self"): True,  # d=64: 1.26x Triton forward (1.04x cuDNN); d=40 (run at 64): 1.21x
-    (128, "self"): True,  # d=128: 1.20x (4608 keys), 1.11x (16384 keys)
-    (64, "cross"): False,  # 77 keys: 0.46-0.85x (d=64), 0.91x (d=40): padding + launch bound
-}
+class _FasterThanTriton(collections.abc.Mapping):
+    """Shape bucket -> whether the Mosaic forward measured faster than the Triton kernel, read
+    from `jax_attn/data/mosaic_routing.json`: this GPU's own table when it is a measured Hopper,
+    else the sm90 table (logged once on an unmeasured Hopper). Keys: (padded head dim, kind),
+    kind as `shape_bucket` says ("cross", "short_q", "self"). The `pallas` backend's automatic
+    choice (JAX_ATTN_PALLAS_KERNEL=auto) uses Mosaic only for buckets that map to True; an
+    unlisted bucket was not measured and stays on Triton."""
+
+    @staticmethod
+    def _table() -> dict:
+        kind, generation = data.device()
+        return data.load(MOSAIC_DATA, (kind if generation == "sm90" else None, "sm90"))
+
+    def __getitem__(self, bucket):
+        entry = self._table().get("|".join(map(str, bucket)))
+        if entry is None:
+            raise KeyError(bucket)
+        return bool(entry["faster"])
+
+    def __iter__(self):
+        for name in self._table():
+            dp, kind = name.split("|")
+            yield int(dp), kind
+
+    def __len__(self):
+        return len(self._table())
+
+    def __repr__(self):
+        return f"FASTER_THAN_TRITON_SM90({dict(self.items())!r})"
+
+
+MOSAIC_DATA = "mosaic_routing"  # jax_attn/data/mosaic_routing.json
+FASTER_THAN_TRITON_SM90 = _FasterThanTriton()
 
 
 def shape_bucket(d: int, sq: int, skv: int) -> tuple[int | None, str]:
+    """(padded head dim, kind): kind "cross" for fewer than 256 keys, else "short_q" for fewer
+    than 128 queries (a CTA computes 128 query rows, so a short query block wastes most of it),
+    else "self"."""
     kind = "cross" if skv < 256 else "short_q" if sq < 128 else "self"
     return head_dim_padded(d), kind
 

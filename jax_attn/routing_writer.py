@@ -1,11 +1,13 @@
-"""The routing-table writer: bench results -> `jax_attn/routing_table.json`.
+"""The routing-table writer: bench results -> the routing data that `jax_attn.autoselect` reads.
 
-The writer of the table whose reader is `jax_attn.autoselect`: it keys buckets with the
-reader's own `bucket_key`, names the two preference lists with its `TABLE_KEYS`, reads orders
-back with its `orders`, writes to its `TABLE_PATH` and clears its `table` cache, so the two
-sides cannot drift apart. `routing_from_results` orders backends per bucket and mode from a
-results document, `predicted_auto` says what `auto` would pick with a table, `write_routing`
-merges and writes it (`--write-routing`, `--update-routing`).
+Beside its reader: it keys buckets with `autoselect.bucket_key`, names the two preference lists
+with its `TABLE_KEYS`, reads orders back with its `orders`, writes to its `TABLE_PATH` (by
+default `jax_attn/data/routing.json`, through `jax_attn.data.write`, under the device kind the
+run measured) and clears its `table` cache, so the two sides cannot drift apart.
+`routing_from_results` orders backends per bucket and mode from a results document,
+`predicted_auto` says what `auto` would pick with a table, `write_routing` writes it
+(`python -m jax_attn bench --write-routing`, `--update-routing`; re-exported by
+`jax_attn.bench`).
 """
 from __future__ import annotations
 
@@ -13,8 +15,7 @@ import json
 import math
 import pathlib
 
-from .report import _add_ratios
-
+from . import data
 
 # The routing mode each measured mode orders: training reads forward+backward, inference (calls
 # nothing differentiates) reads forward.
@@ -32,7 +33,8 @@ def routing_from_results(doc: dict, tie: float = 0.01) -> dict:
     its preferences. `preferences` (training) orders by forward+backward, `preferences_forward`
     (inference) by forward; a bucket measured forward only gets its training order from forward.
     """
-    from .. import autoselect
+    from . import autoselect
+    from .bench.report import _add_ratios  # late: jax_attn.bench imports this module
     device = doc["meta"]["device_key"]
     _add_ratios(doc["results"])
     entries: dict = {}
@@ -73,7 +75,7 @@ def routing_from_results(doc: dict, tie: float = 0.01) -> dict:
 
 def predicted_auto(doc: dict, table: dict) -> str:
     """What `auto` would get with routing `table`, per shape and mode, from the rows of `doc`."""
-    from .. import autoselect
+    from . import autoselect
     device = doc["meta"]["device_key"]
     lines = []
     by = {}
@@ -91,21 +93,32 @@ def predicted_auto(doc: dict, table: dict) -> str:
 
 
 def write_routing(doc: dict, path=None, merge: bool = True) -> dict:
-    """Write the routing table for `doc` to `path` (default: the package's table); returns it.
+    """Write the routing table for `doc` to `path` (default `autoselect.TABLE_PATH`, the
+    package's routing data); returns the table.
 
-    With `merge`, buckets of other devices already in the file are kept.
+    Into a document keyed by device kind (the package's, or any file that already is one) the
+    table goes under the device kind `doc` was measured on, made its generation's fallback if
+    that generation has none; with `merge` the other devices' tables are kept. Any other path
+    gets the one table (the form results folders keep); with `merge`, buckets of other devices
+    already in that file are kept.
     """
-    from .. import autoselect
+    from . import autoselect
     path = pathlib.Path(path or autoselect.TABLE_PATH)
     table = routing_from_results(doc)
-    if merge and path.exists():
-        old = json.loads(path.read_text() or "{}")
-        device = doc["meta"]["device_key"] + "|"
-        for name in (*autoselect.TABLE_KEYS.values(), "scores"):
-            kept = {k: v for k, v in old.get(name, {}).items() if not k.startswith(device)}
-            table[name] = dict(sorted({**kept, **table[name]}.items()))
-        if old.get("source") and old["source"].get("device_key") != doc["meta"]["device_key"]:
-            table["other_sources"] = [old["source"]] + old.get("other_sources", [])
-    path.write_text(json.dumps(table, indent=1) + "\n")
+    old = data.read(path)
+    if path.resolve() == data.path("routing") or "tables" in old:
+        meta = doc["meta"]
+        generation = meta["device_key"] if data.is_generation(meta["device_key"]) else None
+        table.pop("comment")  # the document's comment says it
+        data.write(path, meta.get("device") or meta["device_key"], table, generation, merge=merge)
+    else:
+        if merge and old:
+            device = doc["meta"]["device_key"] + "|"
+            for name in (*autoselect.TABLE_KEYS.values(), "scores"):
+                kept = {k: v for k, v in old.get(name, {}).items() if not k.startswith(device)}
+                table[name] = dict(sorted({**kept, **table[name]}.items()))
+            if old.get("source") and old["source"].get("device_key") != doc["meta"]["device_key"]:
+                table["other_sources"] = [old["source"]] + old.get("other_sources", [])
+        path.write_text(json.dumps(table, indent=1) + "\n")
     autoselect.table.cache_clear()
     return table

@@ -1,0 +1,166 @@
+"""Choosing a backend from a registry, the same way in every framework: one `Router` per package.
+
+This module imports no array framework. A choice is one name, a comma-separated preference list
+(or a list of names), or "auto"; it comes from, first match wins, the call's `backend=` argument,
+the innermost `use_backend(...)` block (a context variable: threads and nested blocks do not leak
+into each other), the package's environment variable, or automatic selection. A registry maps
+names to backends; a backend says why it cannot serve a call as a list of reasons (empty = can)
+and whether automatic selection may take it (`automatic`). `jax_attn.routing` and
+`torch_ref.routing` each instantiate a `Router` and add only what their framework decides: the
+reasons of a call, the automatic preference order, and (JAX) the kernel and autodiff mode.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import logging
+import os
+from typing import Callable, Iterable, Mapping
+
+
+class BackendError(ValueError):
+    """No backend in the requested choice can serve the inputs; the message lists every reason."""
+
+
+def parse_choice(choice, source: str, known: Iterable[str]) -> tuple[str, ...]:
+    """Normalize a choice to a tuple of names, ("auto",) for automatic; names not in `known` raise.
+
+    `source` names where the choice came from, for the error messages."""
+    known = tuple(known)
+    if isinstance(choice, str):
+        names = tuple(x.strip() for x in choice.split(",") if x.strip())
+    elif isinstance(choice, (list, tuple)):
+        names = tuple(x.strip() if isinstance(x, str) else x for x in choice)
+        if not all(isinstance(x, str) for x in names):
+            raise TypeError(f"{source} must be a backend name, a comma-separated list or 'auto', or a "
+                            f"list of names (strings), got {choice!r}")
+    else:
+        raise TypeError(f"{source} must be a backend name, a comma-separated list or 'auto', "
+                        f"got {type(choice).__name__}")
+    if not names:
+        raise ValueError(f"{source} names no backend; known: {', '.join(known)} or 'auto'")
+    unknown = [x for x in names if x != "auto" and x not in known]
+    if unknown:
+        raise ValueError(f"{source}: unknown backend {', '.join(map(repr, unknown))}; "
+                         f"known: {', '.join(known)} or 'auto'")
+    if "auto" in names and len(names) > 1:
+        raise ValueError(f"{source}: 'auto' cannot be combined with other names, got {choice!r}")
+    return names
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    """The outcome of routing one call: what was chosen, from which source, and why not the rest."""
+
+    backend: str | None
+    source: str
+    candidates: tuple[str, ...]
+    reasons: dict  # name -> list of reasons (empty = could serve)
+    forward_only: str | None = None  # auto: the backend when nothing differentiates the call
+    kernel: str | None = None  # the kernel the chosen backend runs, where a backend has several
+    kernel_why: str = ""
+
+    def kernel_line(self) -> str:
+        """The line saying which kernel runs and why (a framework's subclass may word it)."""
+        return f"kernel: {self.kernel} ({self.kernel_why})"
+
+    def __str__(self):
+        lines = [f"chosen: {self.backend or 'none'} (by {self.source}; tried {', '.join(self.candidates)})"]
+        if self.forward_only:
+            lines[0] += f"; {self.forward_only} when nothing differentiates the call"
+        if self.kernel:
+            lines.append(self.kernel_line())
+        for name, why in self.reasons.items():
+            lines.append(f"  {name:8s} " + ("ok" if not why else "; ".join(why)))
+        return "\n".join(lines)
+
+
+class Router:
+    """The choice rules over one registry of backends.
+
+    `registry`: name -> backend, in the order `explain` lists them (read at each call, so a
+    registry filled after construction is seen); `env_var`: the environment variable read after
+    the context; `context`: the `ContextVar` (default None) that `use_backend` sets; `log`: the
+    logger for fall-through messages; `logged` holds what was logged once already.
+    """
+
+    def __init__(self, registry: Mapping, env_var: str, context: contextvars.ContextVar,
+                 log: logging.Logger):
+        self.registry, self.env_var, self.context, self.log = registry, env_var, context, log
+        self.logged: set = set()
+
+    def parse_choice(self, choice, source: str = "backend", known=None) -> tuple[str, ...]:
+        """Normalize a choice to a tuple of names, ("auto",) for automatic. Unknown names raise.
+
+        `known`: the names checked against (default: this router's registry)."""
+        return parse_choice(choice, source, self.registry if known is None else known)
+
+    @contextlib.contextmanager
+    def use_backend(self, choice):
+        """Route every attention call made inside this block (JAX: traced inside it) by `choice`;
+        the innermost block wins.
+
+        Context-local (`contextvars`), so threads and nested blocks do not leak into each other.
+        """
+        names = self.parse_choice(choice, "use_backend")
+        token = self.context.set(names)
+        try:
+            yield
+        finally:
+            self.context.reset(token)
+
+    def current_choice(self, backend=None) -> tuple[tuple[str, ...], str]:
+        """The choice in force and where it came from."""
+        if backend is not None:
+            return self.parse_choice(backend, "backend"), "argument"
+        if self.context.get() is not None:
+            return self.context.get(), "use_backend"
+        env = os.environ.get(self.env_var, "").strip()
+        if env:
+            return self.parse_choice(env, self.env_var), self.env_var
+        return ("auto",), "automatic"
+
+    def first_automatic(self, candidates: Iterable[str], reasons: Mapping) -> str | None:
+        """The first of `candidates` that can serve and that automatic selection may take."""
+        return next((n for n in candidates if not reasons[n] and self.registry[n].automatic), None)
+
+    def decide(self, backend, reasons_of: Callable, preference: Callable[[], Iterable[str]],
+               inference_preference: Callable[[], Iterable[str]] | None = None,
+               decision: type = Decision) -> Decision:
+        """Route one call: every backend's reasons (`reasons_of(backend)`), then the first of the
+        named backends that can serve, or under "auto" the first of `preference()` that can and
+        may be chosen automatically. `inference_preference`: under "auto", the order for calls that
+        nothing differentiates; its first is `forward_only` when it differs."""
+        names, source = self.current_choice(backend)
+        reasons = {name: reasons_of(b) for name, b in self.registry.items()}
+        forward_only = None
+        if names != ("auto",):
+            candidates = names
+            chosen = next((n for n in names if not reasons[n]), None)
+        else:
+            candidates = tuple(preference())
+            chosen = self.first_automatic(candidates, reasons)
+            if inference_preference is not None:
+                inference = self.first_automatic(inference_preference(), reasons)
+                forward_only = inference if chosen and inference != chosen else None
+        return decision(chosen, source, candidates, reasons, forward_only)
+
+    def chosen(self, d: Decision):
+        """The registry's backend for `d`: raises `BackendError` with every reason when none can
+        serve; logs once (per choice, backend and reasons) the backends a named list skipped."""
+        if d.backend is None:
+            detail = "\n".join(f"  {n}: {'; '.join(d.reasons[n]) or 'not chosen automatically'}"
+                               for n in d.candidates)
+            raise BackendError(f"no backend can serve this call (choice {','.join(d.candidates)!r} "
+                               f"from {d.source}):\n{detail}")
+        skipped = d.candidates[: d.candidates.index(d.backend)]
+        if skipped and d.source == "automatic":
+            self.log.debug("attention: auto chose %r over %s", d.backend, ", ".join(skipped))
+        elif skipped:
+            key = (d.candidates, d.backend, tuple(tuple(d.reasons[n]) for n in skipped))
+            if key not in self.logged:
+                self.logged.add(key)
+                self.log.warning("attention: using %r from %s; skipped %s", d.backend, d.source,
+                                 "; ".join(f"{n} ({', '.join(d.reasons[n])})" for n in skipped))
+        return self.registry[d.backend]

@@ -1,0 +1,54 @@
+"""Helpers shared by the shard_map wrapping, Ulysses and the ring.
+
+Mesh axis names and PartitionSpec entries, the sequence/head axes of a layout, padding, and
+building and running one device's local attention call. A module of its own so that `sharded`
+(which calls `ulysses` and `ring`) and those two (which use these) import without a cycle.
+`seq`/`head` are the axes of q, k, v and out in the caller's layout.
+"""
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from ..inputs import AttentionInputs
+from ..routing import choose
+
+
+def _names(axis) -> tuple[str, ...]:
+    if axis is None:
+        return ()
+    return tuple(axis) if isinstance(axis, (tuple, list)) else (axis,)
+
+
+def _spec_entry(*axes):
+    """One PartitionSpec entry for a dimension split over `axes` (major first), or None."""
+    names = sum((_names(a) for a in axes), ())
+    return None if not names else names[0] if len(names) == 1 else names
+
+
+def _axes(layout):
+    return (2, 1) if layout == "bnsd" else (1, 2)
+
+
+def _pad(x, axis, size, value=0):
+    if x.shape[axis] >= size:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, size - x.shape[axis])
+    return jnp.pad(x, widths, constant_values=value)
+
+
+def _lse_col(lse, layout):
+    """`(b, n, s)` lse as a column broadcastable against `out` in `layout`."""
+    return (lse if layout == "bnsd" else jnp.swapaxes(lse, 1, 2))[..., None]
+
+
+def _local(spec, q, k, v, mask, kv_lengths, is_causal=None):
+    """AttentionInputs for local blocks, keeping the call's scale and layout."""
+    return AttentionInputs.build(q, k, v, attn_mask=mask, kv_lengths=kv_lengths, scale=spec.scale,
+                                 is_causal=spec.is_causal if is_causal is None else is_causal,
+                                 layout=spec.layout, local_window_size=spec.window)
+
+
+def _run(inputs, backend, return_lse):
+    res = choose(inputs.spec, backend)(inputs, return_lse)
+    return res if return_lse else (res, None)

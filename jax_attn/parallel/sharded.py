@@ -1,0 +1,132 @@
+"""Wrapping one `attention_forward` call in `shard_map`, as a plan lays it over the mesh.
+
+`_sharded` checks that batch, heads (and for Ulysses the heads per group) divide over their axes,
+builds the PartitionSpecs of q, k, v, mask and `kv_lengths`, and runs the local backend
+(`shard_local`), `_ulysses` or `_ring` per device. Sequences that do not divide by the device
+count are padded at the end to a multiple of it; the padded keys are masked with `kv_lengths` and
+the padded query rows sliced off. `_manual` is the same dispatch for a caller already inside its
+own `shard_map` (`sequence_parallel(None, ...)`), where the arrays are the local blocks.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from ..inputs import AttentionInputs
+from .layout import _axes, _local, _pad, _run, _spec_entry
+from .ring import _ring
+from .ulysses import _ulysses
+
+if TYPE_CHECKING:
+    from .context import Plan
+
+
+def _shard_map(f, mesh, in_specs, out_specs):
+    """`jax.shard_map` (JAX >= 0.7), else the older `jax.experimental.shard_map`.
+
+    Replication checks are off: backends run custom kernels and custom VJPs the checker cannot see
+    through. Inputs not split over an axis still get their cotangents summed over it.
+    """
+    if hasattr(jax, "shard_map"):
+        try:
+            return jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+        except TypeError:  # a JAX whose jax.shard_map predates the check_vma name
+            pass
+    from jax.experimental.shard_map import shard_map
+    return shard_map(f, mesh, in_specs, out_specs, check_rep=False)
+
+
+def _sharded(plan: Plan, inputs: AttentionInputs, backend, return_lse):
+    spec = inputs.spec
+    seq, head = _axes(spec.layout)
+    n_seq = plan.size(plan.seq_axis)
+    n_batch, n_head = plan.size(plan.batch_axis), plan.size(plan.head_axis)
+    where = "shard_local" if plan.method == "local" else f"sequence_parallel({plan.method!r})"
+    if spec.batch % n_batch:
+        raise ValueError(f"{where}: batch {spec.batch} does not divide over batch_axis "
+                         f"{plan.batch_axis!r} of size {n_batch}")
+    if spec.heads % n_head or spec.kv_heads % n_head:
+        raise ValueError(f"{where}: heads (q {spec.heads}, k/v {spec.kv_heads}) do not divide over "
+                         f"head_axis {plan.head_axis!r} of size {n_head}")
+    if plan.method == "ulysses" and (spec.heads // n_head) % n_seq:
+        raise ValueError(f"sequence_parallel('ulysses'): {spec.heads // n_head} heads per device group "
+                         f"do not divide over {plan.seq_axis!r} of size {n_seq}; use method='ring'")
+    if plan.method == "local" and plan.seq_axis is not None and spec.is_causal:
+        raise ValueError("shard_local(query_axis=...): is_causal needs each query's position against "
+                         "whole keys; use sequence_parallel for causal attention")
+
+    # Pad sequences to a multiple of the device count; padded keys are masked by kv_lengths.
+    sq_pad = -(-spec.q_len // n_seq) * n_seq
+    kv_split = plan.method != "local"
+    skv_pad = -(-spec.kv_len // n_seq) * n_seq if kv_split else spec.kv_len
+    q, k, v = _pad(inputs.q, seq, sq_pad), _pad(inputs.k, seq, skv_pad), _pad(inputs.v, seq, skv_pad)
+    kv_lengths = inputs.kv_lengths
+    if skv_pad != spec.kv_len:
+        kv_lengths = (jnp.full((spec.batch,), spec.kv_len, jnp.int32) if kv_lengths is None
+                      else jnp.minimum(kv_lengths, spec.kv_len))
+    mask = inputs.mask
+    if mask is not None:  # neutral padding: padded keys are masked anyway, padded rows dropped
+        neutral = True if spec.mask_kind == "bool" else 0
+        if mask.shape[2] > 1:
+            mask = _pad(mask, 2, sq_pad, neutral)
+        if mask.shape[3] > 1:
+            mask = _pad(mask, 3, skv_pad, neutral)
+
+    b_ax, h_ax, s_ax = plan.batch_axis, plan.head_axis, plan.seq_axis
+
+    def dims(batch, heads, seqlen):
+        d = [None] * 4
+        d[0], d[head], d[seq] = batch, heads, seqlen
+        return P(*d)
+
+    q_spec = dims(_spec_entry(b_ax), _spec_entry(h_ax), _spec_entry(s_ax))
+    kv_spec = dims(_spec_entry(b_ax), _spec_entry(h_ax), _spec_entry(s_ax) if kv_split else None)
+    lse_spec = P(_spec_entry(b_ax), _spec_entry(h_ax), _spec_entry(s_ax))
+    args, specs = {"q": q, "k": k, "v": v}, {"q": q_spec, "k": kv_spec, "v": kv_spec}
+    if mask is not None:
+        mb, mn, mq, _ = mask.shape
+        mask_heads = _spec_entry(h_ax, s_ax) if plan.method == "ulysses" else _spec_entry(h_ax)
+        args["mask"] = mask
+        specs["mask"] = P(_spec_entry(b_ax) if mb > 1 else None, mask_heads if mn > 1 else None,
+                          _spec_entry(s_ax) if mq > 1 and plan.method != "ulysses" else None, None)
+    if kv_lengths is not None:
+        args["kv_lengths"] = kv_lengths
+        specs["kv_lengths"] = P(_spec_entry(b_ax))
+
+    def body(a):
+        lq, lk, lv, lm, ll = a["q"], a["k"], a["v"], a.get("mask"), a.get("kv_lengths")
+        if plan.method == "local":
+            return _run(_local(spec, lq, lk, lv, lm, ll), backend, return_lse)
+        if plan.method == "ulysses":
+            return _ulysses(spec, s_ax, n_seq, lq, lk, lv, lm, ll, backend, return_lse)
+        return _ring(spec, s_ax, n_seq, lq, lk, lv, lm, ll, backend, return_lse)
+
+    out_specs = (q_spec, lse_spec if return_lse else None)
+    fn = _shard_map(body, plan.mesh, (specs,), out_specs)
+    out, lse = fn(args)
+    if sq_pad != spec.q_len:
+        out = jax.lax.slice_in_dim(out, 0, spec.q_len, axis=seq)
+        lse = None if lse is None else lse[:, :, :spec.q_len]
+    return (out, lse) if return_lse else out
+
+
+def _manual(plan: Plan, inputs: AttentionInputs, backend, return_lse):
+    """Inside the caller's own shard_map: the inputs are already this device's sequence blocks."""
+    if plan.method == "local":
+        return None
+    spec, axis = inputs.spec, plan.seq_axis
+    if inputs.mask is not None and (spec.mask_shape[2] > 1 or spec.mask_shape[3] > 1):
+        raise ValueError("sequence_parallel(None, ...): inside a shard_map only masks constant along "
+                         "the sequence are accepted (use kv_lengths, or give the mesh so masks can be "
+                         "split with the sequence)")
+    n_seq = jax.lax.axis_size(axis) if hasattr(jax.lax, "axis_size") else jax.lax.psum(1, axis)
+    if plan.method == "ulysses" and spec.heads % n_seq:
+        raise ValueError(f"sequence_parallel('ulysses'): {spec.heads} heads do not divide over "
+                         f"{axis!r} of size {n_seq}; use method='ring'")
+    fn = _ulysses if plan.method == "ulysses" else _ring
+    out, lse = fn(spec, axis, n_seq, inputs.q, inputs.k, inputs.v, inputs.mask, inputs.kv_lengths,
+                  backend, return_lse)
+    return (out, lse) if return_lse else out
