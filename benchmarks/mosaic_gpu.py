@@ -247,7 +247,7 @@ def bench(best):
     import jax
     import jax.numpy as jnp
 
-    from jax_attn.kernels import flash_attention
+    from jax_attn.kernels.flash_attention import flash_attention
     from jax_attn.kernels import mosaic_attention as M
     from tune_pallas import time_ms
 

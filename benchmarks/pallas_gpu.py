@@ -46,7 +46,7 @@ def check_small():
     import jax.numpy as jnp
 
     from jax_attn import reference as R
-    from jax_attn.kernels import flash_attention
+    from jax_attn.kernels.flash_attention import flash_attention
 
     rng = np.random.default_rng(1)
     cases = [  # b, n, n_kv, sq, skv, d, dv, kwargs
@@ -144,7 +144,7 @@ def bench(args):
     import jax.numpy as jnp
     from jax.experimental.pallas.ops.gpu import attention as jax_pallas
 
-    from jax_attn.kernels import flash_attention
+    from jax_attn.kernels.flash_attention import flash_attention
     from tune_pallas import time_ms
 
     rows = []

@@ -1,13 +1,19 @@
 """Sequence parallelism on several GPUs: a correctness check, then scaling on a video-sized call.
 
 For every device count 1, 2, 4, ... up to the GPUs present (and that count itself), on a mesh with
-one axis "sp":
-1. correctness: Ulysses and ring (forward, lse and dq/dk/dv) against the float64 reference on a
+one axis "sp" (the hybrid: two axes, ("ring", "sp"), `--hybrid-ulysses` devices per Ulysses group):
+1. correctness: each method (forward, lse and dq/dk/dv) against the float64 reference on a
    small call whose length does not divide by the device count (causal + kv_lengths, and plain);
 2. scaling: the 32k-token video shape `(b, n, s, d) = (1, 24, 32760, 128)` bf16 (a 3-D VAE latent
    of 13 x 45 x 56 patches, self-attention), forward and forward+backward: tokens/s in all, per
    GPU, TFLOP/s per GPU, and per-GPU memory from XLA's compiled memory analysis (arguments +
    outputs + temporaries of the per-device program). 1 device is the plain call, no context.
+
+Methods (`--methods`): "ulysses", "ring", "hybrid" (Ulysses over "sp" x ring over "ring"), and
+"ring-recompute": the ring with its per-block backward from global statistics switched off, so
+that every block's forward is recomputed and pulled back through its own lse (the backward before
+2026-11-24), for an A/B of the two backwards on one local backend. Which backward a row ran is in
+its local-backend column: "fwd/bwd (recompute)" or "name (stats)".
 
 Prints a table last; writes `parallel_gpu.json` and `parallel_gpu.md` to `$OUT` (or `--out`).
 Runs with whatever devices exist (also CPU, for a smoke test:
@@ -17,6 +23,7 @@ Runs with whatever devices exist (also CPU, for a smoke test:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -36,6 +43,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from
 import jax_attn  # noqa: E402
 from jax_attn import parallel, reference  # noqa: E402
 from jax_attn.backends import BACKENDS  # noqa: E402
+from jax_attn.parallel import ring_backward  # noqa: E402
 
 T0 = time.perf_counter()
 
@@ -52,37 +60,80 @@ def device_counts(n: int) -> list[int]:
     return counts + ([n] if counts[-1] != n else [])
 
 
-def local_backend(method, p, shape, dtype, backend, mode="fwd"):
+def hybrid_shape(p, ulysses):
+    """(ring, ulysses) sizes of the hybrid mesh on p devices, or None when p does not split so."""
+    u = min(ulysses, p)
+    return (p // u, u) if p % u == 0 else None
+
+
+def make_mesh(method, p, ulysses=2):
+    devices = np.array(jax.devices()[:p])
+    if method == "hybrid":
+        return Mesh(devices.reshape(hybrid_shape(p, ulysses)), ("ring", "sp"))
+    return Mesh(devices, ("sp",))
+
+
+def local_backend(method, p, shape, dtype, backend, mode="fwd", ulysses=2):
     """The backend the local shards are routed to (what each device runs).
 
-    The ring's backward needs a differentiable lse; where the forward's backend lacks one, the
-    backward runs the first of the choice (or automatic preference) that has it: "fwd/bwd".
+    The ring's backward runs each block from the global statistics where the backend has such a
+    block backward ("name (stats)"); otherwise it recomputes each block and needs a differentiable
+    lse, and where the forward's backend lacks one, the backward runs the first of the choice (or
+    automatic preference) that has it: "fwd/bwd (recompute)".
     """
     b, n, s, d = shape
+    ring_like = method in ("ring", "ring-recompute", "hybrid")
     if method == "ulysses":
         local = (b, n // p, s, d)
-    elif method == "ring":
+    elif method in ("ring", "ring-recompute"):
         local = (b, n, -(-s // p), d)
+    elif method == "hybrid":
+        r, u = hybrid_shape(p, ulysses)
+        local = (b, n // u, -(-s // r), d)  # the ring's blocks after the all-to-all
     else:
         local = shape
     x = jax.ShapeDtypeStruct(local, dtype)
     try:
         d = jax_attn.explain(x, x, x, backend=backend)
-        if method != "ring" or mode == "fwd" or d.backend is None or BACKENDS[d.backend].lse_grad:
+        if not ring_like or mode == "fwd" or d.backend is None:
             return d.backend
+        if method != "ring-recompute" and d.backend in ring_backward.STATS_BACKWARDS:
+            return f"{d.backend} (stats)"
+        if BACKENDS[d.backend].supports_lse_grad:
+            return f"{d.backend} (recompute)"
         auto = d.source == "automatic" or backend == "auto"
-        ok = [nm for nm in d.candidates if not d.reasons[nm] and BACKENDS[nm].lse_grad
+        ok = [nm for nm in d.candidates if not d.reasons[nm] and BACKENDS[nm].supports_lse_grad
               and (BACKENDS[nm].automatic or not auto)]
-        return f"{d.backend}/{ok[0] if ok else 'none'}"
+        return f"{d.backend}/{ok[0] if ok else 'none'} (recompute)"
     except Exception as e:  # noqa: BLE001 - reported, not fatal
         return f"error: {e}"
 
 
+@contextlib.contextmanager
+def _without_stats_backwards():
+    """The ring's backward as it was: every block recomputed (read at trace time, so the jit and
+    its compile must happen inside)."""
+    saved = dict(ring_backward.STATS_BACKWARDS)
+    ring_backward.STATS_BACKWARDS.clear()
+    try:
+        yield
+    finally:
+        ring_backward.STATS_BACKWARDS.update(saved)
+
+
+@contextlib.contextmanager
 def context(method, mesh):
     if method == "single":
-        import contextlib
-        return contextlib.nullcontext()
-    return parallel.sequence_parallel(mesh, "sp", method)
+        yield
+    elif method == "hybrid":
+        with parallel.sequence_parallel(mesh, "sp", ring_axis="ring"):
+            yield
+    elif method == "ring-recompute":
+        with parallel.sequence_parallel(mesh, "sp", "ring"), _without_stats_backwards():
+            yield
+    else:
+        with parallel.sequence_parallel(mesh, "sp", method):
+            yield
 
 
 # --------------------------------------------------------------------------------------------
@@ -103,9 +154,8 @@ def correctness_cases(rng):
     return cases
 
 
-def check_correctness(p, methods, backend, cases):
+def check_correctness(p, methods, backend, cases, ulysses=2):
     rows = []
-    mesh = Mesh(np.array(jax.devices()[:p]), ("sp",))
     tol = reference.TOLERANCE["bfloat16"]
     for case, (q, k, v, do), kw, ref in cases:
         def loss(q, k, v):
@@ -114,8 +164,10 @@ def check_correctness(p, methods, backend, cases):
 
         for method in (["single"] if p == 1 else methods):
             row = dict(devices=p, method=method, case=case, shape=list(q.shape[:3]) + [k.shape[2], q.shape[3]])
+            if method == "hybrid" and hybrid_shape(p, ulysses) is None:
+                continue
             try:
-                with context(method, mesh):
+                with context(method, make_mesh(method, p, ulysses)):
                     grads, (out, lse) = jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
                 errs = {name: reference.relative_error(x, r)
                         for name, x, r in zip(("out", "lse", "dq", "dk", "dv"), (out, lse) + tuple(grads), ref)}
@@ -143,15 +195,19 @@ def memory_gib(compiled):
         return None, None
 
 
-def measure(p, method, mode, shape, dtype, backend, min_time, deadline):
+def measure(p, method, mode, shape, dtype, backend, min_time, deadline, ulysses=2):
     b, n, s, d = shape
     row = dict(devices=p, method=method, mode=mode, shape=[b, n, s, s, d], dtype=str(jnp.dtype(dtype)),
-               backend=backend or "auto", local_backend=local_backend(method, p, shape, dtype, backend, mode))
+               backend=backend or "auto",
+               local_backend=local_backend(method, p, shape, dtype, backend, mode, ulysses))
+    if method == "hybrid":
+        row["mesh_ring_x_ulysses"] = list(hybrid_shape(p, ulysses))
     if time.perf_counter() > deadline:
         row["error"] = "skipped: time budget spent"
         return row
-    mesh = Mesh(np.array(jax.devices()[:p]), ("sp",))
-    seq = P(None, None, "sp", None) if method != "single" and s % p == 0 else P()
+    mesh = make_mesh(method, p, ulysses)
+    seq_axes = ("ring", "sp") if method == "hybrid" else "sp"  # the hybrid's sequence: ring major
+    seq = P(None, None, seq_axes, None) if method != "single" and s % p == 0 else P()
     sharding = NamedSharding(mesh, seq)
     keys = jax.random.split(jax.random.key(0), 3)
     q, k, v = (jax.device_put(jax.random.normal(key, shape, dtype), sharding) for key in keys)
@@ -197,6 +253,8 @@ def table(rows, base):
             "| GiB/GPU |")
     lines = [head, "|---" * (head.count("|") - 1) + "|"]
     for r in rows:
+        r = dict(r, method=r["method"] + (" {}x{}".format(*r["mesh_ring_x_ulysses"])
+                                          if "mesh_ring_x_ulysses" in r else ""))
         if "ms" not in r:
             lines.append(f"| {r['devices']} | {r['method']} | {r['mode']} | {r['local_backend']} | "
                          f"{r.get('error', '?')[:60]} | | | | | |")
@@ -218,7 +276,11 @@ def main(argv=None):
     ap.add_argument("--dim", type=int, default=128)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--backend", default=None, help="local backend choice (default: automatic)")
-    ap.add_argument("--methods", default="ulysses,ring")
+    ap.add_argument("--methods", default="ulysses,ring,hybrid",
+                    help="comma-separated: ulysses, ring, hybrid, ring-recompute")
+    ap.add_argument("--hybrid-ulysses", type=int, default=2,
+                    help="devices per Ulysses group in the hybrid (the ring runs over the groups); on "
+                         "2 GPUs the default makes a ring of one: Ulysses plus the hybrid's overhead")
     ap.add_argument("--max-devices", type=int, default=None)
     ap.add_argument("--min-time", type=float, default=1.0, help="seconds of timed calls per row")
     ap.add_argument("--budget", type=float, default=250.0, help="start no measurement after this many s")
@@ -247,7 +309,7 @@ def main(argv=None):
         for p in counts:
             if time.perf_counter() > deadline:
                 break
-            checks.extend(check_correctness(p, methods, args.backend, cases))
+            checks.extend(check_correctness(p, methods, args.backend, cases, args.hybrid_ulysses))
 
     rows = []
     say("scaling:")
@@ -255,8 +317,12 @@ def main(argv=None):
         for method in (["single"] if p == 1 else methods):
             if method == "ulysses" and args.heads % p:
                 continue
+            if method == "hybrid" and (hybrid_shape(p, args.hybrid_ulysses) is None
+                                       or args.heads % hybrid_shape(p, args.hybrid_ulysses)[1]):
+                continue
             for mode in ("fwd", "fwd+bwd"):
-                r = measure(p, method, mode, shape, dtype, args.backend, args.min_time, deadline)
+                r = measure(p, method, mode, shape, dtype, args.backend, args.min_time, deadline,
+                            args.hybrid_ulysses)
                 rows.append(r)
                 say("  " + json.dumps(r))
     base = {r["mode"]: r["tokens_per_s"] for r in rows if r["devices"] == 1 and "tokens_per_s" in r}
@@ -276,7 +342,8 @@ def main(argv=None):
         (out / "parallel_gpu.md").write_text(
             f"# Sequence parallelism, {meta['date']}\n\n{n_dev} x {meta['devices'][0]}, jax {jax.__version__}, "
             f"shape (b, n, s, d) = {shape} {dtype}, local backend choice {meta['backend']}.\n"
-            f"Scaling = tokens/s / (GPUs x tokens/s on 1 GPU); GiB/GPU from XLA's memory analysis.\n\n"
+            f"Scaling = tokens/s / (GPUs x tokens/s on 1 GPU); GiB/GPU from XLA's memory analysis; 'hybrid RxU' "
+            f"is a ring of R Ulysses groups of U GPUs.\n\n"
             f"{summary}\n\n{text}\n")
     say(f"\n{summary}  ({time.perf_counter() - T0:.0f} s)")
     say(text)

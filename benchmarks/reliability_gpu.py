@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
@@ -26,20 +24,10 @@ from tqdm import tqdm
 import jax_attn
 from jax_attn import routing
 from jax_attn.bench import environment
+from jax_attn.bench.timing import median_ms
 from jax_attn.inputs import AttentionInputs
 
 log = logging.getLogger(__name__)
-
-
-def median_ms(fn, *args, repeats: int = 20) -> float:
-    for _ in range(2):
-        jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
 
 
 def arrays(rng, b, n, sq, skv, d, dtype=jnp.bfloat16):
@@ -55,7 +43,7 @@ def timed(fn, q, k, v, extra=(), grad=False):
         f = jax.jit(jax.grad(lambda *a: jnp.sum(fn(*a).astype(jnp.float32)), argnums=argnums))
     else:
         f = jax.jit(fn)
-    return median_ms(f, q, k, v, *extra)
+    return median_ms(f, q, k, v, *extra, repeats=20, warmup=2)
 
 
 def unzeroed(backend, **kw):

@@ -11,7 +11,8 @@ from .visibility import lengths_alias
 
 def attention_forward(q, k, v, *, attn_mask=None, scale=None, is_causal=False, kv_lengths=None,
                       layout="bnsd", backend=None, return_lse=False, bias=None, mask=None,
-                      query_seq_lengths=None, key_value_seq_lengths=None, local_window_size=None):
+                      query_seq_lengths=None, key_value_seq_lengths=None, local_window_size=None,
+                      q_segment_ids=None, kv_segment_ids=None):
     """Scaled dot-product attention, routed to the best backend that can serve it.
 
     Args:
@@ -35,6 +36,9 @@ def attention_forward(q, k, v, *, attn_mask=None, scale=None, is_causal=False, k
         zeros out, lse -inf, no gradient, and they add nothing to any other gradient.
       local_window_size: sliding window, an int (symmetric) or `(left, right)` (ints >= 0, or None
         for unbounded): key j is visible to query i iff `i - left <= j <= i + right`.
+      q_segment_ids, kv_segment_ids: packed sequences, integer `(b, sq)` and `(b, skv)` (`(sq,)` and
+        `(skv,)` unbatched), both or neither: query i of sample b sees key j only where
+        `q_segment_ids[b, i] == kv_segment_ids[b, j]`, on top of every other rule above.
 
     Returns:
       `out` in q's dtype and layout, with last dim `dv` (and `lse` if asked). A query with no key
@@ -44,21 +48,27 @@ def attention_forward(q, k, v, *, attn_mask=None, scale=None, is_causal=False, k
     inputs = AttentionInputs.build(
         q, k, v, attn_mask=attn_mask, kv_lengths=lengths_alias(kv_lengths, key_value_seq_lengths),
         scale=scale, is_causal=is_causal, layout=layout, bias=bias, mask=mask,
-        query_seq_lengths=query_seq_lengths, local_window_size=local_window_size, local_blocks=True)
-    from .parallel import sequence_parallel_forward  # late: parallel imports this module
+        query_seq_lengths=query_seq_lengths, local_window_size=local_window_size,
+        q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, local_blocks=True)
+    from .parallel import current_plan, sequence_parallel_forward  # late: parallel imports this module
+    if inputs.spec.has_segment_ids and current_plan() is not None:
+        # The multi-device paths rebuild each device's call without segment ids: refuse rather
+        # than drop them.
+        raise ValueError("q_segment_ids/kv_segment_ids are not supported under sequence_parallel or "
+                         "shard_local yet")
     sp = sequence_parallel_forward(inputs, backend, return_lse)  # zeroes padding per device
     if sp is not None:
         return inputs.finish(sp, return_lse)
     run = choose(inputs.spec, backend, Needs(forward_ad=forward_mode(q, k, v, attn_mask, bias, mask)))
     result = run(inputs.padding_zeroed(), return_lse)
-    if return_lse and not run.lse_grad:  # differentiating this lse raises instead of missing it
+    if return_lse and not run.supports_lse_grad:  # differentiating this lse raises instead of missing it
         result = (result[0], lse_without_gradient(run.name)(result[1]))
     return inputs.finish(result, return_lse)
 
 
 def explain(q, k, v, *, attn_mask=None, scale=None, is_causal=False, kv_lengths=None, layout="bnsd",
             backend=None, bias=None, mask=None, query_seq_lengths=None, key_value_seq_lengths=None,
-            local_window_size=None) -> Decision:
+            local_window_size=None, q_segment_ids=None, kv_segment_ids=None) -> Decision:
     """What `attention_forward` would run for these inputs, and every backend's reasons.
 
     Accepts arrays or `jax.ShapeDtypeStruct`s; `print()` the result for a table.
@@ -66,7 +76,8 @@ def explain(q, k, v, *, attn_mask=None, scale=None, is_causal=False, kv_lengths=
     spec = validate(q, k, v, attn_mask=attn_mask, scale=scale, is_causal=is_causal,
                     kv_lengths=lengths_alias(kv_lengths, key_value_seq_lengths), layout=layout,
                     bias=bias, mask=mask, query_seq_lengths=query_seq_lengths,
-                    local_window_size=local_window_size)
+                    local_window_size=local_window_size, q_segment_ids=q_segment_ids,
+                    kv_segment_ids=kv_segment_ids)
     return decide(spec, backend, Needs(forward_ad=forward_mode(q, k, v, attn_mask, bias, mask)))
 
 

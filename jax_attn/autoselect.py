@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import pathlib
+import warnings
 
 from . import data
 from .backends.base import gpu_compute_capability, platform
@@ -26,8 +27,17 @@ TABLE_PATH = data.path("routing")
 SCORE_BYTES_BUDGET = 1 << 30
 
 
-def head_dim_bucket(d: int) -> str:
+def head_dim_label(d: int) -> str:
+    """The head-dim part of a routing-table key ("d<=64", "d<=128", "d>128"): a label, unlike
+    `kernels.configs.head_dim_bucket`, which is the padded head dim a kernel runs at."""
     return "d<=64" if d <= 64 else "d<=128" if d <= 128 else "d>128"
+
+
+def head_dim_bucket(d: int) -> str:
+    """Deprecated name of `head_dim_label` (it clashed with `kernels.configs.head_dim_bucket`)."""
+    warnings.warn("jax_attn.autoselect.head_dim_bucket is renamed head_dim_label", DeprecationWarning,
+                  stacklevel=2)
+    return head_dim_label(d)
 
 
 def seq_bucket(skv: int) -> str:
@@ -40,7 +50,7 @@ def device_key() -> str:
 
 
 def bucket_key(device: str, dtype: str, head_dim: int, kv_len: int) -> str:
-    return "|".join((device, dtype, head_dim_bucket(head_dim), seq_bucket(kv_len)))
+    return "|".join((device, dtype, head_dim_label(head_dim), seq_bucket(kv_len)))
 
 
 def bucket(spec: Spec) -> str:

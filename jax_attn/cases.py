@@ -34,6 +34,7 @@ class Case:
     window: tuple | None = None  # local_window_size
     q_lengths: bool = False  # query_seq_lengths (one sample with padding queries)
     poison: bool = False  # NaN in k and v at the keys kv_lengths drops (they must not matter)
+    segments: bool = False  # packed sequences: q_segment_ids / kv_segment_ids (one query segment keyless)
 
     @property
     def bias_grad(self) -> bool:
@@ -59,7 +60,22 @@ CASES = (
     Case("query and key padding", 2, 4, 4, 256, 77, 64, 64, kv_lengths=True, q_lengths=True),
     Case("NaN in padded keys", 2, 4, 4, 1024, 77, 40, 40, kv_lengths=True, poison=True),
     Case("NaN in padded keys, self-attention", 2, 4, 4, 1024, 1024, 64, 64, kv_lengths=True, poison=True),
+    Case("packed sequences (segment ids), causal", 2, 4, 4, 1024, 1024, 64, 64, causal=True, segments=True),
+    Case("packed cross-attention (segment ids), GQA", 2, 8, 2, 768, 320, 128, 128, segments=True),
 )
+
+
+def packed_ids(rng, b: int, sq: int, skv: int):
+    """`(q_ids, kv_ids)`, int32 `(b, sq)` and `(b, skv)`: each sample packs 3-5 prompts of random
+    lengths in order; the last query segment has no keys (its rows must come back as zeros)."""
+    q_ids, kv_ids = np.zeros((b, sq), np.int32), np.zeros((b, skv), np.int32)
+    for i in range(b):
+        parts = int(rng.integers(3, 6))
+        q_cuts = np.sort(rng.choice(np.arange(1, sq), parts - 1, replace=False))
+        kv_cuts = np.sort(rng.choice(np.arange(1, skv), parts - 2, replace=False))
+        q_ids[i] = np.searchsorted(q_cuts, np.arange(sq), side="right")
+        kv_ids[i] = np.searchsorted(kv_cuts, np.arange(skv), side="right")  # segments 0..parts-2
+    return q_ids, kv_ids
 
 
 def numpy_dtype(name: str):
@@ -95,6 +111,8 @@ def inputs(case: Case, dtype: str, seed: int, convert: Callable | None = None):
         kw["query_seq_lengths"] = np.r_[rng.integers(1, case.sq + 1, case.b - 1), case.sq].astype(np.int32)
     if case.window is not None:
         kw["local_window_size"] = case.window
+    if case.segments:
+        kw["q_segment_ids"], kw["kv_segment_ids"] = packed_ids(rng, case.b, case.sq, case.skv)
     if case.mask == "key":
         kw["attn_mask"] = rng.random((case.b, 1, 1, case.skv)) < 0.8
     elif case.mask == "bias":
@@ -113,7 +131,7 @@ def output_cotangent(case: Case, seed: int) -> np.ndarray:
 
 
 def expected(case: Case, q, k, v, d_out, attn_mask=None, kv_lengths=None, query_seq_lengths=None,
-             **_):
+             q_segment_ids=None, kv_segment_ids=None, **_):
     """The float64 reference for the inputs of `case` (any arrays NumPy reads, in bnsd; the other
     keywords of `inputs` are read from `case`): `(out, lse, grads)`, `grads` those of q, k, v,
     and, when the case differentiates its float bias, the bias' summed over the dims it
@@ -122,7 +140,8 @@ def expected(case: Case, q, k, v, d_out, attn_mask=None, kv_lengths=None, query_
     mask, lengths, q_lengths = as_np(attn_mask), as_np(kv_lengths), as_np(query_seq_lengths)
     if mask is not None and mask.dtype != bool:
         mask = mask.astype(np.float64)
-    extra = dict(q_lengths=q_lengths, window=case.window)
+    extra = dict(q_lengths=q_lengths, window=case.window, q_segment_ids=as_np(q_segment_ids),
+                 kv_segment_ids=as_np(kv_segment_ids))
     out, lse = reference.attention(q, k, v, mask, lengths, case.causal, return_lse=True, **extra)
     *grads, d_bias = reference.attention_vjp(q, k, v, d_out, mask, lengths, case.causal, **extra)
     if case.bias_grad:

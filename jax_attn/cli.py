@@ -1,4 +1,4 @@
-"""`python -m jax_attn` / `jax-attn`: `info`, `check` and `bench`."""
+"""`python -m jax_attn` / `jax-attn`: `info`, `check`, `bench` and `tune`."""
 from __future__ import annotations
 
 import argparse
@@ -8,9 +8,7 @@ import json
 import logging
 import os
 import platform as py_platform
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -66,14 +64,11 @@ def cmd_info(args) -> int:
     return 0
 
 
-def _median_ms(fn, *xs, repeats=5) -> float:
-    jax.block_until_ready(fn(*xs))
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*xs))
-        times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
+def _median_ms(fn, *xs) -> float:
+    """`check`'s timing column: a rough figure beside the errors, so few samples (the package's
+    one timer, `jax_attn.bench.timing`)."""
+    from .bench.timing import median_ms
+    return median_ms(fn, *xs, repeats=5, warmup=1)
 
 
 @functools.lru_cache(maxsize=None)
@@ -202,10 +197,11 @@ def main(argv=None) -> int:
     p.add_argument("--no-torch", action="store_true", help="skip the torch_ref comparison")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     try:
-        from . import bench
+        from . import bench, tune
         bench.add_parser(sub)
+        tune.add_parser(sub)
     except ImportError as e:
-        log.debug("bench command unavailable: %s", e)
+        log.debug("bench and tune commands unavailable: %s", e)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")

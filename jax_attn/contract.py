@@ -41,6 +41,9 @@ class Spec:
     has_q_lengths: bool = False
     window: tuple[int | None, int | None] | None = None  # (left, right) keys around each query
     unbatched: bool = False
+    # Packed sequences: `q_segment_ids (b, sq)` and `kv_segment_ids (b, skv)` are given; query i
+    # of sample b sees key j only where their ids are equal (on top of every other rule).
+    has_segment_ids: bool = False
 
     @property
     def groups(self) -> int:
@@ -60,7 +63,7 @@ class Spec:
     @property
     def can_have_empty_rows(self) -> bool:
         return (self.mask_kind != "none" or self.has_kv_lengths or self.has_q_lengths
-                or self.window is not None)
+                or self.window is not None or self.has_segment_ids)
 
     @property
     def per_key_mask(self) -> bool:
@@ -96,6 +99,30 @@ def _check_lengths(name, x, b, unbatched):
         raise TypeError(f"{name} must have an integer dtype, got {_dtype_name(x.dtype)}")
 
 
+SEGMENT_NAMES = ("q_segment_ids", "kv_segment_ids")
+
+
+def _check_segments(q_ids, kv_ids, b, sq, skv, unbatched) -> bool:
+    """Both segment-id arrays or neither; integer `(b, s)` (`(s,)` or `(1, s)` unbatched)."""
+    given = [name for name, x in zip(SEGMENT_NAMES, (q_ids, kv_ids)) if x is not None]
+    if len(given) == 1:
+        missing = SEGMENT_NAMES[1 - SEGMENT_NAMES.index(given[0])]
+        raise ValueError(f"{given[0]} was given without {missing}: packed sequences need both "
+                         "q_segment_ids and kv_segment_ids (or neither)")
+    if not given:
+        return False
+    for name, x, axis, s in (("q_segment_ids", q_ids, "sq", sq), ("kv_segment_ids", kv_ids, "skv", skv)):
+        want = f"({axis},) = ({s},)" if unbatched else f"(b, {axis}) = ({b}, {s})"
+        if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+            raise TypeError(f"{name} must be an integer array of shape {want}, got {type(x).__name__}")
+        shapes = ((s,), (1, s)) if unbatched else ((b, s),)
+        if tuple(x.shape) not in shapes:
+            raise ValueError(f"{name} must have shape {want}, got {_shape_str(x.shape)}")
+        if not _dtype_name(x.dtype).startswith(("int", "uint")):
+            raise TypeError(f"{name} must have an integer dtype, got {_dtype_name(x.dtype)}")
+    return True
+
+
 def _check_mask(name, x, kinds, full):
     """Validate one mask argument; returns (kind, shape left-padded to rank 4)."""
     if not hasattr(x, "shape") or not hasattr(x, "dtype"):
@@ -116,8 +143,14 @@ def _check_mask(name, x, kinds, full):
     return kind, shape
 
 
-def _check_window(window):
-    """`local_window_size`: an int (symmetric) or `(left, right)` of ints >= 0 or None."""
+def normalize_window(window, name="local_window_size", error=TypeError):
+    """A window as `(left, right)` of Python ints >= 0 or None, or None when unbounded.
+
+    Accepts an int (symmetric), a `(left, right)` pair (tuple or list) of ints >= 0 or None, or
+    None; NumPy integers count as ints, bools and floats do not. Shared by the contract and the
+    kernels so that both read a window the same way; `name` and `error` (the exception class)
+    let each caller keep its own argument name and error type.
+    """
     if window is None:
         return None
 
@@ -125,19 +158,24 @@ def _check_window(window):
         if x is None:
             return None
         if isinstance(x, bool) or not isinstance(x, numbers.Integral) or x < 0:
-            raise TypeError(f"local_window_size must be an int >= 0 or a (left, right) pair of ints "
-                            f">= 0 or None, got {window!r}")
+            raise error(f"{name} must be an int >= 0 or a (left, right) pair of ints "
+                        f">= 0 or None, got {window!r}")
         return int(x)
 
     if isinstance(window, (tuple, list)):
         if len(window) != 2:
-            raise TypeError(f"local_window_size must be an int or a (left, right) pair, got {window!r}")
+            raise error(f"{name} must be an int or a (left, right) pair, got {window!r}")
         left, right = side(window[0]), side(window[1])
         return None if left is None and right is None else (left, right)
     w = side(window)
     if w is None:
         return None
     return w, w
+
+
+def _check_window(window):
+    """`local_window_size`: an int (symmetric) or `(left, right)` of ints >= 0 or None."""
+    return normalize_window(window)
 
 
 def _check_scale(scale, d):
@@ -159,7 +197,7 @@ def _check_scale(scale, d):
 
 def validate(q, k, v, *, attn_mask=None, kv_lengths=None, scale=None, is_causal=False,
              layout="bnsd", bias=None, mask=None, query_seq_lengths=None,
-             local_window_size=None) -> Spec:
+             local_window_size=None, q_segment_ids=None, kv_segment_ids=None) -> Spec:
     """Check the arguments of `attention_forward` and describe the call.
 
     `q`, `k`, `v`, the masks and the lengths may be anything with `.shape` and `.dtype`
@@ -217,6 +255,7 @@ def validate(q, k, v, *, attn_mask=None, kv_lengths=None, scale=None, is_causal=
 
     _check_lengths("kv_lengths", kv_lengths, b, unbatched)
     _check_lengths("query_seq_lengths", query_seq_lengths, b, unbatched)
+    has_segment_ids = _check_segments(q_segment_ids, kv_segment_ids, b, sq, skv, unbatched)
     scale = _check_scale(scale, d)
     if isinstance(is_causal, np.bool_):
         is_causal = bool(is_causal)
@@ -227,5 +266,5 @@ def validate(q, k, v, *, attn_mask=None, kv_lengths=None, scale=None, is_causal=
                 dtype=dtypes.pop(), layout=layout, mask_kind=mask_kind, mask_shape=mask_shape,
                 has_kv_lengths=kv_lengths is not None, is_causal=is_causal, scale=scale,
                 has_q_lengths=query_seq_lengths is not None, window=_check_window(local_window_size),
-                unbatched=unbatched)
+                unbatched=unbatched, has_segment_ids=has_segment_ids)
 

@@ -4,6 +4,8 @@ Building also applies the parts of the contract that no backend should have to r
 - the masks of a call (`attn_mask`, jax.nn's `bias` and `mask`) merge into one;
 - lengths are clamped to `[0, s]` in their own dtype (so `2**32 + 2` or a `uint32` maximum means
   "all", never a wrapped int32) and negatives raise when the value is known;
+- segment ids (packed sequences) become int32 `(b, s)` arrays that compare equal exactly where
+  the caller's did (wider ids are renumbered, never wrapped);
 - padding is made harmless: keys that no query can see and queries past `query_seq_lengths` are
   zeroed, so whatever they hold (uninitialized text-encoder padding, NaN, inf) reaches no output
   and no gradient on any backend. A key visible to some query is data, and its NaN propagates.
@@ -46,6 +48,53 @@ def _lengths(x, name: str):
     return jnp.maximum(x, 0).astype(jnp.int32).reshape(-1)
 
 
+def _renumber(q_ids, kv_ids):
+    """Both id arrays `(b, s*)` renumbered per sample to int32 ranks `0, 1, ...` in value order:
+    equal exactly where the originals were. Sorting, so it runs under jit (64-bit traced ids
+    exist only with x64 enabled)."""
+    sq = q_ids.shape[1]
+    ids = jnp.concatenate([q_ids, kv_ids], axis=1)
+    order = jnp.argsort(ids, axis=1)
+    srt = jnp.take_along_axis(ids, order, 1)
+    rank = jnp.concatenate([jnp.zeros_like(srt[:, :1], jnp.int32),
+                            jnp.cumsum(srt[:, 1:] != srt[:, :-1], axis=1, dtype=jnp.int32)], axis=1)
+    rank = jnp.take_along_axis(rank, jnp.argsort(order, axis=1), 1)
+    return rank[:, :sq], rank[:, sq:]
+
+
+def _segment_ids(q_ids, kv_ids, batch: int):
+    """int32 `(batch, s)` segment ids comparing equal exactly where the given ones do, or (None, None).
+
+    Only equality matters. A cast to int32 keeps it when each dtype's range fits in int32, when
+    both share one 32-bit dtype (uint32 to int32 is one-to-one), or when the values are known and
+    fit; otherwise the ids are renumbered (NumPy ids in NumPy, before they reach JAX: jnp.asarray
+    would wrap int64 ids past int32 with x64 disabled and could merge two segments; 64-bit JAX ids,
+    which exist only with x64 enabled, by a sort that runs under jit). What none of those can serve
+    (a uint32 traced against another dtype with x64 disabled) raises instead of guessing."""
+    if q_ids is None:
+        return None, None
+    names = ("q_segment_ids", "kv_segment_ids")
+    ids = [(x if isinstance(x, jax.Array) else np.asarray(x)).reshape(batch, -1) for x in (q_ids, kv_ids)]
+    dtypes = [np.dtype(x.dtype) for x in ids]
+    in_range = lambda dt: np.iinfo(dt).min >= -2**31 and np.iinfo(dt).max <= INT32_MAX  # noqa: E731
+    fits = lambda x: x.size == 0 or (int(x.min()) >= -2**31 and int(x.max()) <= INT32_MAX)  # noqa: E731
+    if (all(in_range(dt) for dt in dtypes) or (dtypes[0] == dtypes[1] and dtypes[0].itemsize <= 4)
+            or all(in_range(dt) or (_concrete(x) and fits(np.asarray(x))) for x, dt in zip(ids, dtypes))):
+        return tuple(jnp.asarray(x).astype(jnp.int32) for x in ids)
+    if all(isinstance(x, np.ndarray) for x in ids):
+        # Python ints compare exactly whatever the mix of dtypes (int64 with uint64 included).
+        _, rank = np.unique(np.concatenate([x.ravel().astype(object) for x in ids]), return_inverse=True)
+        rank = rank.astype(np.int32).reshape(-1)
+        cut = ids[0].size
+        return jnp.asarray(rank[:cut].reshape(ids[0].shape)), jnp.asarray(rank[cut:].reshape(ids[1].shape))
+    if jax.config.jax_enable_x64 and (dtypes[0] == dtypes[1] or np.dtype(np.uint64) not in dtypes):
+        return _renumber(*(jnp.asarray(x).astype(jnp.int64) for x in ids))
+    name = names[0] if not in_range(dtypes[0]) else names[1]
+    raise TypeError(f"{name} ({dtypes[names.index(name)]}) cannot be compared exactly with "
+                    f"{names[1 - names.index(name)]} ({dtypes[1 - names.index(name)]}) here: give both one "
+                    "dtype, or ids that fit in int32")
+
+
 def _rank4(x):
     x = jnp.asarray(x)
     return x.reshape((1,) * (4 - x.ndim) + x.shape)
@@ -66,6 +115,7 @@ class AttentionInputs:
 
     `mask` is the merged bool mask or additive bias (per `spec.mask_kind`), left-padded to rank 4
     and never broadcast to full size. `q_lengths` is applied around the backends (`finish`).
+    `q_segment_ids (b, sq)` and `kv_segment_ids (b, skv)`: int32, both or neither (`segments`).
     """
 
     q: Any
@@ -75,50 +125,60 @@ class AttentionInputs:
     kv_lengths: Any
     spec: Spec
     q_lengths: Any = None
+    q_segment_ids: Any = None
+    kv_segment_ids: Any = None
 
     @classmethod
     def build(cls, q, k, v, *, attn_mask=None, kv_lengths=None, scale=None, is_causal=False,
               layout="bnsd", bias=None, mask=None, query_seq_lengths=None,
-              local_window_size=None, local_blocks: bool = False) -> "AttentionInputs":
+              local_window_size=None, q_segment_ids=None, kv_segment_ids=None,
+              local_blocks: bool = False) -> "AttentionInputs":
         """Validate and normalize one call. `local_blocks=True`: the arrays may be one device's
         blocks of longer sequences, so positions are unknown here and `padding_zeroed` is left to
         the caller (sequence parallelism applies it per device, in local coordinates)."""
         named = (("q", q), ("k", k), ("v", v), ("attn_mask", attn_mask), ("bias", bias), ("mask", mask),
-                 ("kv_lengths", kv_lengths), ("query_seq_lengths", query_seq_lengths))
+                 ("kv_lengths", kv_lengths), ("query_seq_lengths", query_seq_lengths),
+                 ("q_segment_ids", q_segment_ids), ("kv_segment_ids", kv_segment_ids))
         for name, x in named:
             if isinstance(x, jax.ShapeDtypeStruct):
                 raise TypeError(f"{name} is a jax.ShapeDtypeStruct: attention_forward computes on arrays; "
                                 "use jax_attn.explain(...) to route shapes")
         spec = validate(q, k, v, attn_mask=attn_mask, kv_lengths=kv_lengths, scale=scale,
                         is_causal=is_causal, layout=layout, bias=bias, mask=mask,
-                        query_seq_lengths=query_seq_lengths, local_window_size=local_window_size)
+                        query_seq_lengths=query_seq_lengths, local_window_size=local_window_size,
+                        q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids)
         if spec.unbatched:
             q, k, v = (jnp.asarray(x)[None] for x in (q, k, v))
         merged = merge_masks(attn_mask, bias, mask)
+        q_ids, kv_ids = _segment_ids(q_segment_ids, kv_segment_ids, spec.batch)
         inputs = cls(q, k, v, merged, _lengths(kv_lengths, "kv_lengths"), spec,
-                     _lengths(query_seq_lengths, "query_seq_lengths"))
+                     _lengths(query_seq_lengths, "query_seq_lengths"), q_ids, kv_ids)
         return inputs if local_blocks else inputs.padding_zeroed()
 
+    @property
+    def segments(self):
+        """`(q_segment_ids, kv_segment_ids)`, or None for a call without packed sequences."""
+        return None if self.q_segment_ids is None else (self.q_segment_ids, self.kv_segment_ids)
+
     def padding_zeroed(self) -> "AttentionInputs":
-        """Lengths clamped to the sequences; keys no query sees and padding queries zeroed (see
-        the module docstring)."""
+        """A new `AttentionInputs` (this one is left as it is): lengths clamped to the sequences;
+        keys no query sees and padding queries zeroed (see the module docstring)."""
         spec, q, k, v = self.spec, self.q, self.k, self.v
         clamp = lambda x, s: None if x is None else jnp.minimum(x, s)  # noqa: E731
-        self = dataclasses.replace(self, kv_lengths=clamp(self.kv_lengths, spec.kv_len),
-                                   q_lengths=clamp(self.q_lengths, spec.q_len))
-        seen = masking.seen_keys(spec, self.mask, self.kv_lengths, self.q_lengths)  # (b|1, n_kv|1, skv)
+        kv_lengths, q_lengths = clamp(self.kv_lengths, spec.kv_len), clamp(self.q_lengths, spec.q_len)
+        seen = masking.seen_keys(spec, self.mask, kv_lengths, q_lengths,
+                                 self.q_segment_ids, self.kv_segment_ids)  # (b|1, n_kv|1, skv)
         if seen is not None:
             seen = seen[..., None] if spec.layout == "bnsd" else jnp.swapaxes(seen, 1, 2)[..., None]
             k = jnp.where(seen, k, jnp.zeros((), k.dtype))
             v = jnp.where(seen, v, jnp.zeros((), v.dtype))
-        if self.q_lengths is not None:
-            q = jnp.where(self._valid_rows(), q, jnp.zeros((), q.dtype))
-        return dataclasses.replace(self, q=q, k=k, v=v)
+        if q_lengths is not None:
+            q = jnp.where(_valid_rows(spec, q_lengths), q, jnp.zeros((), q.dtype))
+        return dataclasses.replace(self, q=q, k=k, v=v, kv_lengths=kv_lengths, q_lengths=q_lengths)
 
     def _valid_rows(self):
         """bool, broadcastable to `out` in the caller's layout: queries before `query_seq_lengths`."""
-        valid = jnp.arange(self.spec.q_len)[None, :] < self.q_lengths[:, None]  # (b, sq)
-        return valid[:, None, :, None] if self.spec.layout == "bnsd" else valid[:, :, None, None]
+        return _valid_rows(self.spec, self.q_lengths)
 
     def finish(self, result, return_lse: bool):
         """A backend's result as the caller gets it: padding queries zeroed (lse -inf), the batch
@@ -151,3 +211,9 @@ class AttentionInputs:
 
     def from_bsnd(self, out):
         return out if self.spec.layout == "bsnd" else jnp.swapaxes(out, 1, 2)
+
+
+def _valid_rows(spec: Spec, q_lengths):
+    """bool, broadcastable to `out` in `spec.layout`: queries before `q_lengths`."""
+    valid = jnp.arange(spec.q_len)[None, :] < q_lengths[:, None]  # (b, sq)
+    return valid[:, None, :, None] if spec.layout == "bnsd" else valid[:, :, None, None]

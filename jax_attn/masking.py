@@ -1,7 +1,8 @@
 """Mask algebra shared by the jnp backends: which logits are kept, and which query rows are empty.
 
 A key is dropped when the bool mask is False, the bias is -inf, it lies at or past
-`kv_lengths[b]`, or outside the query's window (`spec.window_bounds`, causal included); that
+`kv_lengths[b]`, outside the query's window (`spec.window_bounds`, causal included), or in another
+segment than the query (`q_segment_ids`/`kv_segment_ids`, packed sequences); that
 geometry, and which keys any query sees, are `jax_attn.visibility`'s, shared with torch_ref.
 A row is empty when no key is kept; that is decided from visibility alone, never from values,
 so a NaN in a visible logit stays NaN instead of reading as "empty". Empty rows produce zeros; backends that
@@ -15,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -27,10 +29,11 @@ from .visibility import restrict, window_keep
 MASKED = -0.7 * float(np.finfo(np.float32).max)
 
 
-def keep_and_bias(spec: Spec, mask, kv_lengths, q_pos, k_pos, kv_limit=None):
+def keep_and_bias(spec: Spec, mask, kv_lengths, q_pos, k_pos, kv_limit=None, segments=None):
     """`(keep, bias)` for query positions `q_pos` and key positions `k_pos`.
 
-    `mask` is the caller's mask already cut to these positions (rank 4, broadcastable).
+    `mask` is the caller's mask already cut to these positions (rank 4, broadcastable), and
+    `segments`, when given, `(q_segment_ids, kv_segment_ids)` cut to them too.
     `kv_limit` drops keys at or past it (padding added by a backend). Each result is broadcastable
     to `(b, n, len(q_pos), len(k_pos))`, or None when nothing applies.
     """
@@ -41,7 +44,7 @@ def keep_and_bias(spec: Spec, mask, kv_lengths, q_pos, k_pos, kv_limit=None):
         finite = ~jnp.isneginf(mask)
         keep = finite
         bias = jnp.where(finite, mask, 0).astype(jnp.float32)
-    return restrict(spec, keep, kv_lengths, q_pos, k_pos, kv_limit), bias
+    return restrict(spec, keep, kv_lengths, q_pos, k_pos, kv_limit, segments), bias
 
 
 def masked_logits(s, keep, bias):
@@ -60,10 +63,36 @@ def nonempty_rows(keep, shape):
     return jnp.broadcast_to(jnp.any(keep, axis=-1, keepdims=True), shape[:-1] + (1,))
 
 
-def seen_keys(spec: Spec, mask, kv_lengths, q_lengths):
+def keys_with_query(q_segment_ids, kv_segment_ids, q_lengths):
+    """bool `(b, skv)`: keys whose segment id some query (before `q_lengths`) holds.
+
+    Sorted, not compared pairwise, so it costs O((sq + skv) log sq), never an `(sq, skv)` array:
+    the stable sort puts each id's queries in position order, so the first match of a key's id is
+    that segment's earliest query, and the id has a real query iff that one is before q_lengths.
+    """
+    sq = q_segment_ids.shape[1]
+    order = jnp.argsort(q_segment_ids, axis=-1, stable=True)
+    ids = jnp.take_along_axis(q_segment_ids, order, -1)
+    first = jnp.minimum(jax.vmap(jnp.searchsorted)(ids, kv_segment_ids), sq - 1)
+    found = jnp.take_along_axis(ids, first, -1) == kv_segment_ids
+    if q_lengths is not None:
+        found = found & (jnp.take_along_axis(order, first, -1) < q_lengths[:, None])
+    return found
+
+
+def seen_keys(spec: Spec, mask, kv_lengths, q_lengths, q_segment_ids=None, kv_segment_ids=None):
     """bool `(b|1, n_kv|1, skv)`: the keys of each k/v head that at least one query (before
-    `q_lengths`) can see; None when every key is seen by construction (`visibility.seen_keys`)."""
-    return visibility.seen_keys(spec, mask, kv_lengths, q_lengths, jnp)
+    `q_lengths`) can see; None when every key is seen by construction (`visibility.seen_keys`).
+
+    With segment ids, a key whose segment has no query is unseen too. Each rule is tested on its
+    own, so no seen key is ever dropped; a key hidden only by segments and a window or full mask
+    together (every query of its segment is outside its window) is kept, and holds what it holds.
+    """
+    seen = visibility.seen_keys(spec, mask, kv_lengths, q_lengths, jnp)
+    if q_segment_ids is None:
+        return seen
+    by_segment = keys_with_query(q_segment_ids, kv_segment_ids, q_lengths)[:, None, :]
+    return by_segment if seen is None else seen & by_segment
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,7 +110,9 @@ class EmptyRows:
     row_valid: Any
 
     @classmethod
-    def fix(cls, spec: Spec, mask, kv_lengths) -> "EmptyRows":
+    def fix(cls, spec: Spec, mask, kv_lengths, segments=None) -> "EmptyRows":
+        """`segments`: `(q_segment_ids, kv_segment_ids)`, folded into the bool mask exactly (a
+        `(b, 1, sq, skv)` array: for backends that hold the scores anyway, or take one mask)."""
         if not spec.can_have_empty_rows:
             return cls(None, None, None, None)
         bool_mask, bias = None, None
@@ -90,6 +121,9 @@ class EmptyRows:
         elif spec.mask_kind == "bias":
             bool_mask = ~jnp.isneginf(mask)
             bias = jnp.where(bool_mask, mask, 0).astype(mask.dtype)
+        if segments is not None:
+            same = visibility.segment_keep(*segments)
+            bool_mask = same if bool_mask is None else bool_mask & same
         q_pos, k_pos = jnp.arange(spec.q_len), jnp.arange(spec.kv_len)
         row_valid = None
         if kv_lengths is not None:

@@ -4,8 +4,8 @@ Plain NumPy, no JAX, so it shares no code path with what it checks. Inputs in `(
 A key is masked when the bool mask is False, the bias is -inf, it lies at or past
 `kv_lengths[b]`, (causal) after the query's position (top-left aligned, as
 `jax.nn.dot_product_attention` and `torch.nn.functional.scaled_dot_product_attention`), or
-outside the query's local window `(left, right)`: visible iff `i - left <= j <= i + right`.
-Queries at or past `q_lengths[b]` are padding and see no key. A query with no unmasked key
+outside the query's local window `(left, right)`: visible iff `i - left <= j <= i + right`, or
+(packed sequences) in another segment: `q_segment_ids[b, i] != kv_segment_ids[b, j]`. Queries at or past `q_lengths[b]` are padding and see no key. A query with no unmasked key
 returns zeros and zero gradients, and its log-sum-exp is -inf. A NaN in a visible logit is NaN.
 A key that no query sees contributes nothing, forward and backward, whatever it holds (NaN
 included); so does a padding query.
@@ -38,7 +38,7 @@ def relative_error(x, ref) -> float:
     return float(diff / max(np.linalg.norm(np.where(finite, ref, 0.0)), floor))
 
 
-def _keep(shape, attn_mask, kv_lengths, is_causal, q_lengths, window):
+def _keep(shape, attn_mask, kv_lengths, is_causal, q_lengths, window, segments=None):
     """Which logits of `(b, n, sq, skv)` are kept, and the finite part of an additive bias."""
     b, n, sq, skv = shape
     keep = np.ones(shape, dtype=bool)
@@ -55,6 +55,9 @@ def _keep(shape, attn_mask, kv_lengths, is_causal, q_lengths, window):
         keep &= np.arange(skv)[None, None, None, :] < np.asarray(kv_lengths)[:, None, None, None]
     if q_lengths is not None:
         keep &= np.arange(sq)[None, None, :, None] < np.asarray(q_lengths)[:, None, None, None]
+    if segments is not None:
+        q_ids, kv_ids = (np.asarray(x).reshape(b, -1) for x in segments)
+        keep &= (q_ids[:, :, None] == kv_ids[:, None, :]).astype(bool)[:, None]  # object ids too
     i, j = np.arange(sq)[:, None], np.arange(skv)[None, :]
     if is_causal:
         keep &= (j <= i)[None, None]
@@ -67,13 +70,14 @@ def _keep(shape, attn_mask, kv_lengths, is_causal, q_lengths, window):
     return keep, bias
 
 
-def _logits_and_keep(q, k, attn_mask, kv_lengths, is_causal, scale, q_lengths=None, window=None):
+def _logits_and_keep(q, k, attn_mask, kv_lengths, is_causal, scale, q_lengths=None, window=None,
+                     segments=None):
     """Scaled logits (plus bias) and the keep mask; k and q at positions nothing sees are zeroed
     first, so that whatever they hold cannot reach any result."""
     b, n, sq, d = q.shape
     n_kv, skv = k.shape[1], k.shape[2]
     g = n // n_kv
-    keep, bias = _keep((b, n, sq, skv), attn_mask, kv_lengths, is_causal, q_lengths, window)
+    keep, bias = _keep((b, n, sq, skv), attn_mask, kv_lengths, is_causal, q_lengths, window, segments)
     key_seen = keep.any(2).reshape(b, n_kv, g, skv).any(2)  # (b, n_kv, skv)
     k = np.where(key_seen[..., None], k, 0.0)
     if q_lengths is not None:
@@ -84,8 +88,9 @@ def _logits_and_keep(q, k, attn_mask, kv_lengths, is_causal, scale, q_lengths=No
     return s, keep, key_seen
 
 
-def _probs(q, k, attn_mask, kv_lengths, is_causal, scale, q_lengths=None, window=None):
-    s, keep, key_seen = _logits_and_keep(q, k, attn_mask, kv_lengths, is_causal, scale, q_lengths, window)
+def _probs(q, k, attn_mask, kv_lengths, is_causal, scale, q_lengths=None, window=None, segments=None):
+    s, keep, key_seen = _logits_and_keep(q, k, attn_mask, kv_lengths, is_causal, scale, q_lengths, window,
+                                         segments)
     empty = ~keep.any(-1, keepdims=True)  # emptiness is about visibility, never about values
     s_masked = np.where(keep, s, -np.inf)
     with np.errstate(invalid="ignore"):
@@ -102,12 +107,21 @@ def _f64(*xs):
     return [None if x is None else np.asarray(x, dtype=np.float64) for x in xs]
 
 
+def _segments(q_segment_ids, kv_segment_ids):
+    if (q_segment_ids is None) != (kv_segment_ids is None):
+        raise ValueError("give both q_segment_ids and kv_segment_ids, or neither")
+    return None if q_segment_ids is None else (q_segment_ids, kv_segment_ids)
+
+
 def attention(q, k, v, attn_mask=None, kv_lengths=None, is_causal=False, scale=None,
-              return_lse=False, *, q_lengths=None, window=None):
-    """Forward pass in float64. Returns `out (b, n, sq, dv)` and optionally `lse (b, n, sq)`."""
+              return_lse=False, *, q_lengths=None, window=None, q_segment_ids=None,
+              kv_segment_ids=None):
+    """Forward pass in float64. Returns `out (b, n, sq, dv)` and optionally `lse (b, n, sq)`.
+    Segment ids: `(b, sq)` and `(b, skv)` integers, compared exactly as given."""
     q, k, v = _f64(q, k, v)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    p, lse, key_seen = _probs(q, k, attn_mask, kv_lengths, is_causal, scale, q_lengths, window)
+    p, lse, key_seen = _probs(q, k, attn_mask, kv_lengths, is_causal, scale, q_lengths, window,
+                              _segments(q_segment_ids, kv_segment_ids))
     n, n_kv = q.shape[1], k.shape[1]
     v = np.where(key_seen[..., None], v, 0.0)
     out = np.einsum("bnqk,bnkd->bnqd", p, np.repeat(v, n // n_kv, axis=1))
@@ -115,15 +129,16 @@ def attention(q, k, v, attn_mask=None, kv_lengths=None, is_causal=False, scale=N
 
 
 def probabilities(q, k, attn_mask=None, kv_lengths=None, is_causal=False, scale=None, *,
-                  q_lengths=None, window=None):
+                  q_lengths=None, window=None, q_segment_ids=None, kv_segment_ids=None):
     """The full attention map `(b, n, sq, skv)` in float64 (rows of zeros where fully masked)."""
     q, k = _f64(q, k)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    return _probs(q, k, attn_mask, kv_lengths, is_causal, scale, q_lengths, window)[0]
+    return _probs(q, k, attn_mask, kv_lengths, is_causal, scale, q_lengths, window,
+                  _segments(q_segment_ids, kv_segment_ids))[0]
 
 
 def attention_vjp(q, k, v, d_out, attn_mask=None, kv_lengths=None, is_causal=False, scale=None, *,
-                  q_lengths=None, window=None):
+                  q_lengths=None, window=None, q_segment_ids=None, kv_segment_ids=None):
     """Gradients `(dq, dk, dv, dbias)` of `sum(out * d_out)`, by the analytic softmax derivative.
 
     `dbias` is the full `(b, n, sq, skv)` gradient w.r.t. an additive bias (zero where masked);
@@ -132,7 +147,8 @@ def attention_vjp(q, k, v, d_out, attn_mask=None, kv_lengths=None, is_causal=Fal
     q, k, v, d_out = _f64(q, k, v, d_out)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     g = q.shape[1] // k.shape[1]
-    p, _, key_seen = _probs(q, k, attn_mask, kv_lengths, is_causal, scale, q_lengths, window)
+    p, _, key_seen = _probs(q, k, attn_mask, kv_lengths, is_causal, scale, q_lengths, window,
+                            _segments(q_segment_ids, kv_segment_ids))
     seen = key_seen[..., None]
     k, v = np.where(seen, k, 0.0), np.where(seen, v, 0.0)
     if q_lengths is not None:

@@ -90,6 +90,8 @@ def pallas_kernel(spec: Spec) -> tuple[str, str]:
         why.append("not a Hopper (sm90) GPU")
     if spec.window is not None:
         why.append("local_window_size is served by the Triton kernels")
+    if spec.has_segment_ids:
+        why.append("q_segment_ids/kv_segment_ids are served by the Triton kernels")
     bucket = mosaic_attention.shape_bucket(spec.head_dim, spec.q_len, spec.kv_len)
     if not why and mode == "auto" and not mosaic_attention.FASTER_THAN_TRITON_SM90.get(bucket):
         why.append(f"bucket {bucket} not measured faster than Triton")
@@ -130,8 +132,9 @@ def _by_mode(inference: Backend, training: Backend):
 
         attention.defvjp(attention_fwd, lambda vjp, g: vjp(g))
         return attention({"q": inputs.q, "k": inputs.k, "v": inputs.v, "mask": inputs.mask,
-                          "kv_lengths": inputs.kv_lengths})
-    run.name, run.lse_grad = training.name, training.lse_grad  # autodiff runs the training backend
+                          "kv_lengths": inputs.kv_lengths, "q_segment_ids": inputs.q_segment_ids,
+                          "kv_segment_ids": inputs.kv_segment_ids})
+    run.name, run.supports_lse_grad = training.name, training.supports_lse_grad  # autodiff runs the training backend
     return run
 
 

@@ -5,17 +5,21 @@ with its `TABLE_KEYS`, reads orders back with its `orders`, writes to its `TABLE
 default `jax_attn/data/routing.json`, through `jax_attn.data.write`, under the device kind the
 run measured) and clears its `table` cache, so the two sides cannot drift apart.
 `routing_from_results` orders backends per bucket and mode from a results document,
-`predicted_auto` says what `auto` would pick with a table, `write_routing` writes it
+`predicted_auto` says what `auto` would pick with a table, `merge_tables` lays a run's buckets
+over an earlier table of the same device (`jax-attn tune`), `write_routing` writes it
 (`python -m jax_attn bench --write-routing`, `--update-routing`; re-exported by
 `jax_attn.bench`).
 """
 from __future__ import annotations
 
 import json
+import logging
 import math
 import pathlib
 
 from . import data
+
+log = logging.getLogger(__name__)
 
 # The routing mode each measured mode orders: training reads forward+backward, inference (calls
 # nothing differentiates) reads forward.
@@ -30,26 +34,37 @@ def routing_from_results(doc: dict, tie: float = 0.01) -> dict:
     mode the backends are ordered by their worst such ratio over the bucket's shapes (the 3%
     target is per shape and mode), then by the geometric mean; worst ratios within `tie` of each
     other count as equal. Backends that failed the correctness gate in a bucket are left out of
-    its preferences. `preferences` (training) orders by forward+backward, `preferences_forward`
+    its preferences, and so are lossy ones (`sage`: `auto` must never pick them, however fast).
+    A bucket and mode where the time budget left a row unmeasured gets no order (a partial
+    comparison could put a slow backend first); its scores say `"incomplete"`, with a warning. `preferences` (training) orders by forward+backward, `preferences_forward`
     (inference) by forward; a bucket measured forward only gets its training order from forward.
     """
     from . import autoselect
-    from .bench.report import _add_ratios  # late: jax_attn.bench imports this module
+    from .bench.report import _add_ratios, is_lossy  # late: jax_attn.bench imports this module
     device = doc["meta"]["device_key"]
     _add_ratios(doc["results"])
+    from .bench.suite import BUDGET_SKIP
     entries: dict = {}
     failed: dict = {}
+    incomplete: dict = {}
     for r in doc["results"]:
-        if r["framework"] != "jax" or r["impl"].startswith("auto"):
+        if r["framework"] != "jax" or r["impl"].startswith("auto") or is_lossy(r["impl"]):
             continue
         key = autoselect.bucket_key(device, r["dtype"], r["d"], r["skv"])
-        if r.get("status") in ("FAIL", "error"):
+        if r.get("reason") == BUDGET_SKIP:
+            incomplete.setdefault(key, set()).add(r["mode"])
+        elif r.get("status") in ("FAIL", "error"):
             failed.setdefault(key, set()).add(r["impl"])
         elif r.get("status") == "ok" and "ratio_jax" in r and r["mode"] in ROUTING_MODES:
             entries.setdefault((key, r["mode"]), {}).setdefault(r["impl"], []).append(r["ratio_jax"])
     prefs = {name: {} for name in autoselect.TABLE_KEYS.values()}
     scores: dict = {}
+    for key, modes in sorted(incomplete.items()):
+        log.warning("routing: %s %s left out: the time budget ended before every backend was timed",
+                    key, "/".join(sorted(modes)))
     for (key, mode), per in sorted(entries.items()):
+        if mode in incomplete.get(key, ()):
+            continue
         stats = {n: {"worst": max(v), "geomean": math.exp(sum(map(math.log, v)) / len(v)), "entries": len(v)}
                  for n, v in per.items() if n not in failed.get(key, ())}
         # Worst ratios quantized to steps of `tie`: near-equal ones are ordered by the geomean.
@@ -61,6 +76,8 @@ def routing_from_results(doc: dict, tie: float = 0.01) -> dict:
     for key, names in failed.items():
         if key in scores:
             scores[key]["failed"] = sorted(names)
+    for key, modes in incomplete.items():
+        scores.setdefault(key, {})["incomplete"] = sorted(modes)
     train, forward = (prefs[autoselect.TABLE_KEYS[m]] for m in ("train", "forward"))
     for key, order in forward.items():  # measured forward only
         train.setdefault(key, order)
@@ -71,6 +88,36 @@ def routing_from_results(doc: dict, tie: float = 0.01) -> dict:
             "source": {k: meta.get(k) for k in ("date", "device", "gpu", "driver", "device_key", "jax", "jaxlib",
                                                 "jax_cudnn", "torch", "command") if meta.get(k)},
             **{name: dict(sorted(v.items())) for name, v in prefs.items()}, "scores": scores}
+
+
+def merge_tables(base: dict, new: dict) -> dict:
+    """`new` (from `routing_from_results`) over `base` (an earlier table of the same device),
+    bucket by bucket and mode by mode: an order `new` measured replaces `base`'s, the rest of
+    `base` stays, so a run on a few shapes does not drop the buckets it did not measure (a
+    device's table is read as a whole). A bucket `new` measured forward only keeps `base`'s
+    training order; only where `base` has none does it take the forward order (as
+    `routing_from_results` does). The source is `new`'s, with `inherited` naming the buckets kept
+    from `base` and where they were measured."""
+    from . import autoselect
+    train, forward = autoselect.TABLE_KEYS["train"], autoselect.TABLE_KEYS["forward"]
+    prefs = {train: dict(base.get(train, {})), forward: dict(base.get(forward, {}))}
+    scores = {k: dict(v) for k, v in base.get("scores", {}).items()}
+    for key, measured in new.get("scores", {}).items():
+        if "fwd" in measured and key in new.get(forward, {}):
+            prefs[forward][key] = new[forward][key]
+        if key in new.get(train, {}) and ("fwd+bwd" in measured or key not in prefs[train]):
+            prefs[train][key] = new[train][key]
+        # Base's timings of a mode this run did not measure stay; its notes (failed, incomplete)
+        # were about its run and go.
+        scores[key] = {**{m: v for m, v in scores.get(key, {}).items() if m in ROUTING_MODES}, **measured}
+    out = {k: v for k, v in new.items() if k not in (train, forward, "scores")}
+    kept = sorted((set(prefs[train]) | set(prefs[forward])) - set(new.get(train, {})) - set(new.get(forward, {})))
+    if kept:
+        origin = base.get("source", {})
+        out["source"] = {**out.get("source", {}), "inherited": {
+            "buckets": kept, **{k: origin[k] for k in ("device", "date", "command") if origin.get(k)}}}
+    return {**out, train: dict(sorted(prefs[train].items())), forward: dict(sorted(prefs[forward].items())),
+            "scores": dict(sorted(scores.items()))}
 
 
 def predicted_auto(doc: dict, table: dict) -> str:

@@ -66,10 +66,20 @@ def window_keep(spec: Spec, q_pos, k_pos):
     return keep
 
 
-def restrict(spec: Spec, keep, kv_lengths, q_pos, k_pos, kv_limit=None):
+def segment_keep(q_segment_ids, kv_segment_ids):
+    """bool `(b, 1, sq', skv')`: query i sees key j only where their segment ids are equal (packed
+    sequences). The ids are `(b, sq')` and `(b, skv')`, already cut to the positions at hand, so a
+    chunked backend builds only its chunk's block, never `(sq, skv)`."""
+    return q_segment_ids[:, None, :, None] == kv_segment_ids[:, None, None, :]
+
+
+def restrict(spec: Spec, keep, kv_lengths, q_pos, k_pos, kv_limit=None, segments=None):
     """`keep` (None, or broadcastable to `(b, n, len(q_pos), len(k_pos))`) with the keys at or past
-    `kv_limit` (padding a backend added) or `kv_lengths[b]` dropped, and those outside each query's
-    window (causality included); None when nothing applies."""
+    `kv_limit` (padding a backend added) or `kv_lengths[b]` dropped, those outside each query's
+    window (causality included) and, with `segments = (q_segment_ids, kv_segment_ids)` cut to
+    `q_pos` and `k_pos`, those of another segment; None when nothing applies."""
+    if segments is not None:
+        keep = _and(keep, segment_keep(*segments))
     if kv_limit is not None:
         keep = _and(keep, (k_pos < kv_limit)[None, None, None, :])
     if kv_lengths is not None:
@@ -84,7 +94,9 @@ def seen_keys(spec: Spec, mask, kv_lengths, q_lengths, xp):
     """bool `(b|1, n_kv|1, skv)`: the keys of each k/v head that at least one query (before
     `q_lengths`) can see; None when every key is seen by construction (no work to do).
 
-    `mask` is the call's merged rank-4 mask (bool, or a bias whose -inf entries drop keys)."""
+    `mask` is the call's merged rank-4 mask (bool, or a bias whose -inf entries drop keys).
+    Segment ids are not read here: which keys a segment hides from every query takes a sort, which
+    each framework's `masking.seen_keys` adds on top."""
     skv, sq = spec.kv_len, spec.q_len
     k_pos = xp.arange(skv)
     seen = None

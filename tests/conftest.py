@@ -37,7 +37,14 @@ def pytest_collection_modifyitems(config, items):
     diagonal of its parameter grid and the other combinations are marked `slow`. With i the
     item's position in the longest parametrize list, the item is on the diagonal when its position
     in every list of length n is i % n, so every value of every list runs at least once."""
+    seen: dict[str, int] = {}
     for item in items:
+        every = item.get_closest_marker("fast_every")
+        if every is not None:  # the fast run keeps every k-th parameter combination of the test
+            name = item.nodeid.split("[")[0]
+            seen[name] = seen.get(name, -1) + 1
+            if seen[name] % every.args[0]:
+                item.add_marker(pytest.mark.slow)
         if item.get_closest_marker("fast_diagonal") is None or not hasattr(item, "callspec"):
             continue
         axes = [_position(mark, item.callspec.params) for mark in item.iter_markers("parametrize")]

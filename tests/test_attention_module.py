@@ -159,6 +159,7 @@ def test_diffusers_names_and_weight_shapes():
     assert plain.inner_dim == 512 and plain.cross_attention_dim == 16 and not plain.is_cross_attention
 
 
+@pytest.mark.fast_every(4)
 @pytest.mark.fast_diagonal  # the fast run: each mask kind once, the norms and cross/self in turn
 @pytest.mark.parametrize("cross", [True, False], ids=["cross", "self"])
 @pytest.mark.parametrize("qk_norm", [None, "layer_norm", "rms_norm"])

@@ -41,6 +41,7 @@ def test_diffusion_set_and_flop_count():
     assert s.flops("fwd+bwd") == 3.5 * s.flops("fwd")
 
 
+@pytest.mark.slow
 def test_tiny_run_end_to_end_with_every_output(tmp_path, capsys):
     csv_path, png = tmp_path / "bench.csv", tmp_path / "bench.png"
     names = "xla,chunked,naive,auto" + (",torch-math" if bench.torch_kernels() else "")
@@ -125,6 +126,7 @@ def test_forced_in_program_loop_runs(tmp_path):
         assert r["status"] == "ok" and "loop" in r["timing"]
 
 
+@pytest.mark.slow
 def test_memory_chunked_stays_linear_where_xla_goes_quadratic(tmp_path):
     rc, doc = run_bench(tmp_path, "--memory-only", "--backends", "xla,chunked",
                         "--shape", "1,2,1024,1024,32", "--shape", "1,2,4096,4096,32")
@@ -197,6 +199,7 @@ def test_update_routing_command_writes_a_table_autoselect_reads(tmp_path, monkey
         autoselect.table.cache_clear()
 
 
+@pytest.mark.slow
 def test_write_routing_then_recheck_auto_in_one_run(tmp_path, monkeypatch):
     monkeypatch.setattr(autoselect, "TABLE_PATH", autoselect.TABLE_PATH)  # restored afterwards
     table_path = tmp_path / "routing_table.json"
@@ -235,6 +238,46 @@ def test_auto_summary_counts_the_same_program_as_equal():
     assert ok and "same compiled program" in text and "MISS" not in text
     text, ok = bench.auto_summary(doc("p-other"))
     assert not ok and "MISS" in text
+
+
+def test_auto_is_held_to_every_peer_row_of_the_run():
+    """Torch kernels (SDPA's and any other torch row, like torch's FA4) and every JAX backend
+    count, also those auto may not pick (`fa4`); lossy ones (`sage`, or a row marked lossy) do not."""
+    common = dict(shape="1x2x64x64x16", dtype="bfloat16", mode="fwd", status="ok")
+
+    def doc(**times):
+        rows = [dict(common, impl=impl.replace("_", "-"), ms=ms, program=f"p-{impl}",
+                     framework="torch" if impl.startswith("torch") else "jax") for impl, ms in times.items()]
+        rows.append(dict(common, impl="auto", framework="jax", ms=1.0, auto_choice="xla", program="p-xla"))
+        rows.append(dict(common, impl="torch-sage8", framework="torch", ms=0.05, lossy=True))
+        bench._add_ratios(rows)
+        return {"meta": {"modes": ["fwd"]}, "results": rows}
+
+    d = doc(xla=1.0, sage=0.1, torch_flash=0.95, fa4=0.9, torch_fa4=0.8)
+    text, ok = bench.auto_summary(d)
+    assert not ok and "best torch-fa4 0.800 ms (best JAX: fa4 0.900 ms), auto (xla) x1.250 MISS" in text
+    assert "of the fastest peer" in text
+    by = {r["impl"]: r for r in d["results"]}
+    assert by["xla"]["ratio"] == pytest.approx(1.25) and by["xla"]["ratio_jax"] == pytest.approx(1 / 0.9)
+    assert by["sage"]["ratio"] == pytest.approx(0.125)  # reported, never the yardstick
+    text, ok = bench.auto_summary(doc(xla=1.0, sage=0.1, torch_flash=0.95))
+    assert not ok and "best torch-flash" in text and "x1.053 MISS" in text
+    text, ok = bench.auto_summary(doc(xla=1.0, sage=0.1, torch_flash=0.99))
+    assert ok and "x1.010" in text and "MISS" not in text
+    text, ok = bench.auto_summary(doc(xla=1.0, torch_flash=1.2))  # auto's program is the best's
+    assert ok and "same compiled program as the best: equal" in text
+
+
+def test_one_timer_for_every_median(monkeypatch):
+    from jax_attn.bench import timing
+    calls = []
+    t = timing.time_call(lambda x: calls.append(x) or jnp.ones(()), 3, repeats=7, warmup=2)
+    assert len(calls) == 9 and t.runs == 7 and t.per_sample == 1 and t.ms > 0
+    assert timing.median_ms(lambda: jnp.ones(()), repeats=3, warmup=0) > 0
+    # `check`'s timing column goes through it.
+    seen = []
+    monkeypatch.setattr(timing, "median_ms", lambda fn, *xs, **kw: seen.append(kw) or 1.0)
+    assert cli._median_ms(lambda: None) == 1.0 and seen == [{"repeats": 5, "warmup": 1}]
 
 
 def test_pallas_rows_name_the_kernel_that_ran(tmp_path):

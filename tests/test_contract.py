@@ -62,3 +62,22 @@ def test_spec_describes_the_call():
     assert spec.groups == 2 and spec.mask_kind == "bool" and spec.mask_shape == (1, 1, 16, 12)
     assert spec.scale == pytest.approx(8 ** -0.5) and spec.can_have_empty_rows and not spec.per_key_mask
     assert spec.flops() == pytest.approx(2 * 2 * 4 * 16 * 12 * (8 + 6) / 2)
+
+
+def test_renamed_capability_flags_keep_working_with_a_warning():
+    """Capability flags are `supports_*`; the old names read and (in subclasses) write with a warning."""
+    import warnings as _w
+
+    from jax_attn.backends import BACKENDS
+    from jax_attn.backends.naive import Naive
+
+    with pytest.warns(DeprecationWarning, match="supports_window"):
+        assert BACKENDS["naive"].window is True
+    with pytest.warns(DeprecationWarning, match="supports_bias"):
+        class NoBias(Naive):
+            name = "nobias"
+            bias = False
+    assert NoBias.supports_bias is False and NoBias().supports_causal is True
+    with _w.catch_warnings():
+        _w.simplefilter("error")
+        assert BACKENDS["naive"].supports_window is True

@@ -8,7 +8,6 @@ norm (we divide by the JAX result's norm, which is within a percent of it).
 Pairs a backend declares it cannot serve are not generated; backends whose package or device is
 missing here skip with the reason.
 """
-import dataclasses
 import functools
 
 import jax
@@ -19,11 +18,12 @@ import torch
 
 import jax_attn
 import torch_ref
-from jax_attn import reference
+from jax_attn import cases, reference
 from jax_attn.backends import BACKENDS as JAX_BACKENDS
+from jax_attn.cases import Case
 from jax_attn.contract import validate
 from torch_ref.backends import BACKENDS as TORCH_BACKENDS
-from torch_ref.inputs import Call
+from torch_ref.inputs import RunContext
 
 TOL = reference.TOLERANCE
 JAX_NAMES = [n for n in ("naive", "xla", "chunked", "pallas") if not JAX_BACKENDS[n].unavailable()]
@@ -31,50 +31,34 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TORCH_NAMES = [n for n in TORCH_BACKENDS if not TORCH_BACKENDS[n].unavailable()]
 
 
-@dataclasses.dataclass(frozen=True)
-class Case:
-    name: str
-    b: int
-    n: int
-    n_kv: int
-    sq: int
-    skv: int
-    d: int
-    dv: int
-    dtype: str = "float32"
-    layout: str = "bnsd"
-    mask: str = "none"  # "none", "key" (bool per key), "bias" (float, broadcast over batch)
-    causal: bool = False
-    lengths: tuple | None = None
-
-
+# The cases are `check`'s (`jax_attn.cases.Case`: the same shapes, layout and masking, drawn by
+# `cases.inputs`), small, each with the dtype it runs in; `numpy_inputs` adds what `check` does
+# not draw: -inf in a bias (an empty row, a key dropped for one head) and a key a bool mask drops.
 CASES = [
-    Case("self", 2, 4, 4, 24, 24, 16, 16),
-    Case("gqa-causal-bsnd", 1, 4, 2, 20, 28, 16, 16, layout="bsnd", causal=True),
-    Case("cross-padded", 2, 2, 2, 24, 13, 8, 8, mask="key", lengths=(0, 9)),
-    Case("bias", 1, 2, 2, 16, 20, 16, 16, mask="bias"),
-    Case("dv-differs", 1, 2, 1, 12, 12, 16, 8, causal=True),
-    Case("self-bf16", 1, 2, 2, 32, 32, 32, 32, dtype="bfloat16", mask="key"),
+    (Case("self", 2, 4, 4, 24, 24, 16, 16), "float32"),
+    (Case("gqa-causal-bsnd", 1, 4, 2, 20, 28, 16, 16, layout="bsnd", causal=True), "float32"),
+    (Case("cross-padded", 2, 2, 2, 24, 13, 8, 8, mask="key", kv_lengths=True), "float32"),  # last: empty
+    (Case("bias", 1, 2, 2, 16, 20, 16, 16, mask="bias"), "float32"),
+    (Case("dv-differs", 1, 2, 1, 12, 12, 16, 8, causal=True), "float32"),
+    (Case("self-bf16", 1, 2, 2, 32, 32, 32, 32, mask="key"), "bfloat16"),
 ]
 
 
 @functools.lru_cache(maxsize=None)
-def numpy_inputs(case: Case):
-    """float32 arrays in bnsd (rounded to the case dtype), the mask and lengths, and a cotangent."""
-    rng = np.random.default_rng(CASES.index(case))
-    t = lambda *s: np.array(jnp.asarray(rng.standard_normal(s), case.dtype).astype(jnp.float32))
-    q, k, v = t(case.b, case.n, case.sq, case.d), t(case.b, case.n_kv, case.skv, case.d), t(
-        case.b, case.n_kv, case.skv, case.dv)
-    mask = None
+def numpy_inputs(case: Case, dtype: str):
+    """float32 arrays in bnsd (rounded to `dtype`), the mask and lengths, and a cotangent."""
+    seed = CASES.index((case, dtype))
+    q, k, v, kw = cases.inputs(case, dtype, seed)
+    q, k, v = (x.astype(np.float32) for x in (q, k, v))
+    mask = kw.get("attn_mask")
     if case.mask == "key":
-        mask = rng.random((case.b, 1, 1, case.skv)) < 0.7
         mask[0, 0, 0, 0] = False
-    elif case.mask == "bias":
-        mask = t(1, case.n, case.sq, case.skv)
+    elif case.mask == "bias":  # (1, n, sq, skv)
+        mask = mask.astype(np.float32)
         mask[0, 0, 3] = -np.inf  # one empty row
         mask[0, 1, :, 2] = -np.inf
-    lengths = None if case.lengths is None else np.asarray(case.lengths, np.int32)
-    return q, k, v, mask, lengths, t(case.b, case.n, case.sq, case.dv)
+    d_out = cases.output_cotangent(case, seed).astype(cases.numpy_dtype(dtype)).astype(np.float32)
+    return q, k, v, mask, kw.get("kv_lengths"), d_out
 
 
 def _swap(x, layout):
@@ -91,11 +75,11 @@ def _kwargs(case, mask, lengths):
 
 
 @functools.lru_cache(maxsize=None)
-def jax_results(case: Case, backend: str) -> dict:
+def jax_results(case: Case, dtype: str, backend: str) -> dict:
     """out, lse and gradients (q, k, v, bias) from a JAX backend, as float64 NumPy in bnsd."""
-    q, k, v, mask, lengths, d_out = numpy_inputs(case)
-    q, k, v, d_out = (jnp.asarray(_swap(x, case.layout), case.dtype) for x in (q, k, v, d_out))
-    bias = jnp.asarray(mask, case.dtype) if case.mask == "bias" else None
+    q, k, v, mask, lengths, d_out = numpy_inputs(case, dtype)
+    q, k, v, d_out = (jnp.asarray(_swap(x, case.layout), dtype) for x in (q, k, v, d_out))
+    bias = jnp.asarray(mask, dtype) if case.mask == "bias" else None
     static = _kwargs(case, None if bias is not None else mask, lengths)
 
     def f(q, k, v, bias):
@@ -110,9 +94,9 @@ def jax_results(case: Case, backend: str) -> dict:
 
 
 @functools.lru_cache(maxsize=None)
-def torch_results(case: Case, backend: str) -> dict:
-    q, k, v, mask, lengths, d_out = numpy_inputs(case)
-    dtype = getattr(torch, case.dtype)
+def torch_results(case: Case, dtype: str, backend: str) -> dict:
+    q, k, v, mask, lengths, d_out = numpy_inputs(case, dtype)
+    dtype = getattr(torch, dtype)
     q, k, v, d_out = (torch.tensor(_swap(x, case.layout)).to(DEVICE, dtype) for x in (q, k, v, d_out))
     for x in (q, k, v):
         x.requires_grad_()
@@ -120,35 +104,35 @@ def torch_results(case: Case, backend: str) -> dict:
     kw = _kwargs(case, None if mask is None else torch.tensor(mask, device=DEVICE),
                  None if lengths is None else torch.tensor(lengths, device=DEVICE))
     if case.mask == "bias":
-        kw["attn_mask"] = kw["attn_mask"].to(dtype).requires_grad_(b.bias_grad)
-    res = torch_ref.attention_forward(q, k, v, backend=backend, return_lse=b.lse, **kw)
-    out, lse = res if b.lse else (res, None)
-    wrt = [q, k, v] + ([kw["attn_mask"]] if case.mask == "bias" and b.bias_grad else [])
+        kw["attn_mask"] = kw["attn_mask"].to(dtype).requires_grad_(b.supports_bias_grad)
+    res = torch_ref.attention_forward(q, k, v, backend=backend, return_lse=b.supports_lse, **kw)
+    out, lse = res if b.supports_lse else (res, None)
+    wrt = [q, k, v] + ([kw["attn_mask"]] if case.mask == "bias" and b.supports_bias_grad else [])
     grads = torch.autograd.grad(out, wrt, d_out) + (None,) * (4 - len(wrt))
     f64 = lambda x, lay: None if x is None else _swap(x.detach().cpu().to(torch.float64).numpy(), lay)
     return {"out": f64(out, case.layout), "lse": f64(lse, "bnsd"), "dq": f64(grads[0], case.layout),
             "dk": f64(grads[1], case.layout), "dv": f64(grads[2], case.layout), "dbias": f64(grads[3], "bnsd")}
 
 
-def _serves(case, jax_name, torch_name):
+def _serves(case, dtype, jax_name, torch_name):
     """Whether both backends declare they can serve the case (the very same `Spec` on both sides)."""
-    q, k, v, mask, lengths, _ = numpy_inputs(case)
-    shaped = lambda x: jax.ShapeDtypeStruct(_swap(x, case.layout).shape, case.dtype)
+    q, k, v, mask, lengths, _ = numpy_inputs(case, dtype)
+    shaped = lambda x: jax.ShapeDtypeStruct(_swap(x, case.layout).shape, dtype)
     mask = None if mask is None else jax.ShapeDtypeStruct(mask.shape, mask.dtype)
     spec = validate(shaped(q), shaped(k), shaped(v), **_kwargs(case, mask, lengths))
     tb = TORCH_BACKENDS[torch_name]
-    call = Call(device=DEVICE, grad=tb.grad, return_lse=tb.lse)
+    call = RunContext(device=DEVICE, grad=tb.supports_grad, return_lse=tb.supports_lse)
     return not JAX_BACKENDS[jax_name].reasons(spec) and not tb.reasons(spec, call)
 
 
-def _fast(case, jax_name):
+def _fast(case, dtype, jax_name):
     """The fast run pairs the first cases, each with one JAX backend in turn, with every torch
     backend: every JAX and every torch backend, one JAX computation each; the rest is `slow`."""
-    return JAX_NAMES.index(jax_name) == CASES.index(case)
+    return JAX_NAMES.index(jax_name) == CASES.index((case, dtype))
 
 
-PAIRS = [pytest.param(c, j, t, id=f"{c.name}-{j}-{t}", marks=() if _fast(c, j) else pytest.mark.slow)
-         for c in CASES for j in JAX_NAMES for t in TORCH_NAMES if _serves(c, j, t)]
+PAIRS = [pytest.param(c, dt, j, t, id=f"{c.name}-{j}-{t}", marks=() if _fast(c, dt, j) else pytest.mark.slow)
+         for c, dt in CASES for j in JAX_NAMES for t in TORCH_NAMES if _serves(c, dt, j, t)]
 
 
 # Chunks that do not divide the lengths, in both frameworks: tails and several chunks
@@ -156,14 +140,15 @@ PAIRS = [pytest.param(c, j, t, id=f"{c.name}-{j}-{t}", marks=() if _fast(c, j) e
 pytestmark = pytest.mark.small_chunks(8, 12, frameworks=("jax", "torch"))
 
 
-@pytest.mark.parametrize("case,jax_name,torch_name", PAIRS)
-def test_cross_framework_backends_agree(case, jax_name, torch_name):
-    tol = TOL[case.dtype]
-    j, t = jax_results(case, jax_name), torch_results(case, torch_name)
+@pytest.mark.fast_every(4)
+@pytest.mark.parametrize("case,dtype,jax_name,torch_name", PAIRS)
+def test_cross_framework_backends_agree(case, dtype, jax_name, torch_name):
+    tol = TOL[dtype]
+    j, t = jax_results(case, dtype, jax_name), torch_results(case, dtype, torch_name)
     for key in ("out", "lse", "dq", "dk", "dv", "dbias"):
         if t[key] is None or j[key] is None:  # lse from sdpa, dbias from pallas: not computed
             continue
-        if key == "dbias" and not JAX_BACKENDS[jax_name].bias_grad:
+        if key == "dbias" and not JAX_BACKENDS[jax_name].supports_bias_grad:
             continue
         limit = (2 if key in ("out", "lse") else 4) * (tol if key != "lse" else max(tol, TOL["float32"]))
         err = reference.relative_error(t[key], j[key])
@@ -172,7 +157,7 @@ def test_cross_framework_backends_agree(case, jax_name, torch_name):
 
 def test_cross_framework_every_backend_is_compared():
     """Each runnable backend of each framework meets the other framework in at least one pair."""
-    pairs = {(p.values[1], p.values[2]) for p in PAIRS}
+    pairs = {(p.values[2], p.values[3]) for p in PAIRS}
     assert {j for j, _ in pairs} == set(JAX_NAMES) and {t for _, t in pairs} == set(TORCH_NAMES)
     assert {"naive", "xla", "chunked"} <= set(JAX_NAMES)
 
@@ -183,10 +168,10 @@ def test_cross_framework_unavailable_torch_backend(name):
 
 
 def test_cross_framework_lse_of_empty_rows_is_minus_infinity_in_both():
-    case = CASES[2]  # sample 0 is fully padded
-    j, t = jax_results(case, "naive"), torch_results(case, "chunked")
-    assert np.isneginf(j["lse"][0]).all() and np.isneginf(t["lse"][0]).all()
-    assert (j["out"][0] == 0).all() and (t["out"][0] == 0).all()
+    case, dtype = CASES[2]  # `cases.inputs` pads the last sample fully
+    j, t = jax_results(case, dtype, "naive"), torch_results(case, dtype, "chunked")
+    assert np.isneginf(j["lse"][-1]).all() and np.isneginf(t["lse"][-1]).all()
+    assert (j["out"][-1] == 0).all() and (t["out"][-1] == 0).all()
 
 
 # --- modules and processors: the same classes, the same weights, the same results -------------
@@ -253,6 +238,7 @@ PROCESSORS = {
 }
 
 
+@pytest.mark.fast_every(4)
 @pytest.mark.fast_diagonal  # the fast run: each processor once, the maskings in turn
 @pytest.mark.parametrize("masking", ["mask", "both"])
 @pytest.mark.parametrize("name", list(PROCESSORS))

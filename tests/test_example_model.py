@@ -17,6 +17,9 @@ from jax_attn.models import DiTConfig, TinyDiT, embed_prompt
 CFG = DiTConfig(sample_size=8, patch_size=2, heads=2, dim_head=8, depth=2, cross_attention_dim=16,
                 backend="xla")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# A whole model (and the example script), jitted, forward and backward: the full run only. The
+# fast run covers its parts: the attention module, processors and padding contract.
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +52,6 @@ def test_padding_forms_agree_and_text_matters(setup):
     assert reference.relative_error(changed, by_lengths) > 1e-4
 
 
-@pytest.mark.slow  # gradients of a jitted model
 def test_processors_inside_the_model_and_gradients(setup):
     model, x, t, text, lengths = setup
     base = model(x, t, text, kv_lengths=lengths)
@@ -80,7 +82,6 @@ def test_processors_inside_the_model_and_gradients(setup):
         set_attn_processor(model, P.AttnProcessor())
 
 
-@pytest.mark.slow  # the whole example script, in process
 def test_example_script_runs(tmp_path):
     spec = importlib.util.spec_from_file_location("denoise_and_maps",
                                                   os.path.join(ROOT, "examples", "denoise_and_maps.py"))

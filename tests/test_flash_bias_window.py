@@ -8,7 +8,6 @@ shapes still cross several query and key blocks, hit tails, and run the edge (ma
 """
 from __future__ import annotations
 
-import importlib
 import math
 import os
 
@@ -23,12 +22,12 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from jax_attn import reference  # noqa: E402
 from jax_attn.kernels import configs  # noqa: E402
-
-fa = importlib.import_module("jax_attn.kernels.flash_attention")  # the module, not the function
+from jax_attn.kernels import flash_attention as fa  # noqa: E402
+from jax_attn.kernels import flash_backward  # noqa: E402  (owns `_dkdv_splits`)
 
 INTERPRET = True
-# Interpret mode costs seconds per call: the fast run keeps one test of each kind (a per-key and
-# a full bias gradient, a window, block skipping); the others are `slow`.
+# Interpret mode costs seconds per call: the fast run keeps one test of each kind (a bias
+# gradient, a window, block skipping); the others are `slow`.
 SLOW = pytest.mark.slow
 # 16-wide tiles everywhere, and a mix (forward 32x16, dK/dV 16x32, dQ 32x16).
 SMALL = configs.Config(configs.FwdConfig(16, 16, 4, 2), configs.BwdConfig(16, 16, 16, 16, 4, 2))
@@ -45,7 +44,7 @@ def dkdv_path(monkeypatch):
     """`use(path)`: run the dK/dV kernel with its query loop split over programs ("split", what
     small shapes get) or whole (one program per key block, forced); at the end, check that every
     backward traced ran that path, so no test silently covers the other one."""
-    natural, counts, chosen = fa._dkdv_splits, [], []
+    natural, counts, chosen = flash_backward._dkdv_splits, [], []
 
     def splits(*args):
         n = natural(*args) if chosen[0] == "split" else 1
@@ -54,7 +53,7 @@ def dkdv_path(monkeypatch):
 
     def use(path):
         chosen.append(path)
-        monkeypatch.setattr(fa, "_dkdv_splits", splits)
+        monkeypatch.setattr(flash_backward, "_dkdv_splits", splits)
 
     yield use
     if chosen:
@@ -161,7 +160,7 @@ def test_key_bias_gradient_split_dkdv():
 
 
 @pytest.mark.parametrize("path,case", [
-    ("whole", dict(bias_shape=(1, 4, 1, 53), window=(7, 2))),
+    pytest.param("whole", dict(bias_shape=(1, 4, 1, 53), window=(7, 2)), marks=SLOW),
     pytest.param("split", dict(bias_shape=(2, 4, 1, 53), kv_lengths=[53, 0], layout="bsnd"), marks=SLOW),
     pytest.param("whole", dict(bias_shape=(2, 4, 1, 53), kv_lengths=[53, 20], is_causal=True, config=MIXED),
                  marks=SLOW),

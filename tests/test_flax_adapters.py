@@ -16,7 +16,7 @@ import pytest
 from flax import nnx
 
 from jax_attn import reference
-from jax_attn.flax_adapters import make_attention_fn
+from jax_attn.adapters.flax import make_attention_fn
 
 SAME = 2e-5 if jax.default_backend() == "cpu" else reference.TOLERANCE["float32"]
 
@@ -42,9 +42,11 @@ def spy(fn, calls):
     return wrapped
 
 
-@pytest.mark.fast_diagonal  # the fast run: each case once, the backends in turn
+@pytest.mark.fast_every(2)
+@pytest.mark.fast_diagonal  # the fast run: the first two cases, one per backend
 @pytest.mark.parametrize("backend", ["xla", "chunked"])
-@pytest.mark.parametrize("case", ["self", "cross_mask", "causal", "self_mask_per_query"])
+@pytest.mark.parametrize("case", ["self", "cross_mask", pytest.param("causal", marks=pytest.mark.slow),
+                                  pytest.param("self_mask_per_query", marks=pytest.mark.slow)])
 def test_nnx_multihead_attention(backend, case):
     x, c = rand(0, 2, 6, 16), rand(1, 2, 5, 12)
     cross = case == "cross_mask"
@@ -104,3 +106,9 @@ def test_unsupported_options_raise():
         sowing(x, sow_weights=True)
     with pytest.raises(ValueError, match="query"):
         make_attention_fn("xla")(x, x, x)
+
+
+def test_old_module_name_is_the_same_module():
+    import jax_attn.adapters.flax as new
+    import jax_attn.flax_adapters as old
+    assert old is new and old.make_attention_fn is make_attention_fn

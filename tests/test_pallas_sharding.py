@@ -166,6 +166,7 @@ CASES = {
 }
 
 
+@pytest.mark.fast_every(4)
 @pytest.mark.parametrize("case", CASES)
 def test_batch_and_head_sharding_stays_local(case):
     shape, names, layout, entries, make_kw = CASES[case]
@@ -183,6 +184,7 @@ def test_batch_and_head_sharding_stays_local(case):
     assert lse.sharding.is_equivalent_to(lse_want, 3), lse.sharding
 
 
+@pytest.mark.fast_every(2)
 @pytest.mark.parametrize("case", ["bsnd-batch+heads", "gqa-bsnd-mask+lengths"])
 def test_other_partitioner(case):
     """The same rules under the partitioner jax does not use by default (GSPMD or Shardy)."""

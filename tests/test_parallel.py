@@ -16,6 +16,7 @@ from jax.sharding import PartitionSpec as P
 
 import jax_attn
 from jax_attn import parallel, reference
+from jax_attn.parallel import ring_backward
 from jax_attn.backends import BACKENDS
 
 TOL = reference.TOLERANCE["float32"]
@@ -116,6 +117,7 @@ GRID = ([(4, c) for c in CASES]
         + [(8, c) for c in ("kv_lengths", "causal", "gqa", "bsnd")])
 
 
+@pytest.mark.fast_every(9)
 @pytest.mark.parametrize("method", parallel.METHODS)
 @pytest.mark.parametrize("devices,case", GRID)
 def test_sequence_parallel_matches_reference(method, devices, case):
@@ -124,6 +126,7 @@ def test_sequence_parallel_matches_reference(method, devices, case):
     check(q, k, v, kw, "naive", jax_attn.parallel.sequence_parallel(mesh(devices), "sp", method))
 
 
+@pytest.mark.fast_every(2)
 @pytest.mark.parametrize("method", parallel.METHODS)
 def test_chunked_backend_and_bias_gradient(method):
     """A backend with its own VJP inside the ring; gradient of a per-key additive bias."""
@@ -201,20 +204,60 @@ def test_shard_local_query_axis_for_cross_attention():
         jax_attn.attention_forward(q, k, v, is_causal=True, backend="naive")
 
 
+@pytest.mark.slow
 def test_ring_backward_needs_a_differentiable_lse(monkeypatch):
-    """A named backend without lse gradients: the forward runs, the backward says why not."""
-    monkeypatch.setattr(BACKENDS["naive"], "lse_grad", False)
+    """A named backend with neither a block backward from global statistics nor lse gradients:
+    the forward runs, the backward says why not; a preference list falls through."""
+    monkeypatch.setattr(BACKENDS["chunked"], "supports_lse_grad", False)
+    assert "chunked" not in ring_backward.STATS_BACKWARDS
     rng = np.random.default_rng(7)
     q, k, v, _ = make(rng, sq=64, skv=64)
     with parallel.sequence_parallel(mesh(2), "sp", "ring"):
-        out = jax_attn.attention_forward(q, k, v, backend="naive")
+        out = jax_attn.attention_forward(q, k, v, backend="chunked")
         assert reference.relative_error(out, reference.attention(q, k, v)) <= TOL
-        with pytest.raises(ValueError, match="'naive'.*lse_grad=False"):
-            jax.jit(jax.grad(lambda q: jax_attn.attention_forward(q, k, v, backend="naive").sum()))(q)
+        with pytest.raises(ValueError, match="'chunked'.*supports_lse_grad=False"):
+            jax.jit(jax.grad(lambda q: jax_attn.attention_forward(q, k, v, backend="chunked").sum()))(q)
         # A preference list falls through to a backend whose lse is differentiable.
-        g = jax.jit(jax.grad(lambda q: jax_attn.attention_forward(q, k, v, backend="naive,chunked").sum()))(q)
-    g_ref = jax.grad(lambda q: jax_attn.attention_forward(q, k, v, backend="chunked").sum())(q)
+        g = jax.jit(jax.grad(lambda q: jax_attn.attention_forward(q, k, v, backend="chunked,naive").sum()))(q)
+    g_ref = jax.grad(lambda q: jax_attn.attention_forward(q, k, v, backend="naive").sum())(q)
     assert reference.relative_error(g, g_ref) <= TOL
+
+
+@pytest.mark.fast_every(2)
+@pytest.mark.parametrize("case", ["full_mask", "causal_cross", "gqa", "bsnd"])
+def test_ring_backward_from_global_statistics_needs_no_lse_gradient(monkeypatch, case):
+    """`naive` has a block backward from the global (out, lse): the ring's backward uses it and
+    never differentiates a block's lse, so it serves even with supports_lse_grad=False, and no
+    block's forward is recomputed."""
+    monkeypatch.setattr(BACKENDS["naive"], "supports_lse_grad", False)
+    calls = []
+    real = ring_backward.STATS_BACKWARDS["naive"]
+    monkeypatch.setitem(ring_backward.STATS_BACKWARDS, "naive",
+                        lambda *a: calls.append(1) or real(*a))
+    rng = np.random.default_rng([20, list(CASES).index(case)])
+    q, k, v, kw = make(rng, **CASES[case])
+    check(q, k, v, kw, "naive", parallel.sequence_parallel(mesh(4), "sp", "ring"))
+    assert calls
+
+
+@pytest.mark.slow
+def test_ring_backward_with_lse_cotangent_and_bias_gradient():
+    """The lse's own cotangent enters the statistics path through delta; a bias gets its gradient."""
+    rng = np.random.default_rng(21)
+    q, k, v, kw = make(rng, sq=150, skv=150, mask="bias", causal=True)
+    d_lse = jnp.asarray(rng.standard_normal(q.shape[:3]), jnp.float32)
+
+    def loss(q, k, v, bias):
+        out, lse = jax_attn.attention_forward(q, k, v, backend="naive", return_lse=True,
+                                              **dict(kw, attn_mask=bias))
+        return jnp.sum(out) + jnp.sum(jnp.where(jnp.isneginf(lse), 0.0, lse) * d_lse)
+
+    with parallel.sequence_parallel(mesh(4), "sp", "ring"):
+        got = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(q, k, v, kw["attn_mask"])
+    want = jax.grad(loss, argnums=(0, 1, 2, 3))(q, k, v, kw["attn_mask"])
+    for name, g, r in zip(("dq", "dk", "dv", "dbias"), got, want):
+        err = reference.relative_error(g, r)
+        assert err <= 2 * TOL, f"{name}: relative error {err:.2e}"
 
 
 def test_errors_name_the_problem():

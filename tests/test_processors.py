@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ast
 import math
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -20,17 +21,32 @@ from test_attention_module import (B, SKV, SQ, TOL, Pair, forward, inputs, make,
                                    out_proj, qkv, split, weights, weights_of_grads)
 
 
-def test_processors_module_imports_no_array_framework():
-    tree = ast.parse(open(P.__file__).read())
-    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-    imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
-    assert not imported & {"jax", "flax", "numpy", "torch"}, imported
+def test_processors_package_imports_no_array_framework():
+    files = sorted(pathlib.Path(P.__file__).parent.glob("*.py"))
+    assert {f.stem for f in files} >= {"__init__", "base", "layers", "lora", "maps", "prompt_to_prompt", "sliced"}
+    for f in files:
+        tree = ast.parse(f.read_text())
+        imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        assert not imported & {"jax", "flax", "numpy", "torch"}, (f.name, imported)
 
 
-@pytest.mark.fast_diagonal  # the fast run: each mask kind once, the slice sizes in turn (1, the
-@pytest.mark.parametrize("slice_size", [4, 6, 100, 1])  # slowest, last: it comes up once)
-@pytest.mark.parametrize("mask_kind", ["none", "int_per_query", "additive", "bool_and_kv_lengths",
-                                       "kv_lengths_empty"])
+def test_processors_package_keeps_every_public_name():
+    from jax_attn import module_rules
+    for name in P.__all__ + ["AttnProcessorBase", "check_processor", "resolve_processors",
+                             "set_layer_processors", "LAYER_FINDERS"]:
+        assert getattr(P, name) is not None
+    for name in ("check_call", "check_processor_kwargs"):  # moved to the module's rules
+        with pytest.deprecated_call():
+            assert getattr(P, name) is getattr(module_rules, name)
+
+
+@pytest.mark.fast_every(2)
+@pytest.mark.fast_diagonal  # the fast run: the first three mask kinds, slice sizes 4, 6 and 100
+@pytest.mark.parametrize("slice_size", [4, 6, 100, 1])
+@pytest.mark.parametrize("mask_kind", ["none", "int_per_query", "additive",
+                                       pytest.param("bool_and_kv_lengths", marks=pytest.mark.slow),
+                                       pytest.param("kv_lengths_empty", marks=pytest.mark.slow)])
 def test_sliced_matches_reference(slice_size, mask_kind):
     attn = make(cross=True, qk_norm="layer_norm")  # b * heads = 6 maps, sliced unevenly by 4
     attn.set_processor(P.SlicedAttnProcessor(slice_size))

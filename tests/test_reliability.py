@@ -43,6 +43,7 @@ def grads(backend, q, k, v, d_out, **kw):
 
 # ---- 1. a float bias gets its real gradient on every backend ---------------------------------
 
+@pytest.mark.fast_every(4)
 @pytest.mark.fast_diagonal  # the fast run: each bias shape once, each backend once
 @pytest.mark.parametrize("bias_shape", [(2, 1, 1, 40), (1, 4, 24, 40), (2, 4, 24, 40), (1, 4, 1, 40)])
 @pytest.mark.parametrize("backend", BACKEND_NAMES)
@@ -67,7 +68,9 @@ def test_bias_gradient_is_real(backend, bias_shape):
 
 # ---- 2. a NaN row is NaN, not "empty" ---------------------------------------------------------
 
-@pytest.mark.parametrize("backend", BACKEND_NAMES)
+@pytest.mark.fast_every(3)
+@pytest.mark.parametrize("backend", [pytest.param(n, marks=SLOW) if n == "naive" else n
+                                     for n in BACKEND_NAMES])
 def test_nan_in_a_visible_logit_is_nan_not_empty(backend):
     rng = np.random.default_rng(2)
     q, k, v = qkv(rng, sq=16, skv=24)
@@ -101,12 +104,13 @@ PADDING = {
 }
 
 
+@pytest.mark.fast_every(3)
 @pytest.mark.fast_diagonal  # the fast run: each case once, backends and values in turn
 @pytest.mark.parametrize("value", [np.nan, np.inf])
 @pytest.mark.parametrize("case", list(PADDING))
 @pytest.mark.parametrize("backend", BACKEND_NAMES)
 def test_padding_contributes_nothing_whatever_it_holds(backend, case, value):
-    if case == "window" and not BACKENDS[backend].window:
+    if case == "window" and not BACKENDS[backend].supports_window:
         pytest.skip(f"{backend} does not serve windows")
     c = PADDING[case]
     rng = np.random.default_rng(3)
@@ -235,6 +239,7 @@ def test_debug_infs_is_quiet_on_masked_calls(backend):
 
 # ---- forward-mode autodiff ---------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_forward_mode_works_or_names_the_backend():
     rng = np.random.default_rng(9)
     q, k, v = qkv(rng, sq=8, skv=12)
@@ -280,11 +285,13 @@ def test_bias_and_mask_together_like_jax_nn(backend):
     assert reference.relative_error(db, want.sum(0, keepdims=True)) <= 2 * TOL
 
 
+@pytest.mark.fast_every(3)
 @pytest.mark.fast_diagonal  # the fast run: each window once, backends in turn
-@pytest.mark.parametrize("backend", BACKEND_NAMES)
+@pytest.mark.parametrize("backend", [n for n in ("xla", "chunked", "pallas", "naive")  # xla, the
+                                     if n in BACKEND_NAMES])  # cheapest, first: it comes up twice
 @pytest.mark.parametrize("window", [(3, 2), (0, 0), 5, (None, 4), (6, None)])
 def test_local_window_size_like_jax_nn(backend, window):
-    if not BACKENDS[backend].window:
+    if not BACKENDS[backend].supports_window:
         pytest.skip(f"{backend} does not serve windows")
     rng = np.random.default_rng(11)
     q, k, v = qkv(rng, sq=30, skv=30)
@@ -299,6 +306,7 @@ def test_local_window_size_like_jax_nn(backend, window):
     assert max(reference.relative_error(g, w) for g, w in zip(got, want)) <= 2 * TOL
 
 
+@pytest.mark.fast_every(2)
 @pytest.mark.parametrize("backend", [pytest.param(n, marks=SLOW) if n in ("naive", "xla") else n
                                      for n in BACKEND_NAMES])
 def test_query_and_key_value_seq_lengths(backend):
@@ -342,7 +350,7 @@ def test_unbatched_inputs(layout):
 def test_differentiating_an_lse_without_gradient_raises(monkeypatch):
     """A backend whose VJP ignores the lse cotangent (cuDNN) must not return a gradient that
     silently misses the lse's share: differentiating the lse raises, naming the backend."""
-    monkeypatch.setattr(BACKENDS["naive"], "lse_grad", False)
+    monkeypatch.setattr(BACKENDS["naive"], "supports_lse_grad", False)
     rng = np.random.default_rng(14)
     q, k, v = qkv(rng)
 

@@ -73,7 +73,7 @@ def test_single_backend_that_cannot_serve_lists_its_reasons():
 
 @pytest.mark.parametrize("bad", ["flash", "naive,nope", "auto,xla", ""])
 def test_unknown_names_list_the_known_ones(bad, monkeypatch):
-    with pytest.raises(ValueError, match="known: pallas, cudnn, xla, chunked, naive|names no backend|cannot be combined"):
+    with pytest.raises(ValueError, match="known: pallas, fa4, cudnn, tpu, xla, chunked, naive, sage|names no backend|cannot be combined"):
         chosen(bad)
     with pytest.raises(ValueError):
         with jax_attn.use_backend(bad):

@@ -25,7 +25,7 @@ from jax_attn import reference
 from jax_attn.backends import BACKENDS as JAX_BACKENDS
 from torch_ref.backends import BACKENDS
 from torch_ref.backends import chunked as chunked_module
-from torch_ref.inputs import Call
+from torch_ref.inputs import RunContext
 
 TOL = reference.TOLERANCE
 NAMES = torch_ref.available_backends()
@@ -184,7 +184,7 @@ def torch_kwargs(case: Case, arrays, bias_grad=False):
 
 def refused(name, q, k, v, **kw):
     """The backend's reasons for this call (`explain` with the new keywords), or []."""
-    decision = torch_ref.explain(q, k, v, backend=name, return_lse=BACKENDS[name].lse, **kw)
+    decision = torch_ref.explain(q, k, v, backend=name, return_lse=BACKENDS[name].supports_lse, **kw)
     return decision.reasons[name]
 
 
@@ -192,12 +192,12 @@ def torch_all(case: Case, arrays, name, with_lse=True):
     """out, lse and gradients from a torch backend, float64 bnsd with the batch axis."""
     b = BACKENDS[name]
     q, k, v = (to_torch(case, arrays[x]).requires_grad_() for x in "qkv")
-    kw = torch_kwargs(case, arrays, bias_grad=b.bias_grad)
+    kw = torch_kwargs(case, arrays, bias_grad=b.supports_bias_grad)
     why = refused(name, q, k, v, **kw)
     if why:
         pytest.skip(f"{name}: {'; '.join(why)}")
-    res = torch_ref.attention_forward(q, k, v, backend=name, return_lse=b.lse, **kw)
-    out, lse = res if b.lse else (res, None)
+    res = torch_ref.attention_forward(q, k, v, backend=name, return_lse=b.supports_lse, **kw)
+    out, lse = res if b.supports_lse else (res, None)
     assert out.dtype == q.dtype and out.shape == q.shape[:-1] + (case.dv,)
     loss = (out.float() * to_torch(case, arrays["d_out"]).float()).sum()
     if lse is not None:
@@ -232,8 +232,8 @@ def assert_close(case, got, ref, scale=1):
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_matches_reference(case, name):
     arrays = case_arrays(case)
-    got = torch_all(case, arrays, name, with_lse=BACKENDS[name].lse)
-    assert_close(case, got, reference_all(case, arrays, with_lse=BACKENDS[name].lse))
+    got = torch_all(case, arrays, name, with_lse=BACKENDS[name].supports_lse)
+    assert_close(case, got, reference_all(case, arrays, with_lse=BACKENDS[name].supports_lse))
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -329,7 +329,7 @@ def test_huge_lengths_clamp_without_wrapping(name):
     case = Case("huge-lengths", kv_lengths=(2**32 + 2, 7), q_lengths=(2**40, 2**32 + 1), causal=True)
     arrays = case_arrays(case)
     got = torch_all(case, arrays, name)
-    assert_close(case, got, reference_all(case, arrays, with_lse=BACKENDS[name].lse))
+    assert_close(case, got, reference_all(case, arrays, with_lse=BACKENDS[name].supports_lse))
     q, k, v = (to_torch(case, arrays[x]) for x in "qkv")
     small = torch_ref.attention_forward(q, k, v, backend=name, is_causal=True,
                                         kv_lengths=torch.tensor([255, 7], dtype=torch.uint8),
@@ -345,11 +345,11 @@ def test_every_backend_serves_a_window_or_says_why():
         decision = torch_ref.explain(q, q, q, local_window_size=window, is_causal=True)
         for name, b in BACKENDS.items():
             says = "local_window_size is not supported" in decision.reasons[name]
-            assert says == (not b.window), (name, decision.reasons[name])
-        assert decision.backend is not None and BACKENDS[decision.backend].window
+            assert says == (not b.supports_window), (name, decision.reasons[name])
+        assert decision.backend is not None and BACKENDS[decision.backend].supports_window
     for name in ("flash_attn", "sageattention"):
-        assert not BACKENDS[name].window
-    call = Call(device="cuda", grad=True)
+        assert not BACKENDS[name].supports_window
+    call = RunContext(device="cuda", grad=True)
     spec = jax_attn.contract.validate(q, q, q, local_window_size=2)
     assert "local_window_size is not supported on CUDA (it needs an attn_mask)" in \
         BACKENDS["sdpa_flash"].reasons(spec, call)
@@ -494,6 +494,7 @@ def assert_agree(case, t, j, jax_name, torch_name):
         assert err <= limit, f"{key}: {jax_name} vs {torch_name}: relative difference {err:.2e} > {limit:.0e}"
 
 
+@pytest.mark.fast_every(3)
 @pytest.mark.fast_diagonal  # the fast run: the first three cases, the JAX and torch backends in turn
 @pytest.mark.parametrize("torch_name", NAMES)
 @pytest.mark.parametrize("jax_name", JAX_NAMES)
@@ -502,7 +503,7 @@ def assert_agree(case, t, j, jax_name, torch_name):
 def test_cross_framework_new_arguments_agree(case, jax_name, torch_name):
     if not _jax_serves(case, jax_name):
         pytest.skip(f"jax {jax_name} does not serve {case.name}")
-    with_lse = BACKENDS[torch_name].lse
+    with_lse = BACKENDS[torch_name].supports_lse
     t = torch_all(case, case_arrays(case), torch_name, with_lse=with_lse)
     j = jax_all(case, jax_name, with_lse)
     assert_agree(case, t, j, jax_name, torch_name)

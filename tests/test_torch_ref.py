@@ -18,7 +18,7 @@ import torch_ref
 from jax_attn import reference
 from torch_ref import routing
 from torch_ref.backends import BACKENDS
-from torch_ref.inputs import AttentionInputs, Call
+from torch_ref.inputs import AttentionInputs, RunContext
 
 TOL = reference.TOLERANCE
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16,
@@ -84,7 +84,7 @@ def reference_for(q, k, v, kw, d_out):
 def assert_matches_reference(backend, q, k, v, kw, dtype, rng):
     tol = TOL[dtype]
     layout = kw["layout"]
-    with_lse = BACKENDS[backend].lse
+    with_lse = BACKENDS[backend].supports_lse
     res = torch_ref.attention_forward(q, k, v, backend=backend, return_lse=with_lse, **kw)
     out, lse = res if with_lse else (res, None)
     assert out.dtype == q.dtype and out.shape[:3] == q.shape[:3] and out.shape[3] == v.shape[3]
@@ -132,8 +132,8 @@ def test_matches_reference_on_random_calls(backend):
     def check(call):
         params, seed = call
         rng = np.random.default_rng(seed)
-        q, k, v, kw = make_call(rng, **params, bias_grad=BACKENDS[backend].bias_grad)
-        inputs = AttentionInputs.build(q, k, v, **kw, return_lse=BACKENDS[backend].lse)
+        q, k, v, kw = make_call(rng, **params, bias_grad=BACKENDS[backend].supports_bias_grad)
+        inputs = AttentionInputs.build(q, k, v, **kw, return_lse=BACKENDS[backend].supports_lse)
         assume(not BACKENDS[backend].reasons(inputs.spec, inputs.call))
         assert_matches_reference(backend, q, k, v, kw, params["dtype"], rng)
 
@@ -314,7 +314,7 @@ def test_explain_lists_every_backend_and_prints_a_table():
 
 def test_no_backward_backends_refuse_when_grad_is_needed():
     spec = AttentionInputs.build(Q, Q, Q).spec
-    assert any("no backward" in r for r in BACKENDS["sageattention"].reasons(spec, Call(grad=True)))
+    assert any("no backward" in r for r in BACKENDS["sageattention"].reasons(spec, RunContext(grad=True)))
 
 
 def test_available_backends():
@@ -338,6 +338,7 @@ def test_optional_backend_is_absent_with_a_reason_or_matches_the_reference(name)
     assert reference.relative_error(f64(out.cpu()), ref) <= tol
 
 
+@pytest.mark.slow  # `check` over every case
 def test_cli_check_rows_pass_and_skip_with_reasons():
     from jax_attn.cli import CASES
     from torch_ref.check import compare_with_reference

@@ -10,7 +10,8 @@ from .routing import Decision, choose, decide
 
 def attention_forward(q, k, v, *, attn_mask=None, scale=None, is_causal=False, kv_lengths=None,
                       layout="bnsd", backend=None, return_lse=False, bias=None, mask=None,
-                      query_seq_lengths=None, key_value_seq_lengths=None, local_window_size=None):
+                      query_seq_lengths=None, key_value_seq_lengths=None, local_window_size=None,
+                      q_segment_ids=None, kv_segment_ids=None):
     """Scaled dot-product attention on torch tensors, with `jax_attn.attention_forward`'s contract.
 
     Same arguments, semantics and error messages (both validate through `jax_attn.contract`):
@@ -20,7 +21,9 @@ def attention_forward(q, k, v, *, attn_mask=None, scale=None, is_causal=False, k
     part keeps them, float parts added), `kv_lengths (b,)` (alias `key_value_seq_lengths`),
     `query_seq_lengths (b,)` (padding queries get zeros, lse -inf and no gradient), top-left aligned
     `is_causal`, `local_window_size` (an int or `(left, right)`, None sides unbounded: key j is
-    visible to query i iff `i - left <= j <= i + right`), `scale` default `1/sqrt(d)`. A query
+    visible to query i iff `i - left <= j <= i + right`), packed sequences through integer
+    `q_segment_ids (b, sq)` and `kv_segment_ids (b, skv)` (both or neither; query i sees key j
+    only where their ids are equal), `scale` default `1/sqrt(d)`. A query
     with no key to attend to gets zeros, zero gradients and lse = -inf; a NaN in a visible logit
     gives NaN; keys no query can see contribute nothing, whatever they hold. `backend` is one
     name, a comma-separated preference list or "auto" (see `use_backend`); with `return_lse` also
@@ -29,14 +32,16 @@ def attention_forward(q, k, v, *, attn_mask=None, scale=None, is_causal=False, k
     inputs = AttentionInputs.build(
         q, k, v, attn_mask=attn_mask, kv_lengths=lengths_alias(kv_lengths, key_value_seq_lengths),
         scale=scale, is_causal=is_causal, layout=layout, return_lse=return_lse, bias=bias, mask=mask,
-        query_seq_lengths=query_seq_lengths, local_window_size=local_window_size)
+        query_seq_lengths=query_seq_lengths, local_window_size=local_window_size,
+        q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids)
     run = choose(inputs.spec, inputs.call, backend)
     return inputs.finish(run(inputs.padding_zeroed(), return_lse), return_lse)
 
 
 def explain(q, k, v, *, attn_mask=None, scale=None, is_causal=False, kv_lengths=None, layout="bnsd",
             backend=None, return_lse=False, bias=None, mask=None, query_seq_lengths=None,
-            key_value_seq_lengths=None, local_window_size=None) -> Decision:
+            key_value_seq_lengths=None, local_window_size=None, q_segment_ids=None,
+            kv_segment_ids=None) -> Decision:
     """What `attention_forward` would run for these tensors, and every backend's reasons.
 
     Accepts `device="meta"` tensors (shapes only; then no backend is ruled out by device).
@@ -44,7 +49,8 @@ def explain(q, k, v, *, attn_mask=None, scale=None, is_causal=False, kv_lengths=
     spec, call = describe(q, k, v, attn_mask=attn_mask, scale=scale, is_causal=is_causal,
                           kv_lengths=lengths_alias(kv_lengths, key_value_seq_lengths), layout=layout,
                           return_lse=return_lse, bias=bias, mask=mask,
-                          query_seq_lengths=query_seq_lengths, local_window_size=local_window_size)
+                          query_seq_lengths=query_seq_lengths, local_window_size=local_window_size,
+                          q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids)
     return decide(spec, call, backend)
 
 

@@ -33,7 +33,8 @@ def _case_inputs(case, dtype: str, seed: int):
     f64 = lambda x: x.astype(np.float64)  # noqa: E731
     mask = kw.get("attn_mask")
     mask = mask if mask is None or mask.dtype == bool else f64(mask)
-    extra = dict(q_lengths=kw.get("query_seq_lengths"), window=case.window)
+    extra = dict(q_lengths=kw.get("query_seq_lengths"), window=case.window,
+                 q_segment_ids=kw.get("q_segment_ids"), kv_segment_ids=kw.get("kv_segment_ids"))
     d_out = case_data.output_cotangent(case, seed)
     return f64(q), f64(k), f64(v), mask, kw.get("kv_lengths"), d_out, extra
 
@@ -51,8 +52,8 @@ def _run(case, dtype, arrays, backend):
               kv_lengths=None if lengths is None else torch.tensor(lengths, device=DEVICE),
               query_seq_lengths=None if extra["q_lengths"] is None else torch.tensor(extra["q_lengths"],
                                                                                     device=DEVICE),
-              local_window_size=extra["window"])
-    with_lse = BACKENDS[backend].lse
+              local_window_size=extra["window"], **_segment_ids(extra, DEVICE))
+    with_lse = BACKENDS[backend].supports_lse
 
     def fwd():
         res = attention_forward(q, k, v, backend=backend, return_lse=with_lse, **kw)
@@ -67,6 +68,13 @@ def _run(case, dtype, arrays, backend):
     res = {"out": f64(out), "lse": None if lse is None else lse.detach().cpu().double().numpy(),
            "grads": [f64(g) for g in grads]}
     return res, {"fwd_ms": _median_ms(fwd), "fwd_bwd_ms": _median_ms(fwd_bwd)}
+
+
+def _segment_ids(extra, device) -> dict:
+    """The case's segment ids as torch keyword arguments (none when the case has none)."""
+    if extra["q_segment_ids"] is None:
+        return {}
+    return {name: torch.tensor(extra[name], device=device) for name in ("q_segment_ids", "kv_segment_ids")}
 
 
 def _median_ms(fn, repeats=5) -> float:
@@ -89,9 +97,9 @@ def _reasons(case, dtype, arrays, backend):
         meta(q), meta(k), meta(v), is_causal=case.causal, layout=case.layout,
         attn_mask=None if mask is None else torch.empty(mask.shape, device="meta",
                                                         dtype=torch.bool if mask.dtype == bool else tdt),
-        kv_lengths=None if lengths is None else torch.tensor(lengths), return_lse=BACKENDS[backend].lse,
+        kv_lengths=None if lengths is None else torch.tensor(lengths), return_lse=BACKENDS[backend].supports_lse,
         query_seq_lengths=None if extra["q_lengths"] is None else torch.tensor(extra["q_lengths"]),
-        local_window_size=extra["window"])
+        local_window_size=extra["window"], **_segment_ids(extra, "cpu"))
     # Shapes travel on the meta device; the reasons must be those of the device the case runs on.
     return BACKENDS[backend].reasons(spec, dataclasses.replace(call, device=DEVICE))
 
@@ -106,8 +114,9 @@ def compare_with_reference(cases, seed: int = 0, dtypes=("float32",), backends=N
         for case in cases:
             arrays = _case_inputs(case, dtype, seed)
             q, k, v, mask, lengths, d_out, extra = arrays
-            ref, ref_lse, ref_grads = case_data.expected(case, q, k, v, d_out, mask, lengths,
-                                                         extra["q_lengths"])
+            ref, ref_lse, ref_grads = case_data.expected(
+                case, q, k, v, d_out, mask, lengths, extra["q_lengths"],
+                q_segment_ids=extra["q_segment_ids"], kv_segment_ids=extra["kv_segment_ids"])
             ref_grads = ref_grads[:3]  # q, k, v: these rows do not differentiate a bias
             for name in backends or available_backends():
                 row = {"backend": f"torch:{name}", "case": case.name, "dtype": dtype}

@@ -2,7 +2,7 @@
 
 The rules are `jax_attn.choice`'s, as in `jax_attn.routing` (one name, a comma-separated
 preference list, or "auto"; the same `Decision` and `BackendError`), over torch_ref's registry.
-What is torch's own: the reasons depend on the `Call` (device, autograd, lse), known only at run
+What is torch's own: the reasons depend on the `RunContext` (device, autograd, lse), known only at run
 time, so torch decides per call; and the automatic preference is a fixed order.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from jax_attn.choice import BackendError, Decision
 from jax_attn.contract import Spec
 
 from .backends import BACKENDS, Backend
-from .inputs import Call
+from .inputs import RunContext
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ __all__ = ["BackendError", "Decision", "ENV_VAR", "choose", "current_choice", "d
            "preference", "use_backend"]
 
 
-def preference(spec: Spec, call: Call) -> list[str]:
+def preference(spec: Spec, call: RunContext) -> list[str]:
     """Backends to try, best first: installed fused kernels on CUDA, then sdpa, then chunked."""
     order = ["flash_attn", "xformers", "sdpa", "chunked", "naive"] if call.device == "cuda" else [
         "sdpa", "chunked", "naive"]
@@ -41,10 +41,10 @@ def preference(spec: Spec, call: Call) -> list[str]:
     return order
 
 
-def decide(spec: Spec, call: Call = Call(), backend=None) -> Decision:
+def decide(spec: Spec, call: RunContext = RunContext(), backend=None) -> Decision:
     return ROUTER.decide(backend, lambda b: b.reasons(spec, call), lambda: preference(spec, call))
 
 
-def choose(spec: Spec, call: Call = Call(), backend=None) -> Backend:
+def choose(spec: Spec, call: RunContext = RunContext(), backend=None) -> Backend:
     """The backend for this call, raising `BackendError` with every reason when none can serve."""
     return ROUTER.chosen(decide(spec, call, backend))

@@ -4,10 +4,22 @@ from __future__ import annotations
 from .base import Backend, Needs, gpu_compute_capability, platform
 from .chunked import Chunked
 from .cudnn import CuDNN
+from .fa4 import FA4
 from .naive import Naive
 from .pallas import Pallas
+from .sage import Sage
+from .tpu import TPU
 from .xla import XLA
 
-BACKENDS: dict[str, Backend] = {b.name: b for b in (Pallas(), CuDNN(), XLA(), Chunked(), Naive())}
+BACKENDS: dict[str, Backend] = {b.name: b for b in (
+    Pallas(),
+    FA4(),
+    CuDNN(),
+    TPU(),
+    XLA(),
+    Chunked(),
+    Naive(),
+    Sage(),  # lossy: never chosen automatically
+)}
 
 __all__ = ["BACKENDS", "Backend", "Needs", "gpu_compute_capability", "platform"]

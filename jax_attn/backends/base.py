@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 
 import jax
 from jax.custom_derivatives import SymbolicZero
@@ -42,7 +43,8 @@ class Backend:
     """Capabilities as data; `reasons` lists, in plain sentences, why it cannot serve a call.
 
     Subclasses set the class attributes and implement `_forward`; they extend `reasons` by
-    calling `super().reasons(spec)` first.
+    calling `super().reasons(spec)` first. Capability flags are named `supports_*` so they do not
+    read like values; the names before 0.2 (`bias`, `causal`, ...) still work, with a warning.
     """
 
     name: str = ""
@@ -52,16 +54,27 @@ class Backend:
     head_dims: tuple[int, int] = (1, 1 << 30)  # inclusive range
     head_dim_multiple: int = 1
     value_dim_differs: bool = True  # dv != d
-    bool_mask: bool = True
-    bias: bool = True
-    bias_grad: bool = True  # gradient w.r.t. a float attn_mask
-    causal: bool = True
-    kv_lengths: bool = True
-    lse_grad: bool = True  # the log-sum-exp output is differentiable
-    window: bool = False  # local_window_size (sliding-window attention)
-    forward_ad: bool = False  # jax.jvp / jacfwd (a custom VJP rules it out)
+    supports_bool_mask: bool = True
+    supports_bias: bool = True
+    supports_bias_grad: bool = True  # gradient w.r.t. a float attn_mask
+    supports_causal: bool = True
+    supports_kv_lengths: bool = True
+    supports_lse_grad: bool = True  # the log-sum-exp output is differentiable
+    supports_window: bool = False  # local_window_size (sliding-window attention)
+    supports_forward_ad: bool = False  # jax.jvp / jacfwd (a custom VJP rules it out)
+    supports_segment_ids: bool = False  # q_segment_ids/kv_segment_ids (packed sequences)
     quadratic_memory: bool = False  # holds the (b, n, sq, skv) scores
     automatic: bool = True  # may be picked by automatic selection
+    lossy: bool = False  # trades accuracy for speed (8-bit): automatic selection and tune never take it
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        for old in RENAMED_CAPABILITIES:
+            if old in cls.__dict__ and not isinstance(cls.__dict__[old], property):
+                warnings.warn(f"{cls.__name__}.{old} is deprecated: set supports_{old}", DeprecationWarning,
+                              stacklevel=2)
+                setattr(cls, f"supports_{old}", cls.__dict__[old])
+                delattr(cls, old)
 
     def unavailable(self) -> list[str]:
         """Reasons this machine cannot run the backend at all (no GPU, package missing)."""
@@ -83,21 +96,23 @@ class Backend:
             why.append(f"head dim {spec.head_dim} is not supported (must be {rule})")
         if spec.value_dim != spec.head_dim and not self.value_dim_differs:
             why.append(f"value head dim {spec.value_dim} differs from q/k head dim {spec.head_dim}")
-        if spec.mask_kind == "bool" and not self.bool_mask:
+        if spec.mask_kind == "bool" and not self.supports_bool_mask:
             why.append("a bool attn_mask is not supported")
-        if spec.mask_kind == "bias" and not self.bias:
+        if spec.mask_kind == "bias" and not self.supports_bias:
             why.append("an additive float attn_mask is not supported")
-        if spec.is_causal and not self.causal:
+        if spec.is_causal and not self.supports_causal:
             why.append("is_causal=True is not supported")
-        if spec.has_kv_lengths and not self.kv_lengths:
+        if spec.has_kv_lengths and not self.supports_kv_lengths:
             why.append("kv_lengths is not supported")
-        if spec.window is not None and not self.window:
+        if spec.window is not None and not self.supports_window:
             why.append("local_window_size is not supported")
-        if needs.forward_ad and not self.forward_ad:
+        if spec.has_segment_ids and not self.supports_segment_ids:
+            why.append("q_segment_ids/kv_segment_ids are not supported")
+        if needs.forward_ad and not self.supports_forward_ad:
             why.append("forward-mode autodiff (jax.jvp, jacfwd, hessian) is not supported: its gradient is "
                        "a custom VJP; backend='xla' or 'naive' can be differentiated in forward mode")
-        if needs.lse_grad and not self.lse_grad:
-            why.append("its log-sum-exp has no gradient (lse_grad=False)")
+        if needs.lse_grad and not self.supports_lse_grad:
+            why.append("its log-sum-exp has no gradient (supports_lse_grad=False)")
         return why
 
     def __call__(self, inputs: AttentionInputs, return_lse: bool = False):
@@ -112,15 +127,31 @@ class Backend:
         return {
             "platforms": self.platforms, "dtypes": self.dtypes, "head_dims": self.head_dims,
             "head_dim_multiple": self.head_dim_multiple, "dv != d": self.value_dim_differs,
-            "bool mask": self.bool_mask, "bias": self.bias, "bias grad": self.bias_grad,
-            "causal": self.causal, "kv_lengths": self.kv_lengths, "lse grad": self.lse_grad,
-            "window": self.window, "forward AD": self.forward_ad, "quadratic memory": self.quadratic_memory,
+            "bool mask": self.supports_bool_mask, "bias": self.supports_bias, "bias grad": self.supports_bias_grad,
+            "causal": self.supports_causal, "kv_lengths": self.supports_kv_lengths, "lse grad": self.supports_lse_grad,
+            "window": self.supports_window, "segment ids": self.supports_segment_ids,
+            "forward AD": self.supports_forward_ad, "quadratic memory": self.quadratic_memory,
         }
+
+
+RENAMED_CAPABILITIES = ("bool_mask", "bias", "bias_grad", "causal", "kv_lengths", "lse_grad", "window",
+                        "forward_ad")
+
+
+def _deprecated_capability(old: str) -> property:
+    def get(self):
+        warnings.warn(f"Backend.{old} is deprecated: read supports_{old}", DeprecationWarning, stacklevel=2)
+        return getattr(self, f"supports_{old}")
+    return property(get, doc=f"Deprecated alias of `supports_{old}`.")
+
+
+for _old in RENAMED_CAPABILITIES:
+    setattr(Backend, _old, _deprecated_capability(_old))
 
 
 @functools.cache
 def lse_without_gradient(name: str):
-    """Identity on the lse of a backend whose lse has no gradient (`lse_grad=False`): its backward
+    """Identity on the lse of a backend whose lse has no gradient (`supports_lse_grad=False`): its backward
     raises unless the lse's cotangent is a symbolic zero (the lse not differentiated), so a
     gradient never silently misses the lse's share. Raised while the gradient is traced."""
     @jax.custom_vjp

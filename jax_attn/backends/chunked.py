@@ -3,7 +3,8 @@
 Forward: `lax.map` over query chunks, `lax.scan` over key chunks with the online softmax.
 Backward (custom VJP): a scan over key chunks, each scanning the query chunks and recomputing the
 probabilities from the saved log-sum-exp. Peak memory is O((sq + skv) * d + chunk_q * chunk_k)
-per head: it never holds a `(sq, skv)` matrix, in either direction.
+per head: it never holds a `(sq, skv)` matrix, in either direction. Segment ids (packed sequences)
+are cut to each block and compared there, so neither do they.
 """
 from __future__ import annotations
 
@@ -75,8 +76,9 @@ def _grouped(x, plan):
     return x[:, :, None]
 
 
-def _logits(plan, q_i, k_j, mask, kv_lengths, i, j):
-    """Masked float32 logits of query block i against key block j, and the keep mask (grouped)."""
+def _logits(plan, q_i, k_j, mask, kv_lengths, segments, i, j):
+    """Masked float32 logits of query block i against key block j, and the keep mask (grouped).
+    `segments`: None, or the `(b, Sq)` and `(b, Sk)` segment ids padded to whole chunks."""
     spec = plan.spec
     s = jnp.einsum("bhgqd,bhkd->bhgqk", q_i, k_j, precision=_precision(q_i.dtype),
                    preferred_element_type=jnp.float32) * spec.scale
@@ -85,7 +87,11 @@ def _logits(plan, q_i, k_j, mask, kv_lengths, i, j):
     m = None
     if mask is not None:
         m = _slice(_slice(mask, 2, i * plan.q_chunk, plan.q_chunk), 3, j * plan.k_chunk, plan.k_chunk)
-    keep, bias = masking.keep_and_bias(spec, m, kv_lengths, q_pos, k_pos, kv_limit=spec.kv_len)
+    if segments is not None:  # this block's ids only: a (b, 1, qc, kc) comparison
+        segments = (jax.lax.dynamic_slice_in_dim(segments[0], i * plan.q_chunk, plan.q_chunk, 1),
+                    jax.lax.dynamic_slice_in_dim(segments[1], j * plan.k_chunk, plan.k_chunk, 1))
+    keep, bias = masking.keep_and_bias(spec, m, kv_lengths, q_pos, k_pos, kv_limit=spec.kv_len,
+                                       segments=segments)
     keep, bias = _grouped(keep, plan), _grouped(bias, plan)
     return masking.masked_logits(s, keep, bias), keep
 
@@ -94,7 +100,7 @@ def _kept(x, keep):
     return x if keep is None else jnp.where(keep, x, 0.0)
 
 
-def _forward(plan, q, k, v, mask, kv_lengths):
+def _forward(plan, q, k, v, mask, kv_lengths, segments):
     """q (b, hk, g, Sq, d) and k, v (b, hk, Sk, .) padded to whole chunks."""
     b, hk, g, _, _ = q.shape
     dv = v.shape[-1]
@@ -108,7 +114,7 @@ def _forward(plan, q, k, v, mask, kv_lengths):
                 m, l, acc = carry
                 k_j = jax.lax.dynamic_slice_in_dim(k, j * kc, kc, 2)
                 v_j = jax.lax.dynamic_slice_in_dim(v, j * kc, kc, 2)
-                s, keep = _logits(plan, q_i, k_j, mask, kv_lengths, i, j)
+                s, keep = _logits(plan, q_i, k_j, mask, kv_lengths, segments, i, j)
                 # Masked logits sit at the finite masking.MASKED; `keep`, not their value, drops
                 # them, so a visible NaN keeps its row NaN (never "empty").
                 m_new = jnp.maximum(m, s.max(-1))
@@ -135,17 +141,17 @@ def _forward(plan, q, k, v, mask, kv_lengths):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _attention(plan, q, k, v, mask, kv_lengths):
-    return _forward(plan, q, k, v, mask, kv_lengths)
+def _attention(plan, q, k, v, mask, kv_lengths, segments):
+    return _forward(plan, q, k, v, mask, kv_lengths, segments)
 
 
-def _attention_fwd(plan, q, k, v, mask, kv_lengths):
-    out, lse = _forward(plan, q, k, v, mask, kv_lengths)
-    return (out, lse), (q, k, v, mask, kv_lengths, out, lse)
+def _attention_fwd(plan, q, k, v, mask, kv_lengths, segments):
+    out, lse = _forward(plan, q, k, v, mask, kv_lengths, segments)
+    return (out, lse), (q, k, v, mask, kv_lengths, segments, out, lse)
 
 
 def _attention_bwd(plan, res, cotangents):
-    q, k, v, mask, kv_lengths, out, lse = res
+    q, k, v, mask, kv_lengths, segments, out, lse = res
     d_out, d_lse = cotangents
     spec = plan.spec
     qc, kc = plan.q_chunk, plan.k_chunk
@@ -165,7 +171,7 @@ def _attention_bwd(plan, res, cotangents):
                 dk_j, dv_j, dq, dbias = carry
                 q_i, do_i = (jax.lax.dynamic_slice_in_dim(x, i * qc, qc, 3) for x in (q, d_out))
                 lse_i, delta_i = (jax.lax.dynamic_slice_in_dim(x, i * qc, qc, 3) for x in (lse_safe, delta))
-                s, keep = _logits(plan, q_i, k_j, mask, kv_lengths, i, j)
+                s, keep = _logits(plan, q_i, k_j, mask, kv_lengths, segments, i, j)
                 p = _kept(jnp.exp(s - lse_i[..., None]), keep)
                 dv_j = dv_j + jnp.einsum("bhgqk,bhgqd->bhkd", p.astype(do_i.dtype), do_i, precision=prec,
                                          preferred_element_type=jnp.float32)
@@ -195,7 +201,8 @@ def _attention_bwd(plan, res, cotangents):
     dk = jnp.moveaxis(dk, 0, 2).reshape(k.shape)
     dv = jnp.moveaxis(dv, 0, 2).reshape(v.shape)
     dmask = dbias.astype(mask.dtype) if want_dbias else None
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dmask, None
+    no_segments = None if segments is None else (None, None)  # integer ids: no cotangent
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dmask, None, no_segments
 
 
 def _accumulate_dbias(dbias, ds, plan, i, j):
@@ -216,7 +223,8 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 class Chunked(Backend):
     name = "chunked"
     description = "jnp online softmax over key/query chunks with its own VJP; memory linear in s"
-    window = True
+    supports_window = True
+    supports_segment_ids = True  # compared block by block, never as (sq, skv)
 
     def __init__(self, q_chunk: int = 512, k_chunk: int = 512):
         self.q_chunk, self.k_chunk = q_chunk, k_chunk
@@ -233,6 +241,9 @@ class Chunked(Backend):
         if mask is not None:
             for axis, size in ((2, sq_pad), (3, skv_pad)):
                 mask = _pad_axis(mask, axis, size) if mask.shape[axis] > 1 else mask
-        out, lse = _attention(plan, q, k, v, mask, inputs.kv_lengths)
+        segments = inputs.segments
+        if segments is not None:  # padded queries are cut off, padded keys dropped by kv_limit
+            segments = (_pad_axis(segments[0], 1, sq_pad), _pad_axis(segments[1], 1, skv_pad))
+        out, lse = _attention(plan, q, k, v, mask, inputs.kv_lengths, segments)
         out = inputs.from_bnsd(out[..., :sq, :].reshape(b, n, sq, -1))
         return (out, lse[..., :sq].reshape(b, n, sq)) if return_lse else out

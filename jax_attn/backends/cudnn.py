@@ -9,6 +9,9 @@ JAX's binding refuses odd sq or skv whenever the call is differentiated (it alwa
 operand, and cuDNN's backward with a bias needs even lengths), which would rule out the 77-token
 text-encoder keys of cross-attention. So an odd length is padded by one: a masked key (through
 `kv_lengths`), or a query row that is sliced off.
+
+Segment ids (packed sequences) are folded into the one bias cuDNN takes, exactly as a bool mask
+is: the `(sq, skv)` bias is materialized for any mask already.
 """
 from __future__ import annotations
 
@@ -59,8 +62,9 @@ class CuDNN(Backend):
     dtypes = ("float16", "bfloat16")
     head_dim_multiple = 8
     value_dim_differs = False
-    lse_grad = False  # cuDNN's VJP ignores a cotangent on the log-sum-exp
-    window = True  # only a left window with causality: see `reasons`
+    supports_lse_grad = False  # cuDNN's VJP ignores a cotangent on the log-sum-exp
+    supports_window = True  # only a left window with causality: see `reasons`
+    supports_segment_ids = True  # folded into its bias, as a bool mask
 
     @property
     def head_dims(self):
@@ -88,9 +92,10 @@ class CuDNN(Backend):
             if right != 0 or left is None:
                 why.append("local_window_size: cuDNN takes only a bounded left window with causal "
                            "masking (right = 0 or is_causal=True)")
-            elif spec.mask_kind != "none" or spec.has_kv_lengths or spec.q_len % 2 or spec.kv_len % 2:
+            elif (spec.mask_kind != "none" or spec.has_kv_lengths or spec.has_segment_ids
+                  or spec.q_len % 2 or spec.kv_len % 2):
                 why.append("local_window_size: cuDNN's sliding window is used only without masks, "
-                           "kv_lengths or odd lengths here")
+                           "kv_lengths, segment ids or odd lengths here")
             elif spec.q_len > spec.kv_len:
                 why.append("local_window_size with more queries than keys (rows with no key)")
         return why
@@ -99,9 +104,9 @@ class CuDNN(Backend):
         spec = inputs.spec
         if spec.q_len % 2 or spec.kv_len % 2:
             return self._forward_padded(inputs, return_lse)
-        fix = EmptyRows.fix(spec, inputs.mask, inputs.kv_lengths)
+        fix = EmptyRows.fix(spec, inputs.mask, inputs.kv_lengths, inputs.segments)
         bias = None
-        if spec.mask_kind != "none":  # cuDNN takes one bias of full (sq, skv) extent
+        if fix.mask is not None:  # masks and segments: cuDNN takes one bias of full (sq, skv) extent
             mask = fix.mask
             full = jnp.broadcast_shapes(mask.shape, (1, 1, spec.q_len, spec.kv_len))
             bias = jnp.where(jnp.broadcast_to(mask, full), 0.0, -0.7 * float(jnp.finfo(inputs.q.dtype).max))
@@ -139,9 +144,13 @@ class CuDNN(Backend):
         if mask is not None:
             mask = pad(mask, 2, pad_q if mask.shape[2] > 1 else 0)
             mask = pad(mask, 3, pad_k if mask.shape[3] > 1 else 0)
+        q_ids = kv_ids = None
+        if inputs.segments is not None:  # the padded query is cut off, the padded key dropped
+            q_ids, kv_ids = pad(inputs.q_segment_ids, 1, pad_q), pad(inputs.kv_segment_ids, 1, pad_k)
         padded = AttentionInputs.build(q, k, v, attn_mask=mask, kv_lengths=kv_lengths, scale=spec.scale,
                                        is_causal=spec.is_causal, layout=spec.layout,
-                                       local_window_size=spec.window)
+                                       local_window_size=spec.window, q_segment_ids=q_ids,
+                                       kv_segment_ids=kv_ids)
         res = self._forward(padded, return_lse)
         out, lse = res if return_lse else (res, None)
         out = jax.lax.slice_in_dim(out, 0, spec.q_len, axis=seq_axis)

@@ -17,8 +17,9 @@ def _precision(dtype):
 class Naive(Backend):
     name = "naive"
     description = "plain jnp: scores, masked softmax, weighted sum; O(sq*skv) memory"
-    window = True
-    forward_ad = True
+    supports_window = True
+    supports_forward_ad = True
+    supports_segment_ids = True
     quadratic_memory = True
 
     def _forward(self, inputs, return_lse):
@@ -32,7 +33,7 @@ class Naive(Backend):
         s = jnp.einsum("bhgqd,bhkd->bhgqk", qg, k, precision=prec,
                        preferred_element_type=acc_t).reshape(b, n, sq, spec.kv_len) * spec.scale
         keep, bias = masking.keep_and_bias(spec, inputs.mask, inputs.kv_lengths,
-                                           jnp.arange(sq), jnp.arange(spec.kv_len))
+                                           jnp.arange(sq), jnp.arange(spec.kv_len), segments=inputs.segments)
         s = masking.masked_logits(s, keep, bias)
         nonempty = masking.nonempty_rows(keep, s.shape)  # by visibility: a NaN row is not empty
         m = jax.lax.stop_gradient(jnp.where(nonempty, jnp.max(s, axis=-1, keepdims=True), 0.0))

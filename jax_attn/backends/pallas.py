@@ -8,17 +8,27 @@ they measured faster: `routing.pallas_kernel` decides (`JAX_ATTN_PALLAS_KERNEL` 
 On a machine without an NVIDIA GPU it is unavailable unless `JAX_ATTN_INTERPRET=1`, which runs the
 same kernels in Pallas interpret mode on the CPU: slow, for tests and CI only, so it is then never
 chosen automatically (`automatic` is False while interpreting).
+
+Segment ids (packed sequences) are served by the Triton kernels, which compare them tile by tile;
+the Mosaic kernels do not take them, so `routing.pallas_kernel` sends such calls to Triton.
 """
 from __future__ import annotations
 
+import inspect
 import os
 
 import jax.numpy as jnp
 
-from ..kernels import flash_attention, mosaic_attention
+from ..kernels import mosaic_attention
+from ..kernels.flash_attention import flash_attention
 from .base import Backend, gpu_compute_capability, platform
 
 ENV_INTERPRET = "JAX_ATTN_INTERPRET"
+
+# Whether the Triton kernel of this build takes segment ids: read from its signature, so a build
+# whose kernel lacks them declines such calls with that reason instead of failing inside.
+KERNEL_TAKES_SEGMENT_IDS = {"q_segment_ids", "kv_segment_ids"} <= set(
+    inspect.signature(flash_attention).parameters)
 
 
 def interpreting() -> bool:
@@ -32,7 +42,8 @@ class Pallas(Backend):
     platforms = ("gpu",)
     dtypes = ("float16", "bfloat16", "float32")
     head_dims = (1, 256)
-    window = True
+    supports_window = True
+    supports_segment_ids = KERNEL_TAKES_SEGMENT_IDS
 
     @property
     def automatic(self) -> bool:
@@ -54,6 +65,10 @@ class Pallas(Backend):
         why = super().reasons(spec, needs)
         if spec.value_dim > 256:
             why.append(f"value head dim {spec.value_dim} is not supported (at most 256)")
+        generic = "q_segment_ids/kv_segment_ids are not supported"
+        if generic in why:  # say where: the kernel, not this adapter
+            why[why.index(generic)] = (f"{generic} (the Triton kernel of this build, "
+                                       "kernels/flash_attention.py, takes none)")
         return why
 
     def _forward(self, inputs, return_lse):
@@ -72,8 +87,12 @@ class Pallas(Backend):
             bias = jnp.where(inputs.mask, 0.0, -jnp.inf).astype(jnp.bfloat16)
         elif spec.mask_kind == "bias":
             bias = inputs.mask
+        segments = {}
+        if inputs.segments is not None:  # int32 (b, sq) and (b, skv), never expanded to (sq, skv)
+            segments = dict(q_segment_ids=inputs.q_segment_ids, kv_segment_ids=inputs.kv_segment_ids)
         return flash_attention(
             inputs.q, inputs.k, inputs.v, bias=bias, key_mask=key_mask,
             kv_lengths=inputs.kv_lengths, is_causal=spec.is_causal, window=spec.window,
-            scale=spec.scale, layout=spec.layout, return_lse=return_lse, interpret=interpreting())
+            scale=spec.scale, layout=spec.layout, return_lse=return_lse, interpret=interpreting(),
+            **segments)
 

@@ -1,5 +1,8 @@
 """`xla`: `jax.nn.dot_product_attention(implementation="xla")`, which XLA fuses on any device.
 
+jax.nn has no segment ids: packed sequences are folded exactly into the bool mask it takes (an
+`(b, 1, sq, skv)` array, no more than the scores it holds anyway).
+
 jax.nn's own log-sum-exp output is rounded to the input dtype and has its gradient stopped, so a
 call that asks for the lse runs the same masked softmax written out in jnp (`naive`, also compiled
 by XLA) to return it in float32, differentiable.
@@ -17,15 +20,16 @@ class XLA(Backend):
     name = "xla"
     description = "jax.nn.dot_product_attention(implementation='xla'); O(sq*skv) memory"
     value_dim_differs = False  # jax.nn requires v to have k's shape
-    window = True
-    forward_ad = True
+    supports_window = True
+    supports_forward_ad = True
+    supports_segment_ids = True  # folded into jax.nn's mask (`EmptyRows.fix`)
     quadratic_memory = True
 
     def _forward(self, inputs, return_lse):
         if return_lse:
             return Naive()._forward(inputs, return_lse)
         spec = inputs.spec
-        fix = EmptyRows.fix(spec, inputs.mask, inputs.kv_lengths)
+        fix = EmptyRows.fix(spec, inputs.mask, inputs.kv_lengths, inputs.segments)
         q, k, v = inputs.bsnd()  # jax.nn reads (b, s, n, d)
         window = None
         if spec.window is not None:  # jax.nn wants ints: an unbounded side reaches every key

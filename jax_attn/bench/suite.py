@@ -45,6 +45,8 @@ def select_impls(args) -> list[str]:
             continue
         if wanted is None and (b.unavailable() or (name == "pallas" and interpreting())):
             continue  # unavailable ones are listed under "not benchmarked"; interpret mode is for tests
+        if wanted is None and b.lossy:
+            continue  # 8-bit: held to its own accuracy bar (benchmarks/sage_device.py), timed when named
         impls.append(name)
     if wanted is None or "auto" in wanted:
         impls.append("auto")
@@ -53,11 +55,18 @@ def select_impls(args) -> list[str]:
     return impls
 
 
-def run_bench(args, impls=None, methods=None, budget=None) -> dict:
+# A row's `reason` when the time budget, not the backend, left it unmeasured: readers that turn
+# rows into decisions (the routing writer via `jax-attn tune`) must not read it as "cannot serve".
+BUDGET_SKIP = "budget"
+
+
+def run_bench(args, impls=None, methods=None, budget=None, shapes=None, modes=None, desc="bench") -> dict:
     """Run the benchmark described by parsed `args`; returns the results document.
 
     `impls` overrides the implementations, `methods` carries timing methods from an earlier run
-    (for `auto` to be timed like its pick), `budget` overrides `--budget`.
+    (for `auto` to be timed like its pick), `budget` overrides `--budget`, `shapes` (a list of
+    `Shape`) and `modes` (of `MODES`) override the options' shapes and modes, `desc` labels the
+    progress bar.
     """
     import jax
     from tqdm import tqdm
@@ -65,10 +74,10 @@ def run_bench(args, impls=None, methods=None, budget=None) -> dict:
     from ..backends import BACKENDS
 
     jax.devices()  # JAX first: it must load its CUDA libraries before torch is imported
-    shapes, impls = select_shapes(args), impls or select_impls(args)
+    shapes, impls = shapes or select_shapes(args), impls or select_impls(args)
     methods = {} if methods is None else methods  # (shape, mode, backend) -> timing method, for `auto`
     budget = args.budget if budget is None else budget
-    modes = ["fwd"] + ([] if args.no_backward else ["fwd+bwd"])
+    modes = list(modes or ["fwd"] + ([] if args.no_backward else ["fwd+bwd"]))
     on_gpu = jax.default_backend() == "gpu"
     opts = argparse.Namespace(
         memory_only=args.memory_only, inner_loop=args.inner_loop, short_us=args.short_us,
@@ -79,7 +88,7 @@ def run_bench(args, impls=None, methods=None, budget=None) -> dict:
     not_run = {n: "; ".join(b.unavailable()) for n, b in BACKENDS.items()
                if n not in impls and b.unavailable()}
     results = []
-    bar = tqdm(total=len(shapes) * len(impls) * len(modes), desc="bench", unit="run", disable=args.quiet,
+    bar = tqdm(total=len(shapes) * len(impls) * len(modes), desc=desc, unit="run", disable=args.quiet,
                file=sys.stderr, dynamic_ncols=True)
     for shape in shapes:
         jax_in = torch_in = None
@@ -105,7 +114,8 @@ def run_bench(args, impls=None, methods=None, budget=None) -> dict:
                 if why:
                     row.update(status="skip", note="; ".join(why))
                 elif time.perf_counter() > opts.deadline:
-                    row.update(status="skip", note=f"not run: the time budget of {budget:.0f} s was used up")
+                    row.update(status="skip", reason=BUDGET_SKIP,
+                               note=f"not run: the time budget of {budget:.0f} s was used up")
                 else:
                     try:
                         if framework == "jax":

@@ -6,6 +6,10 @@ smaller than twice the L2 cache (`_n_sets`); calls shorter than `--short-us` are
 one compiled program (`_jax_looped`, compiled with `NO_HOISTING`) or one CUDA graph
 (`_torch_graph`), so launch overhead stays out of the number. Framework-neutral pieces live here
 so JAX and torch rows are timed by the same rules.
+
+This is the package's one timer: `median_ms` (a plain "call, sync, repeat" median for one-off
+comparisons: `jax-attn check`, `benchmarks/reliability_gpu.py`) samples through the same
+`_time_samples` as the bench rows, so every number the project prints is a median taken one way.
 """
 from __future__ import annotations
 
@@ -41,6 +45,35 @@ def _time_samples(sample, est_s: float, min_runs: int, measure_s: float, sample_
     med = statistics.median(times)
     p10, p90 = times[len(times) // 10], times[-1 - len(times) // 10]
     return Timing(med * 1e3, len(times), calls, method, (p90 - p10) / med if med else 0.0)
+
+
+def _block(x):
+    import jax
+    return jax.block_until_ready(x)
+
+
+def time_call(fn, *args, repeats: int = 20, warmup: int = 2, sync=None) -> Timing:
+    """Time `fn(*args)` call by call: `warmup` calls, then `repeats` samples of one call each,
+    each ended by `sync` (default `jax.block_until_ready`; pass torch's synchronize for torch).
+
+    No input rotation and no in-program loop: the figure includes launch overhead and warm
+    caches, which is right for comparing two variants of one call side by side, not for a table
+    of kernel speeds (that is `jax-attn bench`)."""
+    sync = sync or _block
+    for _ in range(max(0, warmup)):
+        sync(fn(*args))
+
+    def sample(_k):  # one call per sample: the sync is part of what a caller waits for
+        t = time.perf_counter()
+        sync(fn(*args))
+        return time.perf_counter() - t, 1
+
+    return _time_samples(sample, 1.0, max(1, repeats), 0.0, 0.0, float("inf"), "python loop, 1 call per sample")
+
+
+def median_ms(fn, *args, repeats: int = 20, warmup: int = 2, sync=None) -> float:
+    """Median milliseconds of `fn(*args)` (see `time_call`)."""
+    return time_call(fn, *args, repeats=repeats, warmup=warmup, sync=sync).ms
 
 
 def _timing_fields(t: Timing) -> dict:

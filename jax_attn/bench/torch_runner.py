@@ -1,4 +1,5 @@
-"""torch SDPA rows: each of its four kernels, checked and timed like the JAX rows.
+"""torch rows: each of SDPA's four kernels, and FlashAttention-4's `flash_attn_func` where it is
+installed on a CUDA machine, checked and timed like the JAX rows.
 
 The same shapes, the same correctness gate and the same sampling rules as `jax_runner`, so the
 table compares JAX backends with torch's kernels on equal terms; short calls are replayed from
@@ -19,17 +20,30 @@ from .timing import _time_samples, _timing_fields, _torch_graph
 log = logging.getLogger(__name__)
 
 TORCH_KERNELS = {"torch-flash": "FLASH_ATTENTION", "torch-efficient": "EFFICIENT_ATTENTION",
-                 "torch-cudnn": "CUDNN_ATTENTION", "torch-math": "MATH"}
+                 "torch-cudnn": "CUDNN_ATTENTION", "torch-math": "MATH",
+                 "torch-fa4": None}  # not an SDPA kernel: flash_attn.cute.flash_attn_func
+
+
+def _fa4_importable() -> bool:
+    """torch-fa4 is a row only where it can run: FA4 installed and a CUDA device present."""
+    import importlib.util
+    try:
+        import torch
+        return importlib.util.find_spec("flash_attn.cute") is not None and torch.cuda.is_available()
+    except (ImportError, ValueError):
+        return False
 
 
 def torch_kernels(wanted=None) -> list[str]:
-    """The torch SDPA rows to run: all four when torch is installed (each reports if it cannot)."""
+    """The torch rows to run: SDPA's four when torch is installed (each reports if it cannot), and
+    torch-fa4 where FA4 is importable on a CUDA machine."""
     try:
         import torch  # noqa: F401
         from torch.nn.attention import SDPBackend  # noqa: F401
     except ImportError:
         return []
-    return [k for k in TORCH_KERNELS if wanted is None or k in wanted]
+    have = [k for k in TORCH_KERNELS if k != "torch-fa4" or _fa4_importable()]
+    return [k for k in have if wanted is None or k in wanted]
 
 
 class TorchInputs:
@@ -61,6 +75,8 @@ class TorchInputs:
 
 def _torch_call(kernel: str, mode: str):
     import torch
+    if kernel == "torch-fa4":
+        return _fa4_call(mode)
     from torch.nn.attention import SDPBackend
     sdpa = torch.nn.functional.scaled_dot_product_attention
     backend = getattr(SDPBackend, TORCH_KERNELS[kernel])
@@ -68,6 +84,21 @@ def _torch_call(kernel: str, mode: str):
     def call(q, k, v, do=None):
         with torch.nn.attention.sdpa_kernel(backend):
             out = sdpa(q, k, v)
+        if mode == "fwd":
+            return out
+        return torch.autograd.grad(out, (q, k, v), do)
+
+    return call
+
+
+def _fa4_call(mode: str):
+    import torch
+    from flash_attn.cute import flash_attn_func
+
+    def call(q, k, v, do=None):
+        # FA4 reads (b, s, h, d); the transposed views are what a torch model would hand it.
+        out, _ = flash_attn_func(*(x.transpose(1, 2) for x in (q, k, v)))
+        out = out.transpose(1, 2)
         if mode == "fwd":
             return out
         return torch.autograd.grad(out, (q, k, v), do)

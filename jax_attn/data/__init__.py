@@ -24,8 +24,10 @@ HBM3"); else `{}`, and callers use their defaults. Off GPUs there is no generati
 Per-user cache, read first: `$JAX_ATTN_CACHE/<name>.json` when that variable is set, else
 `$XDG_CACHE_HOME/jax_attn/<name>.json` (`~/.cache/jax_attn/<name>.json`). Same format; its
 tables replace the package's tables of the same key; an absent file changes nothing. It is where
-measurements of the user's own GPU go (`write(cache_path(name), ...)`; the planned
-`python -m jax_attn tune`), so an installed package never has to be rewritten.
+measurements of the user's own GPU go (`write(cache_path(name), ...)`; `python -m jax_attn tune`
+writes routing there), so an installed package never has to be rewritten. The order for a
+device is therefore: the cache's table for its kind, the package's table for its kind, its
+generation's table (with the note above), nothing.
 """
 from __future__ import annotations
 

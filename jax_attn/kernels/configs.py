@@ -47,7 +47,9 @@ class Config:
 
 
 def head_dim_bucket(d: int) -> int:
-    """The padded head dim the kernel really runs at: a power of two, at least 16 (tensor cores)."""
+    """The padded head dim the kernel really runs at: a power of two, at least 16 (tensor cores).
+
+    An int, the tuning tables' key; the routing table's head-dim label is `autoselect.head_dim_label`."""
     return max(16, 1 << (max(d, 1) - 1).bit_length())
 
 

@@ -5,7 +5,7 @@ The kernels are split by role, as in tokamax:
 * `mosaic_config.py`: what the kernels serve and how they are tuned (`MosaicConfig`,
   `default_config`, `head_dim_padded`, `FASTER_THAN_TRITON_SM90` (a view of
   `jax_attn/data/mosaic_routing.json`), `shape_bucket`, `unsupported`, `available`) and
-  `_Static`, the hashable description of one call.
+  `MosaicCall` (formerly `_Static`, still an alias), the hashable description of one call.
 * `mosaic_forward.py`: the forward kernel (one CTA = two compute warpgroups and a TMA producer,
   FlashAttention-3 style; its design is in that module's docstring).
 * `mosaic_backward.py`: the dQ and dK/dV kernels.
@@ -68,8 +68,8 @@ from . import configs, sharding
 from .mosaic_backward import (  # noqa: F401
     BWD_BLOCK, _bwd_common, _dkdv_call, _dq_call, _mm, _produce)
 from .mosaic_config import (  # noqa: F401
-    _IMPORT_ERROR, FASTER_THAN_TRITON_SM90, LN2, LOG2E, MosaicConfig, _grid, _Static, available,
-    default_config, head_dim_padded, pl, plgpu, shape_bucket, unsupported)
+    _IMPORT_ERROR, FASTER_THAN_TRITON_SM90, LN2, LOG2E, MosaicCall, MosaicConfig, _grid, _Static,
+    available, default_config, head_dim_padded, pl, plgpu, shape_bucket, unsupported)
 from .mosaic_forward import _fwd_call  # noqa: F401
 
 _triton = importlib.import_module(__package__ + ".flash_attention")  # the module, not the function
@@ -89,7 +89,7 @@ def _pad_to(x, axis, size):
     return jnp.pad(x, widths)
 
 
-def _forward(st: _Static, q, k, v, key_bias, kv_lengths):
+def _forward(st: MosaicCall, q, k, v, key_bias, kv_lengths):
     """key_bias: the caller's per-key mask as (b|1, n|1, skv) float32 0/-inf, or None."""
     s_axis = 2 if st.layout == "bnsd" else 1
     qp = _pad_to(_pad_to(q, 3, st.dp), s_axis, st.sq_pad)
@@ -142,9 +142,9 @@ def _kernel_key_bias(st, key_bias, kv_lengths, batch, size=None):
     return jnp.broadcast_to(kb, want)
 
 
-def _triton_static(st: _Static, dtype):
+def _triton_static(st: MosaicCall, dtype):
     cc = _triton._compute_capability(st.interpret)
-    return _triton._Static(
+    return _triton.KernelCall(
         scale=st.scale, causal=False, layout=st.layout, sq=st.sq, skv=st.skv, d=st.d, dv=st.d,
         groups=st.groups, has_kv_lengths=st.has_kv_lengths,
         key_bias_dims=st.orig_key_bias_dims, bias_dims=None,
@@ -255,7 +255,7 @@ def mosaic_attention(q, k, v, *, kv_lengths=None, key_mask=None, scale=None, lay
         kdims = None
     log.debug("mosaic_attention %s d=%d sq=%d skv=%d: %s, backward=%s", jnp.dtype(q.dtype).name,
               d, sq, skv, cfg, backward)
-    st = _Static(scale=scale, layout=layout, sq=sq, skv=skv, d=d, groups=n // n_kv,
+    st = MosaicCall(scale=scale, layout=layout, sq=sq, skv=skv, d=d, groups=n // n_kv,
                  key_bias_dims=kdims, orig_key_bias_dims=orig_dims,
                  has_kv_lengths=kv_lengths is not None, config=cfg, interpret=bool(interpret),
                  backward=backward)

@@ -5,8 +5,8 @@ dialect (`available`), `MosaicConfig` and its per-head-dim defaults, the head di
 at (`head_dim_padded`: 64, 128 or 256), the shape buckets where the Mosaic forward measured faster
 than the Triton kernel (`FASTER_THAN_TRITON_SM90`, read by the `pallas` backend's automatic
 choice; the measurements are data, `jax_attn/data/mosaic_routing.json`), `unsupported`, and
-`_Static`, the hashable description of one call that the forward, the backward kernels and the
-custom VJP share.
+`MosaicCall`, the hashable description of one call that the forward, the backward kernels and
+the custom VJP share (`_Static` is its former name, kept as an alias).
 """
 from __future__ import annotations
 
@@ -140,7 +140,9 @@ def unsupported(*, dtype, d, dv, has_full_bias, is_causal) -> list[str]:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Static:
+class MosaicCall:
+    """Everything one call of the Mosaic kernels specializes on (shapes, masks, tuning)."""
+
     scale: float
     layout: str
     sq: int
@@ -167,6 +169,9 @@ class _Static:
     def skv_pad(self):
         t = self.config.block_kv
         return -(-self.skv // t) * t
+
+
+_Static = MosaicCall  # the former name, still imported by callers outside this package's kernels
 
 
 def _grid(cfg, batch, heads, tiles):

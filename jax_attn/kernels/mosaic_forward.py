@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from .mosaic_config import LN2, LOG2E, _grid, _Static, pl, plgpu
+from .mosaic_config import LN2, LOG2E, MosaicCall, _grid, pl, plgpu
 
 
 @dataclasses.dataclass(frozen=True)
@@ -311,7 +311,7 @@ def _fwd_producer(fw: _Fwd, r: _FwdRefs, h, b):
 # The call: shared memory, barriers, grid
 
 
-def _fwd_call(st: _Static, q, k, v, kb):
+def _fwd_call(st: MosaicCall, q, k, v, kb):
     """q, k, v already padded (layout st.layout); kb: (b|1, n|1, skv_pad) f32 0/-inf or None."""
     cfg = st.config
     bq, bk, dp = cfg.block_q, cfg.block_kv, st.dp

@@ -1,8 +1,8 @@
 """Plain-jnp attention with the kernel's exact signature, for tests and quick comparisons.
 
-Materializes the `(b, n, sq, skv)` logits in float32; same masking rules as the kernel (a row with
-no key gives zeros and lse = -inf). Differentiable by JAX's own autodiff, so its gradients check
-the kernel's hand-written backward, lse cotangent included.
+Materializes the `(b, n, sq, skv)` logits in float32; same masking rules as the kernel (window
+and segment ids included; a row with no key gives zeros and lse = -inf). Differentiable by JAX's
+own autodiff, so its gradients check the kernel's hand-written backward, lse cotangent included.
 """
 from __future__ import annotations
 
@@ -10,13 +10,16 @@ import math
 
 import jax.numpy as jnp
 
+from .. import contract
+
 
 def _pad4(x):
     return x.reshape((1,) * (4 - x.ndim) + x.shape)
 
 
 def flash_attention_reference(q, k, v, *, bias=None, kv_lengths=None, key_mask=None,
-                              is_causal=False, scale=None, layout="bnsd", return_lse=False):
+                              is_causal=False, scale=None, layout="bnsd", return_lse=False,
+                              window=None, q_segment_ids=None, kv_segment_ids=None):
     if layout == "bsnd":
         q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))
     b, n, sq, d = q.shape
@@ -34,8 +37,21 @@ def flash_attention_reference(q, k, v, *, bias=None, kv_lengths=None, key_mask=N
         keep = keep & _pad4(jnp.asarray(key_mask))
     if kv_lengths is not None:
         keep = keep & (jnp.arange(skv)[None, :] < jnp.asarray(kv_lengths)[:, None])[:, None, None, :]
+    rows, cols = jnp.arange(sq)[:, None], jnp.arange(skv)[None, :]
     if is_causal:
-        keep = keep & (jnp.arange(skv)[None, :] <= jnp.arange(sq)[:, None])[None, None]
+        keep = keep & (cols <= rows)[None, None]
+    window = contract.normalize_window(window, name="window", error=ValueError)
+    if window is not None:
+        left, right = window
+        if left is not None:
+            keep = keep & (cols >= rows - left)[None, None]
+        if right is not None:
+            keep = keep & (cols <= rows + right)[None, None]
+    if (q_segment_ids is None) != (kv_segment_ids is None):
+        raise ValueError("q_segment_ids and kv_segment_ids must be given together (or neither)")
+    if q_segment_ids is not None:
+        same = jnp.asarray(q_segment_ids)[:, :, None] == jnp.asarray(kv_segment_ids)[:, None, :]
+        keep = keep & same[:, None]
     s = jnp.where(keep, s, -jnp.inf)
     m = jnp.max(s, axis=-1, keepdims=True)
     m = jnp.where(jnp.isneginf(m), 0.0, m)

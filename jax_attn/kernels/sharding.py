@@ -9,8 +9,8 @@ rules for both partitioners (GSPMD: `infer_sharding_from_operands` + `partition`
 
 - the batch and head dimensions of every operand and result keep the operands' sharding (q's,
   else k's) and each device runs the kernel on its local shard, with no communication. Masks,
-  biases and `kv_lengths` follow on the dimensions they have; their size-1 (broadcast) dimensions
-  stay replicated;
+  biases, `kv_lengths` and segment ids follow on the dimensions they have; their size-1
+  (broadcast) dimensions stay replicated;
 - GQA: q heads and k/v heads are split by the same shard count, which must divide `n_kv`
   (shard i then holds q heads `[i*n/P, (i+1)*n/P)` and exactly the k/v heads they read);
   otherwise the head dimension is replicated;
@@ -18,10 +18,12 @@ rules for both partitioners (GSPMD: `infer_sharding_from_operands` + `partition`
   for replication, which makes XLA all-gather them (correct, slower). Every such fallback is
   logged once, with its reason (logger `jax_attn.kernels.sharding`, level WARNING).
 
-The kernels read their batch/head extents from the (local) shapes, and nothing in `_Static`
-depends on them, so the local call is the unsharded kernel on smaller arrays. On one device, or
-inside a `shard_map` over every mesh axis (`jax_attn.shard_local`), `custom_partitioning` lowers
-to the kernel directly; with a single device in the process the wrapper is skipped altogether.
+The kernels read their batch/head extents from the (local) shapes, and nothing in `KernelCall`
+(or Mosaic's `MosaicCall`) depends on them, so the local call is the unsharded kernel on smaller
+arrays (the per-block segment-id ranges are computed inside it, from the local ids). On one
+device, or inside a `shard_map` over every mesh axis (`jax_attn.shard_local`),
+`custom_partitioning` lowers to the kernel directly; with a single device in the process the
+wrapper is skipped altogether.
 
 `custom_partitioning` has no `vmap` rule, so the wrapped call carries a `custom_vmap` whose rule
 vmaps the plain kernel call (as before this module existed): batched calls are not partitioned.
@@ -46,22 +48,27 @@ _logged: set = set()
 
 # What each operand/result of the kernels is, by role. "q": q-like (b, n, sq, d) in the call's
 # layout ("o": same with dv: out, do); "k"/"v": (b, n_kv, skv, d|dv); "row": (b, n, sq) (lse,
-# its cotangent); "key_bias": (b|1, n|1, skv); "bias": (b|1, n|1, sq, skv); "len": (b,).
-_FWD_IN = ("q", "k", "v", "key_bias", "bias", "len")
+# its cotangent); "key_bias": (b|1, n|1, skv); "bias": (b|1, n|1, sq, skv); "len": (b,);
+# "qseg"/"kseg": segment ids (b, sq) / (b, skv). The segment ids come last (after the backward's
+# o/row operands too) so that kernels without them (Mosaic) keep their argument order.
+_MASKS = ("key_bias", "bias", "len")
+_SEGMENTS = ("qseg", "kseg")
+_FWD_IN = ("q", "k", "v") + _MASKS + _SEGMENTS
 _FWD_OUT = ("o", "row")
-_BWD_IN = _FWD_IN + ("o", "row", "o", "row")
+_BWD_IN = ("q", "k", "v") + _MASKS + ("o", "row", "o", "row") + _SEGMENTS
 _BWD_OUT = ("q", "k", "v")
 
 
 def triton_operands(st):
     """Which optional operands a call of the Triton kernels gets: `{role: passed}`."""
     return {"key_bias": bool(st.key_bias_dims), "bias": bool(st.bias_dims),
-            "len": st.has_kv_lengths}
+            "len": st.has_kv_lengths, "qseg": st.has_segments, "kseg": st.has_segments}
 
 
 def _present(passed, roles):
-    """The roles of the operands actually passed (None masks are dropped by pytree flattening)."""
-    return tuple(r for r in roles if passed.get(r, True))
+    """The roles of the operands actually passed (None masks are dropped by pytree flattening).
+    A segment role `operands` does not mention is absent (kernels that predate them)."""
+    return tuple(r for r in roles if passed.get(r, r not in _SEGMENTS))
 
 
 def _positions(role, layout):
@@ -72,7 +79,8 @@ def _positions(role, layout):
     if role in ("k", "v"):
         return {"b": 0, "m": head, "t": seq, ("d" if role == "k" else "e"): 3}
     return {"row": {"b": 0, "n": 1, "s": 2}, "key_bias": {"b": 0, "n": 1, "t": 2},
-            "bias": {"b": 0, "n": 1, "s": 2, "t": 3}, "len": {"b": 0}}[role]
+            "bias": {"b": 0, "n": 1, "s": 2, "t": 3}, "len": {"b": 0},
+            "qseg": {"b": 0, "s": 1}, "kseg": {"b": 0, "t": 1}}[role]
 
 
 def _warn_once(msg):
@@ -243,8 +251,9 @@ def partitioned(local, kind, operands=triton_operands):
     """The kernel call `local(st, *arrays)` made shard-aware; `kind` is "fwd" or "bwd".
 
     `local` takes the operands of `_FWD_IN` (or `_BWD_IN`) in that order, an absent mask as None;
-    `operands(st)` says which optional ones (`key_bias`, `bias`, `len`) a call gets, and a kernel
-    without a role's parameter at all (Mosaic has no full bias) reports it absent.
+    `operands(st)` says which optional ones (`key_bias`, `bias`, `len`, `qseg`, `kseg`) a call
+    gets, and a kernel without a role's parameter at all (Mosaic has no full bias) reports it
+    absent (segment roles it does not mention count as absent).
     """
     if custom_partitioning is None:  # pragma: no cover
         return local

@@ -19,6 +19,8 @@ costs one context-variable lookup and nothing else.
 - `sequence_parallel(mesh, axis_name, method="ulysses" | "ring")`: q, k, v split along the
   sequence; "ulysses" trades sequence shards for head shards with `all_to_all`, "ring" passes
   key/value blocks round with `ppermute` and merges by log-sum-exp.
+  `sequence_parallel(mesh, axis_name, ring_axis=...)`: both, over two mesh axes (Ulysses over
+  `axis_name`, a ring over `ring_axis`).
 
 The modules:
 
@@ -26,7 +28,8 @@ The modules:
   `attention_forward` calls.
 - `sharded`: wrapping one call in `shard_map` (specs, padding, validation), or running it inside
   the caller's own `shard_map`.
-- `ulysses`, `ring`: the two sequence-parallel methods, run per device inside the `shard_map`.
+- `ulysses`, `ring`, `hybrid`: the sequence-parallel methods, run per device inside the `shard_map`.
+- `ring_backward`: the ring's per-block backward from the global (out, lse), by backend.
 - `layout`: small helpers the others share (mesh axis names, layout axes, padding, local calls).
 """
 from .context import METHODS, Plan, current_plan, sequence_parallel, sequence_parallel_forward, shard_local

@@ -11,7 +11,7 @@ costs one context-variable lookup and nothing else (`sequence_parallel_forward` 
   rules do that: they gather a sharded sequence).
 - `sequence_parallel(mesh, axis_name, method=...)`: q, k, v are split along the sequence over
   `axis_name` (and optionally over batch/heads as above), by "ulysses" (`ulysses.py`) or "ring"
-  (`ring.py`).
+  (`ring.py`); with `ring_axis=` as well, over both axes by Ulysses x ring (`hybrid.py`).
 
 `sequence_parallel(None, axis_name, ...)` is for code already inside a `shard_map` (or `pmap`)
 over `axis_name`: the arrays given are then the local sequence blocks, all of one length.
@@ -31,7 +31,7 @@ from ..inputs import AttentionInputs
 from .layout import _names
 from .sharded import _manual, _sharded
 
-METHODS = ("ulysses", "ring")
+METHODS = ("ulysses", "ring")  # the single-axis methods; "hybrid" is Ulysses plus `ring_axis`
 _context: contextvars.ContextVar = contextvars.ContextVar("jax_attn_parallel", default=None)
 
 
@@ -39,9 +39,10 @@ _context: contextvars.ContextVar = contextvars.ContextVar("jax_attn_parallel", d
 class Plan:
     """How the arrays of an `attention_forward` call are laid over a mesh.
 
-    `method` is "local" (`shard_local`), "ulysses" or "ring" (`sequence_parallel`); `seq_axis`
-    splits q, k, v along the sequence (queries only for "local"). `mesh` None means the caller is
-    already inside a `shard_map` over `seq_axis`.
+    `method` is "local" (`shard_local`), "ulysses", "ring" or "hybrid" (`sequence_parallel`);
+    `seq_axis` splits q, k, v along the sequence (queries only for "local"); for "hybrid" it is the
+    Ulysses axis and `ring_axis` the ring's, the sequence split over both (ring major). `mesh` None
+    means the caller is already inside a `shard_map` over those axes.
     """
 
     mesh: Any
@@ -49,6 +50,7 @@ class Plan:
     seq_axis: Any = None
     batch_axis: Any = None
     head_axis: Any = None
+    ring_axis: Any = None  # "hybrid" only; last, so positional construction stays as it was
 
     def size(self, axis) -> int:
         return math.prod(self.mesh.shape[a] for a in _names(axis))
@@ -76,7 +78,8 @@ def _check_axes(mesh, **axes):
             used.append(a)
 
 
-def sequence_parallel(mesh, axis_name, method: str = "ulysses", *, batch_axis=None, head_axis=None):
+def sequence_parallel(mesh, axis_name, method: str = "ulysses", *, ring_axis=None, batch_axis=None,
+                      head_axis=None):
     """Treat q, k, v of every `attention_forward` traced in this block as split along the sequence.
 
     Args:
@@ -85,6 +88,11 @@ def sequence_parallel(mesh, axis_name, method: str = "ulysses", *, batch_axis=No
       axis_name: the mesh axis (or tuple of axes) the sequence is split over, for q and k/v alike.
       method: "ulysses" (all-to-all to head shards; heads must divide by the axis size) or "ring"
         (k/v blocks passed round with `ppermute`, merged by log-sum-exp; any head count).
+      ring_axis: with "ulysses" (or method="hybrid"), a second mesh axis: the sequence is split
+        over `(ring_axis, axis_name)`, ring major; heads are all-to-all'd over `axis_name` only
+        (so they need to divide by its size alone) and the resulting sequence chunks run ring
+        attention over `ring_axis` (as MaxDiffusion lays out a large context-parallel mesh:
+        all-to-all within a fast group, ring across groups).
       batch_axis, head_axis: mesh axes the batch and heads are also split over (data/tensor
         parallelism); those dimensions must divide by the axis sizes.
 
@@ -92,15 +100,22 @@ def sequence_parallel(mesh, axis_name, method: str = "ulysses", *, batch_axis=No
     context chooses it as usual, for the local shapes). Runs under `jit`; differentiable.
     Innermost context wins (also against `shard_local`).
     """
-    if method not in METHODS:
-        raise ValueError(f"sequence_parallel: method must be one of {METHODS}, got {method!r}")
+    if method not in METHODS + ("hybrid",):
+        raise ValueError(f"sequence_parallel: method must be one of {METHODS + ('hybrid',)}, got {method!r}")
     if axis_name is None:
         raise ValueError("sequence_parallel: axis_name names the mesh axis the sequence is split over")
+    if ring_axis is not None:
+        if method == "ring":
+            raise ValueError("sequence_parallel: ring_axis adds a ring to Ulysses (method='ulysses' or "
+                             "'hybrid'); for a ring alone pass the axis as axis_name")
+        method = "hybrid"
+    elif method == "hybrid":
+        raise ValueError("sequence_parallel(method='hybrid') needs ring_axis= (the mesh axis of the ring)")
     if mesh is None and (batch_axis is not None or head_axis is not None):
         raise ValueError("sequence_parallel: batch_axis/head_axis need a mesh (inside a shard_map the "
                          "arrays are already local)")
-    _check_axes(mesh, axis_name=axis_name, batch_axis=batch_axis, head_axis=head_axis)
-    return _use(Plan(mesh, method, axis_name, batch_axis, head_axis))
+    _check_axes(mesh, axis_name=axis_name, ring_axis=ring_axis, batch_axis=batch_axis, head_axis=head_axis)
+    return _use(Plan(mesh, method, axis_name, batch_axis, head_axis, ring_axis))
 
 
 def shard_local(mesh, *, batch_axis=None, head_axis=None, query_axis=None):

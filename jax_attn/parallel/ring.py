@@ -4,8 +4,14 @@ Each device keeps its query block and the key/value blocks travel round the ring
 `ppermute`; the per-block results are merged with their log-sum-exps. Works for any head count;
 memory per device stays O(s / P) in both directions (the backward is a second ring, carrying
 dk/dv with the blocks). Causal calls skip the blocks wholly above the diagonal (`lax.switch`
-over the step variants). Needs a local backend whose lse is differentiable for gradients (see
-`_grad_backend`).
+over the step variants).
+
+The backward is the ring's own custom VJP. Per block it runs, by the local backend's name:
+- its block backward from the global `(out, lse)` (`ring_backward.STATS_BACKWARDS`): one
+  backward per block, nothing recomputed, no lse gradient needed (the standard ring backward);
+- otherwise `_recompute_grads`: the block's forward recomputed and pulled back through its own
+  `(out_j, lse_j)`, which needs a backend whose lse is differentiable (`_grad_backend`: cuDNN's
+  is not, so a cuDNN ring runs this on `pallas`) and one forward more per block.
 """
 from __future__ import annotations
 
@@ -19,6 +25,7 @@ import jax.numpy as jnp
 from ..backends import BACKENDS, Needs
 from ..routing import choose, current_choice, decide
 from .layout import _axes, _local, _lse_col
+from .ring_backward import STATS_BACKWARDS, delta
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +77,13 @@ class _Ring:
             shape = list(q.shape[:-1]) + [v.shape[-1]]
             lse_shape = (q.shape[0], q.shape[head], q.shape[seq])
             return jnp.zeros(shape, q.dtype), jnp.full(lse_shape, -jnp.inf, jnp.float32)
+        inputs = self.inputs(kind, q, k, v, mask, kv_lengths, i, j)
+        b = choose(inputs.spec, self.backend) if backend is None else backend(inputs.spec)
+        return b(inputs, True)
+
+    def inputs(self, kind, q, k, v, mask, kv_lengths, i, j):
+        """The local call of query block i against key block j, for a variant other than "skip"."""
+        spec = self.spec
         if kind == "offset":  # causal with unequal blocks: an explicit mask from global positions
             q_pos = i * self.q_block + jnp.arange(self.q_block)
             k_pos = j * self.k_block + jnp.arange(self.k_block)
@@ -80,9 +94,7 @@ class _Ring:
                 mask = mask & keep
             else:
                 mask = jnp.where(keep, mask, -jnp.inf).astype(mask.dtype)
-        inputs = _local(spec, q, k, v, mask, kv_lengths, is_causal=kind == "diag")
-        b = choose(inputs.spec, self.backend) if backend is None else backend(inputs.spec)
-        return b(inputs, True)
+        return _local(spec, q, k, v, mask, kv_lengths, is_causal=kind == "diag")
 
     def dispatch(self, i, j, fn, *operands):
         """`fn(kind, *operands)` for the variant of block (i, j), through `lax.switch` if causal."""
@@ -150,29 +162,21 @@ def _ring_fn(ring: _Ring):
         d_out, d_lse = cts
         i = jax.lax.axis_index(ring.axis)
         want_dmask = mask is not None and ring.spec.mask_kind == "bias"
+        # The global statistics every block's gradient is taken against (ring_backward.py).
+        stats = (out, lse, d_out, delta(out, d_out, d_lse, layout), d_lse)
         pick = _grad_backend(ring)
-        lse_safe = jnp.where(jnp.isneginf(lse), 0.0, lse)
-        d_out32, out32 = d_out.astype(jnp.float32), out.astype(jnp.float32)
 
-        def step_vjp(kind, q, k_j, v_j, m_j, l_j, i, j):
-            """Gradients of one block's share: recompute (out_t, lse_t), pull back through it.
-
-            out = sum_t w_t out_t with w_t = exp(lse_t - lse), so d out_t = w_t d_out and
-            d lse_t = w_t (d_out . (out_t - out) + d_lse).
-            """
-            def f(q, k_j, v_j, m_j):
-                return ring.step(kind, q, k_j, v_j, m_j, l_j, i, j, backend=pick)
-
-            if not want_dmask:
-                (out_t, lse_t), pull = jax.vjp(lambda q, k, v: f(q, k, v, m_j), q, k_j, v_j)
-            else:
-                (out_t, lse_t), pull = jax.vjp(f, q, k_j, v_j, m_j)
-            w = jnp.where(jnp.isneginf(lse_t), 0.0, jnp.exp(lse_t - lse_safe))
-            d_out_t = (d_out32 * _lse_col(w, layout)).astype(out_t.dtype)
-            dot = jnp.sum(d_out32 * (out_t.astype(jnp.float32) - out32), -1)
-            dot = dot if layout == "bnsd" else jnp.swapaxes(dot, 1, 2)
-            grads = pull((d_out_t, w * (dot + d_lse)))
-            return tuple(g.astype(jnp.float32) for g in grads) + ((None,) if not want_dmask else ())
+        def step_grads(kind, q, k_j, v_j, m_j, l_j, i, j):
+            """Float32 `(dq, dk_j, dv_j, dmask_j | None)` of block (i, j) for one variant."""
+            if kind == "skip":
+                f32 = lambda x: jnp.zeros(x.shape, jnp.float32)  # noqa: E731
+                return f32(q), f32(k_j), f32(v_j), (f32(m_j) if want_dmask else None)
+            inputs = ring.inputs(kind, q, k_j, v_j, m_j, l_j, i, j)
+            name = decide(inputs.spec, ring.backend).backend
+            if name in STATS_BACKWARDS:
+                out, lse, d_out, dlt, _ = stats
+                return STATS_BACKWARDS[name](inputs, out, lse, d_out, dlt, m_j.shape if want_dmask else None)
+            return _recompute_grads(ring, kind, pick, stats, want_dmask, q, k_j, v_j, m_j, l_j, i, j)
 
         dq = jnp.zeros(q.shape, jnp.float32)
         dmask = jnp.zeros(mask.shape, jnp.float32) if want_dmask else None
@@ -183,7 +187,7 @@ def _ring_fn(ring: _Ring):
             if t < ring.n - 1:
                 nxt = jax.lax.ppermute(kv, ring.axis, ring.perm())
             m_j, l_j = ring.block(mask, kv_lengths, j)
-            dq_t, dk_t, dv_t, dm_t = ring.dispatch(i, j, step_vjp, q, kv[0], kv[1], m_j, l_j, i, j)
+            dq_t, dk_t, dv_t, dm_t = ring.dispatch(i, j, step_grads, q, kv[0], kv[1], m_j, l_j, i, j)
             dq = dq + dq_t
             # dk/dv travel with their block; the last hop brings them home.
             dkv = jax.lax.ppermute((dkv[0] + dk_t, dkv[1] + dv_t), ring.axis, ring.perm())
@@ -201,6 +205,32 @@ def _ring_fn(ring: _Ring):
 
     ring_attention.defvjp(fwd, bwd)
     return ring_attention
+
+
+def _recompute_grads(ring, kind, pick, stats, want_dmask, q, k_j, v_j, m_j, l_j, i, j):
+    """Block (i, j)'s gradients by recomputing its `(out_j, lse_j)` and pulling back through both.
+
+    out = sum_j w_j out_j with w_j = exp(lse_j - lse), so d out_j = w_j d_out and
+    d lse_j = w_j (d_out . (out_j - out) + d_lse). Needs `pick`'s backend to differentiate its lse.
+    """
+    out, lse, d_out, _, d_lse = stats
+    layout = ring.spec.layout
+    lse_safe = jnp.where(jnp.isneginf(lse), 0.0, lse)
+    d_out32, out32 = d_out.astype(jnp.float32), out.astype(jnp.float32)
+
+    def f(q, k_j, v_j, m_j):
+        return ring.step(kind, q, k_j, v_j, m_j, l_j, i, j, backend=pick)
+
+    if not want_dmask:
+        (out_t, lse_t), pull = jax.vjp(lambda q, k, v: f(q, k, v, m_j), q, k_j, v_j)
+    else:
+        (out_t, lse_t), pull = jax.vjp(f, q, k_j, v_j, m_j)
+    w = jnp.where(jnp.isneginf(lse_t), 0.0, jnp.exp(lse_t - lse_safe))
+    d_out_t = (d_out32 * _lse_col(w, layout)).astype(out_t.dtype)
+    dot = jnp.sum(d_out32 * (out_t.astype(jnp.float32) - out32), -1)
+    dot = dot if layout == "bnsd" else jnp.swapaxes(dot, 1, 2)
+    grads = pull((d_out_t, w * (dot + d_lse)))
+    return tuple(g.astype(jnp.float32) for g in grads) + ((None,) if not want_dmask else ())
 
 
 def _grad_backend(ring: _Ring):

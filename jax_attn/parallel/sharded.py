@@ -2,7 +2,7 @@
 
 `_sharded` checks that batch, heads (and for Ulysses the heads per group) divide over their axes,
 builds the PartitionSpecs of q, k, v, mask and `kv_lengths`, and runs the local backend
-(`shard_local`), `_ulysses` or `_ring` per device. Sequences that do not divide by the device
+(`shard_local`), `_ulysses`, `_ring` or `_hybrid` per device. Sequences that do not divide by the device
 count are padded at the end to a multiple of it; the padded keys are masked with `kv_lengths` and
 the padded query rows sliced off. `_manual` is the same dispatch for a caller already inside its
 own `shard_map` (`sequence_parallel(None, ...)`), where the arrays are the local blocks.
@@ -17,6 +17,7 @@ from jax.sharding import PartitionSpec as P
 
 from ..inputs import AttentionInputs
 from .layout import _axes, _local, _pad, _run, _spec_entry
+from .hybrid import _hybrid
 from .ring import _ring
 from .ulysses import _ulysses
 
@@ -42,7 +43,10 @@ def _shard_map(f, mesh, in_specs, out_specs):
 def _sharded(plan: Plan, inputs: AttentionInputs, backend, return_lse):
     spec = inputs.spec
     seq, head = _axes(spec.layout)
-    n_seq = plan.size(plan.seq_axis)
+    hybrid = plan.method == "hybrid"
+    n_u = plan.size(plan.seq_axis)  # the Ulysses (or only) sequence axis
+    n_r = plan.size(plan.ring_axis) if hybrid else 1
+    n_seq = n_u * n_r  # sequence blocks
     n_batch, n_head = plan.size(plan.batch_axis), plan.size(plan.head_axis)
     where = "shard_local" if plan.method == "local" else f"sequence_parallel({plan.method!r})"
     if spec.batch % n_batch:
@@ -51,9 +55,9 @@ def _sharded(plan: Plan, inputs: AttentionInputs, backend, return_lse):
     if spec.heads % n_head or spec.kv_heads % n_head:
         raise ValueError(f"{where}: heads (q {spec.heads}, k/v {spec.kv_heads}) do not divide over "
                          f"head_axis {plan.head_axis!r} of size {n_head}")
-    if plan.method == "ulysses" and (spec.heads // n_head) % n_seq:
-        raise ValueError(f"sequence_parallel('ulysses'): {spec.heads // n_head} heads per device group "
-                         f"do not divide over {plan.seq_axis!r} of size {n_seq}; use method='ring'")
+    if plan.method in ("ulysses", "hybrid") and (spec.heads // n_head) % n_u:
+        raise ValueError(f"sequence_parallel({plan.method!r}): {spec.heads // n_head} heads per device group "
+                         f"do not divide over {plan.seq_axis!r} of size {n_u}; use method='ring'")
     if plan.method == "local" and plan.seq_axis is not None and spec.is_causal:
         raise ValueError("shard_local(query_axis=...): is_causal needs each query's position against "
                          "whole keys; use sequence_parallel for causal attention")
@@ -75,23 +79,29 @@ def _sharded(plan: Plan, inputs: AttentionInputs, backend, return_lse):
         if mask.shape[3] > 1:
             mask = _pad(mask, 3, skv_pad, neutral)
 
-    b_ax, h_ax, s_ax = plan.batch_axis, plan.head_axis, plan.seq_axis
+    b_ax, h_ax, s_ax, r_ax = plan.batch_axis, plan.head_axis, plan.seq_axis, plan.ring_axis
+    # Hybrid: ring major, so that each Ulysses group's blocks are one contiguous chunk.
+    seq_entry = _spec_entry(r_ax, s_ax) if hybrid else _spec_entry(s_ax)
 
     def dims(batch, heads, seqlen):
         d = [None] * 4
         d[0], d[head], d[seq] = batch, heads, seqlen
         return P(*d)
 
-    q_spec = dims(_spec_entry(b_ax), _spec_entry(h_ax), _spec_entry(s_ax))
-    kv_spec = dims(_spec_entry(b_ax), _spec_entry(h_ax), _spec_entry(s_ax) if kv_split else None)
-    lse_spec = P(_spec_entry(b_ax), _spec_entry(h_ax), _spec_entry(s_ax))
+    q_spec = dims(_spec_entry(b_ax), _spec_entry(h_ax), seq_entry)
+    kv_spec = dims(_spec_entry(b_ax), _spec_entry(h_ax), seq_entry if kv_split else None)
+    lse_spec = P(_spec_entry(b_ax), _spec_entry(h_ax), seq_entry)
     args, specs = {"q": q, "k": k, "v": v}, {"q": q_spec, "k": kv_spec, "v": kv_spec}
     if mask is not None:
+        # Each device's mask is what its local call sees: Ulysses (and hybrid) split heads over the
+        # Ulysses axis and keep every query row (hybrid: the ring's query chunk); ring and local
+        # split query rows; key columns stay whole (the ring slices each key block's columns).
         mb, mn, mq, _ = mask.shape
-        mask_heads = _spec_entry(h_ax, s_ax) if plan.method == "ulysses" else _spec_entry(h_ax)
+        mask_heads = _spec_entry(h_ax, s_ax) if plan.method in ("ulysses", "hybrid") else _spec_entry(h_ax)
+        mask_rows = {"ulysses": None, "hybrid": _spec_entry(r_ax)}.get(plan.method, _spec_entry(s_ax))
         args["mask"] = mask
         specs["mask"] = P(_spec_entry(b_ax) if mb > 1 else None, mask_heads if mn > 1 else None,
-                          _spec_entry(s_ax) if mq > 1 and plan.method != "ulysses" else None, None)
+                          mask_rows if mq > 1 else None, None)
     if kv_lengths is not None:
         args["kv_lengths"] = kv_lengths
         specs["kv_lengths"] = P(_spec_entry(b_ax))
@@ -102,6 +112,8 @@ def _sharded(plan: Plan, inputs: AttentionInputs, backend, return_lse):
             return _run(_local(spec, lq, lk, lv, lm, ll), backend, return_lse)
         if plan.method == "ulysses":
             return _ulysses(spec, s_ax, n_seq, lq, lk, lv, lm, ll, backend, return_lse)
+        if hybrid:
+            return _hybrid(spec, s_ax, n_u, r_ax, n_r, lq, lk, lv, lm, ll, backend, return_lse)
         return _ring(spec, s_ax, n_seq, lq, lk, lv, lm, ll, backend, return_lse)
 
     out_specs = (q_spec, lse_spec if return_lse else None)
@@ -122,11 +134,17 @@ def _manual(plan: Plan, inputs: AttentionInputs, backend, return_lse):
         raise ValueError("sequence_parallel(None, ...): inside a shard_map only masks constant along "
                          "the sequence are accepted (use kv_lengths, or give the mesh so masks can be "
                          "split with the sequence)")
-    n_seq = jax.lax.axis_size(axis) if hasattr(jax.lax, "axis_size") else jax.lax.psum(1, axis)
-    if plan.method == "ulysses" and spec.heads % n_seq:
-        raise ValueError(f"sequence_parallel('ulysses'): {spec.heads} heads do not divide over "
+    n_seq = _axis_size(axis)
+    if plan.method in ("ulysses", "hybrid") and spec.heads % n_seq:
+        raise ValueError(f"sequence_parallel({plan.method!r}): {spec.heads} heads do not divide over "
                          f"{axis!r} of size {n_seq}; use method='ring'")
-    fn = _ulysses if plan.method == "ulysses" else _ring
-    out, lse = fn(spec, axis, n_seq, inputs.q, inputs.k, inputs.v, inputs.mask, inputs.kv_lengths,
-                  backend, return_lse)
+    args = (inputs.q, inputs.k, inputs.v, inputs.mask, inputs.kv_lengths, backend, return_lse)
+    if plan.method == "hybrid":  # the caller's blocks must be laid ring major, as `_sharded` does
+        out, lse = _hybrid(spec, axis, n_seq, plan.ring_axis, _axis_size(plan.ring_axis), *args)
+    else:
+        out, lse = (_ulysses if plan.method == "ulysses" else _ring)(spec, axis, n_seq, *args)
     return (out, lse) if return_lse else out
+
+
+def _axis_size(axis):
+    return jax.lax.axis_size(axis) if hasattr(jax.lax, "axis_size") else jax.lax.psum(1, axis)

@@ -5,6 +5,9 @@ sequence for `n / P` heads, and a second `all_to_all` turns the result back. Nee
 batch/head shard) divisible by the axis size `P` (k/v heads of GQA/MQA are repeated until they
 split). Masks and `kv_lengths` apply unchanged, since each device sees every key. Two collectives
 per call, whatever `P`: the cheaper method when the head count allows it.
+
+`inner` replaces the local call on the head shards: the hybrid method (`hybrid.py`) runs a ring
+there, over a second mesh axis, on sequence chunks that are then only part of the sequence.
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ import jax.numpy as jnp
 from .layout import _axes, _local, _run
 
 
-def _ulysses(spec, axis, n_seq, q, k, v, mask, kv_lengths, backend, return_lse):
+def _ulysses(spec, axis, n_seq, q, k, v, mask, kv_lengths, backend, return_lse, inner=None):
     seq, head = _axes(spec.layout)
     n_kv = k.shape[head]
     if n_kv % n_seq:  # GQA/MQA with too few k/v heads: repeat each until they split evenly
@@ -26,7 +29,10 @@ def _ulysses(spec, axis, n_seq, q, k, v, mask, kv_lengths, backend, return_lse):
         return jax.lax.all_to_all(x, axis, split_axis=head, concat_axis=seq, tiled=True)
 
     q, k, v = to_heads(q), to_heads(k), to_heads(v)
-    out, lse = _run(_local(spec, q, k, v, mask, kv_lengths), backend, return_lse)
+    if inner is None:
+        out, lse = _run(_local(spec, q, k, v, mask, kv_lengths), backend, return_lse)
+    else:
+        out, lse = inner(q, k, v, mask, kv_lengths)
     out = jax.lax.all_to_all(out, axis, split_axis=seq, concat_axis=head, tiled=True)
     if lse is not None:
         lse = jax.lax.all_to_all(lse, axis, split_axis=2, concat_axis=1, tiled=True)

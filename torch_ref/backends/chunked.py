@@ -3,7 +3,8 @@
 Forward: a loop over query chunks, each looping over key chunks with the online softmax.
 Backward (`torch.autograd.Function`): a loop over key chunks, each looping over the query chunks
 and recomputing the probabilities from the saved log-sum-exp. Peak extra memory is
-O(chunk_q * chunk_k) per head: it never holds a `(sq, skv)` matrix, in either direction.
+O(chunk_q * chunk_k) per head: it never holds a `(sq, skv)` matrix, in either direction (segment
+ids are cut to each block and compared there).
 """
 from __future__ import annotations
 
@@ -52,13 +53,18 @@ def _grouped(x, spec):
     return x[:, :, None]
 
 
-def _logits(plan, q_i, k_j, mask, kv_lengths, qb, kb):
-    """Masked logits of query block qb against key block kb, and the keep mask (grouped)."""
+def _logits(plan, q_i, k_j, mask, kv_lengths, qb, kb, segments=None):
+    """Masked logits of query block qb against key block kb, and the keep mask (grouped).
+    `segments`: None, or the `(b, sq)` and `(b, skv)` segment ids (passed only when there are some,
+    so the signature of calls without packed sequences is the one it always had)."""
     spec = plan.spec
     s = torch.einsum("bhgqd,bhkd->bhgqk", q_i, k_j) * spec.scale
     dev = q_i.device
+    if segments is not None:  # this block's ids only: a (b, 1, qc, kc) comparison
+        segments = (_cut(segments[0], 1, qb), _cut(segments[1], 1, kb))
     keep, bias = masking.keep_and_bias(spec, _cut(_cut(mask, 2, qb), 3, kb), kv_lengths,
-                                       torch.arange(*qb, device=dev), torch.arange(*kb, device=dev))
+                                       torch.arange(*qb, device=dev), torch.arange(*kb, device=dev),
+                                       segments)
     keep = _grouped(keep, spec)
     return masking.masked_logits(s, keep, _grouped(bias, spec)), keep
 
@@ -71,8 +77,9 @@ class _Attention(torch.autograd.Function):
     """q (b, hk, g, sq, d), k, v (b, hk, skv, .) in the accumulator dtype; returns out and lse."""
 
     @staticmethod
-    def forward(ctx, plan, q, k, v, mask, kv_lengths):
+    def forward(ctx, plan, q, k, v, mask, kv_lengths, q_ids, kv_ids):
         b, hk, g, sq, _ = q.shape
+        segments = {} if q_ids is None else {"segments": (q_ids, kv_ids)}
         out = q.new_empty(b, hk, g, sq, v.shape[-1])
         lse = q.new_empty(b, hk, g, sq)
         for qb in plan.blocks(sq, plan.q_chunk):
@@ -84,7 +91,7 @@ class _Attention(torch.autograd.Function):
             for kb in plan.blocks(k.shape[2], plan.k_chunk):
                 if not plan.visible(qb, kb):
                     continue
-                s, keep = _logits(plan, q_i, k[:, :, kb[0]:kb[1]], mask, kv_lengths, qb, kb)
+                s, keep = _logits(plan, q_i, k[:, :, kb[0]:kb[1]], mask, kv_lengths, qb, kb, **segments)
                 # Emptiness comes from `keep`, never from `l > 0`, so a NaN row stays NaN.
                 nonempty = nonempty | (True if keep is None else keep.any(-1))
                 m_new = torch.maximum(m, s.amax(-1))
@@ -98,13 +105,14 @@ class _Attention(torch.autograd.Function):
             out[..., qb[0]:qb[1], :] = acc / l_safe[..., None]
             lse[..., qb[0]:qb[1]] = torch.where(nonempty, torch.log(l_safe) + m, float("-inf"))
         ctx.plan = plan
-        ctx.save_for_backward(q, k, v, mask, kv_lengths, out, lse)
+        ctx.save_for_backward(q, k, v, mask, kv_lengths, q_ids, kv_ids, out, lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, d_out, d_lse):
         plan = ctx.plan
-        q, k, v, mask, kv_lengths, out, lse = ctx.saved_tensors
+        q, k, v, mask, kv_lengths, q_ids, kv_ids, out, lse = ctx.saved_tensors
+        segments = {} if q_ids is None else {"segments": (q_ids, kv_ids)}
         scale = plan.spec.scale
         want_dbias = ctx.needs_input_grad[4]
         # dS = P * (dP - D) with D = rowsum(dO * O) - dlse: the dlse term is the lse's own gradient.
@@ -118,7 +126,7 @@ class _Attention(torch.autograd.Function):
                 if not plan.visible(qb, kb):
                     continue
                 q_i, do_i = q[..., qb[0]:qb[1], :], d_out[..., qb[0]:qb[1], :]
-                s, keep = _logits(plan, q_i, k_j, mask, kv_lengths, qb, kb)
+                s, keep = _logits(plan, q_i, k_j, mask, kv_lengths, qb, kb, **segments)
                 p = _kept(torch.exp(s - lse[..., qb[0]:qb[1], None]), keep)
                 dv[:, :, kb[0]:kb[1]] += torch.einsum("bhgqk,bhgqd->bhkd", p, do_i)
                 dp = torch.einsum("bhgqd,bhkd->bhgqk", do_i, v_j)
@@ -127,7 +135,7 @@ class _Attention(torch.autograd.Function):
                 dq[..., qb[0]:qb[1], :] += scale * torch.einsum("bhgqk,bhkd->bhgqd", ds, k_j)
                 if want_dbias:
                     _accumulate_dbias(dbias, ds, qb, kb)
-        return None, dq, dk, dv, dbias, None
+        return None, dq, dk, dv, dbias, None, None, None
 
 
 def _accumulate_dbias(dbias, ds, qb, kb):
@@ -143,7 +151,8 @@ def _accumulate_dbias(dbias, ds, qb, kb):
 class Chunked(Backend):
     name = "chunked"
     description = "torch online softmax over key/query chunks with its own backward; memory linear in s"
-    window = True
+    supports_window = True
+    supports_segment_ids = True  # compared block by block, never as (sq, skv)
 
     def __init__(self, q_chunk: int = 512, k_chunk: int = 512):
         self.q_chunk, self.k_chunk = q_chunk, k_chunk
@@ -158,6 +167,7 @@ class Chunked(Backend):
             mask = mask.to(acc)
         plan = _Plan(spec, self.q_chunk, self.k_chunk)
         out, lse = _Attention.apply(plan, q.reshape(b, spec.kv_heads, spec.groups, sq, d).to(acc),
-                                    k.to(acc), v.to(acc), mask, inputs.kv_lengths)
+                                    k.to(acc), v.to(acc), mask, inputs.kv_lengths, inputs.q_segment_ids,
+                                    inputs.kv_segment_ids)
         out = inputs.from_bnsd(out.reshape(b, n, sq, -1).to(q.dtype))
         return (out, lse.reshape(b, n, sq).to(torch.float32)) if return_lse else out

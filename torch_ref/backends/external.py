@@ -12,7 +12,7 @@ import importlib
 
 import torch
 
-from ..inputs import Call
+from ..inputs import RunContext
 from ..masking import EmptyRows
 from .base import Backend
 
@@ -25,9 +25,9 @@ class FlashAttn(Backend):
     dtypes = ("float16", "bfloat16")
     head_dims = (1, 256)
     value_dim_differs = False
-    bool_mask = bias = bias_grad = kv_lengths = False
+    supports_bool_mask = supports_bias = supports_bias_grad = supports_kv_lengths = False
 
-    def reasons(self, spec, call=Call()):
+    def reasons(self, spec, call=RunContext()):
         why = super().reasons(spec, call)
         if spec.is_causal and spec.q_len != spec.kv_len:
             why.append("is_causal with sq != skv: flash_attn aligns the causal mask bottom-right")
@@ -51,11 +51,11 @@ class SageAttention(Backend):
     devices = ("cuda",)
     dtypes = ("float16", "bfloat16")
     value_dim_differs = False
-    bool_mask = bias = bias_grad = kv_lengths = False
-    grad = lse = False
+    supports_bool_mask = supports_bias = supports_bias_grad = supports_kv_lengths = False
+    supports_grad = supports_lse = False
     automatic = False  # quantized: results differ beyond our tolerances, so never chosen silently
 
-    def reasons(self, spec, call=Call()):
+    def reasons(self, spec, call=RunContext()):
         why = super().reasons(spec, call)
         if spec.head_dim not in (64, 96, 128):
             why.append(f"head dim {spec.head_dim} is not supported (64, 96 or 128)")
@@ -79,8 +79,8 @@ class XFormers(Backend):
     package = "xformers"
     devices = ("cuda",)
     dtypes = ("float16", "bfloat16", "float32")
-    lse = False
-    window = True  # folded into its attn_bias
+    supports_lse = False
+    supports_window = True  # folded into its attn_bias
 
     def _forward(self, inputs, return_lse):
         xops = importlib.import_module("xformers.ops")

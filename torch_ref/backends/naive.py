@@ -10,7 +10,8 @@ from .base import Backend
 class Naive(Backend):
     name = "naive"
     description = "plain torch: scores, masked softmax, weighted sum in float32; O(sq*skv) memory"
-    window = True
+    supports_window = True
+    supports_segment_ids = True
 
     def _forward(self, inputs, return_lse):
         spec = inputs.spec
@@ -21,7 +22,8 @@ class Naive(Backend):
         s = torch.einsum("bhgqd,bhkd->bhgqk", q.reshape(b, hk, g, sq, d).to(acc), k.to(acc))
         s = s.reshape(b, n, sq, skv) * spec.scale
         keep, bias = masking.keep_and_bias(spec, inputs.mask, inputs.kv_lengths,
-                                           torch.arange(sq, device=q.device), torch.arange(skv, device=q.device))
+                                           torch.arange(sq, device=q.device), torch.arange(skv, device=q.device),
+                                           inputs.segments)
         s = masking.masked_logits(s, keep, bias)
         nonempty = masking.nonempty_rows(keep, s.shape, q.device)[..., None]  # a NaN row is not empty
         zero = torch.zeros((), dtype=s.dtype, device=q.device)

@@ -1,0 +1,316 @@
+"""H100/H200 check and timing of the `sage` backend (8-bit INT8 QK / FP8 PV attention), one visit.
+
+    PYTHONUNBUFFERED=1 PYTHONPATH=. python benchmarks/sage_device.py --out $OUT [--quick]
+
+1. Lowering smoke test: the kernel on a tiny shape per head dim (40, 64, 80, 128), both layouts,
+   with and without a mask, `two_level_pv` on and off; kernel vs the jnp simulation
+   (`jax_attn.quantization.sage_reference`, same quantized bits) must agree tightly.
+2. Accuracy table: kernel, simulation and cuDNN bf16 against a float64 reference (computed
+   on the host in NumPy, first heads only) on the two input families of tests/test_sage.py
+   (standard normal; heavy-tailed Q + per-channel K offset), d = 64 and 128, 2048 tokens:
+   worst-head cosine and relative L1.
+3. Timing, bf16, (b, s, n, d) inputs: sage (quantization pre-pass included: the timed function is
+   the whole `attention_forward(backend="sage")`), the pre-pass alone, and
+   `attention_forward(backend="cudnn")`; median of many runs. TFLOP/s = 4*b*n*sq*skv*d / time.
+Every step is in try/except, so one failure still lets the rest run. A table is printed last;
+everything goes to $OUT/sage.json.
+
+    PYTHONUNBUFFERED=1 PYTHONPATH=. python benchmarks/sage_device.py --out $OUT --variants
+
+`--variants` instead (about 2-3 minutes): on 1x24x4608x4608x128 and 2x10x4096x4096x64 (bsnd,
+bf16), each `VARIANTS` SageConfig is first checked against its own simulation (head 0, same
+bits; timing is skipped on a mismatch) and scored against float64 (head 0), then timed (whole
+call, pre-pass included), with the pre-pass alone and cuDNN; a table is printed last. Variants
+are skipped once `--budget` seconds have passed, so the table always comes out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import pathlib
+import sys
+import time
+import traceback
+
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+
+TIMED = [(1, 24, 16384, 16384, 128), (1, 24, 4608, 4608, 128), (2, 10, 4096, 4096, 64),
+         (2, 8, 4096, 4096, 40)]
+SMOKE = [(1, 2, 1, 200, 300, 40), (1, 2, 2, 256, 256, 64), (2, 4, 2, 130, 520, 80),
+         (1, 2, 1, 256, 384, 128)]
+
+
+def _family(name, shape_q, shape_kv, seed=0):
+    rng = np.random.default_rng(seed)
+    q, k, v = (rng.standard_normal(s).astype(np.float32) for s in (shape_q, shape_kv, shape_kv))
+    if name == "outlier":
+        q = rng.standard_t(3, shape_q).astype(np.float32)
+        k = k + 8.0 * rng.standard_normal((1, 1, 1, shape_kv[-1])).astype(np.float32)
+    return q, k, v
+
+
+def smoke(results, log):
+    import jax.numpy as jnp
+
+    from jax_attn import quantization as Q
+    from jax_attn.kernels import sage_attention as S
+    from jax_attn.kernels.sage_forward import SageConfig
+    for b, n, n_kv, sq, skv, d in SMOKE:
+        for layout in ("bnsd", "bsnd"):
+            for masked in (False, True):
+                for two_level in (True, False):
+                    key = f"smoke {b}x{n}/{n_kv}x{sq}x{skv}x{d} {layout} mask={masked} two_level={two_level}"
+                    try:
+                        q, k, v = _family("normal", (b, n, sq, d), (b, n_kv, skv, d), seed=sq)
+                        t = (lambda x: x) if layout == "bnsd" else (lambda x: np.swapaxes(x, 1, 2))
+                        q, k, v = (jnp.asarray(t(x), jnp.bfloat16) for x in (q, k, v))
+                        km = (np.random.default_rng(1).random((b, 1, 1, skv)) > 0.3) if masked else None
+                        lens = jnp.asarray([skv - 7] * b, jnp.int32) if masked else None
+                        out, lse = S.sage_attention(q, k, v, layout=layout, key_mask=km, kv_lengths=lens,
+                                                    return_lse=True,
+                                                    config=SageConfig(two_level_pv=two_level))
+                        cfg_r = SageConfig(two_level_pv=two_level).resolved(64 if d <= 64 else 128)
+                        so, slse = Q.sage_reference(q, k, v, layout=layout, kv_lengths=lens,
+                                                    key_mask=None if km is None else jnp.asarray(km)[:, :, 0],
+                                                    block_k=cfg_r.block_kv, **S.sim_flags(cfg_r))
+                        o, s_ = np.asarray(out, np.float32), np.asarray(so, np.float32)
+                        err = float(np.abs(o - s_).max() / max(np.abs(s_).max(), 1e-6))
+                        fin = np.isfinite(np.asarray(slse))
+                        lerr = float(np.abs(np.asarray(lse)[fin] - np.asarray(slse)[fin]).max())
+                        ok = err < 2e-2 and lerr < 1e-2
+                        results["smoke"][key] = {"max_rel_vs_sim": err, "lse_err": lerr, "ok": ok}
+                        log(f"{key}: max|kernel-sim|/max|sim| {err:.2e} lse {lerr:.2e} {'OK' if ok else 'FAIL'}")
+                    except Exception as e:  # noqa: BLE001
+                        results["smoke"][key] = {"error": f"{type(e).__name__}: {e}"}
+                        log(f"{key}: ERROR\n{traceback.format_exc()}")
+
+
+def accuracy(results, log, s):
+    import jax
+    import jax.numpy as jnp
+
+    import jax_attn
+    from jax_attn import quantization as Q
+    from jax_attn import reference
+    for fam in ("normal", "outlier"):
+        for d in (64, 128):
+            key = f"{fam} d={d} s={s}"
+            try:
+                q, k, v = _family(fam, (1, 4, s, d), (1, 4, s, d))
+                qb, kb, vb = (jnp.asarray(x, jnp.bfloat16) for x in (q, k, v))
+                f64 = [np.asarray(x.astype(jnp.float32), np.float64) for x in (qb, kb, vb)]
+                ref = np.concatenate([reference.attention(*(x[:, h:h + 1] for x in f64)) for h in range(4)], 1)
+                row = {}
+                sage = jax_attn.attention_forward(qb, kb, vb, backend="sage")
+                row["sage kernel"] = Q.accuracy(np.asarray(sage, np.float64), ref)
+                row["simulation"] = Q.accuracy(np.asarray(Q.sage_reference(qb, kb, vb)[0], np.float64), ref)
+                cud = jax.jit(lambda a, b_, c: jax_attn.attention_forward(a, b_, c, backend="cudnn"))(qb, kb, vb)
+                row["cudnn bf16"] = Q.accuracy(np.asarray(cud, np.float64), ref)
+                results["accuracy"][key] = row
+                for name, a in row.items():
+                    log(f"{key} {name}: cos_min {a['cos_min']:.6f} rel_l1_max {a['rel_l1_max']:.4f}")
+            except Exception as e:  # noqa: BLE001
+                results["accuracy"][key] = {"error": f"{type(e).__name__}: {e}"}
+                log(f"{key}: ERROR\n{traceback.format_exc()}")
+
+
+def timing(results, log, shapes):
+    import jax
+    import jax.numpy as jnp
+
+    import jax_attn
+    from jax_attn import quantization as Q
+    from tune_pallas import time_ms
+    for b, n, sq, skv, d in shapes:
+        key = f"{b}x{n}x{sq}x{skv}x{d}"
+        flops = 4.0 * b * n * sq * skv * d
+        ks = jax.random.split(jax.random.key(0), 3)
+        q = jax.random.normal(ks[0], (b, sq, n, d), jnp.bfloat16)
+        k = jax.random.normal(ks[1], (b, skv, n, d), jnp.bfloat16)
+        v = jax.random.normal(ks[2], (b, skv, n, d), jnp.bfloat16)
+        row = results["timing"].setdefault(key, {})
+        dp = 64 if d <= 64 else 128
+        runs = {
+            "sage": jax.jit(lambda a, b_, c: jax_attn.attention_forward(a, b_, c, layout="bsnd", backend="sage")),
+            "sage_prepass": jax.jit(lambda a, b_, c: Q.quantize(
+                a, b_, c, layout="bsnd", scale=1 / math.sqrt(d), q_rows=1, k_rows=1, dp=dp,
+                sq_pad=-(-sq // 128) * 128, skv_pad=-(-skv // 128) * 128)),
+            "cudnn": jax.jit(lambda a, b_, c: jax_attn.attention_forward(a, b_, c, layout="bsnd", backend="cudnn")),
+        }
+        for name, fn in runs.items():
+            try:
+                ms = time_ms(fn, q, k, v, reps=10 if sq >= 16384 else 20)
+                row[name] = {"ms": ms, "tflops": flops / ms / 1e9}
+                log(f"{key} {name}: {ms:.3f} ms {flops / ms / 1e9:.0f} TFLOP/s")
+            except Exception as e:  # noqa: BLE001
+                row[name] = {"error": f"{type(e).__name__}: {e}"}
+                log(f"{key} {name}: ERROR\n{traceback.format_exc()}")
+
+
+def _variants():
+    from jax_attn.kernels.sage_forward import OLD_CONFIG, SageConfig
+    return {
+        "old": OLD_CONFIG,  # as first measured: P via smem, plain softmax, two-level, 128 keys
+        "default": SageConfig(),  # P in registers, fused softmax, two-level, keys by head dim
+        "default_1level": SageConfig(two_level_pv=False),
+        "smem_fused": SageConfig(p_in_registers=False),
+        "regs_plain": SageConfig(fused_softmax=False),
+        "default_bk128": SageConfig(block_kv=128),
+        "1level_stages3": SageConfig(two_level_pv=False, stages=3),
+    }
+
+
+def variants(results, log, t0, budget):
+    import jax
+    import jax.numpy as jnp
+
+    import jax_attn
+    from jax_attn import quantization as Q
+    from jax_attn import reference
+    from jax_attn.kernels import sage_attention as S
+    from tune_pallas import time_ms
+    res = results.setdefault("variants", {})
+    for b, n, sq, skv, d in TIMED[1:3]:
+        key = f"{b}x{n}x{sq}x{skv}x{d}"
+        row = res.setdefault(key, {})
+        flops = 4.0 * b * n * sq * skv * d
+        ks = jax.random.split(jax.random.key(0), 3)
+        q = jax.random.normal(ks[0], (b, sq, n, d), jnp.bfloat16)
+        k = jax.random.normal(ks[1], (b, skv, n, d), jnp.bfloat16)
+        v = jax.random.normal(ks[2], (b, skv, n, d), jnp.bfloat16)
+        h0 = [x[:1, :, :1] for x in (q, k, v)]  # head 0 of batch 0, for the checks
+        try:
+            ref = reference.attention(*(np.swapaxes(np.asarray(x.astype(jnp.float32), np.float64), 1, 2)
+                                        for x in h0))
+        except Exception as e:  # noqa: BLE001
+            ref = None
+            log(f"{key} float64 reference: ERROR {type(e).__name__}: {e}")
+        dp = 64 if d <= 64 else 128
+        extra = {
+            "prepass": jax.jit(lambda a, b_, c: Q.quantize(
+                a, b_, c, layout="bsnd", scale=1 / math.sqrt(d), q_rows=1, k_rows=1, dp=dp,
+                sq_pad=-(-sq // 128) * 128, skv_pad=-(-skv // 256) * 256, v_key_perm=True)),
+            "cudnn": jax.jit(lambda a, b_, c: jax_attn.attention_forward(a, b_, c, layout="bsnd", backend="cudnn")),
+        }
+        for name, fn in extra.items():
+            try:
+                ms = time_ms(fn, q, k, v, reps=20)
+                row[name] = {"ms": ms}
+                log(f"{key} {name}: {ms:.3f} ms")
+            except Exception as e:  # noqa: BLE001
+                row[name] = {"error": f"{type(e).__name__}: {e}"}
+                log(f"{key} {name}: ERROR {type(e).__name__}: {e}")
+        for name, cfg in _variants().items():
+            if time.time() - t0 > budget:
+                row[name] = {"error": "skipped: out of time"}
+                log(f"{key} {name}: skipped (time budget)")
+                continue
+            ent = row.setdefault(name, {})
+            try:
+                cfg_r = cfg.resolved(dp)
+                fn = jax.jit(lambda a, b_, c, cfg=cfg: S.sage_attention(a, b_, c, layout="bsnd", config=cfg,
+                                                                      return_lse=True))
+                out, lse = fn(q, k, v)
+                so, slse = Q.sage_reference(*h0, layout="bsnd", block_q=cfg_r.block_q,
+                                            block_k=cfg_r.block_kv, **S.sim_flags(cfg_r))
+                o0 = np.asarray(out[:1, :, :1], np.float32)
+                s0 = np.asarray(so, np.float32)
+                err = float(np.abs(o0 - s0).max() / max(np.abs(s0).max(), 1e-6))
+                lerr = float(np.abs(np.asarray(lse[:1, :1]) - np.asarray(slse)).max())
+                ent.update(max_rel_vs_sim=err, lse_err=lerr, ok=err < 2e-2 and lerr < 1e-2)
+                if ref is not None:
+                    a = Q.accuracy(np.swapaxes(o0.astype(np.float64), 1, 2), ref)
+                    ent.update(cos=a["cos_min"], rel_l1=a["rel_l1_max"])
+                log(f"{key} {name} {cfg_r}: vs sim {err:.2e} lse {lerr:.2e} "
+                    f"vs f64 cos {ent.get('cos', float('nan')):.6f} rel_l1 {ent.get('rel_l1', float('nan')):.4f}"
+                    f" {'OK' if ent['ok'] else 'MISMATCH (not timed)'}")
+                if ent["ok"]:
+                    ms = time_ms(lambda a, b_, c: fn(a, b_, c)[0], q, k, v, reps=20)
+                    ent.update(ms=ms, tflops=flops / ms / 1e9)
+                    log(f"{key} {name}: {ms:.3f} ms {flops / ms / 1e9:.0f} TFLOP/s")
+            except Exception as e:  # noqa: BLE001
+                ent["error"] = f"{type(e).__name__}: {e}"[:2000]
+                log(f"{key} {name}: ERROR\n{traceback.format_exc()[-3000:]}")
+
+
+def variants_table(results, log):
+    log(f"{'shape':22s} {'variant':16s} {'ms':>7s} {'kernel':>7s} {'x cudnn':>8s} {'vs sim':>8s} "
+        f"{'cos f64':>8s} {'relL1':>7s}")
+    for key, row in results.get("variants", {}).items():
+        pre = row.get("prepass", {}).get("ms")
+        cud = row.get("cudnn", {}).get("ms")
+        log(f"{key:22s} {'prepass':16s} {pre or float('nan'):7.3f}   cudnn {cud or float('nan'):.3f} ms")
+        for name, e in row.items():
+            if name in ("prepass", "cudnn"):
+                continue
+            if "error" in e and "ms" not in e:
+                log(f"{key:22s} {name:16s} {'err':>7s}  {e['error'][:60]}")
+                continue
+            ms = e.get("ms")
+            f = lambda x, w, p: f"{x:{w}.{p}f}" if x is not None else f"{'-':>{w}s}"  # noqa: E731
+            log(f"{key:22s} {name:16s} {f(ms, 7, 3)} {f(ms - pre if ms and pre else None, 7, 3)} "
+                f"{f(cud / ms if ms and cud else None, 8, 2)} {e.get('max_rel_vs_sim', float('nan')):8.1e} "
+                f"{e.get('cos', float('nan')):8.5f} {e.get('rel_l1', float('nan')):7.4f}"
+                + ("" if e.get("ok", True) else "  MISMATCH"))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="sage_out")
+    ap.add_argument("--quick", action="store_true", help="smaller accuracy size, two timed shapes")
+    ap.add_argument("--variants", action="store_true",
+                    help="only: SageConfig variants (checked, then timed), pre-pass, cuDNN")
+    ap.add_argument("--budget", type=float, default=150.0,
+                    help="--variants: seconds after which remaining variants are skipped")
+    args = ap.parse_args()
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    import jax
+    results = {"device": str(jax.devices()[0]), "jax": jax.__version__, "smoke": {}, "accuracy": {},
+               "timing": {}}
+    lines = []
+
+    def log(msg):
+        print(msg, flush=True)
+        lines.append(msg)
+
+    t0 = time.time()
+    if args.variants:
+        try:
+            variants(results, log, t0, args.budget)
+        except Exception:  # noqa: BLE001
+            log(f"variants failed:\n{traceback.format_exc()}")
+        (out / "sage.json").write_text(json.dumps(results, indent=1))
+        log(f"\n=== variants ({time.time() - t0:.0f} s, {results['device']}, jax {results['jax']}) ===")
+        variants_table(results, log)
+        (out / "log.txt").write_text("\n".join(lines))
+        return
+    for step, fn in (("smoke", lambda: smoke(results, log)),
+                     ("accuracy", lambda: accuracy(results, log, 1024 if args.quick else 2048)),
+                     ("timing", lambda: timing(results, log, TIMED[1:3] if args.quick else TIMED))):
+        try:
+            fn()
+        except Exception:  # noqa: BLE001
+            log(f"step {step} failed:\n{traceback.format_exc()}")
+        (out / "sage.json").write_text(json.dumps(results, indent=1))
+    log(f"\n=== summary ({time.time() - t0:.0f} s, {results['device']}, jax {results['jax']}) ===")
+    bad = [k for k, r in results["smoke"].items() if not r.get("ok")]
+    log(f"smoke: {len(results['smoke']) - len(bad)}/{len(results['smoke'])} ok" + (f"; failing: {bad[:4]}" if bad else ""))
+    for key, row in results["accuracy"].items():
+        log(f"{key:22s} " + "  ".join(f"{n}: {a['cos_min']:.5f}/{a['rel_l1_max']:.4f}" if "cos_min" in a else f"{n}: err"
+                                      for n, a in row.items() if isinstance(a, dict)))
+    log(f"{'shape':26s} {'sage ms':>9s} {'prepass':>9s} {'cudnn ms':>9s} {'speedup':>8s}")
+    for key, row in results["timing"].items():
+        ms = {n: row.get(n, {}).get("ms") for n in ("sage", "sage_prepass", "cudnn")}
+        fmt = lambda x: f"{x:9.3f}" if x else f"{'err':>9s}"  # noqa: E731
+        sp = f"{ms['cudnn'] / ms['sage']:8.2f}" if ms["sage"] and ms["cudnn"] else f"{'-':>8s}"
+        log(f"{key:26s} {fmt(ms['sage'])} {fmt(ms['sage_prepass'])} {fmt(ms['cudnn'])} {sp}")
+    (out / "sage.json").write_text(json.dumps(results, indent=1))
+    (out / "log.txt").write_text("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

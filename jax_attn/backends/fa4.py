@@ -1,0 +1,120 @@
+"""`fa4`: FlashAttention-4's CuTe-DSL kernels (Hopper sm90, Blackwell sm100), forward and backward.
+
+This module declares what the backend serves and maps our contract onto FA4's arguments; the
+kernels are reached through `fa4_kernels` (JAX FFI targets that hand XLA's buffers and stream to
+FA4). Nothing from FA4, torch or tvm-ffi is imported until a call is traced.
+
+FA4, like every FlashAttention, aligns its causal mask and local window to the bottom-right
+corner (key j is visible to query i iff `i + sk - sq - left <= j <= i + sk - sq + right`, with
+`sk` the used key length, `seqused_k` included), while ours is top-left. The two agree only
+when that offset is zero, so causality and windows are served only with `sq == skv` and no
+`kv_lengths`; any other combination is declined with its reason rather than shifted per batch.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+
+from ..contract import Spec
+from .base import Backend, gpu_compute_capability, platform
+
+REQUIRED_MODULES = (("flash_attn.cute", "flash-attn-4"), ("jax_tvm_ffi", "jax-tvm-ffi"),
+                    ("tvm_ffi", "apache-tvm-ffi"), ("torch", "torch (CUDA build)"))
+
+
+@dataclasses.dataclass(frozen=True)
+class FA4Args:
+    """FA4's mask and scale arguments for one call (`_flash_attn_fwd`/`_flash_attn_bwd` names)."""
+
+    softmax_scale: float
+    causal: bool
+    window_size_left: int | None
+    window_size_right: int | None
+
+
+def fa4_arguments(spec: Spec) -> FA4Args:
+    """Map our scale, causality and window to FA4's. Call only when `mapping_reasons(spec)` is empty."""
+    bounds = spec.window_bounds
+    if bounds is None:
+        return FA4Args(float(spec.scale), False, None, None)
+    left, right = bounds
+    if left is None and right == 0:  # plain causal: FA4's dedicated (non-local) causal kernel
+        return FA4Args(float(spec.scale), True, None, None)
+    return FA4Args(float(spec.scale), False, left, right)
+
+
+def mapping_reasons(spec: Spec) -> list[str]:
+    """Why our causal/window semantics cannot be handed to FA4 exactly for `spec` (see the docstring)."""
+    why = []
+    bounds = spec.window_bounds
+    if bounds is None:
+        return why
+    if spec.q_len != spec.kv_len:
+        why.append(f"causal/local_window_size with sq={spec.q_len} != skv={spec.kv_len}: FA4 aligns "
+                   "its mask to the bottom-right corner, ours to the top-left")
+    if spec.has_kv_lengths:
+        why.append("causal/local_window_size together with kv_lengths: FA4 aligns its mask to each "
+                   "row's used key length (bottom-right), ours to the top-left")
+    left, right = bounds
+    if (left is not None and left < 0) or (right is not None and right < 0):
+        why.append(f"local_window_size {bounds} with a negative side is not passed to FA4")
+    return why
+
+
+def _sm100_head_dims_ok(d: int, dv: int) -> bool:
+    # FA4's sm100 kernels: both dims <= 128, or its two special shapes (mirrors interface.py).
+    return (d <= 128 and dv <= 128) or (d, dv) in ((192, 128), (256, 256))
+
+
+class FA4(Backend):
+    name = "fa4"
+    description = "FlashAttention-4 CuTe-DSL kernels (sm90/sm100) through JAX FFI; fwd + bwd"
+    platforms = ("gpu",)
+    dtypes = ("float16", "bfloat16")
+    head_dims = (8, 256)
+    head_dim_multiple = 8  # FA4 needs 16-byte rows: 8 half-precision elements
+    value_dim_differs = False  # FA4 allows it on sm90, but only d == dv is tested here
+    supports_bool_mask = False
+    supports_bias = False
+    supports_bias_grad = False
+    supports_causal = True  # exact only with sq == skv: see `mapping_reasons`
+    supports_kv_lengths = True  # as FA4's seqused_k
+    supports_lse_grad = False  # the backward takes no lse cotangent here
+    supports_window = True  # exact only with sq == skv: see `mapping_reasons`
+    automatic = True  # auto takes it only where a routing table measured it first (unmeasured buckets list it last)
+
+    def unavailable(self) -> list[str]:
+        why = super().unavailable()
+        if why:
+            return why
+        missing = [f"{pip} ({mod} is not importable)" for mod, pip in REQUIRED_MODULES
+                   if not _importable(mod)]
+        if missing:
+            return ["needs the packages " + ", ".join(missing) + "; pip install 'jax-attn[fa4]'"]
+        cc = gpu_compute_capability()
+        if cc is None:
+            return ["needs an NVIDIA GPU (compute capability unknown)"]
+        if cc[0] not in (9, 10):
+            return [f"FA4's kernels here serve compute capability 9.x (Hopper) or 10.x (Blackwell); "
+                    f"this GPU is {cc[0]}.{cc[1]}"]
+        return []
+
+    def reasons(self, spec, needs=None):
+        why = super().reasons(spec, needs)
+        why += mapping_reasons(spec)
+        cc = gpu_compute_capability() if platform() == "gpu" else None
+        if cc is not None and cc[0] == 10 and not _sm100_head_dims_ok(spec.head_dim, spec.value_dim):
+            why.append(f"head dims ({spec.head_dim}, {spec.value_dim}) are not served by FA4 on sm100 "
+                       "(<= 128, or (192, 128), or (256, 256))")
+        return why
+
+    def _forward(self, inputs, return_lse):
+        from . import fa4_kernels  # late: imports FA4, torch and tvm-ffi
+        return fa4_kernels.forward(inputs, fa4_arguments(inputs.spec), return_lse)
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a parent package missing, or a broken install
+        return False

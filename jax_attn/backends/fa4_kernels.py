@@ -1,0 +1,177 @@
+"""FA4's kernels as JAX FFI targets: registration, the calls, and the custom VJP.
+
+How a call reaches FA4: each (kind, FA4 arguments, has kv_lengths) key registers one XLA FFI
+target through `jax_tvm_ffi`. Its handler is a Python function (a `tvm_ffi.Function`), not
+FA4's compiled kernel directly, because that kernel's tvm-ffi signature also takes `None`
+placeholders, Python floats and dataclasses that an XLA custom call cannot pass. The handler runs
+on XLA's stream (jax_tvm_ffi sets tvm-ffi's environment stream), wraps XLA's buffers as torch
+tensors without copying, makes that stream torch's current one, and calls FA4's own
+`_flash_attn_fwd` / `_flash_attn_bwd` with `out=`/`lse=`/`dq=`... pointing at XLA's result
+buffers. So FA4's tile heuristics, compile cache, backward pre/post-processing and GQA reduction
+are used unchanged, and its scratch buffers (torch's allocator) are ordered on XLA's stream.
+
+Costs of this route, known: one Python call per kernel launch (host time, hidden behind the GPU
+for large shapes), the first call of a key compiles the CuTe kernel (seconds), the target is not
+CUDA-graph safe (registered so; XLA then never captures it), and torch's caching allocator holds
+FA4's scratch beside XLA's pool (keep XLA_PYTHON_CLIENT_MEM_FRACTION below 1).
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import threading
+
+import jax
+import jax.numpy as jnp
+
+from ..masking import EmptyRows
+
+log = logging.getLogger(__name__)
+
+_LOCK = threading.Lock()
+_TARGETS: dict[tuple, str] = {}
+
+
+@functools.lru_cache(maxsize=None)
+def _torch_tensor_delivery():
+    """How the handler gets torch tensors: tvm-ffi's C-level DLPack exchange when torch offers it,
+    else `torch.from_dlpack` inside the handler (slower, same result)."""
+    import torch
+    return torch.Tensor if hasattr(torch.Tensor, "__dlpack_c_exchange_api__") else None
+
+
+def _as_torch(x):
+    import torch
+    return x if isinstance(x, torch.Tensor) else torch.from_dlpack(x)
+
+
+def _on_xla_stream(fn):
+    """Run `fn(*torch_tensors)` with XLA's stream (tvm-ffi's environment stream) as torch's current stream."""
+    import torch
+    import tvm_ffi
+
+    def handler(*args):
+        index = args[0].device.index  # torch.Tensor and tvm_ffi.Tensor both have it
+        stream = tvm_ffi.get_raw_stream(tvm_ffi.device("cuda", index))
+        device = torch.device("cuda", index)
+        with torch.cuda.device(device), torch.cuda.stream(torch.cuda.ExternalStream(stream, device=device)):
+            fn(*(_as_torch(a) for a in args))
+
+    return handler
+
+
+def _register(kind: str, key: tuple, fn) -> str:
+    """Register `fn` (torch tensors in, written in place) as an FFI target once per key; its name."""
+    full = (kind, *key)
+    with _LOCK:
+        if full in _TARGETS:
+            return _TARGETS[full]
+        import jax_tvm_ffi
+        import torch
+        import tvm_ffi
+        torch.cuda.init()  # here, at trace time, not inside XLA's execution thread
+        name = f"jax_attn_fa4_{kind}_" + hashlib.sha1(repr(full).encode()).hexdigest()[:16]
+        tensor_cls = _torch_tensor_delivery()
+        handler = _on_xla_stream(fn)
+        func = tvm_ffi.convert_func(handler, tensor_cls=tensor_cls) if tensor_cls else tvm_ffi.convert(handler)
+        # pass_owned_tensor: the handler turns the buffers into torch tensors (DLPack needs owners).
+        jax_tvm_ffi.register_ffi_target(name, func, arg_spec=["args", "rets"], platform="gpu",
+                                        allow_cuda_graph=False, pass_owned_tensor=True)
+        log.info("fa4: registered FFI target %s for %s", name, full)
+        _TARGETS[full] = name
+        return name
+
+
+def _fwd_target(args, has_lengths: bool) -> str:
+    def run(q, k, v, *rest):
+        from flash_attn.cute.interface import _flash_attn_fwd
+        seqused_k, (out, lse) = (rest[0], rest[1:]) if has_lengths else (None, rest)
+        _flash_attn_fwd(q, k, v, seqused_k=seqused_k, softmax_scale=args.softmax_scale, causal=args.causal,
+                        window_size_left=args.window_size_left, window_size_right=args.window_size_right,
+                        return_lse=True, out=out, lse=lse)
+    return _register("fwd", (args, has_lengths), run)
+
+
+def _bwd_target(args, has_lengths: bool) -> str:
+    def run(q, k, v, out, dout, lse, *rest):
+        from flash_attn.cute.interface import _flash_attn_bwd
+        seqused_k, (dq, dk, dv) = (rest[0], rest[1:]) if has_lengths else (None, rest)
+        _flash_attn_bwd(q, k, v, out, dout, lse, softmax_scale=args.softmax_scale, causal=args.causal,
+                        window_size_left=args.window_size_left, window_size_right=args.window_size_right,
+                        seqused_k=seqused_k, dq=dq, dk=dk, dv=dv)
+    return _register("bwd", (args, has_lengths), run)
+
+
+def _call(target, results, *operands):
+    # sequential: under vmap each slice is its own FA4 call (the handler reads rank-4 buffers).
+    return jax.ffi.ffi_call(target, results, vmap_method="sequential")(*operands)
+
+
+def fa4_forward_bsnd(q, k, v, seqused_k, args):
+    """`(out (b, sq, h, dv), lse (b, h, sq) f32)` of FA4's forward; q, k, v in (b, s, h, d)."""
+    b, sq, h, _ = q.shape
+    results = (jax.ShapeDtypeStruct((b, sq, h, v.shape[-1]), q.dtype),
+               jax.ShapeDtypeStruct((b, h, sq), jnp.float32))
+    operands = (q, k, v) + ((seqused_k,) if seqused_k is not None else ())
+    return _call(_fwd_target(args, seqused_k is not None), results, *operands)
+
+
+def fa4_backward_bsnd(q, k, v, out, dout, lse, seqused_k, args):
+    """`(dq, dk, dv)` of FA4's backward (pre- and post-processing kernels included)."""
+    results = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v))
+    operands = (q, k, v, out, dout.astype(out.dtype), lse) + ((seqused_k,) if seqused_k is not None else ())
+    return _call(_bwd_target(args, seqused_k is not None), results, *operands)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _attention(args, q, k, v, seqused_k):
+    return fa4_forward_bsnd(q, k, v, seqused_k, args)
+
+
+def _attention_fwd(args, q, k, v, seqused_k):
+    out, lse = fa4_forward_bsnd(q, k, v, seqused_k, args)
+    return (out, lse), (q, k, v, out, lse, seqused_k)
+
+
+# Head dims whose FA4 sm90 backward matched the float64 reference on an H200 (FA4 4.0.0b36,
+# benchmarks/results/2026-11-30-h200-round2/): its d=40 gradients were wrong there (relative error
+# 1.0, through torch as well as through JAX), so a gradient at an unverified head dim raises.
+VERIFIED_BACKWARD_HEAD_DIMS = (64, 128)
+
+
+def check_backward_head_dim(d: int) -> None:
+    if d not in VERIFIED_BACKWARD_HEAD_DIMS:
+        raise ValueError(
+            f"backend='fa4': its backward at head dim {d} is not verified (FA4 4.0.0b36's sm90 backward "
+            f"gave wrong gradients at d=40 on an H200; verified: {VERIFIED_BACKWARD_HEAD_DIMS}); "
+            "differentiate through backend='cudnn' or 'pallas', or use fa4 for inference only")
+
+
+def _attention_bwd(args, res, cotangents):
+    q, k, v, out, lse, seqused_k = res
+    check_backward_head_dim(q.shape[-1])
+    dout, _ = cotangents  # the lse cotangent: the caller's lse is wrapped so that it raises instead
+    dq, dk, dv = fa4_backward_bsnd(q, k, v, out, dout, lse, seqused_k, args)
+    if seqused_k is not None:
+        # Keys past seqused_k are outside every FA4 tile that is computed, so nothing promises
+        # their dk/dv rows are written: zero them here (the contract wants exact zeros).
+        keep = (jnp.arange(k.shape[1])[None, :] < seqused_k[:, None])[:, :, None, None]
+        dk = jnp.where(keep, dk, jnp.zeros((), dk.dtype))
+        dv = jnp.where(keep, dv, jnp.zeros((), dv.dtype))
+    return dq, dk, dv, None
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def forward(inputs, args, return_lse: bool):
+    """The backend's `_forward`: our inputs in their layout, FA4 arguments from `fa4.fa4_arguments`."""
+    spec = inputs.spec
+    fix = EmptyRows.fix(spec, None, inputs.kv_lengths)  # kv_lengths 0 -> full length, zeroed below
+    q, k, v = inputs.bsnd()
+    seqused_k = None if fix.kv_lengths is None else fix.kv_lengths.astype(jnp.int32)
+    out, lse = _attention(args, q, k, v, seqused_k)
+    out = inputs.from_bsnd(out)
+    out, lse = fix.zero(out, lse, spec.layout)
+    return (out, lse) if return_lse else out

@@ -1,0 +1,68 @@
+"""`sage`: 8-bit attention for inference on Hopper: INT8 Q K^T, FP8 (e4m3) P V, smoothed K.
+
+The scheme and its accuracy are `jax_attn.quantization`'s; the kernel is
+`kernels/sage_forward.py` behind `kernels/sage_attention.py`. It is lossy (cosine ~0.9993 to
+float64 on standard-normal inputs, limited by e4m3's 3 mantissa bits in P and V), so automatic
+selection never picks it: ask for it with `backend="sage"` or `jax_attn.use_backend("sage")`.
+
+Forward only. `Needs` reports forward-mode autodiff (declined here, as everywhere a custom VJP
+rules it out) but not reverse mode, which cannot be seen at trace time; a reverse-mode
+gradient through this backend raises from the custom VJP's backward with a message naming
+backend='sage'. Its lse has no gradient either (`supports_lse_grad=False`).
+
+On a machine without a GPU, `JAX_ATTN_INTERPRET=1` runs the kernel in Mosaic GPU's interpret mode
+(tests only), as for `pallas`.
+"""
+from __future__ import annotations
+
+from ..kernels import sage_attention
+from .base import Backend, gpu_compute_capability, platform
+from .pallas import ENV_INTERPRET, interpreting
+
+
+class Sage(Backend):
+    name = "sage"
+    description = "8-bit (INT8 QK, FP8 PV) attention for inference on Hopper; lossy, forward only"
+    platforms = ("gpu",)
+    dtypes = ("float16", "bfloat16")
+    head_dims = (1, 128)  # run at 64 or 128 (smaller ones zero-padded)
+    value_dim_differs = False
+    supports_bool_mask = True  # per-key masks only: `reasons` declines a full (sq, skv) mask
+    supports_bias = False
+    supports_bias_grad = False
+    supports_causal = False
+    supports_kv_lengths = True
+    supports_lse_grad = False
+    supports_window = False
+    supports_forward_ad = False
+    automatic = False  # lossy: only on request
+    lossy = True
+
+    def unavailable(self) -> list[str]:
+        if interpreting():
+            why = []
+        elif platform() != "gpu":
+            return [f"no GPU: the default JAX platform is {platform()}; set {ENV_INTERPRET}=1 to run "
+                    "in Pallas interpret mode (slow; tests only)"]
+        else:
+            cc = gpu_compute_capability()
+            why = [] if cc is not None and cc[0] == 9 else [
+                "needs a Hopper (sm90) GPU: its kernel uses sm90 wgmma on INT8 and FP8 operands "
+                f"(found compute capability {'unknown' if cc is None else '%d.%d' % cc})"]
+        avail = sage_attention.available()
+        if avail is not None:
+            why.append(f"Mosaic GPU Pallas is not importable ({avail})")
+        return why
+
+    def reasons(self, spec, needs=None):
+        why = super().reasons(spec, needs)
+        if spec.mask_kind == "bool" and not spec.per_key_mask:
+            why.append("a full (sq, skv) bool mask is not supported (per-key masks (b, 1|n, 1, skv) are)")
+        return why
+
+    def _forward(self, inputs, return_lse):
+        spec = inputs.spec
+        return sage_attention.sage_attention(
+            inputs.q, inputs.k, inputs.v, kv_lengths=inputs.kv_lengths,
+            key_mask=inputs.mask if spec.mask_kind == "bool" else None, scale=spec.scale,
+            layout=spec.layout, return_lse=return_lse, interpret=interpreting())

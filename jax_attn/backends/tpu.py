@@ -1,0 +1,181 @@
+"""`tpu`: JAX's own Pallas TPU flash-attention kernel (`jax.experimental.pallas.ops.tpu.flash_attention`).
+
+MaxDiffusion's users run on TPUs, where the other backends offer only XLA and the chunked path.
+This backend hands such calls to the kernel JAX ships for TPUs, after mapping our contract onto it:
+
+- sequences are padded to the kernel's 128-row blocks; padded keys, `kv_lengths` and a per-key
+  bool mask become kv segment ids (1 = hidden, 0 = visible) against query ids of 0, which the
+  kernel applies tile by tile (a per-head key mask folds the heads into the batch);
+- GQA repeats K/V heads (the kernel needs as many K/V heads as query heads);
+- rows with no visible key are zeroed here (the kernel averages the masked values there);
+- the lse comes from a second run that saves the kernel's softmax statistics, without gradient.
+
+Declined, with a reason `explain()` shows: float biases and full `(sq, skv)` masks (the kernel
+would read a materialized `(b, n, sq, skv)` bias), local windows, `dv != d`, float16.
+Its speed is unmeasured: this project has no TPU. On the CPU, `JAX_ATTN_INTERPRET=1` runs it in
+Pallas TPU interpret mode, which is how the tests check it.
+"""
+from __future__ import annotations
+
+import importlib.util
+
+import jax
+import jax.numpy as jnp
+
+from .base import Backend, platform
+from .pallas import ENV_INTERPRET, interpreting
+
+BLOCK = 128  # the kernel's default block sizes; padded lengths are multiples of it
+
+
+def _kernel_module():
+    from jax.experimental.pallas.ops.tpu import flash_attention
+    return flash_attention
+
+
+def _pad(x, axis: int, size: int):
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, size - x.shape[axis])
+    return jnp.pad(x, pad) if size != x.shape[axis] else x
+
+
+def _visible_keys(inputs, skv_pad: int):
+    """bool (b', skv_pad): key j is visible (kv_lengths, a per-key mask, padding), with b' = b, or
+    b * n when the key mask differs per head; None when every real key is visible and no padding."""
+    spec = inputs.spec
+    pos = jnp.arange(skv_pad)
+    if inputs.mask is None and inputs.kv_lengths is None and skv_pad == spec.kv_len:
+        return None
+    visible = jnp.broadcast_to(pos < spec.kv_len, (spec.batch, 1, skv_pad))
+    if inputs.kv_lengths is not None:
+        visible = visible & (pos[None, None, :] < inputs.kv_lengths[:, None, None])
+    if inputs.mask is not None:  # (b|1, n|1, 1, skv), bool
+        key_mask = _pad(inputs.mask[:, :, 0, :], 2, skv_pad)
+        visible = visible & key_mask
+    if visible.shape[1] > 1:  # per-head keys: fold heads into the batch
+        return jnp.broadcast_to(visible, (spec.batch, spec.heads, skv_pad)).reshape(-1, skv_pad)
+    return visible[:, 0]
+
+
+def _nonempty_rows(spec, visible, sq_pad: int):
+    """bool (b', 1, sq_pad): the query row sees at least one key (causal is top-left aligned, as
+    in the contract: query i sees keys j <= i)."""
+    if visible is None:
+        return None
+    if not spec.is_causal:
+        return jnp.broadcast_to(jnp.any(visible, -1)[:, None, None], (visible.shape[0], 1, sq_pad))
+    first = jnp.argmax(visible, -1)
+    first = jnp.where(jnp.any(visible, -1), first, jnp.iinfo(jnp.int32).max)
+    return (jnp.arange(sq_pad)[None, :] >= first[:, None])[:, None, :]
+
+
+class TPU(Backend):
+    name = "tpu"
+    description = "JAX's Pallas TPU flash-attention kernel (speed unmeasured here); O(s) memory"
+    platforms = ("tpu",)
+    dtypes = ("bfloat16", "float32")
+    value_dim_differs = False
+    supports_bias = False
+    supports_bias_grad = False
+    supports_lse_grad = False  # the lse comes from the kernel's saved statistics, without gradient
+
+    @property
+    def automatic(self) -> bool:
+        return not interpreting()  # interpret mode is for tests only
+
+    def unavailable(self) -> list[str]:
+        if importlib.util.find_spec("jax.experimental.pallas.ops.tpu") is None:
+            return ["jax.experimental.pallas.ops.tpu is missing from this jax"]
+        if platform() == "tpu" or interpreting():
+            return []
+        return [f"needs a TPU: the default JAX platform is {platform()} (on the CPU, {ENV_INTERPRET}=1 "
+                "runs it in Pallas TPU interpret mode, for tests)"]
+
+    def reasons(self, spec, needs=None):
+        why = super().reasons(spec, needs)
+        if spec.mask_kind == "bool" and not spec.per_key_mask:
+            why.append("a bool attn_mask that varies along queries is not supported (the kernel would read "
+                       "it as a materialized (b, n, sq, skv) bias); per-key masks (b, n|1, 1, skv) are")
+        return why
+
+    def _forward(self, inputs, return_lse):
+        fa = _kernel_module()
+        spec = inputs.spec
+        q, k, v = inputs.bnsd()
+        if spec.groups > 1:
+            k, v = (jnp.repeat(x, spec.groups, axis=1) for x in (k, v))
+        b, n, sq, d = q.shape
+        sq_pad, skv_pad = (-(-s // BLOCK) * BLOCK for s in (sq, spec.kv_len))
+        q, k, v = _pad(q, 2, sq_pad), _pad(k, 2, skv_pad), _pad(v, 2, skv_pad)
+        visible = _visible_keys(inputs, skv_pad)
+        folded = visible is not None and visible.shape[0] != b
+        if folded:
+            q, k, v = (x.reshape(b * n, 1, -1, d) for x in (q, k, v))
+        segments = None
+        if visible is not None:
+            segments = fa.SegmentIds(q=jnp.zeros((visible.shape[0], sq_pad), jnp.int32),
+                                     kv=jnp.where(visible, 0, 1).astype(jnp.int32))
+        blocks = fa.BlockSizes.get_default(*q.shape[:3], skv_pad, d)
+        kw = dict(causal=spec.is_causal, sm_scale=float(spec.scale))
+        attend = lambda q, k, v: fa.flash_attention(q, k, v, None, segments, block_sizes=blocks, **kw)  # noqa: E731
+        out = _interpreted(attend)(q, k, v) if platform() != "tpu" else attend(q, k, v)
+        lse = None
+        if return_lse:
+            def statistics(q, k, v):
+                with _interpret_context():
+                    _, l, m = fa._flash_attention(q, k, v, None, segments, True, spec.is_causal,
+                                                  float(spec.scale), blocks, False)
+                return (m + jnp.log(l)).reshape(m.shape[:3]).astype(jnp.float32)
+            lse = _without_gradient(statistics)(q, k, v)
+        rows = _nonempty_rows(spec, visible, sq_pad)
+        if rows is not None:
+            out = jnp.where(rows[..., None], out, jnp.zeros((), out.dtype))
+            if lse is not None:
+                lse = jnp.where(rows, lse, -jnp.inf)
+        out = out.reshape(b, n, sq_pad, d)[:, :, :sq]
+        out = inputs.from_bnsd(out.astype(inputs.q.dtype))
+        if not return_lse:
+            return out
+        return out, lse.reshape(b, n, sq_pad)[:, :, :sq]
+
+
+def _without_gradient(f):
+    """`f(q, k, v)` kept on the autodiff graph with a zero VJP, so that `api`'s guard on a backend
+    whose lse has no gradient (`supports_lse_grad=False`) sees the lse differentiated and raises,
+    instead of the lse silently reading as a constant."""
+    @jax.custom_vjp
+    def run(q, k, v):
+        return f(q, k, v)
+
+    run.defvjp(lambda q, k, v: (f(q, k, v), (q, k, v)),
+               lambda res, g: tuple(jnp.zeros_like(x) for x in res))
+    return run
+
+
+def _interpreted(f):
+    """`f` with its forward and its backward kernels traced in Pallas TPU interpret mode: the
+    backward's kernels are built when the gradient is traced, after a plain `with` would end."""
+    @jax.custom_vjp
+    def run(q, k, v):
+        with _interpret_context():
+            return f(q, k, v)
+
+    def fwd(q, k, v):
+        with _interpret_context():
+            return jax.vjp(f, q, k, v)
+
+    def bwd(vjp, g):
+        with _interpret_context():
+            return vjp(g)
+
+    run.defvjp(fwd, bwd)
+    return run
+
+
+def _interpret_context():
+    """Pallas TPU interpret mode on the CPU (tests), else nothing."""
+    import contextlib
+    if platform() == "tpu":
+        return contextlib.nullcontext()
+    from jax.experimental.pallas import tpu as pltpu
+    return pltpu.force_tpu_interpret_mode()

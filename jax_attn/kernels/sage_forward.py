@@ -1,0 +1,511 @@
+"""The Hopper (sm90) Mosaic GPU forward kernel of the `sage` scheme: INT8 Q K^T, FP8 P V.
+
+The arithmetic is `jax_attn.quantization`'s (its docstring states the scheme; `simulate` there
+is this kernel in jnp, step for step). The structure is `mosaic_forward.py`'s: one CTA = two
+compute warpgroups of `block_q` query rows each and a TMA producer warpgroup streaming K and V
+tiles through a ring of `stages` shared-memory slots; the compute warpgroups alternate on the
+tensor cores through a shared "schedule" barrier. What differs, and why:
+
+* Operands arrive quantized and padded by the pre-pass, always (b, n, s, d) (the pre-pass reads
+  the caller's layout and its transpose fuses into the quantization), so only the output is
+  written in the caller's layout.
+* 8-bit wgmma reads both operands K-major (PTX allows transposed shared-memory operands only for
+  16-bit types). Q (rows, d) and K (keys, d) already are, so S = Q K^T is a wgmma with K through
+  a `transpose_ref` view, int8 x int8 -> int32 exact. For P V the contraction is over keys, so the
+  pre-pass stores V transposed, (d, keys), and the kernel reads it through `transpose_ref` too.
+* P (float32, in the wgmma accumulator layout) is the FP8 register operand (`p_in_registers`,
+  default): 8-bit A fragments need another register layout (`WGMMA_8BIT`), which Mosaic GPU
+  cannot convert to, but P V contracts over keys, so the same registers are simply read as the
+  8-bit layout (a relabelling of keys within each 16) and the pre-pass stores V^T's keys in that
+  order (`_p_to_8bit_layout`). The old path (`p_in_registers=False`) stages P through a
+  per-warpgroup shared-memory tile (a store, an async-proxy fence and a warpgroup sync per block).
+* `fused_softmax` (default) trims the per-logit instructions: int32 -> float32 by the exponent
+  trick (no quarter-rate conversion), the row scale folded into exp2's FMA, P_SCALE into its bias.
+* Hopper's FP8 wgmma accumulates with reduced precision; with `two_level_pv` each block's P V is
+  a fresh wgmma accumulator, added to the float32 output accumulator in registers (the
+  SageAttention2 remedy), at the cost of one more accumulator's registers.
+* Scales arrive as vectors: the Q scale of every row (softmax scale and log2(e) folded in), the K
+  scale of every key (TMA'd per slot beside K), and the per-channel `v_scale / P_SCALE` applied
+  in the epilogue. Masking is `mosaic_forward`'s single float32 0/-inf key-bias vector.
+* The epilogue writes O from its own shared-memory tile (Q's tile is int8).
+
+Over 400 lines on purpose: the configuration, the kernel body (one closure over its shared-memory
+layout) and its launch are one kernel, and the variants above are switches inside that body;
+split by role like `mosaic_*` it would scatter one closure over three files.
+
+Interpret mode (CPU tests) runs the same body with the matmuls as `lax.dot_general` on the same
+shared-memory tiles (the interpreter cannot run wgmma) and skips layouts and smem transforms.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from ..quantization import FP8, LN2, LN_P_SCALE, LOG2_P_SCALE, P_SCALE, key_perm
+from .mosaic_config import pl, plgpu
+
+
+@dataclasses.dataclass(frozen=True)
+class SageConfig:
+    block_q: int = 64  # query rows per compute warpgroup (a CTA has two)
+    # Keys per pipeline step; 0 = by head dim (`resolved`): 256 at d = 64 (as the bf16 Mosaic
+    # kernel: half the barrier passes per key; the int32 S tile is then 128 registers, like its
+    # f32 one), 128 at d = 128 (P and V^T tiles of 128-byte rows).
+    block_kv: int = 0
+    stages: int = 2  # K/V slots in flight
+    two_level_pv: bool = True  # each block's P V in its own wgmma accumulator (see docstring)
+    # P as the wgmma's register operand (keys permuted in the pre-pass's V^T to match the
+    # accumulator's register layout, see `_p_to_8bit_layout`); False: the old path through a
+    # shared-memory tile (a store, an async-proxy fence and a warpgroup sync per block).
+    p_in_registers: bool = True
+    # The leaner softmax (`_logits_fused`): int32 -> float32 by the exponent trick instead of a
+    # conversion instruction, the row's Q scale folded into exp2's FMA, P_SCALE into its bias.
+    # False: the old arithmetic. The simulation follows either (`quantization.simulate`).
+    fused_softmax: bool = True
+
+    def resolved(self, dp: int) -> "SageConfig":
+        """With `block_kv` chosen for head dim `dp` when it is 0."""
+        if self.block_kv:
+            return self
+        return dataclasses.replace(self, block_kv=256 if dp <= 64 else 128)
+
+
+OLD_CONFIG = SageConfig(block_kv=128, two_level_pv=True, p_in_registers=False,
+                        fused_softmax=False)  # the kernel as first measured (2026-11-30)
+
+# int32 -> float32 without a conversion instruction (those issue at a quarter of the FMA rate
+# on sm90, as often as exp2, once per logit): for |s| < 2**22, the bits of `s + MAGIC_I` are
+# the float32 `MAGIC_F + s` exactly (its ulp is 1 there), so subtracting MAGIC_F leaves s,
+# exactly. |Q8 K8^T| <= 127 * 127 * 128 < 2**21.
+MAGIC_I = 0x4B400000
+MAGIC_F = 12582912.0  # 1.5 * 2**23, the float32 whose bits are MAGIC_I
+
+
+@dataclasses.dataclass(frozen=True)
+class _Fwd:
+    bq: int
+    bk: int
+    dp: int
+    n_steps: int
+    stages: int
+    out_dtype: Any
+    out_bnsd: bool  # the output's layout (inputs are always bnsd)
+    has_kb: bool
+    interp: bool
+    groups: int
+    key_bias_dims: tuple[bool, bool] | None
+    two_level: bool
+    p_regs: bool
+    fused: bool
+
+    def layout_cast(self, x, layout):
+        return x if self.interp else plgpu.layout_cast(x, layout)
+
+    def row_layout(self):
+        return None if self.interp else plgpu.Layout.WGMMA.reduce(1)
+
+    def load_vec(self, ref, reduce_axis):
+        """A shared-memory vector as a row (reduce_axis=1) or column (0) of the accumulator."""
+        if self.interp:
+            return ref[...]
+        return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(reduce_axis))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Refs:
+    q_ref: Any
+    qs_ref: Any
+    k_ref: Any
+    ks_ref: Any
+    vt_ref: Any
+    os_ref: Any
+    kb_ref: Any
+    o_ref: Any
+    lse_ref: Any
+    q_smem: Any
+    qs_smem: Any
+    os_smem: Any
+    k_smem: Any
+    ks_smem: Any
+    vt_smem: Any
+    p_smem: Any
+    o_smem: Any
+    lse_smem: Any
+    kb_smem: Any
+    q_bar: Any
+    k_bar: Any
+    v_bar: Any
+    k_done: Any
+    v_done: Any
+    sched: Any
+    kb_bar: Any
+
+    def sched_sync(self):
+        plgpu.barrier_arrive(self.sched)
+        plgpu.barrier_wait(self.sched)
+
+
+def _kernel(fw: _Fwd, r: _Refs):
+    qt, h, b = lax.axis_index("q"), lax.axis_index("h"), lax.axis_index("b")
+    wg = lax.axis_index("wg")
+
+    @pl.when(wg < 2)
+    def _compute():
+        _consumer(fw, r, qt, h, b, wg)
+
+    @pl.when(wg == 2)
+    def _producer():
+        _produce(fw, r, h, b)
+
+
+def _consumer(fw: _Fwd, r: _Refs, qt, h, b, wg):
+    bq, dp = fw.bq, fw.dp
+    plgpu.set_max_registers(232, action="increase")
+    q0 = qt * (2 * bq) + wg * bq
+    kvh = lax.div(h, jnp.array(fw.groups, h.dtype))
+    # Q, its row scales and the output's channel scales share one barrier per warpgroup: three
+    # copies, so the barrier waits for all their bytes (Barrier(num_arrivals=3) below).
+    plgpu.copy_gmem_to_smem(r.q_ref.at[b, h, pl.ds(q0, bq)], r.q_smem.at[wg], r.q_bar.at[wg])
+    plgpu.copy_gmem_to_smem(r.qs_ref.at[b, h, pl.ds(q0, bq)], r.qs_smem.at[wg], r.q_bar.at[wg])
+    plgpu.copy_gmem_to_smem(r.os_ref.at[b, kvh], r.os_smem.at[wg], r.q_bar.at[wg])
+    plgpu.barrier_wait(r.q_bar.at[wg])
+    qs = fw.load_vec(r.qs_smem.at[wg], 1)
+
+    acc = fw.layout_cast(jnp.zeros((bq, dp), jnp.float32), None if fw.interp else plgpu.Layout.WGMMA)
+    m_i = fw.layout_cast(jnp.full((bq,), -jnp.inf, jnp.float32), fw.row_layout())
+    l_i = fw.layout_cast(jnp.zeros((bq,), jnp.float32), fw.row_layout())
+
+    sched_sync = r.sched_sync
+    plgpu.barrier_wait(r.k_bar.at[0])
+    pl.when(wg == 1)(sched_sync)
+    step = functools.partial(_step, fw, r, wg, qs)
+    acc, m_i, l_i = lax.fori_loop(0, fw.n_steps, step, (acc, m_i, l_i))
+    pl.when(wg == 0)(sched_sync)
+    _epilogue(fw, r, acc, m_i, l_i, b, h, wg, q0)
+
+
+def _step(fw: _Fwd, r: _Refs, wg, qs, i, carry):
+    acc, m_i, l_i = carry
+    slot = lax.rem(i, jnp.array(fw.stages, i.dtype))
+    s, ks, kbias = _scores(fw, r, wg, slot)
+    bq, bk, dp = fw.bq, fw.bk, fw.dp
+    if fw.fused:
+        p, alpha, l_i, m_new = _softmax_fused(fw, s, ks, kbias, qs, m_i, l_i)
+        p8 = p.astype(FP8)  # P_SCALE is already in p (exp2's bias)
+    else:
+        s2 = (s.astype(jnp.float32) * lax.broadcast_in_dim(qs, (bq, bk), [0])) \
+            * lax.broadcast_in_dim(ks, (bq, bk), [1])
+        if fw.has_kb:
+            s2 = s2 + lax.broadcast_in_dim(kbias, (bq, bk), [1])
+        m_new = jnp.maximum(m_i, s2.max(axis=1))
+        m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new) if fw.has_kb else m_new  # no -inf - -inf
+        p = jnp.exp2(s2 - lax.broadcast_in_dim(m_use, (bq, bk), [0]))
+        alpha = jnp.exp2(m_i - m_use)
+        l_i = l_i * alpha + p.sum(axis=1)
+        p8 = (p * P_SCALE).astype(FP8)  # p <= 1, so p * 448 never exceeds e4m3's largest value
+    if not fw.two_level:  # the wgmma accumulates onto acc: rescale it first
+        acc = acc * lax.broadcast_in_dim(alpha, (bq, dp), [0])
+    if fw.p_regs:
+        p8 = p8 if fw.interp else _p_to_8bit_layout(p8)
+        if not fw.interp:  # as mosaic_forward: the softmax is done before the schedule barrier
+            acc, alpha, l_i, m_new, p8 = lax.optimization_barrier((acc, alpha, l_i, m_new, p8))
+    acc = _pv(fw, r, wg, i, slot, acc, alpha, p8)
+    return acc, m_new, l_i
+
+
+def _softmax_fused(fw: _Fwd, s, ks, kbias, qs, m_i, l_i):
+    """The online-softmax step on int32 scores, lean: (P * P_SCALE, alpha, l * P_SCALE, m).
+
+    t = s * ks (the exponent trick's exact int -> float, one multiply); the row's Q scale is
+    positive, so max(t * qs) = max(t) * qs and it folds into exp2's argument as one FMA per
+    logit, t * qs - (m - log2 P_SCALE), whose exp2 is already P * P_SCALE (at most P_SCALE but
+    for the FMA's last-bit rounding, which the saturating e4m3 cast clips). l then sums
+    P * P_SCALE; the epilogue divides by l / P_SCALE. `quantization.simulate` mirrors this.
+    """
+    bq, bk = fw.bq, fw.bk
+    sf = lax.bitcast_convert_type(s + jnp.int32(MAGIC_I), jnp.float32) - MAGIC_F
+    t = sf * lax.broadcast_in_dim(ks, (bq, bk), [1])
+    if fw.has_kb:
+        t = t + lax.broadcast_in_dim(kbias, (bq, bk), [1])
+    m_new = jnp.maximum(m_i, t.max(axis=1) * qs)
+    m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new) if fw.has_kb else m_new  # no -inf - -inf
+    bias = m_use - LOG2_P_SCALE
+    p = jnp.exp2(t * lax.broadcast_in_dim(qs, (bq, bk), [0])
+                 - lax.broadcast_in_dim(bias, (bq, bk), [0]))
+    alpha = jnp.exp2(m_i - m_use)
+    return p, alpha, l_i * alpha + p.sum(axis=1), m_new
+
+
+def _p_to_8bit_layout(p8):
+    """P (e4m3, the wgmma accumulator's register layout) as wgmma's 8-bit A register operand,
+    with no data movement: only which key each register byte is taken to be changes.
+
+    In the accumulator layout a thread holds, per 16-key chunk c and row, keys 16c + 2j + {0, 1}
+    and 16c + 8 + 2j + {0, 1} (j = lane % 4), two 2-byte vectors; the 8-bit A layout wants one
+    4-byte vector, keys 16c + 4j + {0..3}. Concatenating the two vectors relabels key
+    16c + 8a + 2j + b as 16c + 4j + 2a + b; the pre-pass stores V^T's keys in that same order
+    (`quantization.key_perm`), so P V sums the same products. Interpret mode applies the
+    permutation to P explicitly instead (`_pv`), which is what the tests check against V^T.
+    """
+    from jax.experimental.mosaic import gpu as mgpu
+    from jax.experimental.mosaic.gpu import fragmented_array as mfa
+    from jax.experimental.mosaic.gpu import utils as mutils
+    import numpy as np
+
+    shape = p8.shape
+
+    @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA,),
+                       return_type=plgpu.ShapeDtypeStruct(shape, FP8, plgpu.Layout.WGMMA_8BIT))
+    def relabel(ctx, x):
+        del ctx
+        old = x.registers  # (1, keys / 8, 1, 1, 2, 1, 1, 1, 1): axis 1 the 8-key column tiles
+        new_shape = mfa.WGMMA_LAYOUT_8BIT.registers_shape(shape)  # axis 1: 16-key chunks
+        assert old.shape[1] == 2 * new_shape[1] and old.shape[2:] == tuple(new_shape[2:]), (
+            old.shape, new_shape)
+        new = np.empty(new_shape, dtype=object)
+        for idx in np.ndindex(*new_shape):
+            lo = old[(idx[0], 2 * idx[1], *idx[2:])]
+            hi = old[(idx[0], 2 * idx[1] + 1, *idx[2:])]
+            new[idx] = mutils.vector_concat([lo, hi])
+        return mgpu.FragmentedArray(_registers=new, _layout=mfa.WGMMA_LAYOUT_8BIT,
+                                    _is_signed=None)
+
+    return relabel(p8)
+
+
+def _scores(fw: _Fwd, r: _Refs, wg, slot):
+    """int32 Q8 K8^T of the K tile in `slot`, that slot's key scales and key bias (or None);
+    releases K."""
+    bq, bk = fw.bq, fw.bk
+    # K and its key scales (one barrier, two copies) were waited for before this step: before the
+    # loop for the first slot, in `_pv`'s `wait_next_k` (overlapping the P V wgmma) for the rest.
+    ks = fw.load_vec(r.ks_smem.at[slot], 0)
+    kbias = None
+    if fw.has_kb:
+        plgpu.barrier_wait(r.kb_bar.at[slot])
+        kbias = fw.load_vec(r.kb_smem.at[slot], 0)
+    if fw.interp:
+        s = lax.dot_general(r.q_smem.at[wg][...].astype(jnp.int32), r.k_smem[slot].astype(jnp.int32),
+                            (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
+        r.sched_sync()
+    else:
+        def qk(acc_ref):
+            plgpu.wgmma(acc_ref, r.q_smem.at[wg], plgpu.transpose_ref(r.k_smem.at[slot], (1, 0)))
+            r.sched_sync()
+            return acc_ref[...]
+        s = pl.run_scoped(qk, plgpu.ACC((bq, bk), jnp.int32))
+    plgpu.barrier_arrive(r.k_done.at[slot])
+    return s, ks, kbias
+
+
+def _pv(fw: _Fwd, r: _Refs, wg, i, slot, acc, alpha, p8):
+    """O += P8 V8 (float32 accumulation); releases V. P is the register operand (p_regs) or is
+    staged through shared memory. With two_level, acc is rescaled by alpha here, while the
+    block's wgmma runs (else the caller rescaled it before)."""
+    bq, dp = fw.bq, fw.dp
+    if not fw.p_regs:
+        p_tile = r.p_smem.at[wg]
+        p_tile[...] = p8
+        plgpu.commit_smem()  # P visible to the wgmma (async proxy), all four warps done writing
+    plgpu.barrier_arrive(r.sched)  # softmax done
+    plgpu.barrier_wait(r.v_bar.at[slot])
+    plgpu.barrier_wait(r.sched)  # the other warpgroup's matmul is issued
+    nxt = i + 1
+    nxt_slot = lax.rem(nxt, jnp.array(fw.stages, nxt.dtype))
+
+    def wait_next_k():
+        @pl.when(nxt < fw.n_steps)
+        def _():
+            plgpu.barrier_wait(r.k_bar.at[nxt_slot])
+
+    def rescale(a):
+        return a * lax.broadcast_in_dim(alpha, (bq, dp), [0])
+
+    if fw.interp:
+        if fw.p_regs:  # what the register relabelling means: P's keys in V^T's stored order
+            p = key_perm(p8.astype(jnp.float32), 1)
+        else:
+            p = p_tile[...].astype(jnp.float32)
+        pv = lax.dot_general(p, r.vt_smem[slot].astype(jnp.float32),
+                             (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32,
+                             precision=lax.Precision.HIGHEST)
+        acc = rescale(acc) + pv if fw.two_level else acc + pv
+        wait_next_k()
+    else:
+        v_view = plgpu.transpose_ref(r.vt_smem.at[slot], (1, 0))  # (keys, d), K-major in smem
+        a_op = p8 if fw.p_regs else p_tile
+        if fw.two_level:
+            def pv_block(acc_ref):
+                plgpu.wgmma(acc_ref, a_op, v_view)
+                scaled = rescale(acc)  # overlaps the wgmma
+                wait_next_k()  # overlaps the wgmma
+                return scaled, acc_ref[...]
+            scaled, pv = pl.run_scoped(pv_block, plgpu.ACC((bq, dp), jnp.float32))
+            acc = scaled + pv
+        else:
+            def pv(acc_ref):
+                plgpu.wgmma(acc_ref, a_op, v_view)
+                wait_next_k()
+            acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+    plgpu.barrier_arrive(r.v_done.at[slot])
+    return acc
+
+
+def _epilogue(fw: _Fwd, r: _Refs, acc, m_i, l_i, b, h, wg, q0):
+    bq, dp = fw.bq, fw.dp
+    if fw.has_kb:
+        empty = l_i == 0.0
+        l_safe = jnp.where(empty, 1.0, l_i)
+    else:
+        l_safe = l_i
+    inv = (P_SCALE if fw.fused else 1.0) / l_safe  # fused: l sums P * P_SCALE
+    osc = fw.load_vec(r.os_smem.at[wg], 0)
+    o = (acc * lax.broadcast_in_dim(inv, (bq, dp), [0])) * lax.broadcast_in_dim(osc, (bq, dp), [1])
+    r.o_smem.at[wg][...] = o.astype(fw.out_dtype)
+    lse = m_i * LN2 + jnp.log(l_safe)
+    if fw.fused:
+        lse = lse - LN_P_SCALE
+    if fw.has_kb:
+        lse = jnp.where(empty, -jnp.inf, lse)
+    r.lse_smem.at[wg][...] = lse
+    plgpu.commit_smem()
+    out_rows = (r.o_ref.at[b, h, pl.ds(q0, bq)] if fw.out_bnsd
+                else r.o_ref.at[b, pl.ds(q0, bq), h])
+    plgpu.copy_smem_to_gmem(r.o_smem.at[wg], out_rows)
+    plgpu.copy_smem_to_gmem(r.lse_smem.at[wg], r.lse_ref.at[b, h, pl.ds(q0, bq)])
+    plgpu.wait_smem_to_gmem(0)
+
+
+def _produce(fw: _Fwd, r: _Refs, h, b):
+    bk, stages, n_steps, has_kb = fw.bk, fw.stages, fw.n_steps, fw.has_kb
+    plgpu.set_max_registers(40, action="decrease")
+    kvh = lax.div(h, jnp.array(fw.groups, h.dtype))
+    if has_kb:
+        kbb = b if fw.key_bias_dims[0] else 0
+        kbh = h if fw.key_bias_dims[1] else 0
+
+    def issue_k(step_i, slot):
+        k0 = step_i * bk
+        plgpu.copy_gmem_to_smem(r.k_ref.at[b, kvh, pl.ds(k0, bk)], r.k_smem.at[slot],
+                                r.k_bar.at[slot])
+        plgpu.copy_gmem_to_smem(r.ks_ref.at[b, kvh, pl.ds(k0, bk)], r.ks_smem.at[slot],
+                                r.k_bar.at[slot])
+        if has_kb:
+            plgpu.copy_gmem_to_smem(r.kb_ref.at[kbb, kbh, pl.ds(k0, bk)], r.kb_smem.at[slot],
+                                    r.kb_bar.at[slot])
+
+    def issue_v(step_i, slot):
+        plgpu.copy_gmem_to_smem(r.vt_ref.at[b, kvh, :, pl.ds(step_i * bk, bk)],
+                                r.vt_smem.at[slot], r.v_bar.at[slot])
+
+    for s0 in range(stages):
+        issue_k(s0, s0)
+        issue_v(s0, s0)
+
+    @pl.loop(0, n_steps - stages)
+    def _(i):
+        slot = lax.rem(i, jnp.array(stages, i.dtype))
+        plgpu.barrier_wait(r.k_done.at[slot])
+        issue_k(i + stages, slot)
+        plgpu.barrier_wait(r.v_done.at[slot])
+        issue_v(i + stages, slot)
+
+    for j in range(stages):  # observe the last consumption of every slot before leaving
+        slot = (n_steps - stages + j) % stages
+        plgpu.barrier_wait(r.k_done.at[slot])
+        plgpu.barrier_wait(r.v_done.at[slot])
+
+
+def _swizzled(cols_bytes: int, interp: bool):
+    """Tiling and swizzle of an 8-bit shared-memory tile whose rows hold `cols_bytes` bytes."""
+    if interp:
+        return ()
+    swizzle = min(128, cols_bytes)
+    return (plgpu.TilingTransform((8, swizzle)), plgpu.SwizzleTransform(swizzle))
+
+
+def sage_call(cfg: SageConfig, qz, kb, *, out_dtype, out_layout: str, groups: int,
+              key_bias_dims, interpret: bool):
+    """Run the kernel on a `quantization.Quantized` (padded); kb: (b|1, n|1, skv_pad) f32 0/-inf
+    or None. Returns out `(b, n, sq_pad, dp)` (or bsnd) in `out_dtype` and lse `(b, n, sq_pad)`
+    (without the smoothing shift)."""
+    batch, heads, sq_pad, dp = qz.q8.shape
+    cfg = cfg.resolved(dp)
+    bq, bk = cfg.block_q, cfg.block_kv
+    skv_pad = qz.k8.shape[2]
+    n_steps = skv_pad // bk
+    stages = max(1, min(cfg.stages, n_steps))
+    has_kb = kb is not None
+    interp = bool(interpret)
+    fw = _Fwd(bq=bq, bk=bk, dp=dp, n_steps=n_steps, stages=stages, out_dtype=jnp.dtype(out_dtype),
+              out_bnsd=out_layout == "bnsd", has_kb=has_kb, interp=interp, groups=groups,
+              key_bias_dims=key_bias_dims, two_level=cfg.two_level_pv,
+              p_regs=cfg.p_in_registers, fused=cfg.fused_softmax)
+
+    def kernel(q_ref, qs_ref, k_ref, ks_ref, vt_ref, os_ref, *refs):
+        refs = list(refs)
+        kb_ref = refs.pop(0) if has_kb else None
+        o_ref, lse_ref = refs[:2]
+        q_smem, qs_smem, os_smem, k_smem, ks_smem, vt_smem = refs[2:8]
+        rest = refs[8:]
+        p_smem = None if fw.p_regs else rest.pop(0)
+        o_smem, lse_smem = rest[:2]
+        rest = rest[2:]
+        kb_smem = rest.pop(0) if has_kb else None
+        q_bar, k_bar, v_bar, k_done, v_done, sched = rest[:6]
+        kb_bar = rest[6] if has_kb else None
+        _kernel(fw, _Refs(
+            q_ref=q_ref, qs_ref=qs_ref, k_ref=k_ref, ks_ref=ks_ref, vt_ref=vt_ref, os_ref=os_ref,
+            kb_ref=kb_ref, o_ref=o_ref, lse_ref=lse_ref, q_smem=q_smem, qs_smem=qs_smem,
+            os_smem=os_smem, k_smem=k_smem, ks_smem=ks_smem, vt_smem=vt_smem, p_smem=p_smem,
+            o_smem=o_smem, lse_smem=lse_smem, kb_smem=kb_smem, q_bar=q_bar, k_bar=k_bar,
+            v_bar=v_bar, k_done=k_done, v_done=v_done, sched=sched, kb_bar=kb_bar))
+
+    d8 = _swizzled(dp, interp)  # Q and K tiles: rows of dp int8
+    k8 = _swizzled(bk, interp)  # P and V^T tiles: rows of bk e4m3 (the P V contraction)
+    o_t = () if interp else (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+    scratch = [
+        plgpu.SMEM((2, bq, dp), jnp.int8, transforms=d8),
+        plgpu.SMEM((2, bq), jnp.float32),
+        plgpu.SMEM((2, dp), jnp.float32),
+        plgpu.SMEM((stages, bk, dp), jnp.int8, transforms=d8),
+        plgpu.SMEM((stages, bk), jnp.float32),
+        plgpu.SMEM((stages, dp, bk), FP8, transforms=k8),
+    ]
+    if not fw.p_regs:
+        scratch.append(plgpu.SMEM((2, bq, bk), FP8, transforms=k8))
+    scratch += [
+        plgpu.SMEM((2, bq, dp), out_dtype, transforms=o_t),
+        plgpu.SMEM((2, bq), jnp.float32),
+    ]
+    if has_kb:
+        scratch.append(plgpu.SMEM((stages, bk), jnp.float32))
+    scratch += [
+        plgpu.Barrier(num_arrivals=3, num_barriers=2),  # Q, its row scales, the channel scales
+        plgpu.Barrier(num_arrivals=2, num_barriers=stages),  # K and its key scales
+        plgpu.Barrier(num_barriers=stages),
+        plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+        plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+        plgpu.Barrier(num_arrivals=2),
+    ]
+    if has_kb:
+        scratch.append(plgpu.Barrier(num_barriers=stages))
+
+    out_shape = (batch, heads, sq_pad, dp) if fw.out_bnsd else (batch, sq_pad, heads, dp)
+    out_type = [jax.ShapeDtypeStruct(out_shape, out_dtype),
+                jax.ShapeDtypeStruct((batch, heads, sq_pad), jnp.float32)]
+    kw = {}
+    if interp:
+        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+        kw["interpret"] = InterpretGPUParams()
+    call = plgpu.kernel(
+        kernel, out_type=out_type, scratch_types=scratch, grid=(batch, heads, sq_pad // (2 * bq)),
+        grid_names=("b", "h", "q"), num_threads=3, thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True), **kw)
+    args = (qz.q8, qz.q_scale, qz.k8, qz.k_scale, qz.vt8, qz.out_scale) + ((kb,) if has_kb else ())
+    return call(*args)

@@ -1,0 +1,275 @@
+"""The `sage` backend's 8-bit attention scheme: its quantization pre-pass and a float simulation.
+
+The scheme (issue 16; after the SageAttention papers, our own code):
+
+* K is smoothed: its mean over tokens, per (batch, kv head, channel), is subtracted. Every score
+  of a query row then moves by the same `q . mean`, which softmax ignores; what it buys is that a
+  large shared channel offset (common in diffusion models' K) no longer sets the INT8 scale.
+  The log-sum-exp is not shift-invariant, so the lse gets `scale * q . mean` added back.
+* Q and K go to INT8 per group of rows, per head, symmetric, `scale = amax / 127`, round half
+  to even. The kernel reads one scale per query row and per key (a vector, like a key bias), so
+  the group size costs it nothing: the default is one scale per token (`q_rows = k_rows = 1`);
+  per kernel block (`block_q` / `block_k` rows, the SageAttention granularity) is a parameter.
+  Measured in this simulation (d = 128, 1024 tokens): per-token Q raises the cosine on
+  heavy-tailed (student-t, 3 dof) Q from 0.9974 to 0.9990; on normal inputs it changes nothing. S = (Q8 K8^T) is exact in
+  int32; its float32 value times the row's Q scale (with `softmax_scale * log2(e)` folded in:
+  base-2 logits) times the key's K scale gives the logits.
+* Online softmax in float32, in base 2, over key blocks of `block_k`, exactly as the kernel walks
+  them (P is relative to the running max of the blocks seen so far, so it must be simulated
+  blockwise to round the same way).
+* P . V in FP8 e4m3: V is scaled per channel (`amax over tokens / 448`); P in [0, 1] is multiplied
+  by `P_SCALE = 448` before the cast, so its largest value lands on e4m3's largest finite value
+  and small probabilities stay normal numbers down to 2**-6 / 448 (~3.5e-5) instead of 2**-6.
+  The row sum `l` is taken from the float32 P (the probabilities the kernel would use without
+  quantization), the product accumulates in float32, and the epilogue multiplies by
+  `v_scale / P_SCALE` per channel.
+
+`quantize` is the pre-pass the kernel itself runs (jitted jnp, one fusion per tensor), so the
+kernel and `simulate` see the same bits; `simulate` is the jnp mirror of the kernel's arithmetic,
+in the same order, used by the tests (kernel in interpret mode vs simulation: tight) and by
+`benchmarks/sage_device.py`; `accuracy` is the metric both report against float64.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+LOG2E = math.log2(math.e)
+LN2 = math.log(2.0)
+INT8_MAX = 127.0
+FP8 = jnp.float8_e4m3fn
+FP8_MAX = 448.0  # largest finite e4m3fn value
+P_SCALE = 448.0  # P in [0, 1] is cast to e4m3 as P * P_SCALE (see the module docstring)
+LOG2_P_SCALE = math.log2(P_SCALE)  # the fused softmax's exp2 bias: exp2(x + this) = P_SCALE 2^x
+LN_P_SCALE = math.log(P_SCALE)
+
+
+def key_perm(x, axis):
+    """Reorder keys (along `axis`, a multiple of 16 long) within each group of 16 so that key
+    16c + 8a + 2j + b lands at 16c + 4j + 2a + b: the order in which the kernel's register P
+    (accumulator layout, read as wgmma's 8-bit operand layout) presents them. V^T is stored in
+    this order when `quantize(v_key_perm=True)`; `key_unperm` undoes it."""
+    return _swap_key_digits(x, axis, (2, 4, 2))
+
+
+def key_unperm(x, axis):
+    return _swap_key_digits(x, axis, (4, 2, 2))
+
+
+def _swap_key_digits(x, axis, digits):
+    """Split `axis` into (groups of 16, *digits) and swap the two middle digits."""
+    axis = axis % x.ndim
+    n = x.shape[axis]
+    shp = x.shape[:axis] + (n // 16, *digits) + x.shape[axis + 1:]
+    order = (0, 2, 1, 3)
+    perm = list(range(axis)) + [axis + o for o in order] + list(range(axis + 4, len(shp)))
+    return jnp.transpose(x.reshape(shp), perm).reshape(x.shape)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Quantized:
+    """The pre-pass's output, padded and in (b, n, s, d) order, which the kernel reads.
+
+    Rows past the sequences and head-dim columns past `d` are zeros (quantized zeros).
+    """
+    q8: Any  # (b, n, sq_pad, dp) int8
+    q_scale: Any  # (b, n, sq_pad) f32: each row's block scale * softmax scale * log2(e)
+    k8: Any  # (b, n_kv, skv_pad, dp) int8, smoothed
+    k_scale: Any  # (b, n_kv, skv_pad) f32: each key's block scale
+    vt8: Any  # (b, n_kv, dp, skv_pad) float8_e4m3fn: V / v_scale, transposed (K-major for wgmma)
+    out_scale: Any  # (b, n_kv, dp) f32: v_scale / P_SCALE, applied in the epilogue
+    lse_shift: Any  # (b, n, sq) f32: softmax scale * q . mean(K), added to the lse
+
+
+def _pad(x, axis, size):
+    if x.shape[axis] == size:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, size - x.shape[axis])
+    return jnp.pad(x, widths)
+
+
+def _int8_blocks(x, block):
+    """(b, h, s, d) float32, s a multiple of `block` -> int8 values and the per-row scale (each row
+    carries its block's scale). Symmetric, amax / 127; an all-zero block gets scale 1."""
+    b, h, s, d = x.shape
+    xb = x.reshape(b, h, s // block, block, d)
+    amax = jnp.max(jnp.abs(xb), axis=(3, 4), keepdims=True)
+    scale = jnp.where(amax > 0, amax / INT8_MAX, 1.0)
+    x8 = jnp.clip(jnp.round(xb / scale), -INT8_MAX, INT8_MAX).astype(jnp.int8)
+    rows = jnp.broadcast_to(scale[..., 0], (b, h, s // block, block)).reshape(b, h, s)
+    return x8.reshape(b, h, s, d), rows
+
+
+def fp8(x):
+    """Round float32 to e4m3fn (nearest even), clipped first: e4m3fn has no inf, and a value a
+    rounding past 448 would otherwise become NaN."""
+    return jnp.clip(x, -FP8_MAX, FP8_MAX).astype(FP8)
+
+
+def quantize(q, k, v, *, layout: str, scale: float, q_rows: int, k_rows: int, dp: int,
+             sq_pad: int, skv_pad: int, v_key_perm: bool = False) -> Quantized:
+    """The pre-pass: smooth K, quantize Q and K (INT8, one scale per `q_rows` / `k_rows` rows) and
+    V (FP8 per channel), pad.
+
+    q, k, v in `layout` (bnsd or bsnd), d <= dp; `q_rows` divides `sq_pad`, `k_rows` `skv_pad`.
+    Padding comes after the smoothing mean and the V scales, so padded rows shift neither; a
+    padded row's zeros can only lower a block's amax, never raise it. `v_key_perm`: V^T's keys
+    stored in `key_perm` order (the kernel's register-P path).
+
+    Written for few passes over memory: the lse shift is a row reduction of q (like Q's row
+    amax, so XLA can do both in one pass) rather than a dot, and the key permutation is a
+    reshape/transpose folded into V's (already transposing) cast.
+    """
+    if layout == "bsnd":
+        q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))
+    q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
+    b, n, sq, d = q.shape
+    n_kv = k.shape[1]
+    mean = jnp.mean(k, axis=2, keepdims=True)  # (b, n_kv, 1, d)
+    k = k - mean
+    qm = q.reshape(b, n_kv, n // n_kv, sq, d)
+    lse_shift = (scale * jnp.sum(qm * mean[:, :, None], axis=-1)).reshape(b, n, sq)
+
+    pad = lambda x, s: _pad(_pad(x, 3, dp), 2, s)  # noqa: E731
+    q8, q_scale = _int8_blocks(pad(q, sq_pad), q_rows)
+    k8, k_scale = _int8_blocks(pad(k, skv_pad), k_rows)
+    q_scale = q_scale * (scale * LOG2E)
+
+    vamax = jnp.max(jnp.abs(v), axis=2)  # (b, n_kv, d)
+    v_scale = jnp.where(vamax > 0, vamax / FP8_MAX, 1.0)
+    v8 = fp8(v / v_scale[:, :, None, :])
+    vt8 = jnp.swapaxes(pad(v8, skv_pad), 2, 3)
+    if v_key_perm:
+        vt8 = key_perm(vt8, 3)
+    out_scale = _pad(v_scale / P_SCALE, 2, dp)
+    return Quantized(q8=q8, q_scale=q_scale, k8=k8, k_scale=k_scale, vt8=vt8,
+                     out_scale=out_scale, lse_shift=lse_shift)
+
+
+def key_bias(skv: int, skv_pad: int, key_mask=None, kv_lengths=None, batch: int = 1):
+    """One float32 0/-inf vector `(b|1, n|1, skv_pad)` of the dropped keys: the caller's per-key
+    bool mask `(b|1, n|1, skv)`, `kv_lengths (b,)` and the padded tail. None when nothing is
+    dropped (the kernel then runs its path without mask arithmetic)."""
+    if key_mask is None and kv_lengths is None and skv == skv_pad:
+        return None
+    cols = jnp.arange(skv_pad)
+    keep = (cols < skv)[None, None, :]
+    if kv_lengths is not None:
+        keep = keep & (cols[None, None, :] < kv_lengths[:, None, None])
+    if key_mask is not None:
+        keep = keep & _pad(key_mask, 2, skv_pad)
+    return jnp.where(keep, 0.0, -jnp.inf).astype(jnp.float32)
+
+
+def _softmax_block(s2, m_i, l_i, masked: bool):
+    """The kernel's online-softmax step on base-2 logits: (p, alpha, l, m_new)."""
+    m_new = jnp.maximum(m_i, s2.max(axis=-1))
+    m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new  # no -inf - -inf
+    p = jnp.exp2(s2 - m_use[..., None])
+    alpha = jnp.exp2(m_i - m_use)
+    return p, alpha, l_i * alpha + p.sum(axis=-1), m_new
+
+
+def simulate(qz: Quantized, kb=None, *, block_k: int, fused_softmax: bool = False,
+             v_key_perm: bool = False):
+    """The kernel's arithmetic in jnp, block by block: `(out, lse)`, out float32
+    `(b, n, sq_pad, dp)` before slicing, lse `(b, n, sq_pad)` natural log, shift not included.
+    `kb`: `key_bias(...)` or None. `fused_softmax`: the kernel's `SageConfig.fused_softmax`
+    arithmetic (`sage_forward._softmax_fused`), else the plain one. `v_key_perm`: qz's V^T is
+    stored key-permuted (undone here: only the order of a float32 sum depends on it)."""
+    b, n, sq_pad, dp = qz.q8.shape
+    n_kv, skv_pad = qz.k8.shape[1], qz.k8.shape[2]
+    g = n // n_kv
+    rep = lambda x: jnp.repeat(x, g, axis=1)  # noqa: E731  (kv head -> its query heads)
+    vt = key_unperm(qz.vt8, 3) if v_key_perm else qz.vt8
+    k8, ks, vt8 = rep(qz.k8), rep(qz.k_scale), rep(vt)
+    q8 = qz.q8.astype(jnp.int32)
+    masked = kb is not None
+    if masked:
+        kb = jnp.broadcast_to(kb, (b, n, skv_pad))
+
+    def step(carry, j):
+        acc, m_i, l_i = carry
+        sl = lambda x, ax: jax.lax.dynamic_slice_in_dim(x, j * block_k, block_k, ax)  # noqa: E731
+        s = jnp.einsum("bnqd,bnkd->bnqk", q8, sl(k8, 2).astype(jnp.int32))
+        if fused_softmax:
+            t = s.astype(jnp.float32) * sl(ks, 2)[:, :, None, :]
+            if masked:
+                t = t + sl(kb, 2)[:, :, None, :]
+            qs = qz.q_scale
+            m_new = jnp.maximum(m_i, t.max(axis=-1) * qs)
+            m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
+            p = jnp.exp2(t * qs[..., None] - (m_use - LOG2_P_SCALE)[..., None])  # P * P_SCALE
+            alpha = jnp.exp2(m_i - m_use)
+            l_i = l_i * alpha + p.sum(axis=-1)
+            p8 = fp8(p).astype(jnp.float32)
+        else:
+            s2 = (s.astype(jnp.float32) * qz.q_scale[..., None]) * sl(ks, 2)[:, :, None, :]
+            if masked:
+                s2 = s2 + sl(kb, 2)[:, :, None, :]
+            p, alpha, l_i, m_new = _softmax_block(s2, m_i, l_i, masked)
+            p8 = fp8(p * P_SCALE).astype(jnp.float32)
+        pv = jnp.einsum("bnqk,bndk->bnqd", p8, sl(vt8, 3).astype(jnp.float32),
+                        precision=jax.lax.Precision.HIGHEST)
+        return (acc * alpha[..., None] + pv, m_new, l_i), None
+
+    init = (jnp.zeros((b, n, sq_pad, dp), jnp.float32),
+            jnp.full((b, n, sq_pad), -jnp.inf, jnp.float32), jnp.zeros((b, n, sq_pad), jnp.float32))
+    (acc, m_i, l_i), _ = jax.lax.scan(step, init, jnp.arange(skv_pad // block_k))
+    return finish(acc, m_i, l_i, rep(qz.out_scale), masked, fused_softmax)
+
+
+def finish(acc, m_i, l_i, out_scale, masked: bool, fused_softmax: bool = False):
+    """The kernel's epilogue: out = acc / l * out_scale (per channel); lse = m ln2 + log l;
+    a row with no key gives zeros and lse = -inf. `out_scale` (b, n, dp). With
+    `fused_softmax`, l sums P * P_SCALE, which both formulas divide back out."""
+    empty = l_i == 0.0
+    l_safe = jnp.where(empty, 1.0, l_i) if masked else l_i
+    num = P_SCALE if fused_softmax else 1.0
+    out = (acc * (num / l_safe)[..., None]) * out_scale[:, :, None, :]
+    lse = m_i * LN2 + jnp.log(l_safe)
+    if fused_softmax:
+        lse = lse - LN_P_SCALE
+    if masked:
+        lse = jnp.where(empty, -jnp.inf, lse)
+    return out, lse
+
+
+def sage_reference(q, k, v, *, scale=None, layout="bnsd", key_mask=None, kv_lengths=None,
+                   block_q: int = 64, block_k: int = 128, q_rows: int = 1, k_rows: int = 1,
+                   fused_softmax: bool = False, v_key_perm: bool = False):
+    """The whole scheme simulated in jnp (no kernel): `(out, lse)`, out float32 in `layout`,
+    lse `(b, n, sq)` float32. `key_mask`: bool `(b|1, n|1, skv)`, True = attend. `q_rows`,
+    `k_rows`: rows per INT8 scale (1: per token, the default; `block_q`/`block_k`: per kernel
+    block). `fused_softmax`, `v_key_perm`: as the kernel's SageConfig (`sim_flags`)."""
+    bnsd = (lambda x: x) if layout == "bnsd" else (lambda x: jnp.swapaxes(x, 1, 2))
+    b, n, sq, d = bnsd(q).shape
+    skv = bnsd(k).shape[2]
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    dp = 64 if d <= 64 else 128 if d <= 128 else -(-d // 64) * 64
+    sq_pad, skv_pad = -(-sq // block_q) * block_q, -(-skv // block_k) * block_k
+    qz = quantize(q, k, v, layout=layout, scale=scale, q_rows=q_rows, k_rows=k_rows, dp=dp,
+                  sq_pad=sq_pad, skv_pad=skv_pad, v_key_perm=v_key_perm)
+    kb = key_bias(skv, skv_pad, key_mask, kv_lengths)
+    out, lse = simulate(qz, kb, block_k=block_k, fused_softmax=fused_softmax,
+                        v_key_perm=v_key_perm)
+    return bnsd(out[:, :, :sq, :d]), lse[:, :, :sq] + qz.lse_shift
+
+
+def accuracy(x, ref) -> dict:
+    """Cosine similarity and relative L1 of `x` against `ref`, both (b, n, s, d): per head (axis 1;
+    pass bnsd) the worst values (`cos_min`, `rel_l1_max`), and over everything (`cos`, `rel_l1`)."""
+    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
+    axes = tuple(i for i in range(x.ndim) if i != 1)
+    cos = (x * ref).sum(axes) / np.maximum(np.sqrt((x * x).sum(axes) * (ref * ref).sum(axes)), 1e-300)
+    l1 = np.abs(x - ref).sum(axes) / np.maximum(np.abs(ref).sum(axes), 1e-300)
+    all_cos = float((x * ref).sum() / max(np.sqrt((x * x).sum() * (ref * ref).sum()), 1e-300))
+    return {"cos_min": float(cos.min()), "rel_l1_max": float(l1.max()), "cos": all_cos,
+            "rel_l1": float(np.abs(x - ref).sum() / max(np.abs(ref).sum(), 1e-300))}

@@ -1,0 +1,247 @@
+"""The `sage` backend: its 8-bit scheme (simulation vs float64) and its kernel (Mosaic GPU
+interpret mode vs the simulation).
+
+What this proves: the scheme's accuracy on the two input families (`jax_attn.quantization`
+simulated in jnp), and that the kernel body computes that scheme: quantized operands, scales,
+online softmax, P cast to e4m3, masking (per-key masks, kv_lengths, padded tails, empty rows),
+GQA, both layouts, padded head dims, the lse with the smoothing shift; plus the backend's routing
+and its refusal to be differentiated. What it cannot prove: interpret mode runs the matmuls as
+`lax.dot_general` (no wgmma, no smem swizzle, no register layouts), so whether the kernel lowers
+and its speed are for `benchmarks/sage_device.py` on an H100/H200.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("JAX_ATTN_INTERPRET", "1")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+import jax_attn  # noqa: E402
+from jax_attn import quantization as Q  # noqa: E402
+from jax_attn import reference  # noqa: E402
+from jax_attn.backends import BACKENDS  # noqa: E402
+from jax_attn.contract import validate  # noqa: E402
+from jax_attn.kernels import sage_attention as S  # noqa: E402
+from jax_attn.kernels.mosaic_config import available  # noqa: E402
+from jax_attn.kernels.sage_forward import SageConfig  # noqa: E402
+
+needs_mgpu = pytest.mark.skipif(available() is not None, reason=f"no Mosaic GPU Pallas: {available()}")
+SMALL = SageConfig(block_q=64, block_kv=64, stages=2)  # tiny interpret-mode shapes
+# Each kernel path against its simulation: the default (P as the register operand, the fused
+# softmax, two-level P V), the path first measured (P through shared memory, the plain softmax)
+# and the mixes a device run compares (see benchmarks/sage_device.py --variants).
+PATHS = {
+    "default": SMALL,
+    "old": SageConfig(block_q=64, block_kv=64, stages=2, p_in_registers=False,
+                      fused_softmax=False),
+    "regs_plain_1level": SageConfig(block_q=64, block_kv=64, stages=2, fused_softmax=False,
+                                    two_level_pv=False),
+    "smem_fused_1level": SageConfig(block_q=64, block_kv=64, stages=3, p_in_registers=False,
+                                    two_level_pv=False),
+}
+
+# What the simulated scheme reaches, worst head (measured: normal d=64/128 cos 0.9992, rel L1
+# 0.039; outlier family cos 0.9990, rel L1 0.040). Bounds a little below, to catch a regression.
+COS_MIN = {"normal": 0.999, "outlier": 0.998}
+L1_MAX = 0.045
+# The brief's target. e4m3 keeps 3 mantissa bits, so P and V each carry ~2.6% RMS relative
+# rounding error, ~3.7% together: on iid inputs that alone is cos ~0.9993, rel L1 ~0.037.
+TARGET_COS, TARGET_L1 = 0.9995, 0.02
+
+
+def _bf16_f64(x):
+    return np.asarray(jnp.asarray(x, jnp.bfloat16).astype(jnp.float32), np.float64)
+
+
+def family(name, shape_q, shape_kv, seed=0):
+    """standard normal, or 'outlier': heavy-tailed Q (student-t, 3 dof) and a large per-channel
+    offset in K (8x a standard normal per channel, shared by every token)."""
+    rng = np.random.default_rng(seed)
+    q, k, v = rng.standard_normal(shape_q), rng.standard_normal(shape_kv), rng.standard_normal(shape_kv)
+    if name == "outlier":
+        q = rng.standard_t(3, shape_q)
+        k = k + 8.0 * rng.standard_normal((1, 1, 1, shape_kv[-1]))
+    return tuple(_bf16_f64(x) for x in (q, k, v))
+
+
+def _sim_accuracy(fam, d):
+    q, k, v = family(fam, (1, 2, 512, d), (1, 2, 512, d))
+    ref, rlse = reference.attention(q, k, v, return_lse=True)
+    out, lse = Q.sage_reference(*(jnp.asarray(x, jnp.bfloat16) for x in (q, k, v)))
+    return Q.accuracy(out, ref), np.abs(np.asarray(lse, np.float64) - rlse).max()
+
+
+@pytest.mark.fast_every(2)
+@pytest.mark.parametrize("fam", ["normal", "outlier"])
+@pytest.mark.parametrize("d", [64, 128])
+def test_scheme_accuracy_vs_float64(fam, d):
+    acc, lse_err = _sim_accuracy(fam, d)
+    assert acc["cos_min"] >= COS_MIN[fam] and acc["rel_l1_max"] <= L1_MAX, acc
+    assert lse_err < (0.05 if fam == "normal" else 0.5), lse_err  # the smoothing shift is added back
+
+
+@pytest.mark.xfail(strict=True, reason="FP8 e4m3 P and V cannot reach cos >= 0.9995 / rel L1 <= 0.02 "
+                   "on iid inputs (see TARGET_COS); strict, so a change that reaches it shows up")
+@pytest.mark.parametrize("fam", ["normal", "outlier"])
+def test_brief_target_accuracy(fam):
+    acc, _ = _sim_accuracy(fam, 128)
+    assert acc["cos_min"] >= TARGET_COS and acc["rel_l1_max"] <= TARGET_L1, acc
+
+
+def test_smoothing_is_what_saves_k_offsets():
+    # Same inputs, K smoothed vs K with its offset left in: the offset sets the INT8 scale then.
+    q, k, v = family("outlier", (1, 1, 256, 64), (1, 1, 256, 64), seed=1)
+    ref = reference.attention(q, k, v)
+    good = Q.accuracy(Q.sage_reference(*(jnp.asarray(x) for x in (q, k, v)))[0], ref)
+    k_off = k + 1e4 * np.sign(k.mean(2, keepdims=True))  # mean shifts; smoothing removes it again
+    moved = Q.accuracy(Q.sage_reference(*(jnp.asarray(x) for x in (q, k_off, v)))[0],
+                       reference.attention(q, k_off, v))
+    assert abs(good["cos"] - moved["cos"]) < 2e-3, (good, moved)
+
+
+def test_quantizers_round_trip():
+    x = jnp.asarray(np.random.default_rng(2).standard_normal((1, 1, 128, 64)), jnp.float32)
+    x8, s = Q._int8_blocks(x, 64)
+    assert x8.dtype == jnp.int8 and int(jnp.abs(x8.astype(jnp.int32)).max()) == 127
+    err = jnp.abs(x8.astype(jnp.float32) * s[..., None] - x)
+    assert float((err / s[..., None]).max()) <= 0.5 + 1e-6  # half a step, round to nearest
+    assert float(Q.fp8(jnp.float32(448.3)).astype(jnp.float32)) == 448.0  # clipped, never NaN
+    z8, zs = Q._int8_blocks(jnp.zeros((1, 1, 64, 64)), 64)
+    assert float(jnp.abs(z8).max()) == 0 and float(zs.min()) == 1.0  # zero block: no 0/0
+
+
+def check_kernel(b, n, n_kv, sq, skv, d, *, dtype="bfloat16", layout="bnsd", kv_lengths=None,
+                 key_mask=None, seed=0, q_rows=1, k_rows=1, config=SMALL):
+    """Kernel (interpret mode) vs the simulation: the same bits in, so only float32 summation
+    order, and the output's final rounding to `dtype`, may differ."""
+    rng = np.random.default_rng(seed)
+    shapes = ((b, n, sq, d), (b, n_kv, skv, d), (b, n_kv, skv, d))
+    t = (lambda x: x) if layout == "bnsd" else (lambda x: np.swapaxes(x, 1, 2))
+    q, k, v = (jnp.asarray(t(rng.standard_normal(s)), dtype) for s in shapes)
+    kw = dict(layout=layout, q_rows=q_rows, k_rows=k_rows,
+              kv_lengths=None if kv_lengths is None else jnp.asarray(kv_lengths, jnp.int32))
+    out, lse = S.sage_attention(q, k, v, return_lse=True, config=config, interpret=True,
+                                key_mask=key_mask, **kw)
+    so, slse = Q.sage_reference(q, k, v, block_q=config.block_q, block_k=config.block_kv,
+                                key_mask=None if key_mask is None else jnp.asarray(key_mask)[:, :, 0, :],
+                                **kw, **S.sim_flags(config))
+    assert out.dtype == jnp.dtype(dtype) and out.shape == q.shape and lse.shape == (b, n, sq)
+    so_d = np.asarray(jnp.asarray(so).astype(dtype).astype(jnp.float32))
+    ulp = 2.0 ** -7 if dtype == "bfloat16" else 2.0 ** -10
+    np.testing.assert_allclose(np.asarray(out, np.float32), so_d, rtol=2 * ulp, atol=1e-3)
+    lse, slse = np.asarray(lse), np.asarray(slse)
+    np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(slse))
+    fin = np.isfinite(slse)
+    np.testing.assert_allclose(lse[fin], slse[fin], atol=1e-4, rtol=1e-5)
+    # And the scheme, through the kernel, still tracks float64 (same family as the bounds above).
+    ref = reference.attention(*(np.asarray(jnp.asarray(x).astype(jnp.float32), np.float64)
+                                for x in (t(np.asarray(q, np.float32)), t(np.asarray(k, np.float32)),
+                                          t(np.asarray(v, np.float32)))),
+                              attn_mask=key_mask, kv_lengths=kv_lengths)
+    rows = np.isfinite(slse)[..., None] & np.ones((1, 1, 1, d), bool)
+    got = t(np.asarray(out, np.float64))
+    assert reference.relative_error(np.where(rows, got, 0), np.where(rows, ref, 0)) < 0.06
+    return out, lse
+
+
+@pytest.mark.slow
+@needs_mgpu
+def test_kernel_tails_gqa_padded_head_dim():
+    # 100 queries (one CTA, padded), 200 keys (4 steps through a 2-slot ring, tail masked),
+    # d = 40 run at 64, two query heads sharing one k/v head.
+    check_kernel(1, 2, 1, 100, 200, 40)
+
+
+@pytest.mark.slow
+@needs_mgpu
+def test_kernel_bsnd_fp16_masks_lengths_empty_rows_d128():
+    rng = np.random.default_rng(3)
+    mask = rng.random((2, 2, 1, 150)) > 0.3
+    mask[1, 1] = False  # a head with no key: zeros and lse = -inf
+    out, lse = check_kernel(2, 2, 2, 64, 150, 128, dtype="float16", layout="bsnd",
+                            kv_lengths=[0, 120], key_mask=mask, seed=1, q_rows=64, k_rows=64)
+    np.testing.assert_array_equal(np.asarray(out[0], np.float32), 0.0)  # kv_lengths 0
+    assert np.all(np.isneginf(np.asarray(lse)[0])) and np.all(np.isneginf(np.asarray(lse)[1, 1]))
+
+
+@pytest.mark.slow
+@pytest.mark.fast_every(3)
+@needs_mgpu
+@pytest.mark.parametrize("path", ["old", "regs_plain_1level", "smem_fused_1level"])
+def test_kernel_paths_vs_simulation(path):
+    # Every SageConfig path on the masked, padded, GQA case (the default path runs above).
+    rng = np.random.default_rng(5)
+    mask = rng.random((1, 1, 1, 200)) > 0.3
+    check_kernel(1, 2, 1, 100, 200, 40, key_mask=mask, kv_lengths=[190], seed=2,
+                 config=PATHS[path])
+
+
+def test_key_perm_matches_register_relabelling():
+    # The register relabelling (`sage_forward._p_to_8bit_layout`) reads thread j's accumulator
+    # vectors (keys 2j, 2j+1 and 8+2j, 9+2j of each 16) as its 8-bit operand vector (positions
+    # 4j..4j+3); V^T must present its keys in that order.
+    order = np.asarray(Q.key_perm(jnp.arange(32)[None], 1))[0]
+    want = [16 * c + k for c in range(2) for j in range(4) for k in (2 * j, 2 * j + 1, 8 + 2 * j, 9 + 2 * j)]
+    np.testing.assert_array_equal(order, want)
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 3, 48)))
+    np.testing.assert_array_equal(Q.key_unperm(Q.key_perm(x, 2), 2), x)
+
+
+@pytest.mark.parametrize("fam", ["normal", "outlier"])
+def test_fused_softmax_costs_no_accuracy(fam):
+    # The fused arithmetic rounds differently (FMA order, P_SCALE in exp2's bias), not worse.
+    q, k, v = family(fam, (1, 2, 512, 128), (1, 2, 512, 128))
+    ref = reference.attention(q, k, v)
+    args = [jnp.asarray(x, jnp.bfloat16) for x in (q, k, v)]
+    plain = Q.accuracy(Q.sage_reference(*args)[0], ref)
+    fused = Q.accuracy(Q.sage_reference(*args, fused_softmax=True, v_key_perm=True)[0], ref)
+    assert abs(plain["cos_min"] - fused["cos_min"]) < 2e-5, (plain, fused)
+    assert abs(plain["rel_l1_max"] - fused["rel_l1_max"]) < 1e-3, (plain, fused)
+
+
+def test_resolved_block_kv():
+    assert SageConfig().resolved(64).block_kv == 256 and SageConfig().resolved(128).block_kv == 128
+    assert SMALL.resolved(128).block_kv == 64
+
+
+# ---------------------------------------------------------------------------------------------
+# The backend
+
+
+def _spec(**kw):
+    q = jnp.zeros((1, 2, 64, kw.pop("d", 64)), kw.pop("dtype", jnp.bfloat16))
+    return validate(q, q, q, **kw)
+
+
+def test_backend_declares_and_declines():
+    sage = BACKENDS["sage"]
+    assert sage.automatic is False
+    assert sage.reasons(_spec()) == []  # interpret mode here
+    assert any("dtype" in r for r in sage.reasons(_spec(dtype=jnp.float32)))
+    assert any("causal" in r for r in sage.reasons(_spec(is_causal=True)))
+    assert any("full" in r for r in sage.reasons(_spec(attn_mask=jnp.ones((64, 64), bool))))
+    assert sage.reasons(_spec(attn_mask=jnp.ones((1, 1, 1, 64), bool))) == []
+    assert any("head dim" in r for r in sage.reasons(_spec(d=256)))
+
+
+def test_auto_never_picks_sage():
+    q = jnp.zeros((1, 2, 64, 64), jnp.bfloat16)
+    assert jax_attn.explain(q, q, q).backend != "sage"
+
+
+@needs_mgpu
+def test_backend_forward_and_gradient_refused():
+    rng = np.random.default_rng(4)
+    q, k, v = (jnp.asarray(rng.standard_normal((1, 70, 2, 64)), jnp.bfloat16) for _ in range(3))
+    out, lse = jax_attn.attention_forward(q, k, v, layout="bsnd", backend="sage", return_lse=True)
+    ref, rlse = reference.attention(*(np.swapaxes(np.asarray(x, np.float64), 1, 2) for x in (q, k, v)),
+                                    return_lse=True)
+    assert Q.accuracy(np.swapaxes(np.asarray(out, np.float64), 1, 2), ref)["cos_min"] > 0.998
+    np.testing.assert_allclose(np.asarray(lse), rlse, atol=0.05)
+    with pytest.raises(ValueError, match="backend='sage'"):
+        jax.grad(lambda q: jax_attn.attention_forward(q, k, v, layout="bsnd", backend="sage")
+                 .astype(jnp.float32).sum())(q)
