@@ -8,6 +8,10 @@
 3. Edits: prompt-to-prompt re-weighting of the token (`AttentionReweightProcessor`), and a word
    swap ("cat" -> "dog") with and without injecting the source prompt's cross-attention maps
    (`AttentionMapReplaceProcessor`); prints how far each result moved from the baseline.
+4. With `--attention-8bit`: the baseline again in bfloat16, once with the default attention and
+   once with 8-bit attention (`jax_attn.use_backend("sage")`), each saved as an 8-bit PNG, and
+   the PSNR and largest pixel difference between the two PNGs. `sage` needs a Hopper GPU; on a
+   CPU the kernel runs in Pallas interpret mode (same arithmetic, a minute or so).
 The weights are random, so the pictures show the mechanics, not a cat. Runs on a CPU in seconds.
 """
 from __future__ import annotations
@@ -22,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+import jax_attn
 from jax_attn.attention import set_attn_processor
 from jax_attn.models import DiTConfig, TinyDiT, ddim_schedule, ddim_step, embed_prompt
 from jax_attn.processors import (AttentionMapReplaceProcessor, AttentionMapStore,
@@ -35,12 +40,13 @@ def _predict(model, x, t, text, kv_lengths, cross_attention_kwargs):
     return model(x, t, text, kv_lengths=kv_lengths, cross_attention_kwargs=cross_attention_kwargs)
 
 
-def denoise(model, x, text, kv_lengths, steps, *, store=None, kwargs_per_step=None, on_step=None):
+def denoise(model, x, text, kv_lengths, steps, *, store=None, kwargs_per_step=None, on_step=None,
+            predict=_predict):
     """DDIM loop; `on_step(i)` runs after each model call (e.g. to read a store)."""
     ts, alphas = ddim_schedule(steps)
     for i, t in enumerate(ts):
         kw = kwargs_per_step(i) if kwargs_per_step else None
-        eps = _predict(model, x, jnp.full((x.shape[0],), float(t)), text, kv_lengths, kw)
+        eps = predict(model, x, jnp.full((x.shape[0],), float(t)), text, kv_lengths, kw)
         if on_step:
             on_step(i)
         x = ddim_step(x, eps, int(t), int(ts[i + 1]) if i + 1 < len(ts) else -1, alphas)
@@ -57,7 +63,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--weight", type=float, default=4.0, help="re-weighting factor for --token")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--backend", default=None, help="jax-attn backend (default: routing)")
+    ap.add_argument("--attention-8bit", action="store_true",
+                    help="also sample in bf16 with 8-bit attention (sage) and compare the PNGs")
     args = ap.parse_args(argv)
+    if args.attention_8bit and jax.default_backend() == "cpu":
+        os.environ.setdefault("JAX_ATTN_INTERPRET", "1")  # the sage kernel in interpret mode
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     words = args.prompt.split()
@@ -140,7 +150,41 @@ def main(argv=None) -> dict:
     plt.close(fig)
     np.save(os.path.join(args.out, "token_maps.npy"), np.stack(token_maps))
     print(path)
+    if args.attention_8bit:
+        results.update(compare_8bit(model, x0, text, kv_lengths, args.steps, args.out, (lo, hi)))
     return {"png": path, "token_maps": np.stack(token_maps), **results}
+
+
+def _to_png(latent, lo, hi, path):
+    """The first three latent channels as an 8-bit RGB PNG on the colour scale (lo, hi); returns
+    the uint8 pixels written."""
+    from PIL import Image
+    rgb = ((np.asarray(latent[0, :, :, :3], np.float32) - lo) / (hi - lo)).clip(0, 1)
+    pixels = (rgb * 255).round().astype(np.uint8)
+    Image.fromarray(pixels).resize((256, 256), Image.NEAREST).save(path)
+    return np.asarray(Image.open(path))
+
+
+def compare_8bit(model, x0, text, kv_lengths, steps, out, scale) -> dict:
+    """The baseline in bf16 with the default attention and with `sage`; PSNR (dB) and the largest
+    pixel difference between the two saved PNGs."""
+    set_attn_processor(model, AttnProcessor())
+    graph, state = nnx.split(model)
+    bf16 = lambda x: x.astype(jnp.bfloat16) if jnp.issubdtype(x.dtype, jnp.floating) else x  # noqa: E731
+    model16 = nnx.merge(graph, jax.tree.map(bf16, state))
+    x16, text16 = bf16(x0), bf16(text)
+    reference = denoise(model16, x16, text16, kv_lengths, steps)
+    # Routing is decided when a function is traced: a program already compiled keeps its backend,
+    # so the 8-bit run traces its own (a fresh jit, not `_predict`'s cached bf16 program).
+    with jax_attn.use_backend("sage"):
+        eight_bit = denoise(model16, x16, text16, kv_lengths, steps, predict=nnx.jit(_predict.fun))
+    a = _to_png(reference, *scale, os.path.join(out, "bf16.png")).astype(np.float64)
+    b = _to_png(eight_bit, *scale, os.path.join(out, "sage_8bit.png")).astype(np.float64)
+    mse = float(np.mean((a - b) ** 2))
+    psnr = float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
+    diff = int(np.abs(a - b).max())
+    log.info("8-bit attention (sage) vs bf16: PSNR %.1f dB, largest pixel difference %d / 255", psnr, diff)
+    return {"psnr_8bit": psnr, "max_pixel_diff_8bit": diff}
 
 
 if __name__ == "__main__":

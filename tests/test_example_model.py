@@ -91,3 +91,19 @@ def test_example_script_runs(tmp_path):
     assert os.path.getsize(res["png"]) > 1000
     assert res["token_maps"].shape == (2, 8, 8) and np.all(res["token_maps"] >= 0)
     assert res["reweighted"] > 1e-4 and res["swap"] > 1e-4  # the edits change the result
+
+
+@pytest.mark.slow
+def test_example_compares_8bit_attention_with_bf16(tmp_path):
+    """`--attention-8bit` samples with `sage` (the kernel in interpret mode on the CPU) and with
+    bf16 attention, and reports the PSNR and the largest pixel difference of the two PNGs."""
+    spec = importlib.util.spec_from_file_location("denoise_and_maps",
+                                                  os.path.join(ROOT, "examples", "denoise_and_maps.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    res = mod.main(["--out", str(tmp_path), "--steps", "1", "--attention-8bit"])
+    assert os.path.getsize(tmp_path / "sage_8bit.png") > 100 and os.path.getsize(tmp_path / "bf16.png") > 100
+    assert 0 <= res["max_pixel_diff_8bit"] <= 255
+    # 8-bit attention changes the picture a little, not wholesale; exactly equal pictures would
+    # mean the 8-bit run reused the bf16 program (routing is decided when a function is traced).
+    assert 20 < res["psnr_8bit"] < float("inf")

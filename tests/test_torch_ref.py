@@ -97,7 +97,8 @@ def assert_matches_reference(backend, q, k, v, kw, dtype, rng):
         assert reference.relative_error(f64(lse), ref_lse) <= max(tol, TOL["float32"])
     mask = kw.get("attn_mask")
     wrt = [q, k, v] + ([mask] if mask is not None and mask.requires_grad else [])
-    grads = torch.autograd.grad((out.float() * d_out.float()).sum(), wrt)
+    acc = torch.promote_types(out.dtype, torch.float32)  # half inputs: an f32 loss; float64 stays float64
+    grads = torch.autograd.grad((out.to(acc) * d_out.to(acc)).sum(), wrt)
     ds = ref_grads[3]
     if len(wrt) == 4:  # the bias broadcasts: its gradient sums over the broadcast dims
         dims = tuple(a for a in range(4) if mask.shape[a] == 1)

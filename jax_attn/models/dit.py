@@ -130,7 +130,8 @@ class TinyDiT(nnx.Module):
         p, g = cfg.patch_size, cfg.grid
         x = latents.reshape(b, g, p, g, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, g * g, p * p * c)
         x = self.proj_in(x) + self.pos_embed[...]
-        temb = timestep_embedding(jnp.broadcast_to(timesteps, (b,)), cfg.dim)
+        # In the latents' dtype, so a model cast to bf16 runs (and attends) in bf16 throughout.
+        temb = timestep_embedding(jnp.broadcast_to(timesteps, (b,)), cfg.dim).astype(x.dtype)
         temb = self.time_embed[1](jax.nn.silu(self.time_embed[0](temb)))
         mask = None
         if encoder_attention_mask is not None:
