@@ -138,8 +138,9 @@ def probabilities(q, k, attn_mask=None, kv_lengths=None, is_causal=False, scale=
 
 
 def attention_vjp(q, k, v, d_out, attn_mask=None, kv_lengths=None, is_causal=False, scale=None, *,
-                  q_lengths=None, window=None, q_segment_ids=None, kv_segment_ids=None):
-    """Gradients `(dq, dk, dv, dbias)` of `sum(out * d_out)`, by the analytic softmax derivative.
+                  q_lengths=None, window=None, q_segment_ids=None, kv_segment_ids=None, d_lse=None):
+    """Gradients `(dq, dk, dv, dbias)` of `sum(out * d_out)` (plus `sum(lse * d_lse)` when
+    `d_lse (b, n, sq)` is given), by the analytic softmax derivative (d lse / d s = p).
 
     `dbias` is the full `(b, n, sq, skv)` gradient w.r.t. an additive bias (zero where masked);
     sum it over broadcast dims to match a smaller bias.
@@ -157,6 +158,8 @@ def attention_vjp(q, k, v, d_out, attn_mask=None, kv_lengths=None, is_causal=Fal
     dv = np.einsum("bnqk,bnqd->bnkd", p, d_out)
     dp = np.einsum("bnqd,bnkd->bnqk", d_out, v_rep)
     ds = p * (dp - (dp * p).sum(-1, keepdims=True))
+    if d_lse is not None:
+        ds = ds + p * np.asarray(d_lse, np.float64)[..., None]
     dq = np.einsum("bnqk,bnkd->bnqd", ds, k_rep) * scale
     dk = np.einsum("bnqk,bnqd->bnkd", ds, q) * scale
 

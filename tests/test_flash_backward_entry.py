@@ -31,17 +31,9 @@ SAME = dict(rtol=1e-5, atol=1e-6)
 
 def ref_grads(q, k, v, do, dlse, mask, kv_lengths, is_causal, scale):
     """float64 `(dq, dk, dv, dS)` of `sum(out * do) + sum(lse * dlse)`, in bnsd; `dS (b, n, sq,
-    skv)` is the gradient of an additive bias (d lse / d s = p adds `p * dlse`)."""
-    dq, dk, dv, ds = reference.attention_vjp(q, k, v, do, attn_mask=mask, kv_lengths=kv_lengths,
-                                             is_causal=is_causal, scale=scale)
-    p = reference.probabilities(q, k, attn_mask=mask, kv_lengths=kv_lengths, is_causal=is_causal,
-                                scale=scale)
-    g = q.shape[1] // k.shape[1]
-    ds_l = p * dlse[..., None]
-    dq = dq + scale * np.einsum("bnqk,bnkd->bnqd", ds_l, np.repeat(k, g, axis=1))
-    b, n_kv, skv, d = k.shape
-    dk = dk + scale * np.einsum("bnqk,bnqd->bnkd", ds_l, q).reshape(b, n_kv, g, skv, d).sum(2)
-    return dq, dk, dv, ds + ds_l
+    skv)` is the gradient of an additive bias."""
+    return reference.attention_vjp(q, k, v, do, attn_mask=mask, kv_lengths=kv_lengths,
+                                   is_causal=is_causal, scale=scale, d_lse=dlse)
 
 
 def inputs(seed, b, n, n_kv, sq, skv, d, layout):

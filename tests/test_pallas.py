@@ -47,18 +47,9 @@ def flash(*args, **kw):
 
 
 def ref_grads(q, k, v, do, dlse, mask, kv_lengths, is_causal, scale):
-    """float64 gradients of sum(out * do) + sum(lse * dlse); d lse / d s = p."""
-    dq, dk, dv, _ = reference.attention_vjp(q, k, v, do, attn_mask=mask, kv_lengths=kv_lengths,
-                                            is_causal=is_causal, scale=scale)
-    p = reference.probabilities(q, k, attn_mask=mask, kv_lengths=kv_lengths, is_causal=is_causal,
-                                scale=scale)
-    b, n, sq, d = q.shape
-    n_kv, skv = k.shape[1], k.shape[2]
-    g = n // n_kv
-    ds = p * dlse[..., None] * scale
-    dq = dq + np.einsum("bnqk,bnkd->bnqd", ds, np.repeat(k, g, axis=1))
-    dk = dk + np.einsum("bnqk,bnqd->bnkd", ds, q).reshape(b, n_kv, g, skv, d).sum(2)
-    return dq, dk, dv
+    """float64 gradients of sum(out * do) + sum(lse * dlse)."""
+    return reference.attention_vjp(q, k, v, do, attn_mask=mask, kv_lengths=kv_lengths,
+                                   is_causal=is_causal, scale=scale, d_lse=dlse)[:3]
 
 
 def check(b, n, n_kv, sq, skv, d, dv=None, *, dtype="float32", layout="bnsd", is_causal=False,

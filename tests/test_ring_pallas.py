@@ -54,17 +54,9 @@ def spy(monkeypatch):
 
 
 def ref_grads(q, k, v, do, dlse, mask, kv_lengths, is_causal):
-    """float64 `(dq, dk, dv, dS)` of `sum(out * do) + sum(lse * dlse)` in bnsd (d lse / d s = p)."""
-    dq, dk, dv, ds = reference.attention_vjp(q, k, v, do, attn_mask=mask, kv_lengths=kv_lengths,
-                                             is_causal=is_causal)
-    p = reference.probabilities(q, k, attn_mask=mask, kv_lengths=kv_lengths, is_causal=is_causal)
-    scale = 1 / np.sqrt(q.shape[-1])
-    g = q.shape[1] // k.shape[1]
-    ds_l = p * dlse[..., None]
-    dq = dq + scale * np.einsum("bnqk,bnkd->bnqd", ds_l, np.repeat(k, g, axis=1))
-    b, n_kv, skv, d = k.shape
-    dk = dk + scale * np.einsum("bnqk,bnqd->bnkd", ds_l, q).reshape(b, n_kv, g, skv, d).sum(2)
-    return dq, dk, dv, ds + ds_l
+    """float64 `(dq, dk, dv, dS)` of `sum(out * do) + sum(lse * dlse)` in bnsd."""
+    return reference.attention_vjp(q, k, v, do, attn_mask=mask, kv_lengths=kv_lengths,
+                                   is_causal=is_causal, d_lse=dlse)
 
 
 def check(devices, *, b=1, n=2, n_kv=1, sq=16, skv=16, d=8, layout="bnsd", causal=False,
