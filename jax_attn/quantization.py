@@ -39,6 +39,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .arrays import pad_to
+
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
 INT8_MAX = 127.0
@@ -87,14 +89,6 @@ class Quantized:
     lse_shift: Any  # (b, n, sq) f32: softmax scale * q . mean(K), added to the lse
 
 
-def _pad(x, axis, size):
-    if x.shape[axis] == size:
-        return x
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, size - x.shape[axis])
-    return jnp.pad(x, widths)
-
-
 def _int8_blocks(x, block):
     """(b, h, s, d) float32, s a multiple of `block` -> int8 values and the per-row scale (each row
     carries its block's scale). Symmetric, amax / 127; an all-zero block gets scale 1."""
@@ -137,7 +131,7 @@ def quantize(q, k, v, *, layout: str, scale: float, q_rows: int, k_rows: int, dp
     qm = q.reshape(b, n_kv, n // n_kv, sq, d)
     lse_shift = (scale * jnp.sum(qm * mean[:, :, None], axis=-1)).reshape(b, n, sq)
 
-    pad = lambda x, s: _pad(_pad(x, 3, dp), 2, s)  # noqa: E731
+    pad = lambda x, s: pad_to(pad_to(x, 3, dp), 2, s)  # noqa: E731
     q8, q_scale = _int8_blocks(pad(q, sq_pad), q_rows)
     k8, k_scale = _int8_blocks(pad(k, skv_pad), k_rows)
     q_scale = q_scale * (scale * LOG2E)
@@ -148,7 +142,7 @@ def quantize(q, k, v, *, layout: str, scale: float, q_rows: int, k_rows: int, dp
     vt8 = jnp.swapaxes(pad(v8, skv_pad), 2, 3)
     if v_key_perm:
         vt8 = key_perm(vt8, 3)
-    out_scale = _pad(v_scale / P_SCALE, 2, dp)
+    out_scale = pad_to(v_scale / P_SCALE, 2, dp)
     return Quantized(q8=q8, q_scale=q_scale, k8=k8, k_scale=k_scale, vt8=vt8,
                      out_scale=out_scale, lse_shift=lse_shift)
 
@@ -164,7 +158,7 @@ def key_bias(skv: int, skv_pad: int, key_mask=None, kv_lengths=None, batch: int 
     if kv_lengths is not None:
         keep = keep & (cols[None, None, :] < kv_lengths[:, None, None])
     if key_mask is not None:
-        keep = keep & _pad(key_mask, 2, skv_pad)
+        keep = keep & pad_to(key_mask, 2, skv_pad)
     return jnp.where(keep, 0.0, -jnp.inf).astype(jnp.float32)
 
 

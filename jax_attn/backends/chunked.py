@@ -14,6 +14,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from ..arrays import pad_to
 from .. import masking
 from ..contract import Spec
 from .base import Backend
@@ -48,15 +49,6 @@ class _Plan:
         if left is not None:
             ok = ok & (k_hi >= q_lo - left)
         return ok
-
-
-def _pad_axis(x, axis, size, value=0):
-    pad = size - x.shape[axis]
-    if pad <= 0:
-        return x
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, pad)
-    return jnp.pad(x, widths, constant_values=value)
 
 
 def _slice(x, axis, start, size):
@@ -235,15 +227,15 @@ class Chunked(Backend):
         sq_pad, skv_pad = plan.q_blocks * plan.q_chunk, plan.k_blocks * plan.k_chunk
         q, k, v = inputs.bnsd()
         b, n, sq, d = q.shape
-        q = _pad_axis(q.reshape(b, spec.kv_heads, spec.groups, sq, d), 3, sq_pad)
-        k, v = _pad_axis(k, 2, skv_pad), _pad_axis(v, 2, skv_pad)
+        q = pad_to(q.reshape(b, spec.kv_heads, spec.groups, sq, d), 3, sq_pad)
+        k, v = pad_to(k, 2, skv_pad), pad_to(v, 2, skv_pad)
         mask = inputs.mask
         if mask is not None:
             for axis, size in ((2, sq_pad), (3, skv_pad)):
-                mask = _pad_axis(mask, axis, size) if mask.shape[axis] > 1 else mask
+                mask = pad_to(mask, axis, size) if mask.shape[axis] > 1 else mask
         segments = inputs.segments
         if segments is not None:  # padded queries are cut off, padded keys dropped by kv_limit
-            segments = (_pad_axis(segments[0], 1, sq_pad), _pad_axis(segments[1], 1, skv_pad))
+            segments = (pad_to(segments[0], 1, sq_pad), pad_to(segments[1], 1, skv_pad))
         out, lse = _attention(plan, q, k, v, mask, inputs.kv_lengths, segments)
         out = inputs.from_bnsd(out[..., :sq, :].reshape(b, n, sq, -1))
         return (out, lse[..., :sq].reshape(b, n, sq)) if return_lse else out

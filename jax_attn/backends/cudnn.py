@@ -22,6 +22,7 @@ import logging
 import jax
 import jax.numpy as jnp
 
+from ..arrays import pad_to
 from ..inputs import AttentionInputs
 from ..masking import EmptyRows
 from .base import Backend, gpu_compute_capability
@@ -128,12 +129,8 @@ class CuDNN(Backend):
         seq_axis = 2 if spec.layout == "bnsd" else 1
         pad_q, pad_k = spec.q_len % 2, spec.kv_len % 2
 
-        def pad(x, axis, n, value=0):
-            if not n:
-                return x
-            widths = [(0, 0)] * x.ndim
-            widths[axis] = (0, n)
-            return jnp.pad(x, widths, constant_values=value)
+        def pad(x, axis, n):  # n more rows at the end of `axis`
+            return pad_to(x, axis, x.shape[axis] + n)
 
         q = pad(inputs.q, seq_axis, pad_q)
         k, v = pad(inputs.k, seq_axis, pad_k), pad(inputs.v, seq_axis, pad_k)

@@ -22,6 +22,7 @@ import importlib.util
 import jax
 import jax.numpy as jnp
 
+from ..arrays import pad_to
 from .base import Backend, platform
 from .pallas import ENV_INTERPRET, interpreting
 
@@ -31,12 +32,6 @@ BLOCK = 128  # the kernel's default block sizes; padded lengths are multiples of
 def _kernel_module():
     from jax.experimental.pallas.ops.tpu import flash_attention
     return flash_attention
-
-
-def _pad(x, axis: int, size: int):
-    pad = [(0, 0)] * x.ndim
-    pad[axis] = (0, size - x.shape[axis])
-    return jnp.pad(x, pad) if size != x.shape[axis] else x
 
 
 def _visible_keys(inputs, skv_pad: int):
@@ -50,7 +45,7 @@ def _visible_keys(inputs, skv_pad: int):
     if inputs.kv_lengths is not None:
         visible = visible & (pos[None, None, :] < inputs.kv_lengths[:, None, None])
     if inputs.mask is not None:  # (b|1, n|1, 1, skv), bool
-        key_mask = _pad(inputs.mask[:, :, 0, :], 2, skv_pad)
+        key_mask = pad_to(inputs.mask[:, :, 0, :], 2, skv_pad)
         visible = visible & key_mask
     if visible.shape[1] > 1:  # per-head keys: fold heads into the batch
         return jnp.broadcast_to(visible, (spec.batch, spec.heads, skv_pad)).reshape(-1, skv_pad)
@@ -106,7 +101,7 @@ class TPU(Backend):
             k, v = (jnp.repeat(x, spec.groups, axis=1) for x in (k, v))
         b, n, sq, d = q.shape
         sq_pad, skv_pad = (-(-s // BLOCK) * BLOCK for s in (sq, spec.kv_len))
-        q, k, v = _pad(q, 2, sq_pad), _pad(k, 2, skv_pad), _pad(v, 2, skv_pad)
+        q, k, v = pad_to(q, 2, sq_pad), pad_to(k, 2, skv_pad), pad_to(v, 2, skv_pad)
         visible = _visible_keys(inputs, skv_pad)
         folded = visible is not None and visible.shape[0] != b
         if folded:

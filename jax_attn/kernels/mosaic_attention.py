@@ -63,6 +63,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax  # noqa: F401 (kept: a module attribute before the split)
 
+from ..arrays import pad_to
 from . import configs, sharding
 # Re-exported: `jax_attn.backends.pallas`, the benchmarks and the tests read these from here.
 from .mosaic_backward import (  # noqa: F401
@@ -81,20 +82,12 @@ log = logging.getLogger(__name__)
 # Wrapper: padding, mask folding, slicing
 
 
-def _pad_to(x, axis, size):
-    if x.shape[axis] == size:
-        return x
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, size - x.shape[axis])
-    return jnp.pad(x, widths)
-
-
 def _forward(st: MosaicCall, q, k, v, key_bias, kv_lengths):
     """key_bias: the caller's per-key mask as (b|1, n|1, skv) float32 0/-inf, or None."""
     s_axis = 2 if st.layout == "bnsd" else 1
-    qp = _pad_to(_pad_to(q, 3, st.dp), s_axis, st.sq_pad)
-    kp = _pad_to(_pad_to(k, 3, st.dp), s_axis, st.skv_pad)
-    vp = _pad_to(_pad_to(v, 3, st.dp), s_axis, st.skv_pad)
+    qp = pad_to(pad_to(q, 3, st.dp), s_axis, st.sq_pad)
+    kp = pad_to(pad_to(k, 3, st.dp), s_axis, st.skv_pad)
+    vp = pad_to(pad_to(v, 3, st.dp), s_axis, st.skv_pad)
     kb = None
     if st.key_bias_dims is not None:
         kb = _kernel_key_bias(st, key_bias, kv_lengths, q.shape[0])
@@ -115,9 +108,9 @@ def _mosaic_backward(st, q, k, v, key_bias, kv_lengths, out, lse, do, dlse):
     t = 2 * BWD_BLOCK
     sq_pad, skv_pad = -(-st.sq // t) * t, -(-st.skv // t) * t
     lse2 = jnp.pad(lse2, ((0, 0), (0, 0), (0, sq_pad - st.sq)), constant_values=jnp.inf)
-    delta = _pad_to(delta, 2, sq_pad)
-    qp, dop = (_pad_to(_pad_to(x, 3, st.dp), s_axis, sq_pad) for x in (q, do))
-    kp, vp = (_pad_to(_pad_to(x, 3, st.dp), s_axis, skv_pad) for x in (k, v))
+    delta = pad_to(delta, 2, sq_pad)
+    qp, dop = (pad_to(pad_to(x, 3, st.dp), s_axis, sq_pad) for x in (q, do))
+    kp, vp = (pad_to(pad_to(x, 3, st.dp), s_axis, skv_pad) for x in (k, v))
     kb = None
     if st.key_bias_dims is not None:
         kb = _kernel_key_bias(st, key_bias, kv_lengths, q.shape[0], skv_pad)
@@ -137,7 +130,7 @@ def _kernel_key_bias(st, key_bias, kv_lengths, batch, size=None):
         keep = keep & (cols[None, None, :] < kv_lengths[:, None, None])
     kb = jnp.where(keep, 0.0, -jnp.inf).astype(jnp.float32)
     if key_bias is not None:
-        kb = kb + _pad_to(key_bias.astype(jnp.float32), 2, size)
+        kb = kb + pad_to(key_bias.astype(jnp.float32), 2, size)
     want = (batch if st.key_bias_dims[0] else 1, kb.shape[1] if st.key_bias_dims[1] else 1, size)
     return jnp.broadcast_to(kb, want)
 

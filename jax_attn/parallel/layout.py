@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from ..arrays import pad_to
 from ..inputs import AttentionInputs
 from ..routing import choose
 
@@ -27,14 +28,6 @@ def _spec_entry(*axes):
 
 def _axes(layout):
     return (2, 1) if layout == "bnsd" else (1, 2)
-
-
-def _pad(x, axis, size, value=0):
-    if x.shape[axis] >= size:
-        return x
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, size - x.shape[axis])
-    return jnp.pad(x, widths, constant_values=value)
 
 
 def _lse_col(lse, layout):

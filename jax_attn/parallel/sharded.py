@@ -16,7 +16,8 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from ..inputs import AttentionInputs
-from .layout import _axes, _local, _pad, _run, _spec_entry
+from ..arrays import pad_to
+from .layout import _axes, _local, _run, _spec_entry
 from .hybrid import _hybrid
 from .ring import _ring
 from .ulysses import _ulysses
@@ -66,7 +67,7 @@ def _sharded(plan: Plan, inputs: AttentionInputs, backend, return_lse):
     sq_pad = -(-spec.q_len // n_seq) * n_seq
     kv_split = plan.method != "local"
     skv_pad = -(-spec.kv_len // n_seq) * n_seq if kv_split else spec.kv_len
-    q, k, v = _pad(inputs.q, seq, sq_pad), _pad(inputs.k, seq, skv_pad), _pad(inputs.v, seq, skv_pad)
+    q, k, v = pad_to(inputs.q, seq, sq_pad), pad_to(inputs.k, seq, skv_pad), pad_to(inputs.v, seq, skv_pad)
     kv_lengths = inputs.kv_lengths
     if skv_pad != spec.kv_len:
         kv_lengths = (jnp.full((spec.batch,), spec.kv_len, jnp.int32) if kv_lengths is None
@@ -75,9 +76,9 @@ def _sharded(plan: Plan, inputs: AttentionInputs, backend, return_lse):
     if mask is not None:  # neutral padding: padded keys are masked anyway, padded rows dropped
         neutral = True if spec.mask_kind == "bool" else 0
         if mask.shape[2] > 1:
-            mask = _pad(mask, 2, sq_pad, neutral)
+            mask = pad_to(mask, 2, sq_pad, neutral)
         if mask.shape[3] > 1:
-            mask = _pad(mask, 3, skv_pad, neutral)
+            mask = pad_to(mask, 3, skv_pad, neutral)
 
     b_ax, h_ax, s_ax, r_ax = plan.batch_axis, plan.head_axis, plan.seq_axis, plan.ring_axis
     # Hybrid: ring major, so that each Ulysses group's blocks are one contiguous chunk.
