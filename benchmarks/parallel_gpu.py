@@ -3,7 +3,8 @@
 For every device count 1, 2, 4, ... up to the GPUs present (and that count itself), on a mesh with
 one axis "sp" (the hybrid: two axes, ("ring", "sp"), `--hybrid-ulysses` devices per Ulysses group):
 1. correctness: each method (forward, lse and dq/dk/dv) against the float64 reference on a
-   small call whose length does not divide by the device count (causal + kv_lengths, and plain);
+   small call whose length does not divide by the device count (plain, causal + kv_lengths, and
+   packed prompts by segment ids);
 2. scaling: the 32k-token video shape `(b, n, s, d) = (1, 24, 32760, 128)` bf16 (a 3-D VAE latent
    of 13 x 45 x 56 patches, self-attention), forward and forward+backward: tokens/s in all, per
    GPU, TFLOP/s per GPU, and per-GPU memory from XLA's compiled memory analysis (arguments +
@@ -42,7 +43,9 @@ from jax.sharding import PartitionSpec as P
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout
 import jax_attn  # noqa: E402
 from jax_attn import parallel, reference  # noqa: E402
-from jax_attn.backends import BACKENDS  # noqa: E402
+from jax_attn import routing  # noqa: E402
+from jax_attn.backends import BACKENDS, Needs  # noqa: E402
+from jax_attn.contract import validate  # noqa: E402
 from jax_attn.parallel import ring_backward  # noqa: E402
 
 T0 = time.perf_counter()
@@ -77,8 +80,9 @@ def local_backend(method, p, shape, dtype, backend, mode="fwd", ulysses=2):
     """The backend the local shards are routed to (what each device runs).
 
     The ring's backward runs each block from the global statistics where the backend has such a
-    block backward ("name (stats)"); otherwise it recomputes each block and needs a differentiable
-    lse, and where the forward's backend lacks one, the backward runs the first of the choice (or
+    block backward ("name (stats)"), or where the backend routing gives for lse gradients has one
+    ("fwd/bwd (stats)"); otherwise it recomputes each block and needs a differentiable lse, and
+    where the forward's backend lacks one, the backward runs the first of the choice (or
     automatic preference) that has it: "fwd/bwd (recompute)".
     """
     b, n, s, d = shape
@@ -99,6 +103,10 @@ def local_backend(method, p, shape, dtype, backend, mode="fwd", ulysses=2):
             return d.backend
         if method != "ring-recompute" and d.backend in ring_backward.STATS_BACKWARDS:
             return f"{d.backend} (stats)"
+        if method != "ring-recompute":
+            alt = routing.decide(validate(x, x, x), backend, Needs(lse_grad=True)).backend
+            if alt in ring_backward.STATS_BACKWARDS:
+                return f"{d.backend}/{alt} (stats)"
         if BACKENDS[d.backend].supports_lse_grad:
             return f"{d.backend} (recompute)"
         auto = d.source == "automatic" or backend == "auto"
@@ -143,13 +151,19 @@ def correctness_cases(rng):
     """Small bf16 calls (length 1027 divides by no device count) with their float64 answers."""
     b, n, s, d = 2, 8, 1027, 64
     cases = []
-    for name in ("plain", "causal+kv_lengths"):
+    for name in ("plain", "causal+kv_lengths", "packed (segment ids)"):
         q, k, v, do = (jnp.asarray(rng.standard_normal((b, n, s, d)), jnp.bfloat16) for _ in range(4))
-        causal = name != "plain"
+        causal = name == "causal+kv_lengths"
         lengths = np.array([1000, 517], np.int32) if causal else None
         kw = dict(is_causal=True, kv_lengths=jnp.asarray(lengths)) if causal else {}
-        ref = reference.attention(q, k, v, None, lengths, causal, return_lse=True)
-        ref += tuple(reference.attention_vjp(q, k, v, do, None, lengths, causal)[:3])
+        ids = {}
+        if name.startswith("packed"):  # prompts of uneven lengths that straddle the device blocks
+            cuts = np.sort(rng.choice(np.arange(1, s), (b, 4), replace=False), -1)
+            seg = np.stack([np.searchsorted(c, np.arange(s), side="right") for c in cuts]).astype(np.int32)
+            ids = dict(q_segment_ids=seg, kv_segment_ids=seg)
+            kw = {key: jnp.asarray(x) for key, x in ids.items()}
+        ref = reference.attention(q, k, v, None, lengths, causal, return_lse=True, **ids)
+        ref += tuple(reference.attention_vjp(q, k, v, do, None, lengths, causal, **ids)[:3])
         cases.append((name, (q, k, v, do), kw, ref))
     return cases
 

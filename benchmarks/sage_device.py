@@ -154,8 +154,9 @@ def _variants():
     from jax_attn.kernels.sage_forward import OLD_CONFIG, SageConfig
     return {
         "old": OLD_CONFIG,  # as first measured: P via smem, plain softmax, two-level, 128 keys
-        "default": SageConfig(),  # P in registers, fused softmax, two-level, keys by head dim
+        "default": SageConfig(),  # P in registers, fused softmax, keys and two-level by head dim
         "default_1level": SageConfig(two_level_pv=False),
+        "default_2level": SageConfig(two_level_pv=True),
         "smem_fused": SageConfig(p_in_registers=False),
         "regs_plain": SageConfig(fused_softmax=False),
         "default_bk128": SageConfig(block_kv=128),

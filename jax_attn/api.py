@@ -45,17 +45,14 @@ def attention_forward(q, k, v, *, attn_mask=None, scale=None, is_causal=False, k
       to attend to gets zeros, zero gradients and lse = -inf; a NaN in a visible logit gives NaN.
       Keys no query can see contribute exactly nothing, whatever they hold.
     """
+    from .parallel import current_plan, sequence_parallel_forward  # late: parallel imports this module
+    plan = current_plan()
     inputs = AttentionInputs.build(
         q, k, v, attn_mask=attn_mask, kv_lengths=lengths_alias(kv_lengths, key_value_seq_lengths),
         scale=scale, is_causal=is_causal, layout=layout, bias=bias, mask=mask,
         query_seq_lengths=query_seq_lengths, local_window_size=local_window_size,
-        q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, local_blocks=True)
-    from .parallel import current_plan, sequence_parallel_forward  # late: parallel imports this module
-    if inputs.spec.has_segment_ids and current_plan() is not None:
-        # The multi-device paths rebuild each device's call without segment ids: refuse rather
-        # than drop them.
-        raise ValueError("q_segment_ids/kv_segment_ids are not supported under sequence_parallel or "
-                         "shard_local yet")
+        q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, local_blocks=True,
+        ids_per_device=plan is not None and plan.mesh is None)
     sp = sequence_parallel_forward(inputs, backend, return_lse)  # zeroes padding per device
     if sp is not None:
         return inputs.finish(sp, return_lse)

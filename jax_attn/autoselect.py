@@ -89,7 +89,7 @@ def preference(spec: Spec, mode: str = "train") -> list[str]:
     """Backends to try, best first, for `spec` on this machine; `mode` "train" when the call is
     differentiated, "forward" when nothing differentiates it. Measured orders first; backends
     that hold the whole score matrix (`quadratic_memory`) go last when it would exceed
-    `SCORE_BYTES_BUDGET`."""
+    `SCORE_BYTES_BUDGET`; with segment ids, backends that skip other segments' tiles go first."""
     from .backends import BACKENDS  # late: the registry imports the kernels
     measured = table(mode).get(bucket(spec))
     if measured:
@@ -102,4 +102,10 @@ def preference(spec: Spec, mode: str = "train") -> list[str]:
     if spec.batch * spec.heads * spec.q_len * spec.kv_len * 4 > SCORE_BYTES_BUDGET:
         order = ([n for n in order if not BACKENDS[n].quadratic_memory]
                  + [n for n in order if BACKENDS[n].quadratic_memory])
+    if spec.has_segment_ids:
+        # The measured orders are for unpacked calls. With segment ids, cuDNN and XLA take a full
+        # (sq, skv) mask and do every tile: 4-6x slower than the Triton kernels on 4 packed
+        # prompts of 4096 tokens (H200, 2026-11-30, benchmarks/packed_gpu.py).
+        order = ([n for n in order if BACKENDS[n].skips_segment_tiles]
+                 + [n for n in order if not BACKENDS[n].skips_segment_tiles])
     return order

@@ -62,7 +62,7 @@ def _renumber(q_ids, kv_ids):
     return rank[:, :sq], rank[:, sq:]
 
 
-def _segment_ids(q_ids, kv_ids, batch: int):
+def _segment_ids(q_ids, kv_ids, batch: int, renumber: bool = True):
     """int32 `(batch, s)` segment ids comparing equal exactly where the given ones do, or (None, None).
 
     Only equality matters. A cast to int32 keeps it when each dtype's range fits in int32, when
@@ -70,7 +70,9 @@ def _segment_ids(q_ids, kv_ids, batch: int):
     fit; otherwise the ids are renumbered (NumPy ids in NumPy, before they reach JAX: jnp.asarray
     would wrap int64 ids past int32 with x64 disabled and could merge two segments; 64-bit JAX ids,
     which exist only with x64 enabled, by a sort that runs under jit). What none of those can serve
-    (a uint32 traced against another dtype with x64 disabled) raises instead of guessing."""
+    (a uint32 traced against another dtype with x64 disabled) raises instead of guessing.
+    `renumber=False` (the ids are one device's blocks, whose numbering would not agree with the
+    other devices') raises where a renumbering would be needed."""
     if q_ids is None:
         return None, None
     names = ("q_segment_ids", "kv_segment_ids")
@@ -81,6 +83,10 @@ def _segment_ids(q_ids, kv_ids, batch: int):
     if (all(in_range(dt) for dt in dtypes) or (dtypes[0] == dtypes[1] and dtypes[0].itemsize <= 4)
             or all(in_range(dt) or (_concrete(x) and fits(np.asarray(x))) for x, dt in zip(ids, dtypes))):
         return tuple(jnp.asarray(x).astype(jnp.int32) for x in ids)
+    if not renumber:
+        raise TypeError(f"q_segment_ids ({dtypes[0]}) and kv_segment_ids ({dtypes[1]}) do not fit in int32, "
+                        "and inside a shard_map (sequence_parallel(None, ...)) each device would renumber "
+                        "its own blocks differently: give int32 ids (or a dtype whose range fits int32)")
     if all(isinstance(x, np.ndarray) for x in ids):
         # Python ints compare exactly whatever the mix of dtypes (int64 with uint64 included).
         _, rank = np.unique(np.concatenate([x.ravel().astype(object) for x in ids]), return_inverse=True)
@@ -132,10 +138,12 @@ class AttentionInputs:
     def build(cls, q, k, v, *, attn_mask=None, kv_lengths=None, scale=None, is_causal=False,
               layout="bnsd", bias=None, mask=None, query_seq_lengths=None,
               local_window_size=None, q_segment_ids=None, kv_segment_ids=None,
-              local_blocks: bool = False) -> "AttentionInputs":
+              local_blocks: bool = False, ids_per_device: bool = False) -> "AttentionInputs":
         """Validate and normalize one call. `local_blocks=True`: the arrays may be one device's
         blocks of longer sequences, so positions are unknown here and `padding_zeroed` is left to
-        the caller (sequence parallelism applies it per device, in local coordinates)."""
+        the caller (sequence parallelism applies it per device, in local coordinates).
+        `ids_per_device=True`: the segment ids are one device's blocks (inside the caller's
+        `shard_map`), so they are never renumbered (see `_segment_ids`)."""
         named = (("q", q), ("k", k), ("v", v), ("attn_mask", attn_mask), ("bias", bias), ("mask", mask),
                  ("kv_lengths", kv_lengths), ("query_seq_lengths", query_seq_lengths),
                  ("q_segment_ids", q_segment_ids), ("kv_segment_ids", kv_segment_ids))
@@ -150,7 +158,7 @@ class AttentionInputs:
         if spec.unbatched:
             q, k, v = (jnp.asarray(x)[None] for x in (q, k, v))
         merged = merge_masks(attn_mask, bias, mask)
-        q_ids, kv_ids = _segment_ids(q_segment_ids, kv_segment_ids, spec.batch)
+        q_ids, kv_ids = _segment_ids(q_segment_ids, kv_segment_ids, spec.batch, renumber=not ids_per_device)
         inputs = cls(q, k, v, merged, _lengths(kv_lengths, "kv_lengths"), spec,
                      _lengths(query_seq_lengths, "query_seq_lengths"), q_ids, kv_ids)
         return inputs if local_blocks else inputs.padding_zeroed()

@@ -14,6 +14,7 @@ stays quiet; the keep mask, not the value, is what removes them.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -66,17 +67,21 @@ def nonempty_rows(keep, shape):
 def keys_with_query(q_segment_ids, kv_segment_ids, q_lengths):
     """bool `(b, skv)`: keys whose segment id some query (before `q_lengths`) holds.
 
-    Sorted, not compared pairwise, so it costs O((sq + skv) log sq), never an `(sq, skv)` array:
-    the stable sort puts each id's queries in position order, so the first match of a key's id is
-    that segment's earliest query, and the id has a real query iff that one is before q_lengths.
+    A sort and a binary search, never an `(sq, skv)` array: O((sq + skv) log sq). Padding queries
+    (at or past `q_lengths`) take the first query's id, which changes no row's set of ids unless
+    no query is real, when no key is found. A value sort, not an argsort, and a search unrolled
+    into straight-line code, not a while loop: on a GPU each loop step was a launch, and the two
+    cost about 0.4 ms a call at 16k tokens (H200, 2026-11-30).
     """
-    sq = q_segment_ids.shape[1]
-    order = jnp.argsort(q_segment_ids, axis=-1, stable=True)
-    ids = jnp.take_along_axis(q_segment_ids, order, -1)
-    first = jnp.minimum(jax.vmap(jnp.searchsorted)(ids, kv_segment_ids), sq - 1)
+    ids = q_segment_ids
+    if q_lengths is not None:
+        ids = jnp.where(jnp.arange(ids.shape[1])[None, :] < q_lengths[:, None], ids, ids[:, :1])
+    ids = jnp.sort(ids, axis=-1)
+    search = functools.partial(jnp.searchsorted, method="scan_unrolled")
+    first = jnp.minimum(jax.vmap(search)(ids, kv_segment_ids), ids.shape[1] - 1)
     found = jnp.take_along_axis(ids, first, -1) == kv_segment_ids
     if q_lengths is not None:
-        found = found & (jnp.take_along_axis(order, first, -1) < q_lengths[:, None])
+        found = found & (q_lengths[:, None] > 0)
     return found
 
 

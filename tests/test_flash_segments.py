@@ -5,8 +5,9 @@ of causal, window, kv_lengths and biases. Every result is checked against the fl
 reference below, whose mask is built here from the ids (so it shares nothing with the kernel's
 tile skipping): forward, lse, and the gradients of q, k, v (and of a bias) under a cotangent on
 both `out` and `lse`. Blocks are 16 so that small shapes cross several tiles, skipped and not.
-Block skipping itself is checked twice: `segment_tiles` (the host view of the predicate the
-kernels run) against brute force, and by NaN-poisoning blocks a kernel must not visit.
+Block skipping itself is checked three ways: `segment_tiles` (which tiles may hold a pair of one
+segment) against brute force, `segment_spans` (the loop bounds the kernels take from it) against
+those tiles, and by NaN-poisoning blocks a kernel must not visit.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import pytest  # noqa: E402
 from jax_attn import reference  # noqa: E402  (TOLERANCE and relative_error only)
 from jax_attn.kernels import configs, flash_backward  # noqa: E402
 from jax_attn.kernels.flash_attention import flash_attention, segment_tiles  # noqa: E402
+from jax_attn.kernels.flash_call import segment_spans  # noqa: E402
 
 SLOW = pytest.mark.slow
 BLOCK = 16
@@ -245,6 +247,29 @@ def test_segment_tiles_never_skip_a_visible_pair(seed):
         any_pair = padded.reshape(b, tiles.shape[1], bq, tiles.shape[2], bk).any((2, 4))
         assert np.all(tiles[any_pair])
     assert not np.all(tiles)  # sorted ids (the last pair) do skip tiles
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_segment_spans_cover_every_tile_that_runs(seed):
+    """The kernels loop over spans: from the first block whose ids meet theirs to one past the
+    last, both ways (per query block, per key block). Every meeting tile is inside its span;
+    with sorted ids the span holds nothing else; a block that meets none gets (0, 0)."""
+    rng = np.random.default_rng(seed)
+    b, sq, skv, bq, bk = 2, 45, 70, 16, 8
+    q_ids = np.sort(rng.integers(0, 6, (b, sq)), 1).astype(np.int32)
+    kv_ids = np.sort(rng.integers(2, 9, (b, skv)), 1).astype(np.int32)
+    q_ids[1] = 50  # meets nothing
+    for qi, ki in ((q_ids, kv_ids), (rng.permutation(q_ids, axis=1), rng.permutation(kv_ids, axis=1))):
+        tiles = np.asarray(segment_tiles(qi, ki, bq, bk))
+        for by_key, t in ((False, tiles), (True, tiles.swapaxes(1, 2))):
+            spans = np.asarray(segment_spans(qi, ki, bq, bk, by_key))
+            assert spans.shape == (b, 2, t.shape[1])
+            inside = np.arange(t.shape[2]) >= spans[:, 0, :, None]
+            inside &= np.arange(t.shape[2]) < spans[:, 1, :, None]
+            assert np.all(inside[t]), "a tile that runs is outside its span"
+            if qi is q_ids:  # sorted: the span is exactly the tiles that meet
+                np.testing.assert_array_equal(inside, t)
+            assert np.all(spans[1, :, t[1].any(-1) == 0] == 0)
 
 
 @pytest.mark.parametrize("dkdv", ["split", pytest.param("whole", marks=SLOW)])

@@ -66,8 +66,9 @@ def expected(q, k, v, kw, d_out):
     mask = None if mask is None else np.asarray(mask)
     lengths = kw.get("kv_lengths")
     lengths = None if lengths is None else np.asarray(lengths)
-    out, lse = reference.attention(qn, kn, vn, mask, lengths, kw["is_causal"], return_lse=True)
-    grads = reference.attention_vjp(qn, kn, vn, don, mask, lengths, kw["is_causal"])
+    ids = {name: np.asarray(kw[name]) for name in ("q_segment_ids", "kv_segment_ids") if name in kw}
+    out, lse = reference.attention(qn, kn, vn, mask, lengths, kw["is_causal"], return_lse=True, **ids)
+    grads = reference.attention_vjp(qn, kn, vn, don, mask, lengths, kw["is_causal"], **ids)
     return out, lse, grads
 
 
@@ -237,6 +238,21 @@ def test_ring_backward_from_global_statistics_needs_no_lse_gradient(monkeypatch,
     rng = np.random.default_rng([20, list(CASES).index(case)])
     q, k, v, kw = make(rng, **CASES[case])
     check(q, k, v, kw, "naive", parallel.sequence_parallel(mesh(4), "sp", "ring"))
+    assert calls
+
+
+def test_ring_backward_borrows_a_block_backward(monkeypatch):
+    """A forward backend with no block backward from global statistics and no lse gradient (as
+    cuDNN): the backward runs the block backward of the backend routing gives for lse gradients,
+    recomputing nothing."""
+    monkeypatch.setattr(BACKENDS["chunked"], "supports_lse_grad", False)
+    calls = []
+    real = ring_backward.STATS_BACKWARDS["naive"]
+    monkeypatch.setitem(ring_backward.STATS_BACKWARDS, "naive", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(parallel.ring, "_recompute_grads", lambda *a: pytest.fail("recomputed a block"))
+    rng = np.random.default_rng(8)
+    q, k, v, kw = make(rng, sq=150, skv=150, mask="key", causal=True)
+    check(q, k, v, kw, "chunked,naive", parallel.sequence_parallel(mesh(4), "sp", "ring"))
     assert calls
 
 

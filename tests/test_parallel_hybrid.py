@@ -103,3 +103,14 @@ def test_hybrid_errors():
         parallel.sequence_parallel(m, "u", ring_axis="x")
     with parallel.sequence_parallel(m, "u", ring_axis="r"):
         assert parallel.current_plan().method == "hybrid"
+
+
+def test_a_ring_of_one_device_is_plain_ulysses():
+    """A 1 x 2 mesh (ring axis of size 1): right results, and no ring steps in the program."""
+    rng = np.random.default_rng(17)
+    q, k, v, kw = make(rng, n=4, n_kv=4, sq=64, skv=64, causal=True, lengths=[64, 30])
+    check(q, k, v, kw, "naive", hybrid((1, 2)))
+    with hybrid((1, 2)):
+        loss = lambda q, k, v: jax_attn.attention_forward(q, k, v, backend="naive", **kw).sum()  # noqa: E731
+        jaxpr = str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v))
+    assert "all_to_all" in jaxpr and "ppermute" not in jaxpr

@@ -189,3 +189,23 @@ def test_auto_routes_inference_and_training_separately(tmp_path, monkeypatch):
     for g, w in zip(grads, want):
         np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-6)
         assert np.all(np.isfinite(g)) and np.abs(g).sum() > 0
+
+
+def test_packed_calls_prefer_backends_that_skip_segment_tiles(tmp_path, monkeypatch):
+    """A measured order with cudnn first: a call with segment ids goes to the backend whose
+    kernels skip other segments' tiles (pallas); the same call without ids keeps the order."""
+    from jax_attn import autoselect
+    from jax_attn.contract import validate
+    q = jax.ShapeDtypeStruct((1, 8, 4096, 64), jnp.bfloat16)
+    ids = jax.ShapeDtypeStruct((1, 4096), jnp.int32)
+    plain, packed = validate(q, q, q), validate(q, q, q, q_segment_ids=ids, kv_segment_ids=ids)
+    path = tmp_path / "routing_table.json"
+    path.write_text(json.dumps({"preferences": {autoselect.bucket(plain): ["cudnn", "pallas", "xla"]}}))
+    monkeypatch.setattr(autoselect, "TABLE_PATH", path)
+    autoselect.table.cache_clear()
+    try:
+        assert autoselect.preference(plain)[:2] == ["cudnn", "pallas"]
+        assert BACKENDS["pallas"].skips_segment_tiles and not BACKENDS["cudnn"].skips_segment_tiles
+        assert autoselect.preference(packed)[0] == "pallas"
+    finally:
+        autoselect.table.cache_clear()

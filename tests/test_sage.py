@@ -203,9 +203,13 @@ def test_fused_softmax_costs_no_accuracy(fam):
     assert abs(plain["rel_l1_max"] - fused["rel_l1_max"]) < 1e-3, (plain, fused)
 
 
-def test_resolved_block_kv():
+def test_resolved_by_head_dim():
+    """Keys per step and the two-level P V follow the head dim unless set (H200 measurements)."""
     assert SageConfig().resolved(64).block_kv == 256 and SageConfig().resolved(128).block_kv == 128
     assert SMALL.resolved(128).block_kv == 64
+    assert SageConfig().resolved(64).two_level_pv and not SageConfig().resolved(128).two_level_pv
+    assert SageConfig(two_level_pv=True).resolved(128).two_level_pv
+    assert not SageConfig(two_level_pv=False).resolved(64).two_level_pv
 
 
 # ---------------------------------------------------------------------------------------------

@@ -228,7 +228,7 @@ def assert_close(got, want, dtype, what):
 # (backend, return the lse?): xla without the lse runs jax.nn with the ids folded into its mask;
 # with it, the jnp softmax that returns a float32 lse.
 JAX_RUNS = [("naive", True), ("xla", True), ("xla", False), ("chunked", True), ("cudnn", True),
-            ("cudnn", False), ("pallas", True)]
+            ("cudnn", False), ("pallas", True), ("tpu", False)]  # tpu: its lse has no gradient
 
 
 def _fast(run: int, case: int, dtype: str) -> bool:
@@ -298,7 +298,7 @@ def test_torch_backend_matches_reference(name, with_lse, case, dtype):
 
 def test_every_backend_declares_segment_ids():
     """The backends that serve segment ids, in both frameworks; the rest decline with the reason."""
-    assert {n for n, b in JAX_BACKENDS.items() if b.supports_segment_ids} >= {"naive", "xla", "chunked", "cudnn"}
+    assert {n for n, b in JAX_BACKENDS.items() if b.supports_segment_ids} >= {"naive", "xla", "chunked", "cudnn", "tpu"}
     assert {n for n, b in TORCH_BACKENDS.items() if b.supports_segment_ids} == {
         "sdpa", "sdpa_math", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "chunked", "naive"}
     for b in (*JAX_BACKENDS.values(), *TORCH_BACKENDS.values()):
@@ -400,15 +400,6 @@ def test_mosaic_declines_segment_ids(monkeypatch):
         assert kernel == "triton" and "q_segment_ids/kv_segment_ids are served by the Triton kernels" in why
 
 
-def test_not_under_sequence_parallelism():
-    from jax.sharding import Mesh
-    (q, k, v), _ = _small("jax")
-    mesh = Mesh(np.array(jax.devices()[:2]), ("x",))
-    with jax_attn.shard_local(mesh, batch_axis="x"), pytest.raises(ValueError, match="segment_ids"):
-        jax_attn.attention_forward(q, k, v, q_segment_ids=jnp.zeros((2, 6), jnp.int32),
-                                   kv_segment_ids=jnp.zeros((2, 5), jnp.int32))
-
-
 # -- ids, jit and padding -------------------------------------------------------------------------
 
 def _ids_call(q_ids, kv_ids, name="naive"):
@@ -492,3 +483,20 @@ def test_cross_framework_segment_ids_agree(jax_name, torch_name, case):
         assert reference.relative_error(got_torch[1], got_jax[1]) <= 2 * tol
     for g_t, g_j in zip(got_torch[2], got_jax[2]):
         assert reference.relative_error(g_t, g_j) <= 4 * tol
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_keys_with_query_matches_brute_force(seed):
+    """The sort-and-search set test (which keys a query of their segment holds) against the
+    pairwise comparison: unsorted ids, ids far apart, query lengths of 0, some and all."""
+    from jax_attn.masking import keys_with_query
+    rng = np.random.default_rng(seed)
+    b, sq, skv = 3, 37, 53
+    q_ids = rng.choice([-2**31, -5, 0, 3, 7, 2**31 - 1], (b, sq)).astype(np.int32)
+    kv_ids = rng.choice([-2**31, -5, 0, 3, 7, 8, 2**31 - 1], (b, skv)).astype(np.int32)
+    for q_lengths in (None, np.array([0, 11, sq], np.int32)):
+        got = np.asarray(keys_with_query(jnp.asarray(q_ids), jnp.asarray(kv_ids),
+                                         None if q_lengths is None else jnp.asarray(q_lengths)))
+        real = np.ones((b, sq), bool) if q_lengths is None else np.arange(sq) < q_lengths[:, None]
+        want = ((q_ids[:, :, None] == kv_ids[:, None, :]) & real[:, :, None]).any(1)
+        np.testing.assert_array_equal(got, want)

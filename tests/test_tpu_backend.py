@@ -66,6 +66,36 @@ def test_matches_float64_reference(name, dtype):
         assert reference.relative_error(got, want) < 2 * TOL[dtype]
 
 
+def test_segment_ids_with_per_head_key_mask_and_lengths():
+    """Packed sequences through the kernel's own segment ids, together with what it folds into them
+    (a per-head key mask, so heads fold into the batch; kv_lengths; padding to 128), causal GQA;
+    a query segment with no key (empty rows: zeros, lse -inf, no gradient)."""
+    b, n, n_kv, s, d = 2, 4, 2, 45, 16
+    q, k, v = _case(5, b, n, n_kv, s, s, d, "float32")
+    rng = np.random.default_rng(9)
+    ids = np.sort(rng.integers(0, 4, (b, s)), -1).astype(np.int32)
+    q_ids = ids.copy()
+    q_ids[0, 20:24] = 99  # no key holds it
+    keep = rng.random((b, n, 1, s)) > 0.3
+    lengths = np.array([s, 31], np.int32)
+    kw = dict(is_causal=True, attn_mask=jnp.asarray(keep), kv_lengths=jnp.asarray(lengths),
+              q_segment_ids=jnp.asarray(q_ids), kv_segment_ids=jnp.asarray(ids))
+    d_out = rng.standard_normal((b, n, s, d))
+
+    def loss(q, k, v):
+        out, lse = jax_attn.attention_forward(q, k, v, backend="tpu", return_lse=True, **kw)
+        return jnp.sum(out * d_out), (out, lse)
+
+    (_, (out, lse)), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+    ref_kw = dict(attn_mask=keep, kv_lengths=lengths, is_causal=True, q_segment_ids=q_ids, kv_segment_ids=ids)
+    ref_out, ref_lse = reference.attention(q, k, v, return_lse=True, **ref_kw)
+    assert np.all(np.isneginf(np.asarray(lse)[0, :, 20:24])) and not np.any(np.asarray(out)[0, :, 20:24])
+    assert reference.relative_error(out, ref_out) < TOL["float32"]
+    assert reference.relative_error(lse, ref_lse) < 10 * TOL["float32"]
+    for got, want in zip(grads, reference.attention_vjp(q, k, v, d_out, **ref_kw)[:3]):
+        assert reference.relative_error(got, want) < 2 * TOL["float32"]
+
+
 def test_differentiating_its_lse_raises():
     q, k, v = _case(0, 1, 2, 2, 16, 16, 16, "float32")
     f = lambda q: jax_attn.attention_forward(q, k, v, backend="tpu", return_lse=True)[1].sum()  # noqa: E731

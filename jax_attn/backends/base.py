@@ -63,6 +63,9 @@ class Backend:
     supports_window: bool = False  # local_window_size (sliding-window attention)
     supports_forward_ad: bool = False  # jax.jvp / jacfwd (a custom VJP rules it out)
     supports_segment_ids: bool = False  # q_segment_ids/kv_segment_ids (packed sequences)
+    # Skips the tiles where no query and key share a segment (a packed batch costs about the sum
+    # of its prompts); automatic selection puts such backends first for calls with segment ids.
+    skips_segment_tiles: bool = False
     quadratic_memory: bool = False  # holds the (b, n, sq, skv) scores
     automatic: bool = True  # may be picked by automatic selection
     lossy: bool = False  # trades accuracy for speed (8-bit): automatic selection and tune never take it
@@ -130,6 +133,7 @@ class Backend:
             "bool mask": self.supports_bool_mask, "bias": self.supports_bias, "bias grad": self.supports_bias_grad,
             "causal": self.supports_causal, "kv_lengths": self.supports_kv_lengths, "lse grad": self.supports_lse_grad,
             "window": self.supports_window, "segment ids": self.supports_segment_ids,
+            "skips segment tiles": self.skips_segment_tiles,
             "forward AD": self.supports_forward_ad, "quadratic memory": self.quadratic_memory,
         }
 

@@ -44,6 +44,7 @@ class Pallas(Backend):
     head_dims = (1, 256)
     supports_window = True
     supports_segment_ids = KERNEL_TAKES_SEGMENT_IDS
+    skips_segment_tiles = KERNEL_TAKES_SEGMENT_IDS  # the Triton kernels loop over spans
 
     @property
     def automatic(self) -> bool:

@@ -3,9 +3,11 @@
 MaxDiffusion's users run on TPUs, where the other backends offer only XLA and the chunked path.
 This backend hands such calls to the kernel JAX ships for TPUs, after mapping our contract onto it:
 
-- sequences are padded to the kernel's 128-row blocks; padded keys, `kv_lengths` and a per-key
-  bool mask become kv segment ids (1 = hidden, 0 = visible) against query ids of 0, which the
-  kernel applies tile by tile (a per-head key mask folds the heads into the batch);
+- sequences are padded to the kernel's 128-row blocks; the kernel's segment ids carry both the
+  caller's packed sequences (renumbered to ranks 0, 1, ...; 0 for every query without them) and
+  the hidden keys (padding, `kv_lengths`, a per-key bool mask: id -1, which no query holds); the
+  kernel masks by them tile by tile but skips no tile for them, so a packed batch costs what the
+  unpacked one does (JAX's splash kernel would skip; a per-head key mask folds heads into batch);
 - GQA repeats K/V heads (the kernel needs as many K/V heads as query heads);
 - rows with no visible key are zeroed here (the kernel averages the masked values there);
 - the lse comes from a second run that saves the kernel's softmax statistics, without gradient.
@@ -23,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from ..arrays import pad_to
+from ..inputs import _renumber
 from .base import Backend, platform
 from .pallas import ENV_INTERPRET, interpreting
 
@@ -52,16 +55,41 @@ def _visible_keys(inputs, skv_pad: int):
     return visible[:, 0]
 
 
-def _nonempty_rows(spec, visible, sq_pad: int):
-    """bool (b', 1, sq_pad): the query row sees at least one key (causal is top-left aligned, as
-    in the contract: query i sees keys j <= i)."""
-    if visible is None:
+def _kernel_segment_ids(inputs, visible, n_rows: int, sq_pad: int, skv_pad: int):
+    """int32 `(n_rows, sq_pad)` query ids and `(n_rows, skv_pad)` key ids for the kernel, or None
+    when every key is visible and there are no packed sequences. Query ids are >= 0 (ranks of the
+    caller's ids, else 0); a hidden key is -1. `n_rows` is b, or b * n when heads are folded."""
+    if visible is None and inputs.segments is None:
         return None
-    if not spec.is_causal:
-        return jnp.broadcast_to(jnp.any(visible, -1)[:, None, None], (visible.shape[0], 1, sq_pad))
-    first = jnp.argmax(visible, -1)
-    first = jnp.where(jnp.any(visible, -1), first, jnp.iinfo(jnp.int32).max)
-    return (jnp.arange(sq_pad)[None, :] >= first[:, None])[:, None, :]
+    if inputs.segments is None:
+        q_ids = jnp.zeros((n_rows, sq_pad), jnp.int32)
+        return q_ids, jnp.where(visible, 0, -1).astype(jnp.int32)
+    q_ids, kv_ids = _renumber(*inputs.segments)  # padded queries' ids do not matter: sliced off
+    q_ids, kv_ids = pad_to(q_ids, 1, sq_pad), pad_to(kv_ids, 1, skv_pad, -1)
+    if n_rows != q_ids.shape[0]:  # heads folded into the batch, b-major
+        q_ids, kv_ids = (jnp.repeat(x, n_rows // x.shape[0], axis=0) for x in (q_ids, kv_ids))
+    if visible is not None:
+        kv_ids = jnp.where(visible, kv_ids, -1)
+    return q_ids, kv_ids
+
+
+def _nonempty_rows(spec, ids, sq_pad: int):
+    """bool (rows, 1, sq_pad): the query row sees at least one key of its segment (causal is
+    top-left aligned, as in the contract: query i sees keys j <= i). From each id's earliest
+    visible key, so never an (sq, skv) array."""
+    if ids is None:
+        return None
+    q_ids, kv_ids = ids
+    n_ids = q_ids.shape[1] + kv_ids.shape[1]  # ranks are below this; bucket n_ids holds hidden keys
+    none = jnp.iinfo(jnp.int32).max
+
+    def rows(q, kv):
+        first = jax.ops.segment_min(jnp.arange(kv.shape[0]), jnp.where(kv >= 0, kv, n_ids),
+                                    num_segments=n_ids + 1)
+        first = first[q]
+        return first <= jnp.arange(sq_pad) if spec.is_causal else first < none
+
+    return jax.vmap(rows)(q_ids, kv_ids)[:, None, :]
 
 
 class TPU(Backend):
@@ -73,6 +101,7 @@ class TPU(Backend):
     supports_bias = False
     supports_bias_grad = False
     supports_lse_grad = False  # the lse comes from the kernel's saved statistics, without gradient
+    supports_segment_ids = True  # masked tile by tile, no tile skipped (module docstring)
 
     @property
     def automatic(self) -> bool:
@@ -106,10 +135,8 @@ class TPU(Backend):
         folded = visible is not None and visible.shape[0] != b
         if folded:
             q, k, v = (x.reshape(b * n, 1, -1, d) for x in (q, k, v))
-        segments = None
-        if visible is not None:
-            segments = fa.SegmentIds(q=jnp.zeros((visible.shape[0], sq_pad), jnp.int32),
-                                     kv=jnp.where(visible, 0, 1).astype(jnp.int32))
+        ids = _kernel_segment_ids(inputs, visible, q.shape[0], sq_pad, skv_pad)
+        segments = None if ids is None else fa.SegmentIds(q=ids[0], kv=ids[1])
         blocks = fa.BlockSizes.get_default(*q.shape[:3], skv_pad, d)
         kw = dict(causal=spec.is_causal, sm_scale=float(spec.scale))
         attend = lambda q, k, v: fa.flash_attention(q, k, v, None, segments, block_sizes=blocks, **kw)  # noqa: E731
@@ -122,7 +149,7 @@ class TPU(Backend):
                                                   float(spec.scale), blocks, False)
                 return (m + jnp.log(l)).reshape(m.shape[:3]).astype(jnp.float32)
             lse = _without_gradient(statistics)(q, k, v)
-        rows = _nonempty_rows(spec, visible, sq_pad)
+        rows = _nonempty_rows(spec, ids, sq_pad)
         if rows is not None:
             out = jnp.where(rows[..., None], out, jnp.zeros((), out.dtype))
             if lse is not None:

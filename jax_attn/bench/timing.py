@@ -52,28 +52,34 @@ def _block(x):
     return jax.block_until_ready(x)
 
 
-def time_call(fn, *args, repeats: int = 20, warmup: int = 2, sync=None) -> Timing:
-    """Time `fn(*args)` call by call: `warmup` calls, then `repeats` samples of one call each,
-    each ended by `sync` (default `jax.block_until_ready`; pass torch's synchronize for torch).
+def time_call(fn, *args, repeats: int = 20, warmup: int = 2, sync=None, calls: int = 1) -> Timing:
+    """Time `fn(*args)`: `warmup` calls, then `repeats` samples of `calls` back-to-back calls
+    each, ended by `sync` (default `jax.block_until_ready`; pass torch's synchronize for torch).
 
-    No input rotation and no in-program loop: the figure includes launch overhead and warm
-    caches, which is right for comparing two variants of one call side by side, not for a table
-    of kernel speeds (that is `jax-attn bench`)."""
+    No input rotation and no in-program loop. With `calls=1` the figure includes the launch and
+    the wait, which is right for comparing two variants of one call side by side; `calls > 1`
+    lets dispatch run ahead of the GPU as a model's step does, so sub-millisecond kernels are
+    timed without one sync each (what a table of kernel speeds needs, short of `jax-attn bench`)."""
+    if calls < 1:
+        raise ValueError(f"time_call: calls must be >= 1, got {calls}")
     sync = sync or _block
     for _ in range(max(0, warmup)):
         sync(fn(*args))
 
-    def sample(_k):  # one call per sample: the sync is part of what a caller waits for
+    def sample(_k):
         t = time.perf_counter()
+        for _ in range(calls - 1):
+            fn(*args)
         sync(fn(*args))
-        return time.perf_counter() - t, 1
+        return time.perf_counter() - t, calls
 
-    return _time_samples(sample, 1.0, max(1, repeats), 0.0, 0.0, float("inf"), "python loop, 1 call per sample")
+    how = "python loop, 1 call per sample" if calls == 1 else f"python loop, {calls} async calls per sample"
+    return _time_samples(sample, 1.0, max(1, repeats), 0.0, 0.0, float("inf"), how)
 
 
-def median_ms(fn, *args, repeats: int = 20, warmup: int = 2, sync=None) -> float:
+def median_ms(fn, *args, repeats: int = 20, warmup: int = 2, sync=None, calls: int = 1) -> float:
     """Median milliseconds of `fn(*args)` (see `time_call`)."""
-    return time_call(fn, *args, repeats=repeats, warmup=warmup, sync=sync).ms
+    return time_call(fn, *args, repeats=repeats, warmup=warmup, sync=sync, calls=calls).ms
 
 
 def _timing_fields(t: Timing) -> dict:

@@ -24,10 +24,10 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from .flash_call import KernelCall, _dkdv_blocks, _dq_blocks, _key_blocks, _query_blocks
+from .flash_call import KernelCall, _dkdv_blocks, _dq_blocks, _query_blocks
 from .flash_tiles import (
     _SQ, LOG2E, _and, _append_masks, _append_segments, _bh, _bias_terms, _col_mask,
-    _compiler_params, _dot, _in_window, _kv_end, _load, _mk_idx, _only_where, _over_key_blocks,
+    _compiler_params, _dot, _in_window, _key_range, _kv_end, _load, _mk_idx, _over_key_blocks,
     _pop_segments, _seq_spec, _store)
 
 
@@ -104,6 +104,9 @@ def _dkdv_kernel(*refs, st: KernelCall, splits: int):
 
     per_split = pl.cdiv(n_qblocks, splits)
     first, end = part * per_split, jnp.minimum((part + 1) * per_split, n_qblocks)
+    if seg is not None:  # only the query blocks whose ids may meet this key block's
+        span = seg.span(kj)
+        first, end = jnp.maximum(first, span[0]), jnp.minimum(end, span[1])
     lo, full_lo, full_hi, hi = _query_blocks(st, k0, bq, bk, kv_end)
     left, right = st.bounds
     # This split's share of each range: masked edges (only where the window has that edge).
@@ -115,8 +118,6 @@ def _dkdv_kernel(*refs, st: KernelCall, splits: int):
             carry = (*carry, jnp.zeros((bk, 16), jnp.float32))
         for a, z, masked in runs:
             step = functools.partial(body, h=h, masked=masked)
-            if seg is not None:  # query blocks with no id of this key block's: skipped
-                step = _only_where(step, lambda i: seg.meet(i, kj))
             carry = lax.fori_loop(jnp.maximum(a, first), jnp.minimum(z, end), step, carry)
         if dkb_ref is None:
             return carry
@@ -208,18 +209,12 @@ def _dq_kernel(*refs, st: KernelCall):
             store_dbias(k0, ds)
         return dq + _dot(ds.astype(k.dtype), k)
 
-    tile_runs = skipped = None
-    if seg is not None:
-        tile_runs = functools.partial(seg.meet, qi)
-        if dbias_ref is not None:  # a skipped tile's d bias is zeros, written all the same
-            def skipped(j, dq):
-                store_dbias(j * bk, jnp.zeros((bq, bk), jnp.float32))
-                return dq
+    span = None if seg is None else seg.span(qi)
     dq = _over_key_blocks(st, body, jnp.zeros((bq, st.dp), jnp.float32), q0, bq, bk, kv_end,
-                          needs_mask, tile_runs, skipped)
+                          needs_mask, span)
     _store(dq_ref, dq * st.scale, mask=_and(row_ok[:, None], dmask))
-    if dbias_ref is not None and needs_mask:  # the skipped tiles of d bias are zeros
-        lo, _, _, hi = _key_blocks(st, q0, bq, bk, kv_end)
+    if dbias_ref is not None and (needs_mask or span is not None):  # skipped d bias tiles: zeros
+        lo, _, _, hi = _key_range(st, q0, bq, bk, kv_end, needs_mask, span)
         zero = lambda j, _: store_dbias(j * bk, jnp.zeros((bq, bk), jnp.float32))  # noqa: E731
         lax.fori_loop(0, lo, zero, None)
         lax.fori_loop(hi, pl.cdiv(st.skv, bk), zero, None)
@@ -267,7 +262,7 @@ def _backward(st: KernelCall, q, k, v, key_bias, bias, kv_lengths, out, lse, do,
                              lambda j, b, h: (*_bh(st.bias_dims, b, h), 0, kb(j))))
     _append_segments(st, args, in_specs, q_ids, kv_ids, bq, bk,
                      pl.BlockSpec((_SQ, st.sq), lambda j, b, h: (b, 0)),
-                     pl.BlockSpec((_SQ, bk), lambda j, b, h: (b, kb(j))))
+                     pl.BlockSpec((_SQ, bk), lambda j, b, h: (b, kb(j))), by_key=True)
     if splits == 1:
         out_specs = [kv_spec(st.dp), kv_spec(st.dvp)]
         out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]

@@ -8,7 +8,8 @@ helpers) run the same code on the host: what the tests count is what the kernels
 
 Tile ranges come in the form `lo <= full_lo <= full_hi <= hi`: blocks outside `[lo, hi)` are
 never visited, `[full_lo, full_hi)` run without the window mask, the two edges run with it.
-Packed sequences (segment ids) add one more, per-tile test (`segment_ranges_meet`) on top.
+Packed sequences (segment ids) narrow `[lo, hi)` further to the span of blocks whose segment ids
+can meet the program's own (`segment_spans`).
 """
 from __future__ import annotations
 
@@ -152,8 +153,10 @@ def _query_blocks(st, k0, bq, bk, kv_end):
 # Each block of queries (and of keys) is summarized by the min and max of its segment ids. A
 # tile whose two ranges do not overlap holds no equal pair, so no visible (query, key): it is
 # skipped. This needs no sorting: disjoint ranges imply distinct ids whatever their order.
-# Sorted (packed) ids make the test tight, so a batch of short prompts runs about the diagonal
-# tiles of each prompt; a tile whose ranges overlap still masks each pair by equality.
+# The kernels loop over the span from the first to the last block that meets theirs
+# (`segment_spans`): loop bounds, not a branch per tile, so Triton still pipelines the loads.
+# Sorted (packed) ids make the span exactly the tiles that meet, so a batch of short prompts
+# runs about the diagonal tiles of each prompt; inside a span every pair is masked by equality.
 
 _ID_MAX = np.iinfo(np.int32).max
 _ID_MIN = np.iinfo(np.int32).min
@@ -183,3 +186,17 @@ def segment_tiles(q_ids, kv_ids, bq, bk):
     qr, kr = segment_ranges(q_ids, bq), segment_ranges(kv_ids, bk)
     return segment_ranges_meet(qr[:, 0, :, None], qr[:, 1, :, None],
                                kr[:, 0, None, :], kr[:, 1, None, :])
+
+
+def segment_spans(q_ids, kv_ids, bq, bk, by_key=False):
+    """`(b, 2, n)` int32: per query block (per key block with `by_key`), the first block of the
+    other side whose ids may meet its own (row 0) and one past the last (row 1); `(0, 0)` when
+    none does. The kernels visit only the blocks of that span (see above)."""
+    tiles = segment_tiles(q_ids, kv_ids, bq, bk)
+    if by_key:
+        tiles = jnp.swapaxes(tiles, 1, 2)
+    n = tiles.shape[-1]
+    hit = tiles.any(-1)
+    first = jnp.argmax(tiles, -1)
+    end = n - jnp.argmax(tiles[..., ::-1], -1)
+    return jnp.stack([jnp.where(hit, first, 0), jnp.where(hit, end, 0)], axis=1).astype(jnp.int32)

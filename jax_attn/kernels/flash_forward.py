@@ -1,9 +1,9 @@
 """The forward kernel of the Triton flash attention and its launch.
 
 One program owns `block_q` queries of one head and walks the key blocks its tile can see
-(`flash_call._key_blocks`, and with packed sequences only those whose segment-id ranges meet the
-tile's) with the online softmax of FlashAttention-2, in base 2 (`exp2` is one instruction, so
-logits are scaled by `scale * log2(e)`). Dropped logits are -inf: a row with no key keeps
+(`flash_call._key_blocks`; with packed sequences, within the span of blocks whose segment ids can
+meet its own) with the online softmax of FlashAttention-2, in base 2 (`exp2` is one
+instruction, so logits are scaled by `scale * log2(e)`). Dropped logits are -inf: a row with no key keeps
 `l_i == 0` and returns zeros and `lse = -inf`, and the running max is guarded wherever a row may
 still be empty so that no `-inf - -inf` reaches `exp2`.
 """
@@ -76,8 +76,8 @@ def _fwd_kernel(*refs, st: KernelCall):
 
     carry = (jnp.zeros((bq, st.dvp), jnp.float32), jnp.full((bq,), -jnp.inf, jnp.float32),
              jnp.zeros((bq,), jnp.float32))
-    tile_runs = None if seg is None else functools.partial(seg.meet, qi)
-    carry = _over_key_blocks(st, body, carry, q0, bq, bk, kv_end, needs_mask, tile_runs)
+    span = None if seg is None else seg.span(qi)
+    carry = _over_key_blocks(st, body, carry, q0, bq, bk, kv_end, needs_mask, span)
     acc, m_i, l_i = carry
     empty = l_i == 0.0
     l_safe = jnp.where(empty, 1.0, l_i)

@@ -16,7 +16,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from .flash_call import _key_blocks, segment_ranges, segment_ranges_meet
+from .flash_call import _key_blocks, segment_spans
 
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
@@ -90,33 +90,31 @@ def _bias_terms(st, kb_ref, bias_ref, kb_idx, bias_idx, rows, cols, tail_rows, t
     return out
 
 
-def _over_key_blocks(st, body, carry, q0, bq, bk, kv_end, needs_mask, tile_runs=None,
-                     skipped=None):
-    """Run `body(j, carry, masked)` over the key blocks query block q0 can see (`_key_blocks`):
-    masked on the edges, unmasked in between (online softmax and dQ sums are order-free).
-
-    `tile_runs(j) -> bool` (packed sequences): a key block it rejects runs `skipped(j, carry)`
-    instead of the body (by default nothing; the dQ kernel writes zeros to d bias there)."""
-    if tile_runs is not None:
-        body = _only_where(body, tile_runs, skipped)
+def _key_range(st, q0, bq, bk, kv_end, needs_mask, span=None):
+    """`_key_blocks` (all blocks, unmasked, without `needs_mask`) narrowed to `span`: the
+    `(lo, hi)` key blocks whose segment ids may meet this query block's (packed sequences)."""
     if not needs_mask:
-        return lax.fori_loop(0, pl.cdiv(st.skv, bk), functools.partial(body, masked=False), carry)
+        lo, hi = (0, pl.cdiv(st.skv, bk)) if span is None else span
+        return lo, lo, hi, hi
     lo, full_lo, full_hi, hi = _key_blocks(st, q0, bq, bk, kv_end)
+    if span is not None:
+        lo = jnp.maximum(lo, span[0])
+        hi = jnp.maximum(jnp.minimum(hi, span[1]), lo)
+        full_lo = jnp.clip(full_lo, lo, hi)
+        full_hi = jnp.clip(full_hi, full_lo, hi)
+    return lo, full_lo, full_hi, hi
+
+
+def _over_key_blocks(st, body, carry, q0, bq, bk, kv_end, needs_mask, span=None):
+    """Run `body(j, carry, masked)` over the key blocks query block q0 can see (`_key_range`):
+    masked on the edges, unmasked in between (online softmax and dQ sums are order-free)."""
+    lo, full_lo, full_hi, hi = _key_range(st, q0, bq, bk, kv_end, needs_mask, span)
+    if not needs_mask:
+        return lax.fori_loop(lo, hi, functools.partial(body, masked=False), carry)
     if st.bounds[0] is not None:  # a left window edge; with none, full_lo == lo
         carry = lax.fori_loop(lo, full_lo, functools.partial(body, masked=True), carry)
     carry = lax.fori_loop(full_lo, full_hi, functools.partial(body, masked=False), carry)
     return lax.fori_loop(full_hi, hi, functools.partial(body, masked=True), carry)
-
-
-def _only_where(body, tile_runs, skipped=None):
-    """`body(j, carry, **kw)` run only where `tile_runs(j)`; elsewhere `skipped(j, carry)` (by
-    default the carry unchanged). A `lax.cond`, so a skipped tile loads nothing."""
-
-    def run(j, carry, **kw):
-        return lax.cond(tile_runs(j), lambda c: body(j, c, **kw),
-                        (lambda c: c) if skipped is None else (lambda c: skipped(j, c)), carry)
-
-    return run
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,19 +122,19 @@ def _only_where(body, tile_runs, skipped=None):
 
 
 class _Segments:
-    """The segment-id inputs of one kernel program: `ids` refs and per-block `(min, max)` ranges.
+    """The segment-id inputs of one kernel program: `ids` refs and its blocks' spans.
 
-    `q_ids`/`k_ids` hold the program's ids (a block or the whole row, per the kernel's specs),
-    `q_ranges`/`k_ranges` the `(2, n_blocks)` rows of `flash_call.segment_ranges` for the batch.
+    `q_ids`/`k_ids` hold the program's ids (a block or the whole row, per the kernel's specs);
+    `spans` the `(2, n_blocks)` rows of `flash_call.segment_spans` for the batch, indexed by the
+    program's own block (query blocks for the forward and dQ, key blocks for dK/dV).
     """
 
-    def __init__(self, q_ids, k_ids, q_ranges, k_ranges):
-        self.q_ids, self.k_ids, self.q_ranges, self.k_ranges = q_ids, k_ids, q_ranges, k_ranges
+    def __init__(self, q_ids, k_ids, spans):
+        self.q_ids, self.k_ids, self.spans = q_ids, k_ids, spans
 
-    def meet(self, qi, kj):
-        """Query block qi and key block kj may hold a pair of one segment: the tile runs."""
-        return segment_ranges_meet(self.q_ranges[0, qi], self.q_ranges[1, qi],
-                                   self.k_ranges[0, kj], self.k_ranges[1, kj])
+    def span(self, i):
+        """`(first, end)` blocks of the other side that block i may share an id with."""
+        return self.spans[0, i], self.spans[1, i]
 
     @staticmethod
     def same(q_ids, k_ids):
@@ -145,22 +143,23 @@ class _Segments:
 
 
 def _pop_segments(st, rest):
-    """The four segment refs from the front of `rest` (None when the call has no segments)."""
+    """The three segment refs from the front of `rest` (None when the call has no segments)."""
     if not st.has_segments:
         return None
-    return _Segments(*(rest.pop(0) for _ in range(4)))
+    return _Segments(*(rest.pop(0) for _ in range(3)))
 
 
-def _append_segments(st, args, specs, q_ids, kv_ids, bq, bk, q_spec, k_spec):
-    """Append q ids, kv ids, and their per-block ranges (for blocks bq and bk) with their specs.
+def _append_segments(st, args, specs, q_ids, kv_ids, bq, bk, q_spec, k_spec, by_key=False):
+    """Append q ids, kv ids, and the spans of the kernel's blocks (bq x bk tiles; per key block
+    with `by_key`) with their specs.
 
     `q_spec`/`k_spec`: the BlockSpecs of the ids, per kernel (a block or the whole row); the
-    ranges, `(b, 2, n_blocks)` int32, are read whole per batch row (two scalars per tile)."""
+    spans, `(b, 2, n_blocks)` int32, are read whole per batch row (two scalars per program)."""
     if not st.has_segments:
         return
-    ranges = [segment_ranges(q_ids, bq), segment_ranges(kv_ids, bk)]
-    args += [q_ids, kv_ids, *ranges]
-    specs += [q_spec, k_spec, *(pl.BlockSpec((_SQ, 2, r.shape[2]), _batch_row3) for r in ranges)]
+    spans = segment_spans(q_ids, kv_ids, bq, bk, by_key)
+    args += [q_ids, kv_ids, spans]
+    specs += [q_spec, k_spec, pl.BlockSpec((_SQ, 2, spans.shape[2]), _batch_row3)]
 
 
 def _batch_row3(*ids):

@@ -58,7 +58,11 @@ class SageConfig:
     # f32 one), 128 at d = 128 (P and V^T tiles of 128-byte rows).
     block_kv: int = 0
     stages: int = 2  # K/V slots in flight
-    two_level_pv: bool = True  # each block's P V in its own wgmma accumulator (see docstring)
+    # Each block's P V in its own wgmma accumulator (see docstring); None = by head dim
+    # (`resolved`): on at d = 64, off at d = 128, where its extra accumulator's registers cost
+    # more than it gives (H200, 2026-11-30: 0.590 -> 0.523 ms at 1x24x4608x128, relative L1
+    # against float64 0.1212 -> 0.1228; at d = 64 on is both faster and closer).
+    two_level_pv: bool | None = None
     # P as the wgmma's register operand (keys permuted in the pre-pass's V^T to match the
     # accumulator's register layout, see `_p_to_8bit_layout`); False: the old path through a
     # shared-memory tile (a store, an async-proxy fence and a warpgroup sync per block).
@@ -69,10 +73,10 @@ class SageConfig:
     fused_softmax: bool = True
 
     def resolved(self, dp: int) -> "SageConfig":
-        """With `block_kv` chosen for head dim `dp` when it is 0."""
-        if self.block_kv:
-            return self
-        return dataclasses.replace(self, block_kv=256 if dp <= 64 else 128)
+        """With `block_kv` (when 0) and `two_level_pv` (when None) chosen for head dim `dp`."""
+        return dataclasses.replace(
+            self, block_kv=self.block_kv or (256 if dp <= 64 else 128),
+            two_level_pv=dp <= 64 if self.two_level_pv is None else self.two_level_pv)
 
 
 OLD_CONFIG = SageConfig(block_kv=128, two_level_pv=True, p_in_registers=False,

@@ -35,11 +35,16 @@ def _lse_col(lse, layout):
     return (lse if layout == "bnsd" else jnp.swapaxes(lse, 1, 2))[..., None]
 
 
-def _local(spec, q, k, v, mask, kv_lengths, is_causal=None):
-    """AttentionInputs for local blocks, keeping the call's scale and layout."""
+def _local(spec, q, k, v, mask, kv_lengths, is_causal=None, segments=None):
+    """AttentionInputs for local blocks, keeping the call's scale and layout.
+
+    `segments`: None, or the `(q_segment_ids, kv_segment_ids)` of exactly these query and key
+    blocks (int32 `(b, s)`)."""
+    q_ids, kv_ids = (None, None) if segments is None else segments
     return AttentionInputs.build(q, k, v, attn_mask=mask, kv_lengths=kv_lengths, scale=spec.scale,
                                  is_causal=spec.is_causal if is_causal is None else is_causal,
-                                 layout=spec.layout, local_window_size=spec.window)
+                                 layout=spec.layout, local_window_size=spec.window,
+                                 q_segment_ids=q_ids, kv_segment_ids=kv_ids)
 
 
 def _run(inputs, backend, return_lse):

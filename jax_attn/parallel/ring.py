@@ -8,10 +8,13 @@ over the step variants).
 
 The backward is the ring's own custom VJP. Per block it runs, by the local backend's name:
 - its block backward from the global `(out, lse)` (`ring_backward.STATS_BACKWARDS`): one
-  backward per block, nothing recomputed, no lse gradient needed (the standard ring backward);
+  backward per block, nothing recomputed, no lse gradient needed (the standard ring backward).
+  It needs only the global statistics, not the forward's residuals, so a forward backend without
+  one (cuDNN) takes the block backward of the backend the routing gives for lse gradients
+  (`pallas` on a GPU), logged once: exact, since both compute the same function;
 - otherwise `_recompute_grads`: the block's forward recomputed and pulled back through its own
-  `(out_j, lse_j)`, which needs a backend whose lse is differentiable (`_grad_backend`: cuDNN's
-  is not, so a cuDNN ring runs this on `pallas`) and one forward more per block.
+  `(out_j, lse_j)`, which needs a backend whose lse is differentiable (`_grad_backend`) and one
+  forward more per block.
 """
 from __future__ import annotations
 
@@ -69,19 +72,20 @@ class _Ring:
             kv_lengths = jnp.clip(kv_lengths - j * self.k_block, 0, self.k_block).astype(jnp.int32)
         return mask, kv_lengths
 
-    def step(self, kind, q, k, v, mask, kv_lengths, i, j, backend=None):
-        """`(out, lse)` of query block i against key block j for one variant."""
+    def step(self, kind, q, k, v, mask, kv_lengths, segments, i, j, backend=None):
+        """`(out, lse)` of query block i against key block j for one variant; `segments` None or
+        the `(q_segment_ids, kv_segment_ids)` of those two blocks."""
         spec = self.spec
         if kind == "skip":
             seq, head = _axes(spec.layout)
             shape = list(q.shape[:-1]) + [v.shape[-1]]
             lse_shape = (q.shape[0], q.shape[head], q.shape[seq])
             return jnp.zeros(shape, q.dtype), jnp.full(lse_shape, -jnp.inf, jnp.float32)
-        inputs = self.inputs(kind, q, k, v, mask, kv_lengths, i, j)
+        inputs = self.inputs(kind, q, k, v, mask, kv_lengths, segments, i, j)
         b = choose(inputs.spec, self.backend) if backend is None else backend(inputs.spec)
         return b(inputs, True)
 
-    def inputs(self, kind, q, k, v, mask, kv_lengths, i, j):
+    def inputs(self, kind, q, k, v, mask, kv_lengths, segments, i, j):
         """The local call of query block i against key block j, for a variant other than "skip"."""
         spec = self.spec
         if kind == "offset":  # causal with unequal blocks: an explicit mask from global positions
@@ -94,7 +98,7 @@ class _Ring:
                 mask = mask & keep
             else:
                 mask = jnp.where(keep, mask, -jnp.inf).astype(mask.dtype)
-        return _local(spec, q, k, v, mask, kv_lengths, is_causal=kind == "diag")
+        return _local(spec, q, k, v, mask, kv_lengths, is_causal=kind == "diag", segments=segments)
 
     def dispatch(self, i, j, fn, *operands):
         """`fn(kind, *operands)` for the variant of block (i, j), through `lax.switch` if causal."""
@@ -119,46 +123,53 @@ def _merge(out, lse, out_t, lse_t, layout):
     return new_out, new_lse
 
 
-def _ring(spec, axis, n_seq, q, k, v, mask, kv_lengths, backend, return_lse):
+def _ring(spec, axis, n_seq, q, k, v, mask, kv_lengths, backend, return_lse, segments=None):
+    """`segments`: None, or this device's `(q_segment_ids, kv_segment_ids)` blocks; the key ids
+    travel round with their keys."""
     seq, _ = _axes(spec.layout)
     # The choice is fixed now, so the backward (traced later, maybe outside a use_backend block)
     # routes the same way.
     names, _ = current_choice(backend)
     ring = _Ring(spec, axis, n_seq, q.shape[seq], k.shape[seq], names)
-    out, lse = _ring_fn(ring)(q, k, v, mask, kv_lengths)
+    q_ids, kv_ids = (None, None) if segments is None else segments
+    out, lse = _ring_fn(ring)(q, k, v, mask, kv_lengths, q_ids, kv_ids)
     return out, (lse if return_lse else None)
 
 
 def _ring_fn(ring: _Ring):
     layout = ring.spec.layout
 
-    def forward(q, k, v, mask, kv_lengths):
+    def block_segments(q_ids, kv_ids_j):
+        return None if q_ids is None else (q_ids, kv_ids_j)
+
+    def forward(q, k, v, mask, kv_lengths, q_ids, kv_ids):
         i = jax.lax.axis_index(ring.axis)
         seq, head = _axes(layout)
         out = jnp.zeros(q.shape[:-1] + v.shape[-1:], jnp.float32)
         lse = jnp.full((q.shape[0], q.shape[head], q.shape[seq]), -jnp.inf, jnp.float32)
-        kv = (k, v)
+        kv = (k, v, kv_ids)  # the key ids (None without segments) travel with their block
         for t in range(ring.n):
             j = (i - t) % ring.n
             if t < ring.n - 1:  # issued before the compute so the transfer can overlap it
                 nxt = jax.lax.ppermute(kv, ring.axis, ring.perm())
             m_j, l_j = ring.block(mask, kv_lengths, j)
-            out_t, lse_t = ring.dispatch(i, j, ring.step, q, kv[0], kv[1], m_j, l_j, i, j)
+            out_t, lse_t = ring.dispatch(i, j, ring.step, q, kv[0], kv[1], m_j, l_j,
+                                         block_segments(q_ids, kv[2]), i, j)
             out, lse = _merge(out, lse, out_t, lse_t, layout)
             if t < ring.n - 1:
                 kv = nxt
         return out.astype(q.dtype), lse
 
     @jax.custom_vjp
-    def ring_attention(q, k, v, mask, kv_lengths):
-        return forward(q, k, v, mask, kv_lengths)
+    def ring_attention(q, k, v, mask, kv_lengths, q_ids, kv_ids):
+        return forward(q, k, v, mask, kv_lengths, q_ids, kv_ids)
 
-    def fwd(q, k, v, mask, kv_lengths):
-        out, lse = forward(q, k, v, mask, kv_lengths)
-        return (out, lse), (q, k, v, mask, kv_lengths, out, lse)
+    def fwd(q, k, v, mask, kv_lengths, q_ids, kv_ids):
+        out, lse = forward(q, k, v, mask, kv_lengths, q_ids, kv_ids)
+        return (out, lse), (q, k, v, mask, kv_lengths, q_ids, kv_ids, out, lse)
 
     def bwd(res, cts):
-        q, k, v, mask, kv_lengths, out, lse = res
+        q, k, v, mask, kv_lengths, q_ids, kv_ids, out, lse = res
         d_out, d_lse = cts
         i = jax.lax.axis_index(ring.axis)
         want_dmask = mask is not None and ring.spec.mask_kind == "bias"
@@ -166,28 +177,29 @@ def _ring_fn(ring: _Ring):
         stats = (out, lse, d_out, delta(out, d_out, d_lse, layout), d_lse)
         pick = _grad_backend(ring)
 
-        def step_grads(kind, q, k_j, v_j, m_j, l_j, i, j):
+        def step_grads(kind, q, k_j, v_j, m_j, l_j, seg, i, j):
             """Float32 `(dq, dk_j, dv_j, dmask_j | None)` of block (i, j) for one variant."""
             if kind == "skip":
                 f32 = lambda x: jnp.zeros(x.shape, jnp.float32)  # noqa: E731
                 return f32(q), f32(k_j), f32(v_j), (f32(m_j) if want_dmask else None)
-            inputs = ring.inputs(kind, q, k_j, v_j, m_j, l_j, i, j)
-            name = decide(inputs.spec, ring.backend).backend
-            if name in STATS_BACKWARDS:
+            inputs = ring.inputs(kind, q, k_j, v_j, m_j, l_j, seg, i, j)
+            name = _stats_backend(ring, inputs.spec)
+            if name is not None:
                 out, lse, d_out, dlt, _ = stats
                 return STATS_BACKWARDS[name](inputs, out, lse, d_out, dlt, m_j.shape if want_dmask else None)
-            return _recompute_grads(ring, kind, pick, stats, want_dmask, q, k_j, v_j, m_j, l_j, i, j)
+            return _recompute_grads(ring, kind, pick, stats, want_dmask, q, k_j, v_j, m_j, l_j, seg, i, j)
 
         dq = jnp.zeros(q.shape, jnp.float32)
         dmask = jnp.zeros(mask.shape, jnp.float32) if want_dmask else None
-        kv = (k, v)
+        kv = (k, v, kv_ids)
         dkv = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
         for t in range(ring.n):
             j = (i - t) % ring.n
             if t < ring.n - 1:
                 nxt = jax.lax.ppermute(kv, ring.axis, ring.perm())
             m_j, l_j = ring.block(mask, kv_lengths, j)
-            dq_t, dk_t, dv_t, dm_t = ring.dispatch(i, j, step_grads, q, kv[0], kv[1], m_j, l_j, i, j)
+            dq_t, dk_t, dv_t, dm_t = ring.dispatch(i, j, step_grads, q, kv[0], kv[1], m_j, l_j,
+                                                   block_segments(q_ids, kv[2]), i, j)
             dq = dq + dq_t
             # dk/dv travel with their block; the last hop brings them home.
             dkv = jax.lax.ppermute((dkv[0] + dk_t, dkv[1] + dv_t), ring.axis, ring.perm())
@@ -201,13 +213,13 @@ def _ring_fn(ring: _Ring):
             if t < ring.n - 1:
                 kv = nxt
         dmask = dmask.astype(mask.dtype) if want_dmask else None
-        return dq.astype(q.dtype), dkv[0].astype(k.dtype), dkv[1].astype(v.dtype), dmask, None
+        return dq.astype(q.dtype), dkv[0].astype(k.dtype), dkv[1].astype(v.dtype), dmask, None, None, None
 
     ring_attention.defvjp(fwd, bwd)
     return ring_attention
 
 
-def _recompute_grads(ring, kind, pick, stats, want_dmask, q, k_j, v_j, m_j, l_j, i, j):
+def _recompute_grads(ring, kind, pick, stats, want_dmask, q, k_j, v_j, m_j, l_j, seg, i, j):
     """Block (i, j)'s gradients by recomputing its `(out_j, lse_j)` and pulling back through both.
 
     out = sum_j w_j out_j with w_j = exp(lse_j - lse), so d out_j = w_j d_out and
@@ -219,7 +231,7 @@ def _recompute_grads(ring, kind, pick, stats, want_dmask, q, k_j, v_j, m_j, l_j,
     d_out32, out32 = d_out.astype(jnp.float32), out.astype(jnp.float32)
 
     def f(q, k_j, v_j, m_j):
-        return ring.step(kind, q, k_j, v_j, m_j, l_j, i, j, backend=pick)
+        return ring.step(kind, q, k_j, v_j, m_j, l_j, seg, i, j, backend=pick)
 
     if not want_dmask:
         (out_t, lse_t), pull = jax.vjp(lambda q, k, v: f(q, k, v, m_j), q, k_j, v_j)
@@ -231,6 +243,24 @@ def _recompute_grads(ring, kind, pick, stats, want_dmask, q, k_j, v_j, m_j, l_j,
     dot = dot if layout == "bnsd" else jnp.swapaxes(dot, 1, 2)
     grads = pull((d_out_t, w * (dot + d_lse)))
     return tuple(g.astype(jnp.float32) for g in grads) + ((None,) if not want_dmask else ())
+
+
+def _stats_backend(ring: _Ring, local_spec):
+    """The backend whose block backward from the global statistics serves this block, or None.
+
+    The forward's own where it has one; else the one routing picks for lse gradients (what the
+    recompute would run) where that has one."""
+    name = decide(local_spec, ring.backend).backend
+    if name in STATS_BACKWARDS:
+        return name
+    alt = decide(local_spec, ring.backend, Needs(lse_grad=True)).backend
+    if alt not in STATS_BACKWARDS:
+        return None
+    if ("stats", name, alt) not in _logged:
+        _logged.add(("stats", name, alt))
+        log.info("ring attention: the backward runs %r's block backward from the global statistics "
+                 "(%r has none)", alt, name)
+    return alt
 
 
 def _grad_backend(ring: _Ring):

@@ -25,8 +25,8 @@ blocks), so a block backward that honours `inputs` honours the offsets. Register
   `(b, n, s/P, s/P)`);
 - `pallas`: the Triton kernels' dK/dV + dQ backward (`flash_attention_backward`) fed the global
   `out` and `lse`, what `flash_attention`'s VJP does with its own residuals.
-cuDNN has none yet (its backward custom call would need feeding the global softmax statistics),
-so a cuDNN ring recomputes its blocks on `pallas` (`ring._recompute_grads`).
+cuDNN has none (its backward custom call would need feeding the global softmax statistics), so a
+cuDNN ring's backward runs `pallas`'s block backward (`ring._stats_backend`).
 """
 from __future__ import annotations
 
@@ -65,7 +65,8 @@ def jnp_block_grads(inputs, out, lse, d_out, delta, mask_shape):
     qg = q.reshape(b, h, g, sq, d)
     s = jnp.einsum("bhgqd,bhkd->bhgqk", qg, k, precision=prec, preferred_element_type=f32)
     s = s.reshape(b, n, sq, skv) * spec.scale
-    keep, bias = masking.keep_and_bias(spec, inputs.mask, inputs.kv_lengths, jnp.arange(sq), jnp.arange(skv))
+    keep, bias = masking.keep_and_bias(spec, inputs.mask, inputs.kv_lengths, jnp.arange(sq), jnp.arange(skv),
+                                       segments=inputs.segments)
     s = masking.masked_logits(s, keep, bias)
     # Rows with no key anywhere have lse = -inf and take no gradient; a kept key's weight is its
     # global softmax probability.

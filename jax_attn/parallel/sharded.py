@@ -1,11 +1,12 @@
 """Wrapping one `attention_forward` call in `shard_map`, as a plan lays it over the mesh.
 
 `_sharded` checks that batch, heads (and for Ulysses the heads per group) divide over their axes,
-builds the PartitionSpecs of q, k, v, mask and `kv_lengths`, and runs the local backend
-(`shard_local`), `_ulysses`, `_ring` or `_hybrid` per device. Sequences that do not divide by the device
-count are padded at the end to a multiple of it; the padded keys are masked with `kv_lengths` and
-the padded query rows sliced off. `_manual` is the same dispatch for a caller already inside its
-own `shard_map` (`sequence_parallel(None, ...)`), where the arrays are the local blocks.
+builds the PartitionSpecs of q, k, v, mask, `kv_lengths` and segment ids, and runs the local
+backend (`shard_local`), `_ulysses`, `_ring` or `_hybrid` per device. Sequences that do not
+divide by the device count are padded at the end to a multiple of it; the padded keys are masked
+with `kv_lengths` and the padded query rows sliced off. `_manual` is the same dispatch for a
+caller already inside its own `shard_map` (`sequence_parallel(None, ...)`), where the arrays are
+the local blocks.
 """
 from __future__ import annotations
 
@@ -106,16 +107,21 @@ def _sharded(plan: Plan, inputs: AttentionInputs, backend, return_lse):
     if kv_lengths is not None:
         args["kv_lengths"] = kv_lengths
         specs["kv_lengths"] = P(_spec_entry(b_ax))
+    if inputs.segments is not None:
+        # Padded rows are sliced off and padded keys masked by kv_lengths: any id serves.
+        args["segments"] = (pad_to(inputs.q_segment_ids, 1, sq_pad), pad_to(inputs.kv_segment_ids, 1, skv_pad))
+        specs["segments"] = (P(_spec_entry(b_ax), seq_entry), P(_spec_entry(b_ax), seq_entry if kv_split else None))
 
     def body(a):
         lq, lk, lv, lm, ll = a["q"], a["k"], a["v"], a.get("mask"), a.get("kv_lengths")
+        segs = a.get("segments")
         if plan.method == "local":
-            return _run(_local(spec, lq, lk, lv, lm, ll), backend, return_lse)
+            return _run(_local(spec, lq, lk, lv, lm, ll, segments=segs), backend, return_lse)
         if plan.method == "ulysses":
-            return _ulysses(spec, s_ax, n_seq, lq, lk, lv, lm, ll, backend, return_lse)
+            return _ulysses(spec, s_ax, n_seq, lq, lk, lv, lm, ll, backend, return_lse, segments=segs)
         if hybrid:
-            return _hybrid(spec, s_ax, n_u, r_ax, n_r, lq, lk, lv, lm, ll, backend, return_lse)
-        return _ring(spec, s_ax, n_seq, lq, lk, lv, lm, ll, backend, return_lse)
+            return _hybrid(spec, s_ax, n_u, r_ax, n_r, lq, lk, lv, lm, ll, backend, return_lse, segs)
+        return _ring(spec, s_ax, n_seq, lq, lk, lv, lm, ll, backend, return_lse, segs)
 
     out_specs = (q_spec, lse_spec if return_lse else None)
     fn = _shard_map(body, plan.mesh, (specs,), out_specs)
@@ -140,10 +146,13 @@ def _manual(plan: Plan, inputs: AttentionInputs, backend, return_lse):
         raise ValueError(f"sequence_parallel({plan.method!r}): {spec.heads} heads do not divide over "
                          f"{axis!r} of size {n_seq}; use method='ring'")
     args = (inputs.q, inputs.k, inputs.v, inputs.mask, inputs.kv_lengths, backend, return_lse)
+    segs = inputs.segments  # the local blocks' ids, like q, k, v
     if plan.method == "hybrid":  # the caller's blocks must be laid ring major, as `_sharded` does
-        out, lse = _hybrid(spec, axis, n_seq, plan.ring_axis, _axis_size(plan.ring_axis), *args)
+        out, lse = _hybrid(spec, axis, n_seq, plan.ring_axis, _axis_size(plan.ring_axis), *args, segs)
+    elif plan.method == "ulysses":
+        out, lse = _ulysses(spec, axis, n_seq, *args, segments=segs)
     else:
-        out, lse = (_ulysses if plan.method == "ulysses" else _ring)(spec, axis, n_seq, *args)
+        out, lse = _ring(spec, axis, n_seq, *args, segs)
     return (out, lse) if return_lse else out
 
 
