@@ -121,26 +121,44 @@ class Router:
             return self.parse_choice(env, self.env_var), self.env_var
         return ("auto",), "automatic"
 
-    def first_automatic(self, candidates: Iterable[str], reasons: Mapping) -> str | None:
-        """The first of `candidates` that can serve and that automatic selection may take."""
-        return next((n for n in candidates if not reasons[n] and self.registry[n].automatic), None)
+    def first_automatic(self, candidates: Iterable[str], reasons: Mapping, also=None) -> str | None:
+        """The first of `candidates` that can serve and that automatic selection may take (and
+        for which `also(name)` holds, when given)."""
+        return next((n for n in candidates if not reasons[n] and self.registry[n].automatic
+                     and (also is None or also(n))), None)
 
     def decide(self, backend, reasons_of: Callable, preference: Callable[[], Iterable[str]],
                inference_preference: Callable[[], Iterable[str]] | None = None,
-               decision: type = Decision) -> Decision:
+               decision: type = Decision, backward_reasons_of: Callable | None = None) -> Decision:
         """Route one call: every backend's reasons (`reasons_of(backend)`), then the first of the
         named backends that can serve, or under "auto" the first of `preference()` that can and
         may be chosen automatically. `inference_preference`: under "auto", the order for calls that
-        nothing differentiates; its first is `forward_only` when it differs."""
+        nothing differentiates; its first is `forward_only` when it differs.
+
+        `backward_reasons_of(backend)`: why a backend that serves the forward cannot be
+        differentiated (forward-only kernels). The choice for differentiated calls (`backend` of
+        the decision) then skips such backends where a later name of the list (or of the
+        automatic order) serves both; the forward-only one stays the choice for calls nothing
+        differentiates (`forward_only`). With none to take its place, it stays the choice, and a
+        gradient through it raises from its backward."""
         names, source = self.current_choice(backend)
         reasons = {name: reasons_of(b) for name, b in self.registry.items()}
+        trainable = None
+        if backward_reasons_of is not None:
+            trainable = lambda n: not backward_reasons_of(self.registry[n])  # noqa: E731
         forward_only = None
         if names != ("auto",):
             candidates = names
             chosen = next((n for n in names if not reasons[n]), None)
+            if chosen is not None and trainable is not None and not trainable(chosen):
+                later = names[names.index(chosen) + 1:]
+                trainer = next((n for n in later if not reasons[n] and trainable(n)), None)
+                if trainer is not None:
+                    forward_only, chosen = chosen, trainer
         else:
             candidates = tuple(preference())
-            chosen = self.first_automatic(candidates, reasons)
+            chosen = None if trainable is None else self.first_automatic(candidates, reasons, trainable)
+            chosen = chosen or self.first_automatic(candidates, reasons)
             if inference_preference is not None:
                 inference = self.first_automatic(inference_preference(), reasons)
                 forward_only = inference if chosen and inference != chosen else None
@@ -154,7 +172,8 @@ class Router:
                                for n in d.candidates)
             raise BackendError(f"no backend can serve this call (choice {','.join(d.candidates)!r} "
                                f"from {d.source}):\n{detail}")
-        skipped = d.candidates[: d.candidates.index(d.backend)]
+        # Not skipped: the forward-only backend that serves the calls nothing differentiates.
+        skipped = [n for n in d.candidates[: d.candidates.index(d.backend)] if n != d.forward_only]
         if skipped and d.source == "automatic":
             self.log.debug("attention: auto chose %r over %s", d.backend, ", ".join(skipped))
         elif skipped:

@@ -109,7 +109,8 @@ def decide(spec: Spec, backend=None, needs: Needs | None = None) -> Decision:
     needs = needs or Needs()
     d = ROUTER.decide(backend, lambda b: b.reasons(spec, needs),
                       lambda: autoselect.preference(spec, "train"),
-                      lambda: autoselect.preference(spec, "forward"), Decision)
+                      lambda: autoselect.preference(spec, "forward"), Decision,
+                      lambda b: b.backward_reasons(spec))
     if "pallas" in (d.backend, d.forward_only):
         kernel, kernel_why = pallas_kernel(spec)
         d = dataclasses.replace(d, kernel=kernel, kernel_why=kernel_why or "")

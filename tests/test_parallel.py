@@ -7,6 +7,8 @@ test_backends). Lengths such as 333 do not divide by the device counts, so the p
 The local backend is a fast jnp one (`naive`, `chunked`): the point is the distribution, not the
 kernel, and every backend computes the same function (test_backends).
 """
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -308,3 +310,22 @@ def test_ring_gradients_with_automatic_choice():
     rng = np.random.default_rng(10)
     q, k, v, kw = make(rng, sq=64, skv=64, lengths=[64, 30])
     check(q, k, v, kw, None, parallel.sequence_parallel(mesh(2), "sp", "ring"))
+
+
+def test_ring_with_a_forward_only_backend_first(monkeypatch):
+    """A preference list whose first backend has no backward (as `sage`): differentiated, the
+    ring's blocks run the next backend forward and backward, so the gradient is that backend's
+    (here `chunked` made forward-only, with `naive` after it); undifferentiated, the first."""
+    monkeypatch.setattr(type(BACKENDS["chunked"]), "backward_reasons", lambda self, spec: ["forward only"])
+    rng = np.random.default_rng(9)
+    q, k, v, kw = make(rng, sq=96, skv=96, causal=True)
+    ran = []
+    for name in ("chunked", "naive"):
+        b = BACKENDS[name]
+        monkeypatch.setattr(b, "_forward", lambda inputs, lse, f=b._forward, n=name: ran.append(n) or f(inputs, lse))
+    with parallel.sequence_parallel(mesh(2), "sp", "ring"):
+        jax.jit(lambda q, k, v: jax_attn.attention_forward(q, k, v, backend="chunked,naive", **kw))(q, k, v)
+        assert set(ran) == {"chunked"}
+        ran.clear()
+        check(q, k, v, kw, "chunked,naive", contextlib.nullcontext())  # inside the ring's context
+    assert "chunked" not in ran and "naive" in ran

@@ -249,3 +249,47 @@ def test_backend_forward_and_gradient_refused():
     with pytest.raises(ValueError, match="backend='sage'"):
         jax.grad(lambda q: jax_attn.attention_forward(q, k, v, layout="bsnd", backend="sage")
                  .astype(jnp.float32).sum())(q)
+
+
+@needs_mgpu
+def test_preference_list_samples_in_8_bits_and_trains_exactly():
+    """`use_backend("sage,naive")`: a call nothing differentiates runs sage, a differentiated one
+    runs naive forward and backward (sage has no backward), in one program; alone, sage still
+    refuses the gradient."""
+    rng = np.random.default_rng(5)
+    q, k, v = (jnp.asarray(rng.standard_normal((1, 2, 70, 64)), jnp.bfloat16) for _ in range(3))
+
+    def loss(q, k, v):
+        return jnp.sum(jax_attn.attention_forward(q, k, v).astype(jnp.float32) ** 2)
+
+    with jax_attn.use_backend("sage,naive"):
+        d = jax_attn.explain(q, k, v)
+        out = jax.jit(jax_attn.attention_forward)(q, k, v)
+        grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+    assert (d.backend, d.forward_only) == ("naive", "sage")
+    assert "sage when nothing differentiates" in str(d)
+    sage = jax_attn.attention_forward(q, k, v, backend="sage")
+    np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(sage, np.float32))
+    with jax_attn.use_backend("naive"):
+        want = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+    for g, w in zip(grads, want):  # naive's gradients (the wrapper's program rounds a few bf16 apart)
+        assert reference.relative_error(np.asarray(g, np.float64), np.asarray(w, np.float64)) < 1e-3
+    with jax_attn.use_backend("sage"), pytest.raises(ValueError, match="backend='sage'"):
+        jax.grad(loss)(q, k, v)
+
+
+def test_forward_only_backends_give_way_under_differentiation():
+    """The routing rule itself, on declarations: sage and fa4 at an unverified head dim say why
+    they cannot be differentiated; a list moves the training choice to the next backend that
+    can, and leaves a forward-only backend in place when nothing follows it."""
+    from jax_attn import routing
+    from jax_attn.backends.fa4 import VERIFIED_BACKWARD_HEAD_DIMS
+    assert BACKENDS["sage"].backward_reasons(_spec()) and not BACKENDS["naive"].backward_reasons(_spec())
+    assert BACKENDS["fa4"].backward_reasons(_spec(d=40))
+    assert all(not BACKENDS["fa4"].backward_reasons(_spec(d=d)) for d in VERIFIED_BACKWARD_HEAD_DIMS)
+    d = routing.decide(_spec(), "sage,xla,naive")
+    assert (d.backend, d.forward_only) == ("xla", "sage")
+    d = routing.decide(_spec(), "sage")
+    assert (d.backend, d.forward_only) == ("sage", None)
+    d = routing.decide(_spec(), "naive,sage")
+    assert (d.backend, d.forward_only) == ("naive", None)

@@ -125,6 +125,12 @@ class Backend:
     def _forward(self, inputs: AttentionInputs, return_lse: bool):
         raise NotImplementedError
 
+    def backward_reasons(self, spec: Spec) -> list[str]:
+        """Why a reverse-mode gradient through this backend cannot be served for `spec` although
+        its forward can (forward-only kernels); empty when it can. Routing then differentiates
+        through a later backend of the choice (`choice.Router.decide`)."""
+        return []
+
     def capabilities(self) -> dict:
         """The declared capabilities, for tables and docs."""
         return {

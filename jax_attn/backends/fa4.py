@@ -22,6 +22,13 @@ REQUIRED_MODULES = (("flash_attn.cute", "flash-attn-4"), ("jax_tvm_ffi", "jax-tv
                     ("tvm_ffi", "apache-tvm-ffi"), ("torch", "torch (CUDA build)"))
 
 
+# Head dims whose FA4 sm90 backward matched the float64 reference on an H200 (FA4 4.0.0b36,
+# benchmarks/results/2026-11-30-h200-round2/): its d=40 gradients were wrong there (relative error
+# 1.0, through torch as well as through JAX), so a gradient at an unverified head dim raises, and
+# a preference list differentiates through its next backend instead (`backward_reasons`).
+VERIFIED_BACKWARD_HEAD_DIMS = (64, 128)
+
+
 @dataclasses.dataclass(frozen=True)
 class FA4Args:
     """FA4's mask and scale arguments for one call (`_flash_attn_fwd`/`_flash_attn_bwd` names)."""
@@ -107,6 +114,12 @@ class FA4(Backend):
             why.append(f"head dims ({spec.head_dim}, {spec.value_dim}) are not served by FA4 on sm100 "
                        "(<= 128, or (192, 128), or (256, 256))")
         return why
+
+    def backward_reasons(self, spec):
+        if spec.head_dim in VERIFIED_BACKWARD_HEAD_DIMS:
+            return []
+        return [f"its backward at head dim {spec.head_dim} is not verified (FA4 4.0.0b36's sm90 backward "
+                f"gave wrong gradients at d=40 on an H200; verified: {VERIFIED_BACKWARD_HEAD_DIMS})"]
 
     def _forward(self, inputs, return_lse):
         from . import fa4_kernels  # late: imports FA4, torch and tvm-ffi

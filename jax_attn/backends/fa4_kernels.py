@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from ..masking import EmptyRows
+from .fa4 import VERIFIED_BACKWARD_HEAD_DIMS
 
 log = logging.getLogger(__name__)
 
@@ -132,12 +133,6 @@ def _attention(args, q, k, v, seqused_k):
 def _attention_fwd(args, q, k, v, seqused_k):
     out, lse = fa4_forward_bsnd(q, k, v, seqused_k, args)
     return (out, lse), (q, k, v, out, lse, seqused_k)
-
-
-# Head dims whose FA4 sm90 backward matched the float64 reference on an H200 (FA4 4.0.0b36,
-# benchmarks/results/2026-11-30-h200-round2/): its d=40 gradients were wrong there (relative error
-# 1.0, through torch as well as through JAX), so a gradient at an unverified head dim raises.
-VERIFIED_BACKWARD_HEAD_DIMS = (64, 128)
 
 
 def check_backward_head_dim(d: int) -> None:

@@ -6,8 +6,10 @@ float64 on standard-normal inputs, limited by e4m3's 3 mantissa bits in P and V)
 selection never picks it: ask for it with `backend="sage"` or `jax_attn.use_backend("sage")`.
 
 Forward only. `Needs` reports forward-mode autodiff (declined here, as everywhere a custom VJP
-rules it out) but not reverse mode, which cannot be seen at trace time; a reverse-mode
-gradient through this backend raises from the custom VJP's backward with a message naming
+rules it out) but not reverse mode, which cannot be seen at trace time. In a preference list
+(`use_backend("sage,cudnn")`) routing differentiates through the next backend that can
+(`backward_reasons`), so one program samples in 8 bits and trains exactly; named alone, a
+reverse-mode gradient through it raises from the custom VJP's backward with a message naming
 backend='sage'. Its lse has no gradient either (`supports_lse_grad=False`).
 
 On a machine without a GPU, `JAX_ATTN_INTERPRET=1` runs the kernel in Mosaic GPU's interpret mode
@@ -59,6 +61,9 @@ class Sage(Backend):
         if spec.mask_kind == "bool" and not spec.per_key_mask:
             why.append("a full (sq, skv) bool mask is not supported (per-key masks (b, 1|n, 1, skv) are)")
         return why
+
+    def backward_reasons(self, spec):
+        return ["forward only: 8-bit inference attention has no backward kernel"]
 
     def _forward(self, inputs, return_lse):
         spec = inputs.spec

@@ -19,6 +19,7 @@ The backward is the ring's own custom VJP. Per block it runs, by the local backe
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from typing import Any
 
@@ -26,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from ..backends import BACKENDS, Needs
-from ..routing import choose, current_choice, decide
+from ..routing import ROUTER, choose, current_choice, decide
 from .layout import _axes, _local, _lse_col
 from .ring_backward import STATS_BACKWARDS, delta
 
@@ -142,7 +143,9 @@ def _ring_fn(ring: _Ring):
     def block_segments(q_ids, kv_ids_j):
         return None if q_ids is None else (q_ids, kv_ids_j)
 
-    def forward(q, k, v, mask, kv_lengths, q_ids, kv_ids):
+    def forward(q, k, v, mask, kv_lengths, q_ids, kv_ids, pick=None):
+        """The merged `(out, lse)`; `pick(local_spec)`: the blocks' backend (default: routing's
+        choice for a call nothing differentiates)."""
         i = jax.lax.axis_index(ring.axis)
         seq, head = _axes(layout)
         out = jnp.zeros(q.shape[:-1] + v.shape[-1:], jnp.float32)
@@ -153,7 +156,8 @@ def _ring_fn(ring: _Ring):
             if t < ring.n - 1:  # issued before the compute so the transfer can overlap it
                 nxt = jax.lax.ppermute(kv, ring.axis, ring.perm())
             m_j, l_j = ring.block(mask, kv_lengths, j)
-            out_t, lse_t = ring.dispatch(i, j, ring.step, q, kv[0], kv[1], m_j, l_j,
+            step = functools.partial(ring.step, backend=pick)
+            out_t, lse_t = ring.dispatch(i, j, step, q, kv[0], kv[1], m_j, l_j,
                                          block_segments(q_ids, kv[2]), i, j)
             out, lse = _merge(out, lse, out_t, lse_t, layout)
             if t < ring.n - 1:
@@ -165,7 +169,10 @@ def _ring_fn(ring: _Ring):
         return forward(q, k, v, mask, kv_lengths, q_ids, kv_ids)
 
     def fwd(q, k, v, mask, kv_lengths, q_ids, kv_ids):
-        out, lse = forward(q, k, v, mask, kv_lengths, q_ids, kv_ids)
+        # Differentiated: the blocks run the choice for training (a forward-only backend first in
+        # a preference list serves only calls nothing differentiates), whose gradient follows.
+        out, lse = forward(q, k, v, mask, kv_lengths, q_ids, kv_ids,
+                           pick=lambda local_spec: ROUTER.chosen(decide(local_spec, ring.backend)))
         return (out, lse), (q, k, v, mask, kv_lengths, q_ids, kv_ids, out, lse)
 
     def bwd(res, cts):
