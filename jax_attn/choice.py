@@ -57,9 +57,12 @@ class Decision:
     source: str
     candidates: tuple[str, ...]
     reasons: dict  # name -> list of reasons (empty = could serve)
-    forward_only: str | None = None  # auto: the backend when nothing differentiates the call
+    # The backend for calls nothing differentiates, where it differs from `backend` (auto's
+    # inference order, or a forward-only backend ahead in a named list).
+    forward_only: str | None = None
     kernel: str | None = None  # the kernel the chosen backend runs, where a backend has several
     kernel_why: str = ""
+    no_backward: tuple = ()  # why a gradient through `backend` would raise (forward-only kernels)
 
     def kernel_line(self) -> str:
         """The line saying which kernel runs and why (a framework's subclass may word it)."""
@@ -71,6 +74,8 @@ class Decision:
             lines[0] += f"; {self.forward_only} when nothing differentiates the call"
         if self.kernel:
             lines.append(self.kernel_line())
+        if self.no_backward:
+            lines.append(f"differentiating it raises: {'; '.join(self.no_backward)}")
         for name, why in self.reasons.items():
             lines.append(f"  {name:8s} " + ("ok" if not why else "; ".join(why)))
         return "\n".join(lines)
@@ -162,7 +167,10 @@ class Router:
             if inference_preference is not None:
                 inference = self.first_automatic(inference_preference(), reasons)
                 forward_only = inference if chosen and inference != chosen else None
-        return decision(chosen, source, candidates, reasons, forward_only)
+        no_backward = ()
+        if chosen is not None and backward_reasons_of is not None:
+            no_backward = tuple(backward_reasons_of(self.registry[chosen]))
+        return decision(chosen, source, candidates, reasons, forward_only, no_backward=no_backward)
 
     def chosen(self, d: Decision):
         """The registry's backend for `d`: raises `BackendError` with every reason when none can
@@ -180,6 +188,8 @@ class Router:
             key = (d.candidates, d.backend, tuple(tuple(d.reasons[n]) for n in skipped))
             if key not in self.logged:
                 self.logged.add(key)
-                self.log.warning("attention: using %r from %s; skipped %s", d.backend, d.source,
+                using = repr(d.backend) if not d.forward_only else (
+                    f"{d.forward_only!r} (differentiated: {d.backend!r})")
+                self.log.warning("attention: using %s from %s; skipped %s", using, d.source,
                                  "; ".join(f"{n} ({', '.join(d.reasons[n])})" for n in skipped))
         return self.registry[d.backend]

@@ -140,8 +140,9 @@ def _by_mode(inference: Backend, training: Backend):
 
 
 def choose(spec: Spec, backend=None, needs: Needs | None = None):
-    """A callable `(inputs, return_lse)` running the backend for `spec` (under "auto", the pair of
-    `_by_mode` where inference and training choose differently); raises `BackendError` with every
+    """A callable `(inputs, return_lse)` running the backend for `spec` (the pair of `_by_mode`
+    where the calls nothing differentiates and the differentiated ones choose differently: auto's
+    two orders, or a forward-only backend ahead in a named list); raises `BackendError` with every
     reason when none can serve."""
     needs = needs or Needs()
     d = decide(spec, backend, needs)

@@ -291,5 +291,6 @@ def test_forward_only_backends_give_way_under_differentiation():
     assert (d.backend, d.forward_only) == ("xla", "sage")
     d = routing.decide(_spec(), "sage")
     assert (d.backend, d.forward_only) == ("sage", None)
+    assert "differentiating it raises: forward only" in str(d)
     d = routing.decide(_spec(), "naive,sage")
     assert (d.backend, d.forward_only) == ("naive", None)

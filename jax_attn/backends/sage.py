@@ -7,7 +7,7 @@ selection never picks it: ask for it with `backend="sage"` or `jax_attn.use_back
 
 Forward only. `Needs` reports forward-mode autodiff (declined here, as everywhere a custom VJP
 rules it out) but not reverse mode, which cannot be seen at trace time. In a preference list
-(`use_backend("sage,cudnn")`) routing differentiates through the next backend that can
+(`use_backend("sage,pallas")`) routing differentiates through the next backend that can
 (`backward_reasons`), so one program samples in 8 bits and trains exactly; named alone, a
 reverse-mode gradient through it raises from the custom VJP's backward with a message naming
 backend='sage'. Its lse has no gradient either (`supports_lse_grad=False`).
