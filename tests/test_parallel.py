@@ -329,3 +329,24 @@ def test_ring_with_a_forward_only_backend_first(monkeypatch):
         ran.clear()
         check(q, k, v, kw, "chunked,naive", contextlib.nullcontext())  # inside the ring's context
     assert "chunked" not in ran and "naive" in ran
+
+
+@pytest.mark.parametrize("method", ["ulysses", "local"])
+def test_lse_without_gradient_is_guarded_on_several_devices(method, monkeypatch):
+    """A local backend whose lse has no gradient (as cuDNN): differentiating the lse raises, as on
+    one device, instead of losing its share; returning it without differentiating it does not."""
+    monkeypatch.setattr(BACKENDS["naive"], "supports_lse_grad", False)
+    rng = np.random.default_rng(10)
+    q, k, v, _ = make(rng, sq=64, skv=64)
+    m = mesh(2)
+    context = (parallel.sequence_parallel(m, "sp", "ulysses") if method == "ulysses"
+               else parallel.shard_local(m, head_axis="sp"))
+
+    def loss(q, use_lse):
+        out, lse = jax_attn.attention_forward(q, k, v, backend="naive", return_lse=True)
+        return jnp.sum(out) + (jnp.sum(lse) if use_lse else 0.0)
+
+    with context:
+        jax.jit(jax.grad(lambda q: loss(q, False)))(q)  # the lse returned, not differentiated
+        with pytest.raises(ValueError, match="'naive'.*log-sum-exp it returns has no gradient"):
+            jax.jit(jax.grad(lambda q: loss(q, True)))(q)

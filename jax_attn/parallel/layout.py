@@ -10,6 +10,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from ..arrays import pad_to
+from ..backends.base import lse_without_gradient
 from ..inputs import AttentionInputs
 from ..routing import choose
 
@@ -48,5 +49,14 @@ def _local(spec, q, k, v, mask, kv_lengths, is_causal=None, segments=None):
 
 
 def _run(inputs, backend, return_lse):
-    res = choose(inputs.spec, backend)(inputs, return_lse)
-    return res if return_lse else (res, None)
+    """`(out, lse | None)` of one device's local call. A backend whose lse has no gradient gets
+    the same guard as a single-device call (`api.attention_forward`): differentiating that lse
+    raises instead of reading as a constant."""
+    run = choose(inputs.spec, backend)
+    res = run(inputs, return_lse)
+    if not return_lse:
+        return res, None
+    out, lse = res
+    if not run.supports_lse_grad:
+        lse = lse_without_gradient(run.name)(lse)
+    return out, lse
