@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
+from test_parallel import CASES as PARALLEL_CASES
 from test_parallel import check, make, mesh
 
 import jax_attn
@@ -17,17 +18,9 @@ from jax_attn import parallel, reference
 
 TOL = reference.TOLERANCE["float32"]
 
-CASES = {
-    "uneven": dict(),
-    "kv_lengths": dict(lengths=[300, 41]),
-    "key_mask+lengths": dict(mask="key", lengths=[333, 0]),  # sample 1: no keys at all
-    "full_mask": dict(mask="full"),
-    "causal": dict(causal=True),
-    "causal_cross": dict(causal=True, sq=200, skv=333, lengths=[150, 333]),
-    "gqa": dict(n=8, n_kv=2, causal=True),
-    "mqa": dict(n=8, n_kv=1, mask="key"),
-    "bsnd": dict(layout="bsnd", causal=True, lengths=[333, 100]),
-}
+# test_parallel's cases without `cross_text`: the set this module has run, in the same order
+# (so with the same seeds).
+CASES = {name: case for name, case in PARALLEL_CASES.items() if name != "cross_text"}
 
 
 def hybrid(shape=(2, 2), **kw):

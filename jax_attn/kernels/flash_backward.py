@@ -26,9 +26,9 @@ from jax.experimental import pallas as pl
 
 from .flash_call import KernelCall, _dkdv_blocks, _dq_blocks, _query_blocks
 from .flash_tiles import (
-    _SQ, LOG2E, _and, _append_masks, _append_segments, _bh, _bias_terms, _col_mask,
-    _compiler_params, _dot, _in_window, _key_range, _kv_end, _load, _mk_idx, _over_key_blocks,
-    _pop_segments, _seq_spec, _store)
+    _SQ, LOG2E, _and, _append_masks, _append_row_block_inputs, _append_segments, _bh, _bias_terms,
+    _col_mask, _compiler_params, _dot, _in_window, _key_range, _kv_end, _load, _mk_idx,
+    _over_key_blocks, _pop_segments, _seq_spec, _store)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -300,13 +300,7 @@ def _backward(st: KernelCall, q, k, v, key_bias, bias, kv_lengths, out, lse, do,
     row_spec = pl.BlockSpec((_SQ, _SQ, bq), lambda i, b, h: (b, h, i))
     in_specs = [q_spec(st.dp), kv_spec(st.dp), kv_spec(st.dvp), q_spec(st.dvp), row_spec, row_spec]
     args = [q, k, v, do, lse2, delta]
-    _append_masks(
-        st, args, in_specs, kv_lengths, key_bias, bias,
-        lambda: pl.BlockSpec((_SQ, _SQ, st.skv), lambda i, b, h: (*_bh(st.key_bias_dims, b, h), 0)),
-        lambda: pl.BlockSpec((_SQ, _SQ, bq, st.skv), lambda i, b, h: (*_bh(st.bias_dims, b, h), i, 0)))
-    _append_segments(st, args, in_specs, q_ids, kv_ids, bq, bk,
-                     pl.BlockSpec((_SQ, bq), lambda i, b, h: (b, i)),
-                     pl.BlockSpec((_SQ, st.skv), lambda i, b, h: (b, 0)))
+    _append_row_block_inputs(st, args, in_specs, kv_lengths, key_bias, bias, q_ids, kv_ids, bq, bk)
     out_specs, out_shape = [q_spec(st.dp)], [jax.ShapeDtypeStruct(q.shape, q.dtype)]
     if st.bias_grads[1]:  # d bias: one (bq, skv) row strip per program, every tile written
         out_specs.append(pl.BlockSpec((_SQ, _SQ, bq, st.skv), lambda i, b, h: (b, h, i, 0)))

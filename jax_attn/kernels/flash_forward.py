@@ -17,7 +17,7 @@ from jax.experimental import pallas as pl
 
 from .flash_call import KernelCall, _fwd_blocks
 from .flash_tiles import (
-    _SQ, LN2, LOG2E, _and, _append_masks, _append_segments, _bh, _bias_terms, _col_mask,
+    _SQ, LN2, LOG2E, _and, _append_row_block_inputs, _bias_terms, _col_mask,
     _compiler_params, _dot, _in_window, _kv_end, _load, _over_key_blocks, _pop_segments,
     _seq_spec, _store)
 
@@ -96,13 +96,7 @@ def _forward(st: KernelCall, q, k, v, key_bias, bias, kv_lengths, q_ids=None, kv
     kv_spec = _seq_spec(st, st.skv, _SQ, lambda i, b, h: (b, h // g, 0, 0))
     in_specs = [q_spec(st.dp), kv_spec(st.dp), kv_spec(st.dvp)]
     args = [q, k, v]
-    _append_masks(
-        st, args, in_specs, kv_lengths, key_bias, bias,
-        lambda: pl.BlockSpec((_SQ, _SQ, st.skv), lambda i, b, h: (*_bh(st.key_bias_dims, b, h), 0)),
-        lambda: pl.BlockSpec((_SQ, _SQ, bq, st.skv), lambda i, b, h: (*_bh(st.bias_dims, b, h), i, 0)))
-    _append_segments(st, args, in_specs, q_ids, kv_ids, bq, bk,
-                     pl.BlockSpec((_SQ, bq), lambda i, b, h: (b, i)),
-                     pl.BlockSpec((_SQ, st.skv), lambda i, b, h: (b, 0)))
+    _append_row_block_inputs(st, args, in_specs, kv_lengths, key_bias, bias, q_ids, kv_ids, bq, bk)
     out_shape = [jax.ShapeDtypeStruct(_out_shape(st, q), q.dtype),
                  jax.ShapeDtypeStruct((batch, heads, st.sq), jnp.float32)]
     out_specs = [q_spec(st.dvp), pl.BlockSpec((_SQ, _SQ, bq), lambda i, b, h: (b, h, i))]

@@ -206,6 +206,19 @@ def _append_masks(st, args, specs, kv_lengths, key_bias, bias, key_bias_spec, bi
         specs.append(bias_spec())
 
 
+def _append_row_block_inputs(st, args, specs, kv_lengths, key_bias, bias, q_ids, kv_ids, bq, bk):
+    """`_append_masks` and `_append_segments` for a kernel gridded `(query block, batch, head)`
+    (the forward and dQ): each program reads its `bq` rows of a full bias, its rows' ids, and
+    every key's bias and ids."""
+    _append_masks(
+        st, args, specs, kv_lengths, key_bias, bias,
+        lambda: pl.BlockSpec((_SQ, _SQ, st.skv), lambda i, b, h: (*_bh(st.key_bias_dims, b, h), 0)),
+        lambda: pl.BlockSpec((_SQ, _SQ, bq, st.skv), lambda i, b, h: (*_bh(st.bias_dims, b, h), i, 0)))
+    _append_segments(st, args, specs, q_ids, kv_ids, bq, bk,
+                     pl.BlockSpec((_SQ, bq), lambda i, b, h: (b, i)),
+                     pl.BlockSpec((_SQ, st.skv), lambda i, b, h: (b, 0)))
+
+
 def _bh(dims, b, h):
     """Block index of a mask with size-1 batch/head dims (broadcast through the index map)."""
     return (b if dims[0] else 0), (h if dims[1] else 0)

@@ -24,11 +24,6 @@ def _hybrid(spec, u_axis, n_u, r_axis, n_r, q, k, v, mask, kv_lengths, backend, 
     given, are this device's ids, like q, k, v: Ulysses gathers them to chunk r, the ring rotates
     the key chunk's ids with its keys.
     """
-    if n_r == 1:  # a ring of one device: plain Ulysses (a ring step would only add its merge and
-        # a block backward; on 2 H200s the 1 x 2 hybrid trained at 0.64 of linear, Ulysses at 0.94)
-        return _ulysses(spec, u_axis, n_u, q, k, v, mask, kv_lengths, backend, return_lse,
-                        segments=segments)
-
     def ring(q, k, v, mask, kv_lengths, segments):
         return _ring(spec, r_axis, n_r, q, k, v, mask, kv_lengths, backend, return_lse, segments)
 
