@@ -60,6 +60,19 @@ TUNE = {
 }
 TUNE_SHAPES = {64: [(2, 10, 4096, 4096, 64)],
                128: [(1, 24, 4608, 4608, 128), (1, 40, 16384, 16384, 128)]}
+# --tune-set overlap: the forward's intra-warpgroup overlap (MosaicConfig.overlap) against the
+# default pipeline, on every self-attention shape of the FA4 comparison (d = 40 runs at 64).
+TUNE_SETS = {
+    "default": (TUNE, TUNE_SHAPES),
+    "overlap": ({64: [{}, {"overlap": True, "block_kv": 128},
+                      {"overlap": True, "block_kv": 128, "fwd_registers": (240, 24)}],
+                 128: [{}, {"overlap": True}, {"overlap": True, "fwd_registers": (240, 24)},
+                       {"overlap": True, "stages": 3, "fwd_registers": (240, 24)}]},
+                {64: [(2, 10, 4096, 4096, 64), (2, 8, 4096, 4096, 40)],
+                 128: [(1, 24, 4608, 4608, 128), (1, 40, 16384, 16384, 128)]}),
+}
+FWD_ONLY = [False]  # --fwd-only: the tuning times the forward alone
+SMALL_CONFIG = [{}]  # --small-config JSON: MosaicConfig fields changed in the small checks
 
 
 def rel(a, r):
@@ -92,6 +105,12 @@ def check_small():
     if QUICK_SMALL[0]:  # one short device visit: the features that stress the kernel most
         runs = [runs[0], runs[2], runs[3], runs[4], runs[-1]]
     runs = [(dt, tol, c, "auto") for dt, tol, c in runs]
+    if SMALL_CONFIG[0]:
+        import dataclasses
+
+        from jax_attn.kernels.mosaic_attention import default_config
+        runs = [(dt, tol, (*c[:-1], dict(c[-1], config=dataclasses.replace(
+            default_config(c[5]), **SMALL_CONFIG[0]))), bwd) for dt, tol, c, bwd in runs]
     if TRITON_BWD[0]:  # the same features through the Triton backward (d <= 128; above, default)
         runs += [(dt, tol, c, "triton") for dt, tol, c, _ in runs if c[5] <= 128]
     rows = []
@@ -116,7 +135,7 @@ def check_small():
             kw["kv_lengths"] = jnp.asarray(kvl, jnp.int32)
         t = (lambda x: x) if layout == "bnsd" else (lambda x: np.swapaxes(x, 1, 2))
         name = (f"{jnp.dtype(dtype).name} b{b} n{n}/{nkv} sq{sq} skv{skv} d{d} {layout} "
-                f"{sorted(set(kw) - {'backward'})} bwd={bwd}")
+                f"{sorted(set(kw) - {'backward', 'config'})} bwd={bwd} {SMALL_CONFIG[0] or ''}")
         try:
             def fb(q, k, v, do, dl):
                 (o, lse), vjp = jax.vjp(
@@ -156,8 +175,9 @@ def _short(e):
     return (" | ".join(lines[:1] + lines[-3:]) if lines else repr(e))[:600]
 
 
-def tune():
-    """Time every TUNE config of each bucket, forward and forward+backward, on its shapes.
+def tune(tune_set="default"):
+    """Time every config of the tune set (TUNE_SETS) of each bucket, forward and (unless
+    --fwd-only) forward+backward, on its shapes.
 
     Returns ({bucket: the config fastest forward+backward on the bucket's first shape}, rows)."""
     import dataclasses
@@ -170,8 +190,9 @@ def tune():
 
     best = {}
     results = []
-    for bucket, changes in TUNE.items():
-        for i, (b, n, sq, skv, d) in enumerate(TUNE_SHAPES[bucket]):
+    changes_of, shapes_of = TUNE_SETS[tune_set]
+    for bucket, changes in changes_of.items():
+        for i, (b, n, sq, skv, d) in enumerate(shapes_of[bucket]):
             keys = jax.random.split(jax.random.key(7), 4)
             q, k, v, do = (jax.random.normal(kk, (b, s, n, d), jnp.bfloat16)
                            for kk, s in zip(keys, (sq, skv, skv, sq)))
@@ -196,10 +217,14 @@ def tune():
                     fwd_jit = jax.jit(fwd)
                     row["rel err"] = rel(np.asarray(fwd_jit(q, k, v)[:, :, h], np.float32), ref)
                     row["fwd ms"] = time_ms(fwd_jit, q, k, v)
-                    row["fwd+bwd ms"] = time_ms(jax.jit(fb), q, k, v, do, reps=10, inner=3)
+                    row["fwd TFLOP/s"] = flops / row["fwd ms"] / 1e9
+                    if not FWD_ONLY[0]:
+                        row["fwd+bwd ms"] = time_ms(jax.jit(fb), q, k, v, do, reps=10, inner=3)
                     log.info("tune %s %s: rel err %.1e, fwd %.3f ms (%.0f TFLOP/s), "
-                             "fwd+bwd %.3f ms", row["shape"], change, row["rel err"], row["fwd ms"],
-                             flops / row["fwd ms"] / 1e9, row["fwd+bwd ms"])
+                             "fwd+bwd %s ms", row["shape"], change, row["rel err"], row["fwd ms"],
+                             row["fwd TFLOP/s"], row.get("fwd+bwd ms"))
+                    if FWD_ONLY[0]:
+                        continue
                     if cfg is not None and i == 0 and (bucket not in best
                                                        or row["fwd+bwd ms"] < best[bucket][1]):
                         best[bucket] = (cfg, row["fwd+bwd ms"])
@@ -213,11 +238,12 @@ def tune():
 def tune_table(rows):
     """The tuning rows as a table, each against cuDNN on the same shape in the same run."""
     ref = {tuple(r["shape"]): r for r in rows if r["change"] == "cudnn"}
-    out = ["| b,n,sq,skv,d | change | rel err | fwd ms | fwd vs cuDNN | fwd+bwd ms | "
-           "fwd+bwd vs cuDNN |", "|---|---|---|---|---|---|---|"]
+    out = ["| b,n,sq,skv,d | change | rel err | fwd TFLOP/s | fwd ms | fwd vs cuDNN | fwd+bwd ms | "
+           "fwd+bwd vs cuDNN |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         c = ref.get(tuple(r["shape"]), {})
-        cells = [f"{r['rel err']:.1e}" if "rel err" in r else "-"]
+        cells = [f"{r['rel err']:.1e}" if "rel err" in r else "-",
+                 f"{r['fwd TFLOP/s']:.0f}" if "fwd TFLOP/s" in r else "-"]
         for key in ("fwd ms", "fwd+bwd ms"):
             cells.append(f"{r[key]:.3f}" if key in r else r.get("error", "-")[:60])
             cells.append(f"{c[key] / r[key]:.3f}x" if key in r and key in c else "-")
@@ -349,8 +375,14 @@ def main():
     p.add_argument("--quick-small", action="store_true", help="5 small checks, not 9")
     p.add_argument("--tune-first", action="store_true", help="bench with the tuned configs")
     p.add_argument("--budget", type=float, default=0, help="seconds; skip timings after it")
+    p.add_argument("--tune-set", default="default", choices=sorted(TUNE_SETS))
+    p.add_argument("--fwd-only", action="store_true", help="the tuning times forwards only")
+    p.add_argument("--small-config", default="{}",
+                   help='JSON MosaicConfig fields for the small checks, e.g. {"overlap": true}')
     a = p.parse_args()
     QUICK_SMALL[0] = a.quick_small
+    FWD_ONLY[0] = a.fwd_only
+    SMALL_CONFIG[0] = json.loads(a.small_config)
     TRITON_BWD[0] = a.triton_bwd
     if a.budget:
         DEADLINE[0] = time.time() + a.budget
@@ -362,13 +394,13 @@ def main():
     log.info("versions %s", info)
     small = [] if a.skip_small else check_small()
     if a.tune_first:
-        best, tuned = tune() if a.tune else ({}, [])
+        best, tuned = tune(a.tune_set) if a.tune else ({}, [])
         log.info("best configs %s", best)
     else:
         best, tuned = {}, []
     rows = [] if a.quick else bench(best)
     if a.tune and not a.tune_first:  # after the main table, with whatever time is left
-        _, tuned = tune()
+        _, tuned = tune(a.tune_set)
     (out / "bench.json").write_text(json.dumps(
         {"versions": info, "rows": rows, "small": small, "tune": tuned,
          "best": {k: str(v) for k, v in best.items()}}, indent=1, default=str))

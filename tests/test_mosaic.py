@@ -155,6 +155,27 @@ def test_head_dim_256_and_broadcast_key_mask():
     check(1, 1, 1, 64, 64, 256, key_mask=mask, config=M.MosaicConfig(64, 64, 2), grads=False)
 
 
+# --- intra-warpgroup overlap (MosaicConfig.overlap): S of the next block and P V of this one
+# issued together, the next softmax while P V runs, the two warpgroups taking turns through
+# their `turn` barriers (the interpreter checks every arrival and wait of that protocol).
+
+@needs_mgpu
+def test_overlap_pipeline_unmasked():
+    # 4 key blocks through a 2-slot ring (prologue, 3 overlapped steps, epilogue), 2 query tiles.
+    out, lse = check(1, 2, 1, 256, 256, 64, grads=False,
+                     config=M.MosaicConfig(64, 64, 2, overlap=True))
+    assert np.all(np.isfinite(lse))
+
+
+@SLOW
+@needs_mgpu
+@pytest.mark.parametrize("skv,stages", [(300, 3), (40, 2)])  # 5 blocks mid-ring; one block
+def test_overlap_masked_gqa_empty_row(skv, stages):
+    out, _ = check(2, 4, 2, 70, skv, 40, layout="bsnd", kv_lengths=[0, skv // 2],
+                   config=M.MosaicConfig(64, 64, stages, overlap=True))
+    np.testing.assert_array_equal(np.asarray(out[0], np.float32), 0.0)
+
+
 # --- the Mosaic backward (the default for head dims up to 128) ---------------------------------
 
 @SLOW

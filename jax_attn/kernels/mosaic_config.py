@@ -50,6 +50,14 @@ class MosaicConfig:
     # profile: benchmarks/results/2026-11-23-h100-mosaic-grid/README.md.
     q_major_grid: bool = True
     bwd_stages: int = 2  # shared-memory slots of the tiles the backward kernels stream
+    # Intra-warpgroup overlap in the forward (FlashAttention-3's second technique): each step
+    # issues S = Q K^T of the next key block and O += P V of this one back to back, waits for
+    # the first only, and runs the next block's softmax while P V is on the tensor cores. It
+    # holds two P tiles and an S tile live beside O, so it wants 128-key blocks.
+    overlap: bool = False
+    # The forward's registers per thread, (compute, producer) warpgroups: 2 x 128 x compute +
+    # 128 x producer must fit the SM's 65536 (FA4 runs 240 / 24 with overlap).
+    fwd_registers: tuple[int, int] = (232, 40)
 
 
 def head_dim_padded(d: int) -> int | None:
@@ -69,9 +77,12 @@ def default_config(d: int) -> MosaicConfig:
     # (4 would not leave shared memory to spare). Measurements:
     # benchmarks/results/2026-11-23-h100-mosaic-grid/README.md and
     # benchmarks/results/2026-11-23-h100-mosaic-bwd/README.md.
+    # Intra-warpgroup overlap at d = 128 only: on an H200 it lifts the forward 3-4% (4608 and
+    # 16k tokens); at d = 64 and 40 it is 5-15% slower (its 128-key blocks lose to 256 without
+    # it). benchmarks/results/2026-11-30-h200-round4/README.md.
     if dp == 64:
         return MosaicConfig(block_q=64, block_kv=256, stages=2, bwd_stages=4)
-    return MosaicConfig(block_q=64, block_kv=128, stages=2, bwd_stages=3)
+    return MosaicConfig(block_q=64, block_kv=128, stages=2, bwd_stages=3, overlap=True)
 
 
 class _FasterThanTriton(collections.abc.Mapping):

@@ -6,7 +6,8 @@ Design (one CTA = three warpgroups):
   `2 * block_q` queries of one head. Warpgroup 2 is the producer: it only issues TMA copies of
   the K and V tiles (and the optional key-bias vector) into a ring of `stages` shared-memory
   slots, waiting on per-slot "consumed" barriers before it overwrites a slot. It gives its
-  registers away (`set_max_registers(40)`); the compute warpgroups take 232.
+  registers away (`set_max_registers(40)`); the compute warpgroups take 232
+  (`MosaicConfig.fwd_registers`).
 * Per key block a compute warpgroup issues S = Q K^T as a wgmma (Q and K from shared memory,
   K transposed through a `transpose_ref` view, no copy), does the online softmax in registers
   (base-2 logits: `exp2` is one instruction, so `qk_scale = scale * log2(e)` folds into one FMA
@@ -15,6 +16,12 @@ Design (one CTA = three warpgroups):
   barrier: one issues its matmul while the other does its softmax (ping-pong). Warpgroup 1
   starts one phase late and warpgroup 0 ends one phase late, so both pass the barrier the same
   number of times.
+* With `MosaicConfig.overlap` (the default at d = 128) each warpgroup also overlaps with itself,
+  as FlashAttention-3/4 do: it issues S = Q K^T of the next key block and O += P V of this one
+  together, waits for the first only, and runs the next softmax while P V is on the tensor
+  cores; the warpgroups then take turns per step through two `turn` barriers instead of the
+  schedule barrier. Pallas has no named (hardware) barriers, so the turns are mbarriers in
+  shared memory, where FA4 uses `bar.sync`.
 * The producer, after its last copy, waits for the final consumption of every slot, so that
   each thread observes every phase of every barrier it waits on (the interpreter checks this).
 * The epilogue writes O (reusing Q's shared-memory tile) and the natural-log LSE back by TMA.
@@ -62,6 +69,8 @@ class _Fwd:
     qk_scale: float  # scale * log2(e)
     groups: int  # query heads per k/v head
     key_bias_dims: tuple[bool, bool] | None  # key bias varies over (b, n)
+    overlap: bool = False  # intra-warpgroup overlap (MosaicConfig.overlap)
+    registers: tuple[int, int] = (232, 40)  # per thread: compute, producer warpgroups
 
     def rows(self, ref, b, h, start, size):  # a (size, dp) tile of a 4-d q/k/v/o ref
         return ref.at[b, h, pl.ds(start, size)] if self.bnsd else ref.at[b, pl.ds(start, size), h]
@@ -92,22 +101,27 @@ class _FwdRefs:
     v_done: Any
     sched: Any
     kb_bar: Any
+    turn: Any  # overlap only: turn.at[w] lets warpgroup w issue its matmuls
 
     @classmethod
-    def unpack(cls, has_kb, q_ref, k_ref, v_ref, refs):
+    def unpack(cls, fw: _Fwd, q_ref, k_ref, v_ref, refs):
         """From the kernel's arguments, in the order `_fwd_call` declares them."""
-        kb_ref = kb_smem = None
+        has_kb = fw.has_kb
+        kb_ref = kb_smem = kb_bar = turn = None
         if has_kb:
             kb_ref, *refs = refs
         o_ref, lse_ref, q_smem, k_smem, v_smem, lse_smem, *refs = refs
         if has_kb:
             kb_smem, *refs = refs
         q_bar, k_bar, v_bar, k_done, v_done, sched, *refs = refs
-        kb_bar = refs[0] if has_kb else None
+        if has_kb:
+            kb_bar, *refs = refs
+        if fw.overlap:
+            turn, *refs = refs
         return cls(q_ref=q_ref, k_ref=k_ref, v_ref=v_ref, kb_ref=kb_ref, o_ref=o_ref,
                    lse_ref=lse_ref, q_smem=q_smem, k_smem=k_smem, v_smem=v_smem,
                    lse_smem=lse_smem, kb_smem=kb_smem, q_bar=q_bar, k_bar=k_bar, v_bar=v_bar,
-                   k_done=k_done, v_done=v_done, sched=sched, kb_bar=kb_bar)
+                   k_done=k_done, v_done=v_done, sched=sched, kb_bar=kb_bar, turn=turn)
 
     def sched_sync(self):
         plgpu.barrier_arrive(self.sched)
@@ -121,7 +135,7 @@ def _fwd_kernel(fw: _Fwd, r: _FwdRefs):
 
     @pl.when(wg < 2)
     def _compute():
-        _fwd_consumer(fw, r, qt, h, b, wg)
+        (_fwd_consumer_overlap if fw.overlap else _fwd_consumer)(fw, r, qt, h, b, wg)
 
     @pl.when(wg == 2)
     def _producer():
@@ -134,8 +148,23 @@ def _fwd_kernel(fw: _Fwd, r: _FwdRefs):
 
 def _fwd_consumer(fw: _Fwd, r: _FwdRefs, qt, h, b, wg):
     """Compute warpgroup `wg`: load its Q tile, run the key loop, then the epilogue."""
+    q_tile, q0, (acc, m_i, l_i) = _consumer_start(fw, r, qt, h, b, wg)
+    sched_sync = r.sched_sync  # one function object: both `pl.when`s share one traced branch
+    plgpu.barrier_wait(r.k_bar.at[0])
+    pl.when(wg == 1)(sched_sync)
+
+    step = functools.partial(_fwd_step, fw, r, q_tile)
+    acc, m_i, l_i = lax.fori_loop(0, fw.n_steps, step, (acc, m_i, l_i))
+    pl.when(wg == 0)(sched_sync)
+
+    _fwd_epilogue(fw, r, q_tile, acc, m_i, l_i, b, h, wg, q0)
+
+
+def _consumer_start(fw: _Fwd, r: _FwdRefs, qt, h, b, wg):
+    """Take the registers, load this warpgroup's Q tile; returns it, its first row and the
+    initial (acc, m, l)."""
     bq, dp, interp = fw.bq, fw.dp, fw.interp
-    plgpu.set_max_registers(232, action="increase")
+    plgpu.set_max_registers(fw.registers[0], action="increase")
     q_tile = r.q_smem.at[wg]
     q0 = qt * (2 * bq) + wg * bq
     plgpu.copy_gmem_to_smem(fw.rows(r.q_ref, b, h, q0, bq), q_tile, r.q_bar.at[wg])
@@ -146,16 +175,7 @@ def _fwd_consumer(fw: _Fwd, r: _FwdRefs, qt, h, b, wg):
     acc = fw.layout_cast(jnp.zeros((bq, dp), jnp.float32), acc_layout)
     m_i = fw.layout_cast(jnp.full((bq,), -jnp.inf, jnp.float32), row_layout)
     l_i = fw.layout_cast(jnp.zeros((bq,), jnp.float32), row_layout)
-
-    sched_sync = r.sched_sync  # one function object: both `pl.when`s share one traced branch
-    plgpu.barrier_wait(r.k_bar.at[0])
-    pl.when(wg == 1)(sched_sync)
-
-    step = functools.partial(_fwd_step, fw, r, q_tile)
-    acc, m_i, l_i = lax.fori_loop(0, fw.n_steps, step, (acc, m_i, l_i))
-    pl.when(wg == 0)(sched_sync)
-
-    _fwd_epilogue(fw, r, q_tile, acc, m_i, l_i, b, h, wg, q0)
+    return q_tile, q0, (acc, m_i, l_i)
 
 
 def _fwd_step(fw: _Fwd, r: _FwdRefs, q_tile, i, carry):
@@ -171,14 +191,7 @@ def _fwd_step(fw: _Fwd, r: _FwdRefs, q_tile, i, carry):
 def _fwd_scores(fw: _Fwd, r: _FwdRefs, q_tile, slot):
     """S = Q K^T for the K tile in `slot` (and that slot's key bias, or None); releases K."""
     bq, bk, interp = fw.bq, fw.bk, fw.interp
-    kbias = None
-    if fw.has_kb:  # read the key bias before the slot is released with K
-        plgpu.barrier_wait(r.kb_bar.at[slot])
-        if interp:
-            kbias = r.kb_smem[slot]
-        else:
-            kbias = plgpu.load(r.kb_smem.at[slot], (),
-                               layout=plgpu.Layout.WGMMA.reduce(0))
+    kbias = _key_bias(fw, r, slot)
     if interp:
         s = lax.dot_general(q_tile[...], r.k_smem[slot], (((1,), (1,)), ((), ())),
                             preferred_element_type=jnp.float32)
@@ -193,10 +206,22 @@ def _fwd_scores(fw: _Fwd, r: _FwdRefs, q_tile, slot):
     return s, kbias
 
 
-def _online_softmax(fw: _Fwd, s, kbias, acc, m_i, l_i):
-    """Online softmax in base 2: returns (acc, l_i) rescaled, the new running max, and P in the
-    input dtype."""
-    bq, bk, dp = fw.bq, fw.bk, fw.dp
+def _key_bias(fw: _Fwd, r: _FwdRefs, slot):
+    """The key-bias vector of the K tile in `slot` (None without one); read before the slot is
+    released with K."""
+    if not fw.has_kb:
+        return None
+    plgpu.barrier_wait(r.kb_bar.at[slot])
+    if fw.interp:
+        return r.kb_smem[slot]
+    return plgpu.load(r.kb_smem.at[slot], (), layout=plgpu.Layout.WGMMA.reduce(0))
+
+
+def _softmax_step(fw: _Fwd, s, kbias, m_i, l_i, cast=True):
+    """One block of the online softmax in base 2: P (in the input dtype; float32 with
+    cast=False), the new running max, the new row sum, and alpha, the factor that rescales what
+    was accumulated before."""
+    bq, bk = fw.bq, fw.bk
     qk_scale = fw.qk_scale
     if fw.has_kb:
         s = s * qk_scale + lax.broadcast_in_dim(kbias, (bq, bk), [1])
@@ -208,9 +233,15 @@ def _online_softmax(fw: _Fwd, s, kbias, acc, m_i, l_i):
         m_use = m_new
         p = jnp.exp2(s * qk_scale - lax.broadcast_in_dim(m_use, (bq, bk), [0]))
     alpha = jnp.exp2(m_i - m_use)
-    acc = acc * lax.broadcast_in_dim(alpha, (bq, dp), [0])
     l_i = l_i * alpha + p.sum(axis=1)
-    p16 = p.astype(fw.dtype)
+    return (p.astype(fw.dtype) if cast else p), m_new, l_i, alpha
+
+
+def _online_softmax(fw: _Fwd, s, kbias, acc, m_i, l_i):
+    """Online softmax in base 2: returns (acc, l_i) rescaled, the new running max, and P in the
+    input dtype."""
+    p16, m_new, l_i, alpha = _softmax_step(fw, s, kbias, m_i, l_i)
+    acc = acc * lax.broadcast_in_dim(alpha, (fw.bq, fw.dp), [0])
     if not fw.interp:
         acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
     return acc, l_i, m_new, p16
@@ -244,6 +275,119 @@ def _fwd_pv(fw: _Fwd, r: _FwdRefs, i, slot, acc, p16):
     return acc
 
 
+# ---------------------------------------------------------------------------------------------
+# Compute warpgroups with intra-warpgroup overlap (MosaicConfig.overlap)
+#
+# Per key block j a warpgroup issues S(j+1) = Q K(j+1)^T and then O += P(j) V(j) as two wgmma
+# groups, waits for the first group only, and computes the softmax of block j+1 while P(j) V(j)
+# runs; then it waits for that, rescales O and releases V(j). The two warpgroups take turns to
+# issue (turn.at[w] opens warpgroup w's turn; each passes the turn once its matmuls are issued),
+# so one's matmuls run while the other does its softmax. Block 0's S comes first (prologue) and
+# the last block's P V last (epilogue), each one turn. Warpgroup 1 opens warpgroup 0's first turn;
+# warpgroup 0 observes warpgroup 1's last pass at the end, so every phase is observed.
+
+
+def _fwd_consumer_overlap(fw: _Fwd, r: _FwdRefs, qt, h, b, wg):
+    q_tile, q0, (acc, m_i, l_i) = _consumer_start(fw, r, qt, h, b, wg)
+    turn = _Turns(r.turn, wg)
+    pl.when(wg == 1)(turn.open_first)
+
+    plgpu.barrier_wait(r.k_bar.at[0])
+    kbias = _key_bias(fw, r, 0)
+    turn.take()
+    if fw.interp:
+        s = lax.dot_general(q_tile[...], r.k_smem[0], (((1,), (1,)), ((), ())),
+                            preferred_element_type=jnp.float32)
+        turn.pass_on()
+    else:
+        def qk(s_ref):
+            plgpu.wgmma(s_ref, q_tile, plgpu.transpose_ref(r.k_smem.at[0], (1, 0)))
+            turn.pass_on()
+            return plgpu.wgmma_accumulator_load(s_ref)
+        s = pl.run_scoped(qk, plgpu.ACC((fw.bq, fw.bk), jnp.float32))
+    plgpu.barrier_arrive(r.k_done.at[0])
+    p16, m_i, l_i, _ = _softmax_step(fw, s, kbias, m_i, l_i)  # acc is zero: nothing to rescale
+
+    step = functools.partial(_fwd_step_overlap, fw, r, q_tile, turn)
+    acc, m_i, l_i, p16 = lax.fori_loop(0, fw.n_steps - 1, step, (acc, m_i, l_i, p16))
+
+    last = fw.n_steps - 1
+    slot = last % fw.stages
+    plgpu.barrier_wait(r.v_bar.at[slot])
+    turn.take()
+    if fw.interp:
+        acc = acc + lax.dot_general(p16, r.v_smem[slot], (((1,), (0,)), ((), ())),
+                                    preferred_element_type=jnp.float32)
+        turn.pass_on()
+    else:
+        def pv(o_ref):
+            plgpu.wgmma(o_ref, p16, r.v_smem.at[slot])
+            turn.pass_on()
+        acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+    plgpu.barrier_arrive(r.v_done.at[slot])
+    pl.when(wg == 0)(turn.take)  # warpgroup 1's last pass
+
+    _fwd_epilogue(fw, r, q_tile, acc, m_i, l_i, b, h, wg, q0)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Turns:
+    """Turn-taking on the tensor cores between the two compute warpgroups."""
+    bars: Any
+    wg: Any
+
+    def take(self):
+        plgpu.barrier_wait(self.bars.at[self.wg])
+
+    def pass_on(self):
+        plgpu.barrier_arrive(self.bars.at[1 - self.wg])
+
+    def open_first(self):
+        plgpu.barrier_arrive(self.bars.at[0])
+
+
+def _fwd_step_overlap(fw: _Fwd, r: _FwdRefs, q_tile, turn: _Turns, j, carry):
+    """Block j's P V and block j+1's S = Q K^T issued together; block j+1's softmax while P V
+    runs. Carry: (O over blocks < j, m and l over blocks <= j, P of block j)."""
+    acc, m_i, l_i, p16 = carry
+    stages = jnp.array(fw.stages, j.dtype)
+    slot, nslot = lax.rem(j, stages), lax.rem(j + 1, stages)
+    plgpu.barrier_wait(r.k_bar.at[nslot])
+    kbias = _key_bias(fw, r, nslot)
+    plgpu.barrier_wait(r.v_bar.at[slot])
+    turn.take()
+    if fw.interp:
+        s = lax.dot_general(q_tile[...], r.k_smem[nslot], (((1,), (1,)), ((), ())),
+                            preferred_element_type=jnp.float32)
+        acc = acc + lax.dot_general(p16, r.v_smem[slot], (((1,), (0,)), ((), ())),
+                                    preferred_element_type=jnp.float32)
+        turn.pass_on()
+        plgpu.barrier_arrive(r.k_done.at[nslot])
+        p16, m_i, l_i, alpha = _softmax_step(fw, s, kbias, m_i, l_i)
+    else:
+        def body(refs):
+            o_ref, p_ref, m_ref, l_ref, alpha_ref = refs
+
+            def issue(s_ref):
+                plgpu.wgmma(s_ref, q_tile, plgpu.transpose_ref(r.k_smem.at[nslot], (1, 0)))
+                plgpu.wgmma(o_ref, p16, r.v_smem.at[slot])
+                turn.pass_on()
+                return plgpu.wgmma_accumulator_load(s_ref, wait_n=1)  # S only; P V runs on
+            s = pl.run_scoped(issue, plgpu.ACC((fw.bq, fw.bk), jnp.float32))
+            plgpu.barrier_arrive(r.k_done.at[nslot])
+            p_ref[...], m_ref[...], l_ref[...], alpha_ref[...] = _softmax_step(
+                fw, s, kbias, m_i, l_i, cast=False)
+        # run_state waits for P V on leaving; the softmax's results leave through plain refs
+        # (the first, P, in float32: it is cast once the old P's registers are free, as FA4 does).
+        p_init = fw.layout_cast(jnp.zeros((fw.bq, fw.bk), jnp.float32), plgpu.Layout.WGMMA)
+        acc, p, m_i, l_i, alpha = pl.run_state(body)(
+            (plgpu.ACC.init(acc), p_init, m_i, l_i, m_i))
+        p16 = p.astype(fw.dtype)
+    plgpu.barrier_arrive(r.v_done.at[slot])
+    acc = acc * lax.broadcast_in_dim(alpha, (fw.bq, fw.dp), [0])
+    return acc, m_i, l_i, p16
+
+
 def _fwd_epilogue(fw: _Fwd, r: _FwdRefs, q_tile, acc, m_i, l_i, b, h, wg, q0):
     """O = acc / l into Q's shared-memory tile, the natural-log lse, both written back by TMA."""
     bq, dp = fw.bq, fw.dp
@@ -270,7 +414,7 @@ def _fwd_epilogue(fw: _Fwd, r: _FwdRefs, q_tile, acc, m_i, l_i, b, h, wg, q0):
 
 def _fwd_producer(fw: _Fwd, r: _FwdRefs, h, b):
     bk, stages, n_steps, has_kb = fw.bk, fw.stages, fw.n_steps, fw.has_kb
-    plgpu.set_max_registers(40, action="decrease")
+    plgpu.set_max_registers(fw.registers[1], action="decrease")
     kvh = lax.div(h, jnp.array(fw.groups, h.dtype))
     if has_kb:
         kbb = b if fw.key_bias_dims[0] else 0
@@ -326,10 +470,11 @@ def _fwd_call(st: MosaicCall, q, k, v, kb):
     interp = st.interpret
     fw = _Fwd(bq=bq, bk=bk, dp=dp, n_steps=n_steps, stages=stages, dtype=dtype, bnsd=bnsd,
               has_kb=has_kb, interp=interp, qk_scale=st.scale * LOG2E, groups=st.groups,
-              key_bias_dims=st.key_bias_dims)
+              key_bias_dims=st.key_bias_dims, overlap=cfg.overlap,
+              registers=cfg.fwd_registers)
 
     def kernel(q_ref, k_ref, v_ref, *refs):
-        _fwd_kernel(fw, _FwdRefs.unpack(has_kb, q_ref, k_ref, v_ref, refs))
+        _fwd_kernel(fw, _FwdRefs.unpack(fw, q_ref, k_ref, v_ref, refs))
 
     smem_t = () if interp else (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     scratch = [
@@ -350,6 +495,8 @@ def _fwd_call(st: MosaicCall, q, k, v, kb):
     ]
     if has_kb:
         scratch.append(plgpu.Barrier(num_barriers=stages))
+    if cfg.overlap:
+        scratch.append(plgpu.Barrier(num_barriers=2))
 
     grid, names = _grid(cfg, batch, heads, q_tiles), _grid(cfg, "b", "h", "q")
     out_type = [jax.ShapeDtypeStruct(q.shape, dtype),
