@@ -35,24 +35,27 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from
 from jax_attn import reference  # noqa: E402
 from jax_attn.bench.timing import median_ms  # noqa: E402
 from jax_attn.inputs import AttentionInputs  # noqa: E402
-from jax_attn.parallel.ring_backward import delta, pallas_block_grads  # noqa: E402
+from jax_attn.parallel.ring_backward import (  # noqa: E402
+    cudnn_block_grads, cudnn_stats_refusal, delta, pallas_block_grads)
 
 log = logging.getLogger("ring_cudnn_probe")
 CHECK_SHAPE = (1, 4, 1024, 128)  # (b, n, s, d) of the correctness check, two key blocks of s / 2
 
 
-def cudnn_block_grads(q, k, v, out, lse, d_out, scale, causal=False):
-    """`(dq, dk, dv)` of one key block from the global `out`/`lse` (bnsd, no lse cotangent), by
-    cuDNN's backward kernel through JAX's private custom-VJP rule."""
-    from jax._src.cudnn import fused_attention_stablehlo as F
-    unused = jnp.zeros(0, q.dtype)
-    res = (q, k, v, unused, unused, unused, unused, unused, unused, unused,
-           lse.astype(jnp.float32), out.astype(q.dtype))
-    mask = F.MaskType.CAUSAL if causal else F.MaskType.NO_MASK
-    grads = F._dot_product_attention_bwd_rule(
-        scale, 42, 0.0, (False, False), mask, F.AttentionLayout.BNTH.value, None, True, False, res,
-        d_out.astype(q.dtype))
-    return tuple(g.astype(jnp.float32) for g in grads[:3])
+def cudnn_grads(q, k, v, out, lse, d_out, scale, causal=False, layout="bnsd"):
+    """`(dq, dk, dv)` of one key block from the global `out`/`lse` (no lse cotangent) by the
+    library's `ring_backward.cudnn_block_grads` (cuDNN's backward through JAX's private VJP
+    rule); bnsd in and out, run in `layout`."""
+    t = (lambda x: x) if layout == "bnsd" else (lambda x: jnp.swapaxes(x, 1, 2))
+    inputs = AttentionInputs.build(t(q), t(k), t(v), scale=scale, is_causal=causal, layout=layout)
+    why = cudnn_stats_refusal(inputs.spec, False)
+    if why is not None:
+        raise RuntimeError(f"refused: {why}")
+    return tuple(t(g) for g in cudnn_block_grads(inputs, t(out), lse, t(d_out), None, None)[:3])
+
+
+def cudnn_bsnd_grads(q, k, v, out, lse, d_out, scale, causal=False):
+    return cudnn_grads(q, k, v, out, lse, d_out, scale, causal, layout="bsnd")
 
 
 def pallas_grads(q, k, v, out, lse, d_out, scale, causal=False):
@@ -71,7 +74,8 @@ def check(results, causal):
     want = reference.attention_vjp(*f64, is_causal=causal)[:3]
     out_b, lse_b = jnp.asarray(out, jnp.bfloat16), jnp.asarray(lse, jnp.float32)
     scale = d ** -0.5
-    for name, fn in (("cudnn", cudnn_block_grads), ("pallas", pallas_grads)):
+    for name, fn in (("cudnn", cudnn_grads), ("cudnn-bsnd", cudnn_bsnd_grads),
+                     ("pallas", pallas_grads)):
         key = f"{name} {'causal' if causal else 'plain'}"
         try:
             dq = 0.0
@@ -112,7 +116,7 @@ def timing(results):
     ks = jax.random.split(jax.random.key(0), 6)
     q, k, v, out, do = (jax.random.normal(kk, (b, n, s, d), jnp.bfloat16) for kk in ks[:5])
     lse = jax.random.normal(ks[5], (b, n, s), jnp.float32) + 10.0
-    for name, fn in (("cudnn", cudnn_block_grads), ("pallas", pallas_grads)):
+    for name, fn in (("cudnn", cudnn_grads), ("pallas", pallas_grads)):
         try:
             f = jax.jit(fn, static_argnums=(6, 7))
             results["timing"][name] = median_ms(f, q, k, v, out, lse, do, d ** -0.5, False, calls=5)

@@ -8,6 +8,7 @@ The local backend is a fast jnp one (`naive`, `chunked`): the point is the distr
 kernel, and every backend computes the same function (test_backends).
 """
 import contextlib
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -256,6 +257,58 @@ def test_ring_backward_borrows_a_block_backward(monkeypatch):
     q, k, v, kw = make(rng, sq=150, skv=150, mask="key", causal=True)
     check(q, k, v, kw, "chunked,naive", parallel.sequence_parallel(mesh(4), "sp", "ring"))
     assert calls
+
+
+def test_ring_block_backward_refusals(monkeypatch):
+    """A block backward that refuses some calls (as cuDNN's refuses a returned lse: it forms
+    delta from out alone) serves the others; a refused call takes the block backward of the
+    backend routing gives for lse gradients. Both give the float64 gradients."""
+    monkeypatch.setattr(BACKENDS["chunked"], "supports_lse_grad", False)
+    used = []
+
+    def spy(name, fn):
+        return lambda *a: used.append(name) or fn(*a)
+    monkeypatch.setitem(ring_backward.STATS_BACKWARDS, "chunked",
+                        spy("chunked", ring_backward.jnp_block_grads))
+    monkeypatch.setitem(ring_backward.STATS_BACKWARDS, "naive",
+                        spy("naive", ring_backward.STATS_BACKWARDS["naive"]))
+    monkeypatch.setitem(ring_backward.STATS_REFUSALS, "chunked",
+                        lambda spec, lse_cotangent: "lse returned" if lse_cotangent else None)
+    rng = np.random.default_rng(22)
+    q, k, v, kw = make(rng, sq=128, skv=128)
+    d_out = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
+    ring = lambda: parallel.sequence_parallel(mesh(4), "sp", "ring")  # noqa: E731
+    _, _, want = expected(q, k, v, kw, d_out)
+
+    def loss(q, k, v):
+        return jnp.sum(jax_attn.attention_forward(q, k, v, backend="chunked,naive", **kw) * d_out)
+    with ring():
+        got = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+    assert set(used) == {"chunked"}
+    for g, r in zip(got, want):
+        assert reference.relative_error(g, r) <= 2 * TOL
+    used.clear()
+    check(q, k, v, kw, "chunked,naive", ring())  # returns the lse: refused
+    assert set(used) == {"naive"}
+
+
+def test_cudnn_block_backward_refusals():
+    """cuDNN's block backward serves only what was verified on a GPU (the probe); on the CPU the
+    private rule may be present, so only the spec-based reasons are checked."""
+    from jax_attn.contract import Spec
+    plain = Spec(batch=1, heads=4, kv_heads=4, q_len=512, kv_len=512, head_dim=64, value_dim=64,
+                 dtype="bfloat16", scale=0.125)
+    refusal = ring_backward.cudnn_stats_refusal
+    assert "lse" in refusal(plain, True)
+    for change, word in [(dict(mask_kind="bool", mask_shape=(1, 1, 1, 512)), "mask"),
+                         (dict(has_kv_lengths=True), "lengths"),
+                         (dict(has_segment_ids=True), "segment"),
+                         (dict(kv_heads=2), "grouped"), (dict(q_len=511), "odd")]:
+        assert word in refusal(dataclasses.replace(plain, **change), False), change
+    why = refusal(plain, False)
+    assert why is None or "private" in why
+    assert (why is None) == (ring_backward._cudnn_rule() is not None)
+    assert refusal(dataclasses.replace(plain, is_causal=True), False) == why
 
 
 @pytest.mark.slow

@@ -11,6 +11,7 @@ and its speed are for `benchmarks/sage_device.py` on an H100/H200.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 
 os.environ.setdefault("JAX_ATTN_INTERPRET", "1")
@@ -180,6 +181,40 @@ def test_kernel_paths_vs_simulation(path):
                  config=PATHS[path])
 
 
+# --- intra-warpgroup overlap (SageConfig.overlap): S of the next block and P V of this one
+# issued together, the next softmax while P V runs, the two warpgroups taking turns through their
+# `turn` barriers (the interpreter checks every arrival and wait of that protocol).
+
+@needs_mgpu
+def test_overlap_pipeline_unmasked():
+    # 4 key blocks through a 2-slot ring (prologue, 3 overlapped steps, epilogue), GQA, the
+    # default path (P in registers, fused softmax, two-level P V at d = 64).
+    _, lse = check_kernel(1, 2, 1, 128, 256, 64, config=dataclasses.replace(SMALL, overlap=True))
+    assert np.all(np.isfinite(lse))
+
+
+@pytest.mark.slow
+@needs_mgpu
+@pytest.mark.parametrize("path,d,skv,stages", [
+    ("default", 40, 300, 3),  # 5 blocks through a 3-slot ring, ending mid-ring
+    ("default", 40, 40, 2),  # a single key block: prologue and epilogue only
+    ("default", 128, 200, 2),  # d = 128: one-level P V (P V accumulates onto O)
+    ("old", 40, 250, 2),  # P through shared memory, the plain softmax
+    ("regs_plain_1level", 40, 200, 3),
+    ("smem_fused_1level", 40, 200, 2),
+])
+def test_overlap_masked_gqa_empty_row(path, d, skv, stages):
+    # Two query heads per k/v head, bsnd, a query tail (70 of 128 rows), kv_lengths with an empty
+    # batch, a per-head key mask with an empty head, the key tail: every row kind in one call.
+    mask = np.random.default_rng(6).random((2, 4, 1, skv)) > 0.3
+    mask[1, 3] = False
+    cfg = dataclasses.replace(PATHS[path], stages=stages, overlap=True)
+    out, lse = check_kernel(2, 4, 2, 70, skv, d, layout="bsnd", kv_lengths=[0, skv // 2],
+                            key_mask=mask, seed=3, config=cfg)
+    np.testing.assert_array_equal(np.asarray(out[0], np.float32), 0.0)
+    assert np.all(np.isneginf(np.asarray(lse)[0])) and np.all(np.isneginf(np.asarray(lse)[1, 3]))
+
+
 def test_key_perm_matches_register_relabelling():
     # The register relabelling (`sage_forward._p_to_8bit_layout`) reads thread j's accumulator
     # vectors (keys 2j, 2j+1 and 8+2j, 9+2j of each 16) as its 8-bit operand vector (positions
@@ -210,6 +245,7 @@ def test_resolved_by_head_dim():
     assert SageConfig().resolved(64).two_level_pv and not SageConfig().resolved(128).two_level_pv
     assert SageConfig(two_level_pv=True).resolved(128).two_level_pv
     assert not SageConfig(two_level_pv=False).resolved(64).two_level_pv
+    assert SageConfig(overlap=True).resolved(64).block_kv == 128  # S and P live at once
 
 
 # ---------------------------------------------------------------------------------------------

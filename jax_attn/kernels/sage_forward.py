@@ -27,6 +27,13 @@ tensor cores through a shared "schedule" barrier. What differs, and why:
 * Scales arrive as vectors: the Q scale of every row (softmax scale and log2(e) folded in), the K
   scale of every key (TMA'd per slot beside K), and the per-channel `v_scale / P_SCALE` applied
   in the epilogue. Masking is `mosaic_forward`'s single float32 0/-inf key-bias vector.
+* With `overlap` each warpgroup also overlaps with itself, as `mosaic_forward`'s
+  `MosaicConfig.overlap` (FlashAttention-3/4): it issues S = Q K^T of the next key block and
+  O += P V of this one back to back, waits for the first only and runs the next softmax while
+  P V is on the tensor cores; the two warpgroups then take turns per step through two `turn`
+  barriers instead of the schedule barrier. P is cast to FP8 (and relabelled, or stored to its
+  shared-memory tile) only once P V is done, so one P suffices. Every variant above combines
+  with it.
 * The epilogue writes O from its own shared-memory tile (Q's tile is int8).
 
 Over 400 lines on purpose: the configuration, the kernel body (one closure over its shared-memory
@@ -48,6 +55,7 @@ from jax import lax
 
 from ..quantization import FP8, LN2, LN_P_SCALE, LOG2_P_SCALE, P_SCALE, key_perm
 from .mosaic_config import pl, plgpu
+from .mosaic_forward import _Turns  # the bf16 kernel's turn-taking, shared as is
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,11 +79,15 @@ class SageConfig:
     # conversion instruction, the row's Q scale folded into exp2's FMA, P_SCALE into its bias.
     # False: the old arithmetic. The simulation follows either (`quantization.simulate`).
     fused_softmax: bool = True
+    # Intra-warpgroup overlap (see the docstring): S of the next block and P V of this one in
+    # flight together. It holds the int32 S tile and the float32 P beside O, so `block_kv=0`
+    # resolves to 128 keys with it at every head dim.
+    overlap: bool = False
 
     def resolved(self, dp: int) -> "SageConfig":
         """With `block_kv` (when 0) and `two_level_pv` (when None) chosen for head dim `dp`."""
         return dataclasses.replace(
-            self, block_kv=self.block_kv or (256 if dp <= 64 else 128),
+            self, block_kv=self.block_kv or (256 if dp <= 64 and not self.overlap else 128),
             two_level_pv=dp <= 64 if self.two_level_pv is None else self.two_level_pv)
 
 
@@ -106,6 +118,7 @@ class _Fwd:
     two_level: bool
     p_regs: bool
     fused: bool
+    overlap: bool
 
     def layout_cast(self, x, layout):
         return x if self.interp else plgpu.layout_cast(x, layout)
@@ -148,6 +161,7 @@ class _Refs:
     v_done: Any
     sched: Any
     kb_bar: Any
+    turn: Any  # overlap only: turn.at[w] lets warpgroup w issue its matmuls
 
     def sched_sync(self):
         plgpu.barrier_arrive(self.sched)
@@ -184,12 +198,15 @@ def _consumer(fw: _Fwd, r: _Refs, qt, h, b, wg):
     m_i = fw.layout_cast(jnp.full((bq,), -jnp.inf, jnp.float32), fw.row_layout())
     l_i = fw.layout_cast(jnp.zeros((bq,), jnp.float32), fw.row_layout())
 
-    sched_sync = r.sched_sync
-    plgpu.barrier_wait(r.k_bar.at[0])
-    pl.when(wg == 1)(sched_sync)
-    step = functools.partial(_step, fw, r, wg, qs)
-    acc, m_i, l_i = lax.fori_loop(0, fw.n_steps, step, (acc, m_i, l_i))
-    pl.when(wg == 0)(sched_sync)
+    if fw.overlap:
+        acc, m_i, l_i = _key_loop_overlap(fw, r, wg, qs, acc, m_i, l_i)
+    else:
+        sched_sync = r.sched_sync
+        plgpu.barrier_wait(r.k_bar.at[0])
+        pl.when(wg == 1)(sched_sync)
+        step = functools.partial(_step, fw, r, wg, qs)
+        acc, m_i, l_i = lax.fori_loop(0, fw.n_steps, step, (acc, m_i, l_i))
+        pl.when(wg == 0)(sched_sync)
     _epilogue(fw, r, acc, m_i, l_i, b, h, wg, q0)
 
 
@@ -197,29 +214,53 @@ def _step(fw: _Fwd, r: _Refs, wg, qs, i, carry):
     acc, m_i, l_i = carry
     slot = lax.rem(i, jnp.array(fw.stages, i.dtype))
     s, ks, kbias = _scores(fw, r, wg, slot)
-    bq, bk, dp = fw.bq, fw.bk, fw.dp
-    if fw.fused:
-        p, alpha, l_i, m_new = _softmax_fused(fw, s, ks, kbias, qs, m_i, l_i)
-        p8 = p.astype(FP8)  # P_SCALE is already in p (exp2's bias)
-    else:
-        s2 = (s.astype(jnp.float32) * lax.broadcast_in_dim(qs, (bq, bk), [0])) \
-            * lax.broadcast_in_dim(ks, (bq, bk), [1])
-        if fw.has_kb:
-            s2 = s2 + lax.broadcast_in_dim(kbias, (bq, bk), [1])
-        m_new = jnp.maximum(m_i, s2.max(axis=1))
-        m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new) if fw.has_kb else m_new  # no -inf - -inf
-        p = jnp.exp2(s2 - lax.broadcast_in_dim(m_use, (bq, bk), [0]))
-        alpha = jnp.exp2(m_i - m_use)
-        l_i = l_i * alpha + p.sum(axis=1)
-        p8 = (p * P_SCALE).astype(FP8)  # p <= 1, so p * 448 never exceeds e4m3's largest value
+    p, alpha, l_i, m_new = _softmax(fw, s, ks, kbias, qs, m_i, l_i)
     if not fw.two_level:  # the wgmma accumulates onto acc: rescale it first
-        acc = acc * lax.broadcast_in_dim(alpha, (bq, dp), [0])
-    if fw.p_regs:
-        p8 = p8 if fw.interp else _p_to_8bit_layout(p8)
-        if not fw.interp:  # as mosaic_forward: the softmax is done before the schedule barrier
-            acc, alpha, l_i, m_new, p8 = lax.optimization_barrier((acc, alpha, l_i, m_new, p8))
+        acc = _rescale(fw, acc, alpha)
+    p8 = _stage_p(fw, r, wg, p)
+    if fw.p_regs and not fw.interp:  # as mosaic_forward: softmax done before the schedule barrier
+        acc, alpha, l_i, m_new, p8 = lax.optimization_barrier((acc, alpha, l_i, m_new, p8))
     acc = _pv(fw, r, wg, i, slot, acc, alpha, p8)
     return acc, m_new, l_i
+
+
+def _rescale(fw: _Fwd, acc, alpha):
+    return acc * lax.broadcast_in_dim(alpha, (fw.bq, fw.dp), [0])
+
+
+def _softmax(fw: _Fwd, s, ks, kbias, qs, m_i, l_i):
+    """The online-softmax step on int32 scores: (P * P_SCALE in float32, alpha, l, m), by
+    `_softmax_fused` or the plain arithmetic (`quantization.simulate` mirrors both)."""
+    if fw.fused:
+        return _softmax_fused(fw, s, ks, kbias, qs, m_i, l_i)  # P_SCALE is in p (exp2's bias)
+    bq, bk = fw.bq, fw.bk
+    s2 = (s.astype(jnp.float32) * lax.broadcast_in_dim(qs, (bq, bk), [0])) \
+        * lax.broadcast_in_dim(ks, (bq, bk), [1])
+    if fw.has_kb:
+        s2 = s2 + lax.broadcast_in_dim(kbias, (bq, bk), [1])
+    m_new = jnp.maximum(m_i, s2.max(axis=1))
+    m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new) if fw.has_kb else m_new  # no -inf - -inf
+    p = jnp.exp2(s2 - lax.broadcast_in_dim(m_use, (bq, bk), [0]))
+    alpha = jnp.exp2(m_i - m_use)
+    # l sums P itself; p <= 1, so p * 448 never exceeds e4m3's largest value
+    return p * P_SCALE, alpha, l_i * alpha + p.sum(axis=1), m_new
+
+
+def _stage_p(fw: _Fwd, r: _Refs, wg, p):
+    """P * P_SCALE (float32) cast to e4m3 for the P V wgmma: returned as its register operand
+    (p_regs), else stored to this warpgroup's shared-memory P tile (returns None; `_p_operand`
+    then names the tile)."""
+    p8 = p.astype(FP8)
+    if fw.p_regs:
+        return p8 if fw.interp else _p_to_8bit_layout(p8)
+    r.p_smem.at[wg][...] = p8
+    plgpu.commit_smem()  # P visible to the wgmma (async proxy), all four warps done writing
+    return None
+
+
+def _p_operand(fw: _Fwd, r: _Refs, wg, p8):
+    """The P V wgmma's A operand: the registers `_stage_p` returned, or the P tile."""
+    return p8 if fw.p_regs else r.p_smem.at[wg]
 
 
 def _softmax_fused(fw: _Fwd, s, ks, kbias, qs, m_i, l_i):
@@ -285,37 +326,64 @@ def _p_to_8bit_layout(p8):
 def _scores(fw: _Fwd, r: _Refs, wg, slot):
     """int32 Q8 K8^T of the K tile in `slot`, that slot's key scales and key bias (or None);
     releases K."""
-    bq, bk = fw.bq, fw.bk
     # K and its key scales (one barrier, two copies) were waited for before this step: before the
     # loop for the first slot, in `_pv`'s `wait_next_k` (overlapping the P V wgmma) for the rest.
+    ks, kbias = _key_vectors(fw, r, slot)
+    if fw.interp:
+        s = _qk_interp(r, wg, slot)
+        r.sched_sync()
+    else:
+        def qk(acc_ref):
+            plgpu.wgmma(acc_ref, r.q_smem.at[wg], _k_view(r, slot))
+            r.sched_sync()
+            return acc_ref[...]
+        s = pl.run_scoped(qk, plgpu.ACC((fw.bq, fw.bk), jnp.int32))
+    plgpu.barrier_arrive(r.k_done.at[slot])
+    return s, ks, kbias
+
+
+def _key_vectors(fw: _Fwd, r: _Refs, slot):
+    """The key scales and key bias (None without one) of the K tile in `slot`: TMA'd per slot
+    beside K, so read before the slot is released with K."""
     ks = fw.load_vec(r.ks_smem.at[slot], 0)
     kbias = None
     if fw.has_kb:
         plgpu.barrier_wait(r.kb_bar.at[slot])
         kbias = fw.load_vec(r.kb_smem.at[slot], 0)
-    if fw.interp:
-        s = lax.dot_general(r.q_smem.at[wg][...].astype(jnp.int32), r.k_smem[slot].astype(jnp.int32),
-                            (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
-        r.sched_sync()
+    return ks, kbias
+
+
+def _k_view(r: _Refs, slot):
+    return plgpu.transpose_ref(r.k_smem.at[slot], (1, 0))
+
+
+def _v_view(r: _Refs, slot):
+    return plgpu.transpose_ref(r.vt_smem.at[slot], (1, 0))  # (keys, d), K-major in smem
+
+
+def _qk_interp(r: _Refs, wg, slot):
+    """Interpret mode's S = Q8 K8^T (int32, exact) on the same shared-memory tiles."""
+    return lax.dot_general(r.q_smem.at[wg][...].astype(jnp.int32),
+                           r.k_smem[slot].astype(jnp.int32), (((1,), (1,)), ((), ())),
+                           preferred_element_type=jnp.int32)
+
+
+def _pv_interp(fw: _Fwd, r: _Refs, slot, a_op):
+    """Interpret mode's P V (float32) of the V^T tile in `slot`, `a_op` as `_p_operand`."""
+    if fw.p_regs:  # what the register relabelling means: P's keys in V^T's stored order
+        p = key_perm(a_op.astype(jnp.float32), 1)
     else:
-        def qk(acc_ref):
-            plgpu.wgmma(acc_ref, r.q_smem.at[wg], plgpu.transpose_ref(r.k_smem.at[slot], (1, 0)))
-            r.sched_sync()
-            return acc_ref[...]
-        s = pl.run_scoped(qk, plgpu.ACC((bq, bk), jnp.int32))
-    plgpu.barrier_arrive(r.k_done.at[slot])
-    return s, ks, kbias
+        p = a_op[...].astype(jnp.float32)
+    return lax.dot_general(p, r.vt_smem[slot].astype(jnp.float32), (((1,), (1,)), ((), ())),
+                           preferred_element_type=jnp.float32, precision=lax.Precision.HIGHEST)
 
 
 def _pv(fw: _Fwd, r: _Refs, wg, i, slot, acc, alpha, p8):
-    """O += P8 V8 (float32 accumulation); releases V. P is the register operand (p_regs) or is
-    staged through shared memory. With two_level, acc is rescaled by alpha here, while the
-    block's wgmma runs (else the caller rescaled it before)."""
+    """O += P8 V8 (float32 accumulation); releases V. P is what `_stage_p` returned. With
+    two_level, acc is rescaled by alpha here, while the block's wgmma runs (else the caller
+    rescaled it before)."""
     bq, dp = fw.bq, fw.dp
-    if not fw.p_regs:
-        p_tile = r.p_smem.at[wg]
-        p_tile[...] = p8
-        plgpu.commit_smem()  # P visible to the wgmma (async proxy), all four warps done writing
+    a_op = _p_operand(fw, r, wg, p8)
     plgpu.barrier_arrive(r.sched)  # softmax done
     plgpu.barrier_wait(r.v_bar.at[slot])
     plgpu.barrier_wait(r.sched)  # the other warpgroup's matmul is issued
@@ -327,26 +395,16 @@ def _pv(fw: _Fwd, r: _Refs, wg, i, slot, acc, alpha, p8):
         def _():
             plgpu.barrier_wait(r.k_bar.at[nxt_slot])
 
-    def rescale(a):
-        return a * lax.broadcast_in_dim(alpha, (bq, dp), [0])
-
     if fw.interp:
-        if fw.p_regs:  # what the register relabelling means: P's keys in V^T's stored order
-            p = key_perm(p8.astype(jnp.float32), 1)
-        else:
-            p = p_tile[...].astype(jnp.float32)
-        pv = lax.dot_general(p, r.vt_smem[slot].astype(jnp.float32),
-                             (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32,
-                             precision=lax.Precision.HIGHEST)
-        acc = rescale(acc) + pv if fw.two_level else acc + pv
+        pv = _pv_interp(fw, r, slot, a_op)
+        acc = _rescale(fw, acc, alpha) + pv if fw.two_level else acc + pv
         wait_next_k()
     else:
-        v_view = plgpu.transpose_ref(r.vt_smem.at[slot], (1, 0))  # (keys, d), K-major in smem
-        a_op = p8 if fw.p_regs else p_tile
+        v_view = _v_view(r, slot)
         if fw.two_level:
             def pv_block(acc_ref):
                 plgpu.wgmma(acc_ref, a_op, v_view)
-                scaled = rescale(acc)  # overlaps the wgmma
+                scaled = _rescale(fw, acc, alpha)  # overlaps the wgmma
                 wait_next_k()  # overlaps the wgmma
                 return scaled, acc_ref[...]
             scaled, pv = pl.run_scoped(pv_block, plgpu.ACC((bq, dp), jnp.float32))
@@ -358,6 +416,111 @@ def _pv(fw: _Fwd, r: _Refs, wg, i, slot, acc, alpha, p8):
             acc = pl.run_state(pv)(plgpu.ACC.init(acc))
     plgpu.barrier_arrive(r.v_done.at[slot])
     return acc
+
+
+# ---------------------------------------------------------------------------------------------
+# The key loop with intra-warpgroup overlap (SageConfig.overlap), `mosaic_forward`'s protocol:
+# per key block j a warpgroup issues S(j+1) = Q K(j+1)^T and then O += P(j) V(j) as two wgmma
+# groups, waits for the first only, and computes block j+1's softmax while P(j) V(j) runs; then
+# it waits for that, releases V(j) and rescales O. The two warpgroups take turns to issue
+# (turn.at[w] opens warpgroup w's turn; each passes it on once its matmuls are issued). Block 0's
+# S comes first (prologue), the last block's P V last (epilogue), each one turn. Warpgroup 1 opens
+# warpgroup 0's first turn; warpgroup 0 observes warpgroup 1's last pass at the end, so every
+# phase is observed.
+
+
+def _key_loop_overlap(fw: _Fwd, r: _Refs, wg, qs, acc, m_i, l_i):
+    """All key blocks, overlapped: (acc, m, l) as the plain loop leaves them."""
+    turn = _Turns(r.turn, wg)
+    pl.when(wg == 1)(turn.open_first)
+
+    plgpu.barrier_wait(r.k_bar.at[0])
+    ks, kbias = _key_vectors(fw, r, 0)
+    turn.take()
+    if fw.interp:
+        s = _qk_interp(r, wg, 0)
+        turn.pass_on()
+    else:
+        def qk(s_ref):
+            plgpu.wgmma(s_ref, r.q_smem.at[wg], _k_view(r, 0))
+            turn.pass_on()
+            return plgpu.wgmma_accumulator_load(s_ref)
+        s = pl.run_scoped(qk, plgpu.ACC((fw.bq, fw.bk), jnp.int32))
+    plgpu.barrier_arrive(r.k_done.at[0])
+    p, _, l_i, m_i = _softmax(fw, s, ks, kbias, qs, m_i, l_i)  # acc is zero: nothing to rescale
+    p8 = _stage_p(fw, r, wg, p)
+
+    step = functools.partial(_step_overlap, fw, r, wg, qs, turn)
+    acc, m_i, l_i, p8 = lax.fori_loop(0, fw.n_steps - 1, step, (acc, m_i, l_i, p8))
+
+    slot = (fw.n_steps - 1) % fw.stages
+    plgpu.barrier_wait(r.v_bar.at[slot])
+    a_op = _p_operand(fw, r, wg, p8)
+    turn.take()
+    if fw.interp:
+        acc = acc + _pv_interp(fw, r, slot, a_op)
+        turn.pass_on()
+    else:
+        def pv(o_ref):
+            plgpu.wgmma(o_ref, a_op, _v_view(r, slot))
+            turn.pass_on()
+        acc = _pv_sum(fw, acc, pl.run_state(pv)(_pv_acc(fw, acc)))
+    plgpu.barrier_arrive(r.v_done.at[slot])
+    pl.when(wg == 0)(turn.take)  # warpgroup 1's last pass
+    return acc, m_i, l_i
+
+
+def _pv_acc(fw: _Fwd, acc):
+    """What the P V wgmma accumulates onto: O itself, or with two_level a fresh (zero)
+    accumulator that `_pv_sum` adds to O in float32 registers."""
+    if fw.two_level:
+        acc = fw.layout_cast(jnp.zeros((fw.bq, fw.dp), jnp.float32), plgpu.Layout.WGMMA)
+    return plgpu.ACC.init(acc)
+
+
+def _pv_sum(fw: _Fwd, acc, out):
+    return acc + out if fw.two_level else out
+
+
+def _step_overlap(fw: _Fwd, r: _Refs, wg, qs, turn, j, carry):
+    """Block j's P V and block j+1's S = Q K^T issued together; block j+1's softmax while P V
+    runs. Carry: (O over blocks < j, m and l over blocks <= j, P of block j as `_stage_p` left
+    it)."""
+    acc, m_i, l_i, p8 = carry
+    stages = jnp.array(fw.stages, j.dtype)
+    slot, nslot = lax.rem(j, stages), lax.rem(j + 1, stages)
+    plgpu.barrier_wait(r.k_bar.at[nslot])
+    ks, kbias = _key_vectors(fw, r, nslot)  # before K's slot is released below
+    plgpu.barrier_wait(r.v_bar.at[slot])
+    a_op = _p_operand(fw, r, wg, p8)
+    turn.take()
+    if fw.interp:
+        s = _qk_interp(r, wg, nslot)
+        acc = acc + _pv_interp(fw, r, slot, a_op)
+        turn.pass_on()
+        plgpu.barrier_arrive(r.k_done.at[nslot])
+        p, alpha, l_i, m_i = _softmax(fw, s, ks, kbias, qs, m_i, l_i)
+    else:
+        def body(refs):
+            o_ref, p_ref, m_ref, l_ref, alpha_ref = refs
+
+            def issue(s_ref):
+                plgpu.wgmma(s_ref, r.q_smem.at[wg], _k_view(r, nslot))
+                plgpu.wgmma(o_ref, a_op, _v_view(r, slot))
+                turn.pass_on()
+                return plgpu.wgmma_accumulator_load(s_ref, wait_n=1)  # S only; P V runs on
+            s = pl.run_scoped(issue, plgpu.ACC((fw.bq, fw.bk), jnp.int32))
+            plgpu.barrier_arrive(r.k_done.at[nslot])
+            p_ref[...], alpha_ref[...], l_ref[...], m_ref[...] = _softmax(
+                fw, s, ks, kbias, qs, m_i, l_i)
+        # run_state waits for P V on leaving; the softmax's results leave through plain refs,
+        # P in float32: it becomes FP8 (registers or the P tile) only once P V has read the old.
+        p_init = fw.layout_cast(jnp.zeros((fw.bq, fw.bk), jnp.float32), plgpu.Layout.WGMMA)
+        out, p, m_i, l_i, alpha = pl.run_state(body)(
+            (_pv_acc(fw, acc), p_init, m_i, l_i, m_i))
+        acc = _pv_sum(fw, acc, out)
+    plgpu.barrier_arrive(r.v_done.at[slot])
+    return _rescale(fw, acc, alpha), m_i, l_i, _stage_p(fw, r, wg, p)
 
 
 def _epilogue(fw: _Fwd, r: _Refs, acc, m_i, l_i, b, h, wg, q0):
@@ -449,7 +612,7 @@ def sage_call(cfg: SageConfig, qz, kb, *, out_dtype, out_layout: str, groups: in
     fw = _Fwd(bq=bq, bk=bk, dp=dp, n_steps=n_steps, stages=stages, out_dtype=jnp.dtype(out_dtype),
               out_bnsd=out_layout == "bnsd", has_kb=has_kb, interp=interp, groups=groups,
               key_bias_dims=key_bias_dims, two_level=cfg.two_level_pv,
-              p_regs=cfg.p_in_registers, fused=cfg.fused_softmax)
+              p_regs=cfg.p_in_registers, fused=cfg.fused_softmax, overlap=cfg.overlap)
 
     def kernel(q_ref, qs_ref, k_ref, ks_ref, vt_ref, os_ref, *refs):
         refs = list(refs)
@@ -462,13 +625,16 @@ def sage_call(cfg: SageConfig, qz, kb, *, out_dtype, out_layout: str, groups: in
         rest = rest[2:]
         kb_smem = rest.pop(0) if has_kb else None
         q_bar, k_bar, v_bar, k_done, v_done, sched = rest[:6]
-        kb_bar = rest[6] if has_kb else None
+        rest = rest[6:]
+        kb_bar = rest.pop(0) if has_kb else None
+        turn = rest.pop(0) if fw.overlap else None
         _kernel(fw, _Refs(
             q_ref=q_ref, qs_ref=qs_ref, k_ref=k_ref, ks_ref=ks_ref, vt_ref=vt_ref, os_ref=os_ref,
             kb_ref=kb_ref, o_ref=o_ref, lse_ref=lse_ref, q_smem=q_smem, qs_smem=qs_smem,
             os_smem=os_smem, k_smem=k_smem, ks_smem=ks_smem, vt_smem=vt_smem, p_smem=p_smem,
             o_smem=o_smem, lse_smem=lse_smem, kb_smem=kb_smem, q_bar=q_bar, k_bar=k_bar,
-            v_bar=v_bar, k_done=k_done, v_done=v_done, sched=sched, kb_bar=kb_bar))
+            v_bar=v_bar, k_done=k_done, v_done=v_done, sched=sched, kb_bar=kb_bar,
+            turn=turn))
 
     d8 = _swizzled(dp, interp)  # Q and K tiles: rows of dp int8
     k8 = _swizzled(bk, interp)  # P and V^T tiles: rows of bk e4m3 (the P V contraction)
@@ -499,6 +665,8 @@ def sage_call(cfg: SageConfig, qz, kb, *, out_dtype, out_layout: str, groups: in
     ]
     if has_kb:
         scratch.append(plgpu.Barrier(num_barriers=stages))
+    if fw.overlap:
+        scratch.append(plgpu.Barrier(num_barriers=2))  # turn.at[w]: warpgroup w may issue
 
     out_shape = (batch, heads, sq_pad, dp) if fw.out_bnsd else (batch, sq_pad, heads, dp)
     out_type = [jax.ShapeDtypeStruct(out_shape, out_dtype),

@@ -10,8 +10,9 @@ The backward is the ring's own custom VJP. Per block it runs, by the local backe
 - its block backward from the global `(out, lse)` (`ring_backward.STATS_BACKWARDS`): one
   backward per block, nothing recomputed, no lse gradient needed (the standard ring backward).
   It needs only the global statistics, not the forward's residuals, so a forward backend without
-  one (cuDNN) takes the block backward of the backend the routing gives for lse gradients
-  (`pallas` on a GPU), logged once: exact, since both compute the same function;
+  one, or whose one refuses the block (cuDNN's, when the lse is returned or the block is masked:
+  `ring_backward.STATS_REFUSALS`), takes the block backward of the backend the routing gives for
+  lse gradients (`pallas` on a GPU), logged once: exact, since both compute the same function;
 - otherwise `_recompute_grads`: the block's forward recomputed and pulled back through its own
   `(out_j, lse_j)`, which needs a backend whose lse is differentiable (`_grad_backend`) and one
   forward more per block.
@@ -29,7 +30,7 @@ import jax.numpy as jnp
 from ..backends import BACKENDS, Needs
 from ..routing import ROUTER, choose, current_choice, decide
 from .layout import _axes, _local, _lse_col, _run
-from .ring_backward import STATS_BACKWARDS, delta
+from .ring_backward import STATS_BACKWARDS, delta, stats_refusal
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,7 @@ class _Ring:
     q_block: int
     k_block: int
     backend: Any
+    return_lse: bool = False  # whether the lse can have a cotangent
 
     def kinds(self):
         """Step variants, indexed by `kind_index`."""
@@ -135,7 +137,7 @@ def _ring(spec, axis, n_seq, q, k, v, mask, kv_lengths, backend, return_lse, seg
     # The choice is fixed now, so the backward (traced later, maybe outside a use_backend block)
     # routes the same way.
     names, _ = current_choice(backend)
-    ring = _Ring(spec, axis, n_seq, q.shape[seq], k.shape[seq], names)
+    ring = _Ring(spec, axis, n_seq, q.shape[seq], k.shape[seq], names, bool(return_lse))
     q_ids, kv_ids = (None, None) if segments is None else segments
     out, lse = _ring_fn(ring)(q, k, v, mask, kv_lengths, q_ids, kv_ids)
     return out, (lse if return_lse else None)
@@ -259,18 +261,19 @@ def _recompute_grads(ring, kind, pick, stats, want_dmask, q, k_j, v_j, m_j, l_j,
 def _stats_backend(ring: _Ring, local_spec):
     """The backend whose block backward from the global statistics serves this block, or None.
 
-    The forward's own where it has one; else the one routing picks for lse gradients (what the
-    recompute would run) where that has one."""
+    The forward's own where it has one that serves the block (`stats_refusal`); else the one
+    routing picks for lse gradients (what the recompute would run) where that has one."""
     name = decide(local_spec, ring.backend).backend
-    if name in STATS_BACKWARDS:
+    why = stats_refusal(name, local_spec, ring.return_lse)
+    if why is None:
         return name
     alt = decide(local_spec, ring.backend, Needs(lse_grad=True)).backend
-    if alt not in STATS_BACKWARDS:
+    if stats_refusal(alt, local_spec, ring.return_lse) is not None:
         return None
-    if ("stats", name, alt) not in _logged:
-        _logged.add(("stats", name, alt))
+    if ("stats", name, alt, why) not in _logged:
+        _logged.add(("stats", name, alt, why))
         log.info("ring attention: the backward runs %r's block backward from the global statistics "
-                 "(%r has none)", alt, name)
+                 "(%r's: %s)", alt, name, why)
     return alt
 
 
