@@ -161,10 +161,15 @@ def _variants():
         "regs_plain": SageConfig(fused_softmax=False),
         "default_bk128": SageConfig(block_kv=128),
         "1level_stages3": SageConfig(two_level_pv=False, stages=3),
+        # intra-warpgroup overlap (SageConfig.overlap: 128-key blocks unless given)
+        "overlap": SageConfig(overlap=True),
+        "overlap_1level": SageConfig(overlap=True, two_level_pv=False),
+        "overlap_2level": SageConfig(overlap=True, two_level_pv=True),
     }
 
 
-def variants(results, log, t0, budget):
+def variants(results, log, t0, budget, only=None, shapes=None):
+    """`only`: the variant names to run (default all); `shapes`: TIMED indices (default 1, 2)."""
     import jax
     import jax.numpy as jnp
 
@@ -174,7 +179,7 @@ def variants(results, log, t0, budget):
     from jax_attn.kernels import sage_attention as S
     from tune_pallas import time_ms
     res = results.setdefault("variants", {})
-    for b, n, sq, skv, d in TIMED[1:3]:
+    for b, n, sq, skv, d in [TIMED[i] for i in (shapes or (1, 2))]:
         key = f"{b}x{n}x{sq}x{skv}x{d}"
         row = res.setdefault(key, {})
         flops = 4.0 * b * n * sq * skv * d
@@ -205,6 +210,8 @@ def variants(results, log, t0, budget):
                 row[name] = {"error": f"{type(e).__name__}: {e}"}
                 log(f"{key} {name}: ERROR {type(e).__name__}: {e}")
         for name, cfg in _variants().items():
+            if only and name not in only:
+                continue
             if time.time() - t0 > budget:
                 row[name] = {"error": "skipped: out of time"}
                 log(f"{key} {name}: skipped (time budget)")
@@ -266,6 +273,8 @@ def main():
                     help="only: SageConfig variants (checked, then timed), pre-pass, cuDNN")
     ap.add_argument("--budget", type=float, default=150.0,
                     help="--variants: seconds after which remaining variants are skipped")
+    ap.add_argument("--only", default="", help="--variants: comma-separated variant names")
+    ap.add_argument("--shapes", default="1,2", help="--variants: TIMED indices, e.g. 0,1,2,3")
     args = ap.parse_args()
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -281,7 +290,8 @@ def main():
     t0 = time.time()
     if args.variants:
         try:
-            variants(results, log, t0, args.budget)
+            variants(results, log, t0, args.budget, only=[x for x in args.only.split(",") if x],
+                     shapes=[int(x) for x in args.shapes.split(",")])
         except Exception:  # noqa: BLE001
             log(f"variants failed:\n{traceback.format_exc()}")
         (out / "sage.json").write_text(json.dumps(results, indent=1))

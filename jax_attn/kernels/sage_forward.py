@@ -36,7 +36,7 @@ tensor cores through a shared "schedule" barrier. What differs, and why:
   with it.
 * The epilogue writes O from its own shared-memory tile (Q's tile is int8).
 
-Over 400 lines on purpose: the configuration, the kernel body (one closure over its shared-memory
+Over 600 lines on purpose: the configuration, the kernel body (one closure over its shared-memory
 layout) and its launch are one kernel, and the variants above are switches inside that body;
 split by role like `mosaic_*` it would scatter one closure over three files.
 
@@ -484,8 +484,8 @@ def _pv_sum(fw: _Fwd, acc, out):
 
 def _step_overlap(fw: _Fwd, r: _Refs, wg, qs, turn, j, carry):
     """Block j's P V and block j+1's S = Q K^T issued together; block j+1's softmax while P V
-    runs. Carry: (O over blocks < j, m and l over blocks <= j, P of block j as `_stage_p` left
-    it)."""
+    runs. Carry: (O over blocks < j, relative to m; m and l over blocks <= j; P of block j as
+    `_stage_p` left it)."""
     acc, m_i, l_i, p8 = carry
     stages = jnp.array(fw.stages, j.dtype)
     slot, nslot = lax.rem(j, stages), lax.rem(j + 1, stages)
