@@ -8,7 +8,7 @@
 # Call 2: (1) the ring's correctness on both GPUs (benchmarks/parallel_gpu.py, no timings; its
 # "plain, out only" case runs cuDNN's block backward from the global statistics), then side by
 # side (2) GPU 0: `jax_attn bench` on the diffusion shapes, our backends against cuDNN (JAX and
-# torch), torch's flash kernel and FA4 (JAX route and torch); (3) GPU 1: `jax_attn tune`, the
+# torch) and FA4 (JAX route and torch); (3) GPU 1: `jax_attn tune`, the
 # H200 routing table re-measured with the overlapped Mosaic forward (bf16; written into a copy
 # of routing.json). At most 8 files come back: each step keeps its JSON/CSV/plot, logs are
 # printed (their ends) instead of kept.
