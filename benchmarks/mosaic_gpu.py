@@ -70,6 +70,10 @@ TUNE_SETS = {
                        {"overlap": True, "stages": 3, "fwd_registers": (240, 24)}]},
                 {64: [(2, 10, 4096, 4096, 64), (2, 8, 4096, 4096, 40)],
                  128: [(1, 24, 4608, 4608, 128), (1, 40, 16384, 16384, 128)]}),
+    # --tune-set narrow: d = 40 at 48 (MosaicConfig.narrow_head_dim) against 64
+    "narrow": ({64: [{}, {"narrow_head_dim": True}, {"narrow_head_dim": True, "block_kv": 128},
+                     {"narrow_head_dim": True, "overlap": True, "block_kv": 128}]},
+               {64: [(2, 8, 4096, 4096, 40), (2, 8, 4096, 77, 40)]}),
 }
 FWD_ONLY = [False]  # --fwd-only: the tuning times the forward alone
 SMALL_CONFIG = [{}]  # --small-config JSON: MosaicConfig fields changed in the small checks

@@ -176,6 +176,32 @@ def test_overlap_masked_gqa_empty_row(skv, stages):
     np.testing.assert_array_equal(np.asarray(out[0], np.float32), 0.0)
 
 
+# --- narrow head dims (MosaicConfig.narrow_head_dim): the forward at the next multiple of 16
+
+
+@needs_mgpu
+@pytest.mark.parametrize("d,dp", [(40, 48), (20, 32)])
+def test_narrow_head_dim_forward(d, dp):
+    cfg = M.MosaicConfig(64, 64, 2, narrow_head_dim=True)
+    st = M.MosaicCall(scale=1.0, layout="bnsd", sq=64, skv=150, d=d, groups=1,
+                      key_bias_dims=None, orig_key_bias_dims=None, has_kv_lengths=False,
+                      config=cfg, interpret=True, backward="mosaic")
+    assert (st.fwd_dp, st.dp) == (dp, 64)  # the backward stays at 64
+    check(1, 2, 1, 64, 150, d, kv_lengths=[100], config=cfg, grads=False)
+
+
+@SLOW
+@needs_mgpu
+def test_narrow_head_dim_gradients_bsnd():
+    # The backward (at 64) behind the narrow forward: its out and lse feed the dQ/dK/dV kernels.
+    check(2, 2, 2, 77, 130, 40, layout="bsnd", kv_lengths=[130, 0],
+          config=M.MosaicConfig(64, 64, 2, narrow_head_dim=True, overlap=True))
+
+
+def test_smem_swizzle_by_row_bytes():
+    assert [M.smem_swizzle(dp) for dp in (16, 32, 48, 64, 128, 256)] == [32, 64, 32, 128, 128, 128]
+
+
 # --- the Mosaic backward (the default for head dims up to 128) ---------------------------------
 
 @SLOW

@@ -70,7 +70,7 @@ from .mosaic_backward import (  # noqa: F401
     BWD_BLOCK, _bwd_common, _dkdv_call, _dq_call, _mm, _produce)
 from .mosaic_config import (  # noqa: F401
     _IMPORT_ERROR, FASTER_THAN_TRITON_SM90, LN2, LOG2E, MosaicCall, MosaicConfig, _grid, _Static,
-    available, default_config, head_dim_padded, pl, plgpu, shape_bucket, unsupported)
+    available, default_config, head_dim_padded, pl, plgpu, shape_bucket, smem_swizzle, unsupported)
 from .mosaic_forward import _fwd_call  # noqa: F401
 
 _triton = importlib.import_module(__package__ + ".flash_attention")  # the module, not the function
@@ -85,9 +85,9 @@ log = logging.getLogger(__name__)
 def _forward(st: MosaicCall, q, k, v, key_bias, kv_lengths):
     """key_bias: the caller's per-key mask as (b|1, n|1, skv) float32 0/-inf, or None."""
     s_axis = 2 if st.layout == "bnsd" else 1
-    qp = pad_to(pad_to(q, 3, st.dp), s_axis, st.sq_pad)
-    kp = pad_to(pad_to(k, 3, st.dp), s_axis, st.skv_pad)
-    vp = pad_to(pad_to(v, 3, st.dp), s_axis, st.skv_pad)
+    qp = pad_to(pad_to(q, 3, st.fwd_dp), s_axis, st.sq_pad)
+    kp = pad_to(pad_to(k, 3, st.fwd_dp), s_axis, st.skv_pad)
+    vp = pad_to(pad_to(v, 3, st.fwd_dp), s_axis, st.skv_pad)
     kb = None
     if st.key_bias_dims is not None:
         kb = _kernel_key_bias(st, key_bias, kv_lengths, q.shape[0])

@@ -58,6 +58,10 @@ class MosaicConfig:
     # The forward's registers per thread, (compute, producer) warpgroups: 2 x 128 x compute +
     # 128 x producer must fit the SM's 65536 (FA4 runs 240 / 24 with overlap).
     fwd_registers: tuple[int, int] = (232, 40)
+    # The forward runs head dims under 64 at the next multiple of 16 (d = 40 at 48: a quarter
+    # less tensor work than at 64, as FA4 does), its shared-memory tiles swizzled at the widest
+    # of 128/64/32 bytes that divides a row; the backward still runs them at 64.
+    narrow_head_dim: bool = False
 
 
 def head_dim_padded(d: int) -> int | None:
@@ -172,6 +176,13 @@ class MosaicCall:
         return head_dim_padded(self.d)
 
     @property
+    def fwd_dp(self):
+        """The head dim the forward kernel runs at (`MosaicConfig.narrow_head_dim`)."""
+        if self.config.narrow_head_dim and self.d < 64:
+            return -(-self.d // 16) * 16
+        return self.dp
+
+    @property
     def sq_pad(self):
         t = 2 * self.config.block_q
         return -(-self.sq // t) * t
@@ -180,6 +191,15 @@ class MosaicCall:
     def skv_pad(self):
         t = self.config.block_kv
         return -(-self.skv // t) * t
+
+
+def smem_swizzle(dp: int, itemsize: int = 2) -> int:
+    """The widest TMA/wgmma swizzle (bytes) whose span divides a row of `dp` elements: 128 for
+    d = 64, 128, 256; 64 at d = 32; 32 at d = 16 and 48 (a 96-byte row)."""
+    for swizzle in (128, 64, 32):
+        if (dp * itemsize) % swizzle == 0:
+            return swizzle
+    raise ValueError(f"no swizzle divides a row of {dp} x {itemsize} bytes")
 
 
 _Static = MosaicCall  # the former name, still imported by callers outside this package's kernels

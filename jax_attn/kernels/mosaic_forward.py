@@ -51,7 +51,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from .mosaic_config import LN2, LOG2E, MosaicCall, _grid, pl, plgpu
+from .mosaic_config import LN2, LOG2E, MosaicCall, _grid, pl, plgpu, smem_swizzle
 
 
 @dataclasses.dataclass(frozen=True)
@@ -458,7 +458,7 @@ def _fwd_producer(fw: _Fwd, r: _FwdRefs, h, b):
 def _fwd_call(st: MosaicCall, q, k, v, kb):
     """q, k, v already padded (layout st.layout); kb: (b|1, n|1, skv_pad) f32 0/-inf or None."""
     cfg = st.config
-    bq, bk, dp = cfg.block_q, cfg.block_kv, st.dp
+    bq, bk, dp = cfg.block_q, cfg.block_kv, st.fwd_dp
     n_steps = st.skv_pad // bk
     stages = max(1, min(cfg.stages, n_steps))
     dtype = q.dtype
@@ -476,7 +476,9 @@ def _fwd_call(st: MosaicCall, q, k, v, kb):
     def kernel(q_ref, k_ref, v_ref, *refs):
         _fwd_kernel(fw, _FwdRefs.unpack(fw, q_ref, k_ref, v_ref, refs))
 
-    smem_t = () if interp else (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+    swizzle = smem_swizzle(dp, jnp.dtype(dtype).itemsize)
+    smem_t = () if interp else (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)),
+                                plgpu.SwizzleTransform(swizzle))
     scratch = [
         plgpu.SMEM((2, bq, dp), dtype, transforms=smem_t),
         plgpu.SMEM((stages, bk, dp), dtype, transforms=smem_t),
