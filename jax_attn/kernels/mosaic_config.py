@@ -84,8 +84,11 @@ def default_config(d: int) -> MosaicConfig:
     # Intra-warpgroup overlap at d = 128 only: on an H200 it lifts the forward 3-4% (4608 and
     # 16k tokens); at d = 64 and 40 it is 5-15% slower (its 128-key blocks lose to 256 without
     # it). benchmarks/results/2026-11-30-h200-round4/README.md.
+    # Narrow head dims (d < 64 at the next multiple of 16): d = 40 at 48 is 8% faster forward
+    # (same results README); the forward is softmax-bound there, so not the 25% of the matmuls.
     if dp == 64:
-        return MosaicConfig(block_q=64, block_kv=256, stages=2, bwd_stages=4)
+        return MosaicConfig(block_q=64, block_kv=256, stages=2, bwd_stages=4,
+                            narrow_head_dim=True)
     return MosaicConfig(block_q=64, block_kv=128, stages=2, bwd_stages=3, overlap=True)
 
 
