@@ -74,6 +74,14 @@ TUNE_SETS = {
     "narrow": ({64: [{}, {"narrow_head_dim": True}, {"narrow_head_dim": True, "block_kv": 128},
                      {"narrow_head_dim": True, "overlap": True, "block_kv": 128}]},
                {64: [(2, 8, 4096, 4096, 40), (2, 8, 4096, 77, 40)]}),
+    # --tune-set wgs3: three compute warpgroups (192-row tiles, FA4's shape at d <= 64)
+    "wgs3": ({64: [{}, {"overlap": True, "compute_warpgroups": 3, "fwd_registers": (160, 32),
+                        "block_kv": 128},
+                   {"overlap": True, "compute_warpgroups": 3, "fwd_registers": (152, 56),
+                    "block_kv": 128},
+                   {"overlap": True, "compute_warpgroups": 3, "fwd_registers": (160, 32),
+                    "block_kv": 64}]},
+             {64: [(2, 10, 4096, 4096, 64), (2, 8, 4096, 4096, 40)]}),
 }
 FWD_ONLY = [False]  # --fwd-only: the tuning times the forward alone
 SMALL_CONFIG = [{}]  # --small-config JSON: MosaicConfig fields changed in the small checks

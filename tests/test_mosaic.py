@@ -160,11 +160,34 @@ def test_head_dim_256_and_broadcast_key_mask():
 # their `turn` barriers (the interpreter checks every arrival and wait of that protocol).
 
 @needs_mgpu
-def test_overlap_pipeline_unmasked():
-    # 4 key blocks through a 2-slot ring (prologue, 3 overlapped steps, epilogue), 2 query tiles.
+@pytest.mark.parametrize("wgs", [2, 3])
+def test_overlap_pipeline_unmasked(wgs):
+    # 4 key blocks through a 2-slot ring (prologue, 3 overlapped steps, epilogue), 2 query tiles
+    # (with 3 compute warpgroups: 192-row tiles, turns round robin).
+    regs = (232, 40) if wgs == 2 else (160, 32)
     out, lse = check(1, 2, 1, 256, 256, 64, grads=False,
-                     config=M.MosaicConfig(64, 64, 2, overlap=True))
+                     config=M.MosaicConfig(64, 64, 2, overlap=True, compute_warpgroups=wgs,
+                                           fwd_registers=regs))
     assert np.all(np.isfinite(lse))
+
+
+@SLOW
+@needs_mgpu
+def test_three_warpgroups_masked_bsnd_gradients():
+    check(2, 4, 2, 200, 300, 40, layout="bsnd", kv_lengths=[0, 150],
+          config=M.MosaicConfig(64, 64, 3, overlap=True, compute_warpgroups=3,
+                                fwd_registers=(160, 32)))
+
+
+@needs_mgpu
+def test_three_warpgroups_need_overlap_and_registers():
+    x = jnp.zeros((1, 1, 192, 64), jnp.bfloat16)
+    with pytest.raises(ValueError, match="needs overlap=True"):
+        M.mosaic_attention(x, x, x, interpret=True,
+                           config=M.MosaicConfig(compute_warpgroups=3, fwd_registers=(160, 32)))
+    with pytest.raises(ValueError, match="65536 registers"):
+        M.mosaic_attention(x, x, x, interpret=True,
+                           config=M.MosaicConfig(compute_warpgroups=3, overlap=True))
 
 
 @SLOW

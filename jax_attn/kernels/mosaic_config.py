@@ -41,7 +41,7 @@ def available() -> str | None:
 
 @dataclasses.dataclass(frozen=True)
 class MosaicConfig:
-    block_q: int = 64  # query rows per compute warpgroup (a CTA has two)
+    block_q: int = 64  # query rows per compute warpgroup (a CTA has `compute_warpgroups`)
     block_kv: int = 128  # keys per pipeline step
     stages: int = 2  # shared-memory slots of K/V in flight
     # Which CTAs run side by side (Mosaic launches the last grid dimension as CUDA's x). True:
@@ -62,6 +62,10 @@ class MosaicConfig:
     # less tensor work than at 64, as FA4 does), its shared-memory tiles swizzled at the widest
     # of 128/64/32 bytes that divides a row; the backward still runs them at 64.
     narrow_head_dim: bool = False
+    # Compute warpgroups of the forward (a CTA covers this many x block_q queries): 3 needs
+    # `overlap` (their turns go round robin) and registers to match, e.g. (160, 32) as FA4's
+    # 192-row tiles at d <= 64. The backward keeps two.
+    compute_warpgroups: int = 2
 
 
 def head_dim_padded(d: int) -> int | None:
@@ -187,7 +191,7 @@ class MosaicCall:
 
     @property
     def sq_pad(self):
-        t = 2 * self.config.block_q
+        t = self.config.compute_warpgroups * self.config.block_q
         return -(-self.sq // t) * t
 
     @property

@@ -71,6 +71,7 @@ class _Fwd:
     key_bias_dims: tuple[bool, bool] | None  # key bias varies over (b, n)
     overlap: bool = False  # intra-warpgroup overlap (MosaicConfig.overlap)
     registers: tuple[int, int] = (232, 40)  # per thread: compute, producer warpgroups
+    wgs: int = 2  # compute warpgroups (MosaicConfig.compute_warpgroups)
 
     def rows(self, ref, b, h, start, size):  # a (size, dp) tile of a 4-d q/k/v/o ref
         return ref.at[b, h, pl.ds(start, size)] if self.bnsd else ref.at[b, pl.ds(start, size), h]
@@ -133,11 +134,11 @@ def _fwd_kernel(fw: _Fwd, r: _FwdRefs):
     qt, h, b = lax.axis_index("q"), lax.axis_index("h"), lax.axis_index("b")
     wg = lax.axis_index("wg")
 
-    @pl.when(wg < 2)
+    @pl.when(wg < fw.wgs)
     def _compute():
         (_fwd_consumer_overlap if fw.overlap else _fwd_consumer)(fw, r, qt, h, b, wg)
 
-    @pl.when(wg == 2)
+    @pl.when(wg == fw.wgs)
     def _producer():
         _fwd_producer(fw, r, h, b)
 
@@ -166,7 +167,7 @@ def _consumer_start(fw: _Fwd, r: _FwdRefs, qt, h, b, wg):
     bq, dp, interp = fw.bq, fw.dp, fw.interp
     plgpu.set_max_registers(fw.registers[0], action="increase")
     q_tile = r.q_smem.at[wg]
-    q0 = qt * (2 * bq) + wg * bq
+    q0 = qt * (fw.wgs * bq) + wg * bq
     plgpu.copy_gmem_to_smem(fw.rows(r.q_ref, b, h, q0, bq), q_tile, r.q_bar.at[wg])
     plgpu.barrier_wait(r.q_bar.at[wg])
 
@@ -289,8 +290,8 @@ def _fwd_pv(fw: _Fwd, r: _FwdRefs, i, slot, acc, p16):
 
 def _fwd_consumer_overlap(fw: _Fwd, r: _FwdRefs, qt, h, b, wg):
     q_tile, q0, (acc, m_i, l_i) = _consumer_start(fw, r, qt, h, b, wg)
-    turn = _Turns(r.turn, wg)
-    pl.when(wg == 1)(turn.open_first)
+    turn = _Turns(r.turn, wg, fw.wgs)
+    pl.when(wg == fw.wgs - 1)(turn.open_first)
 
     plgpu.barrier_wait(r.k_bar.at[0])
     kbias = _key_bias(fw, r, 0)
@@ -325,22 +326,23 @@ def _fwd_consumer_overlap(fw: _Fwd, r: _FwdRefs, qt, h, b, wg):
             turn.pass_on()
         acc = pl.run_state(pv)(plgpu.ACC.init(acc))
     plgpu.barrier_arrive(r.v_done.at[slot])
-    pl.when(wg == 0)(turn.take)  # warpgroup 1's last pass
+    pl.when(wg == 0)(turn.take)  # the last warpgroup's last pass
 
     _fwd_epilogue(fw, r, q_tile, acc, m_i, l_i, b, h, wg, q0)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class _Turns:
-    """Turn-taking on the tensor cores between the two compute warpgroups."""
+    """Turn-taking on the tensor cores among `n` compute warpgroups, round robin."""
     bars: Any
     wg: Any
+    n: int = 2
 
     def take(self):
         plgpu.barrier_wait(self.bars.at[self.wg])
 
     def pass_on(self):
-        plgpu.barrier_arrive(self.bars.at[1 - self.wg])
+        plgpu.barrier_arrive(self.bars.at[lax.rem(self.wg + 1, self.n)])
 
     def open_first(self):
         plgpu.barrier_arrive(self.bars.at[0])
@@ -465,13 +467,21 @@ def _fwd_call(st: MosaicCall, q, k, v, kb):
     bnsd = st.layout == "bnsd"
     batch = q.shape[0]
     heads = q.shape[1] if bnsd else q.shape[2]
-    q_tiles = st.sq_pad // (2 * bq)
+    wgs = cfg.compute_warpgroups
+    if wgs != 2 and not cfg.overlap:
+        raise ValueError(f"MosaicConfig.compute_warpgroups={wgs} needs overlap=True (the "
+                         "schedule barrier of the plain pipeline pairs two warpgroups)")
+    regs, regs_producer = cfg.fwd_registers
+    if wgs * 128 * regs + 128 * regs_producer > 65536:
+        raise ValueError(f"MosaicConfig.fwd_registers={cfg.fwd_registers} with {wgs} compute "
+                         "warpgroups exceeds the SM's 65536 registers")
+    q_tiles = st.sq_pad // (wgs * bq)
     has_kb = kb is not None
     interp = st.interpret
     fw = _Fwd(bq=bq, bk=bk, dp=dp, n_steps=n_steps, stages=stages, dtype=dtype, bnsd=bnsd,
               has_kb=has_kb, interp=interp, qk_scale=st.scale * LOG2E, groups=st.groups,
               key_bias_dims=st.key_bias_dims, overlap=cfg.overlap,
-              registers=cfg.fwd_registers)
+              registers=cfg.fwd_registers, wgs=cfg.compute_warpgroups)
 
     def kernel(q_ref, k_ref, v_ref, *refs):
         _fwd_kernel(fw, _FwdRefs.unpack(fw, q_ref, k_ref, v_ref, refs))
@@ -480,25 +490,25 @@ def _fwd_call(st: MosaicCall, q, k, v, kb):
     smem_t = () if interp else (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)),
                                 plgpu.SwizzleTransform(swizzle))
     scratch = [
-        plgpu.SMEM((2, bq, dp), dtype, transforms=smem_t),
+        plgpu.SMEM((wgs, bq, dp), dtype, transforms=smem_t),
         plgpu.SMEM((stages, bk, dp), dtype, transforms=smem_t),
         plgpu.SMEM((stages, bk, dp), dtype, transforms=smem_t),
-        plgpu.SMEM((2, bq), jnp.float32),
+        plgpu.SMEM((wgs, bq), jnp.float32),
     ]
     if has_kb:
         scratch.append(plgpu.SMEM((stages, bk), jnp.float32))
     scratch += [
-        plgpu.Barrier(num_barriers=2),
+        plgpu.Barrier(num_barriers=wgs),
         plgpu.Barrier(num_barriers=stages),
         plgpu.Barrier(num_barriers=stages),
-        plgpu.Barrier(num_arrivals=2, num_barriers=stages),
-        plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+        plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
+        plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
         plgpu.Barrier(num_arrivals=2),
     ]
     if has_kb:
         scratch.append(plgpu.Barrier(num_barriers=stages))
     if cfg.overlap:
-        scratch.append(plgpu.Barrier(num_barriers=2))
+        scratch.append(plgpu.Barrier(num_barriers=wgs))
 
     grid, names = _grid(cfg, batch, heads, q_tiles), _grid(cfg, "b", "h", "q")
     out_type = [jax.ShapeDtypeStruct(q.shape, dtype),
@@ -509,7 +519,7 @@ def _fwd_call(st: MosaicCall, q, k, v, kb):
         kw["interpret"] = InterpretGPUParams()
     call = plgpu.kernel(
         kernel, out_type=out_type, scratch_types=scratch, grid=grid, grid_names=names,
-        num_threads=3, thread_name="wg",
+        num_threads=wgs + 1, thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True), **kw)
     args = (q, k, v) + ((kb,) if has_kb else ())
     return call(*args)
