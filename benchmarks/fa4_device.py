@@ -157,6 +157,29 @@ def time_backend(backend, shape, mode, reps=20):
     log.info("time %s", row)
 
 
+def time_layouts(shape, mode):
+    """`fa4` on the same inputs in both layouts (bnsd reaches FA4 as strided views, bsnd as is):
+    median ms, 10 async calls per sample (one-call samples add host time to sub-ms calls)."""
+    import jax
+    import jax.numpy as jnp
+
+    import jax_attn
+    from jax_attn.bench.timing import median_ms
+    b, n, s, _, d = shape
+    q, k, v, do = (jax.random.normal(kk, (b, n, s, d), jnp.bfloat16)
+                   for kk in jax.random.split(jax.random.key(0), 4))
+    row = {"shape": list(shape), "mode": mode}
+    for layout in ("bnsd", "bsnd"):
+        args = (q, k, v, do) if layout == "bnsd" else tuple(jnp.swapaxes(x, 1, 2) for x in (q, k, v, do))
+
+        def f(q, k, v, do, layout=layout):
+            attn = lambda *a: jax_attn.attention_forward(*a, backend="fa4", layout=layout)  # noqa: E731
+            return attn(q, k, v) if mode == "fwd" else jax.vjp(attn, q, k, v)[1](do)
+        row[layout] = round(median_ms(jax.jit(f), *args, calls=10), 4)
+    RESULTS.setdefault("layouts", []).append(row)
+    log.info("layouts %s", row)
+
+
 def markdown() -> str:
     lines = ["# fa4 device probe", "", f"env: `{json.dumps(RESULTS.get('env', {}))}`", "",
              "| step | status |", "|---|---|"]
@@ -179,6 +202,9 @@ def main():
     parser.add_argument("--out", required=True, help="folder for probe.json and probe.md")
     parser.add_argument("--skip-timing", action="store_true")
     parser.add_argument("--grad", default="1", help="0: forward checks only")
+    parser.add_argument("--dtypes", default="bfloat16,float16", help="of the checks")
+    parser.add_argument("--layout-timing", action="store_true",
+                        help="fa4 on (b, n, s, d) and (b, s, n, d) inputs, 10 calls per sample")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("jax_attn").setLevel(logging.INFO)
@@ -197,7 +223,7 @@ def main():
     step("forward bfloat16 d=64 plain", check, "bfloat16", 64, "plain", False)
     step("forward+grad bfloat16 d=64 plain", check, "bfloat16", 64, "plain", args.grad == "1")
     save()
-    for dtype in ("bfloat16", "float16"):
+    for dtype in args.dtypes.split(","):
         for d in (64, 128):
             for case in CASES:
                 step(f"check {dtype} d={d} {case}", check, dtype, d, case, args.grad == "1")
@@ -208,8 +234,15 @@ def main():
                 for backend in ("fa4", "cudnn", "pallas"):
                     step(f"time {backend} {shape} {mode}", time_backend, backend, shape, mode)
                 save()
+    if args.layout_timing:
+        for shape in SHAPES[1:]:
+            for mode in ("fwd", "fwd+bwd"):
+                step(f"layouts {shape} {mode}", time_layouts, shape, mode)
+            save()
     save()
     print(markdown())
+    for row in RESULTS.get("layouts", []):
+        print("layouts", row)
 
 
 if __name__ == "__main__":

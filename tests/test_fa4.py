@@ -169,3 +169,55 @@ def test_backward_at_an_unverified_head_dim_raises():
     fa4_kernels.check_backward_head_dim(128)
     with pytest.raises(ValueError, match="backend='fa4'.*head dim 40"):
         fa4_kernels.check_backward_head_dim(40)
+
+
+@pytest.mark.parametrize("layout", ["bnsd", "bsnd"])
+def test_handlers_hand_either_layout_to_fa4_as_bsnd(monkeypatch, layout):
+    """The FFI handlers' bodies, on CPU torch tensors, with a stand-in for FA4's interface that
+    computes (b, s, h, d) attention and writes into the buffers it is given: a (b, n, s, d) call
+    reaches FA4 as strided (b, s, n, d) views of the same buffers, so results land in place."""
+    torch = pytest.importorskip("torch")
+    import sys
+    import types
+
+    from jax_attn.backends import fa4_kernels
+
+    def attention(q, k, v, scale):  # (b, s, h, d) -> out (b, s, h, d), lse (b, h, s)
+        s = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
+        lse = torch.logsumexp(s, -1)
+        return torch.einsum("bhqk,bkhd->bqhd", torch.softmax(s, -1), v), lse
+
+    def fwd(q, k, v, *, softmax_scale, out, lse, **_):
+        assert q.shape[1] == 6 and q.stride(-1) == 1  # (b, s=6, h=3, d): FA4's layout
+        o, l_ = attention(q, k, v, softmax_scale)
+        out.copy_(o)
+        lse.copy_(l_)
+
+    def bwd(q, k, v, out, dout, lse, *, softmax_scale, dq, dk, dv, **_):
+        leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+        o, _ = attention(*leaves, softmax_scale)
+        for g, x in zip(torch.autograd.grad(o, leaves, dout), (dq, dk, dv)):
+            x.copy_(g)
+
+    fake = types.ModuleType("flash_attn.cute.interface")
+    fake._flash_attn_fwd, fake._flash_attn_bwd = fwd, bwd
+    for name in ("flash_attn", "flash_attn.cute"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, "flash_attn.cute.interface", fake)
+    args = fa4.FA4Args(softmax_scale=0.5, causal=False, window_size_left=None,
+                       window_size_right=None)
+    rng = np.random.default_rng(0)
+    shape = (2, 3, 6, 4) if layout == "bnsd" else (2, 6, 3, 4)
+    q, k, v, do = (torch.tensor(rng.standard_normal(shape), dtype=torch.float64) for _ in range(4))
+    out, lse = torch.zeros(shape, dtype=torch.float64), torch.zeros((2, 3, 6), dtype=torch.float64)
+    fa4_kernels._fwd_runner(args, False, layout == "bnsd")(q, k, v, out, lse)
+    t = (lambda x: np.swapaxes(x, 1, 2)) if layout == "bsnd" else (lambda x: x)
+    ref_out, ref_lse = reference.attention(*(t(x.numpy()) for x in (q, k, v)), scale=0.5,
+                                           return_lse=True)
+    np.testing.assert_allclose(t(out.numpy()), ref_out, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(lse.numpy(), ref_lse, rtol=1e-10, atol=1e-12)
+    grads = [torch.zeros(shape, dtype=torch.float64) for _ in range(3)]
+    fa4_kernels._bwd_runner(args, False, layout == "bnsd")(q, k, v, out, do, lse, *grads)
+    want = reference.attention_vjp(*(t(x.numpy()) for x in (q, k, v, do)), scale=0.5)[:3]
+    for g, w in zip(grads, want):
+        np.testing.assert_allclose(t(g.numpy()), w, rtol=1e-9, atol=1e-11)

@@ -10,6 +10,10 @@ tensors without copying, makes that stream torch's current one, and calls FA4's 
 buffers. So FA4's tile heuristics, compile cache, backward pre/post-processing and GQA reduction
 are used unchanged, and its scratch buffers (torch's allocator) are ordered on XLA's stream.
 
+Either layout is handed over as it is: for `(b, n, s, d)` operands (`heads_major`) the handler
+views XLA's buffers as FA4's `(b, s, n, d)` by a stride swap (torch's `transpose(1, 2)`, no copy;
+FA4 takes any strides with a contiguous last dim), so no transpose runs on either side.
+
 Costs of this route, known: one Python call per kernel launch (host time, hidden behind the GPU
 for large shapes), the first call of a key compiles the CuTe kernel (seconds), the target is not
 CUDA-graph safe (registered so; XLA then never captures it), and torch's caching allocator holds
@@ -84,24 +88,46 @@ def _register(kind: str, key: tuple, fn) -> str:
         return name
 
 
-def _fwd_target(args, has_lengths: bool) -> str:
+def _as_bsnd(heads_major: bool):
+    """FA4's (b, s, n, d) view of a rank-4 buffer: a stride swap for (b, n, s, d) buffers."""
+    return (lambda t: t.transpose(1, 2)) if heads_major else (lambda t: t)
+
+
+def _fwd_target(args, has_lengths: bool, heads_major: bool) -> str:
+    return _register("fwd", (args, has_lengths, heads_major), _fwd_runner(args, has_lengths, heads_major))
+
+
+def _fwd_runner(args, has_lengths: bool, heads_major: bool):
+    """The forward handler's body: torch tensors in (XLA's buffers), FA4's forward into out/lse."""
+    view = _as_bsnd(heads_major)
+
     def run(q, k, v, *rest):
         from flash_attn.cute.interface import _flash_attn_fwd
         seqused_k, (out, lse) = (rest[0], rest[1:]) if has_lengths else (None, rest)
-        _flash_attn_fwd(q, k, v, seqused_k=seqused_k, softmax_scale=args.softmax_scale, causal=args.causal,
+        _flash_attn_fwd(view(q), view(k), view(v), seqused_k=seqused_k,
+                        softmax_scale=args.softmax_scale, causal=args.causal,
                         window_size_left=args.window_size_left, window_size_right=args.window_size_right,
-                        return_lse=True, out=out, lse=lse)
-    return _register("fwd", (args, has_lengths), run)
+                        return_lse=True, out=view(out), lse=lse)
+    return run
 
 
-def _bwd_target(args, has_lengths: bool) -> str:
+def _bwd_target(args, has_lengths: bool, heads_major: bool) -> str:
+    return _register("bwd", (args, has_lengths, heads_major), _bwd_runner(args, has_lengths, heads_major))
+
+
+def _bwd_runner(args, has_lengths: bool, heads_major: bool):
+    """The backward handler's body: FA4's backward into dq/dk/dv."""
+    view = _as_bsnd(heads_major)
+
     def run(q, k, v, out, dout, lse, *rest):
         from flash_attn.cute.interface import _flash_attn_bwd
-        seqused_k, (dq, dk, dv) = (rest[0], rest[1:]) if has_lengths else (None, rest)
-        _flash_attn_bwd(q, k, v, out, dout, lse, softmax_scale=args.softmax_scale, causal=args.causal,
+        seqused_k, grads = (rest[0], rest[1:]) if has_lengths else (None, rest)
+        dq, dk, dv = (view(g) for g in grads)
+        _flash_attn_bwd(view(q), view(k), view(v), view(out), view(dout), lse,
+                        softmax_scale=args.softmax_scale, causal=args.causal,
                         window_size_left=args.window_size_left, window_size_right=args.window_size_right,
                         seqused_k=seqused_k, dq=dq, dk=dk, dv=dv)
-    return _register("bwd", (args, has_lengths), run)
+    return run
 
 
 def _call(target, results, *operands):
@@ -109,29 +135,30 @@ def _call(target, results, *operands):
     return jax.ffi.ffi_call(target, results, vmap_method="sequential")(*operands)
 
 
-def fa4_forward_bsnd(q, k, v, seqused_k, args):
-    """`(out (b, sq, h, dv), lse (b, h, sq) f32)` of FA4's forward; q, k, v in (b, s, h, d)."""
-    b, sq, h, _ = q.shape
-    results = (jax.ShapeDtypeStruct((b, sq, h, v.shape[-1]), q.dtype),
-               jax.ShapeDtypeStruct((b, h, sq), jnp.float32))
+def fa4_forward(q, k, v, seqused_k, args, layout="bsnd"):
+    """`(out, lse (b, h, sq) f32)` of FA4's forward; q, k, v and out in `layout`."""
+    heads_major = layout == "bnsd"
+    b, h, sq = (q.shape[0], q.shape[1], q.shape[2]) if heads_major else (q.shape[0], q.shape[2], q.shape[1])
+    out_shape = q.shape[:-1] + v.shape[-1:]
+    results = (jax.ShapeDtypeStruct(out_shape, q.dtype), jax.ShapeDtypeStruct((b, h, sq), jnp.float32))
     operands = (q, k, v) + ((seqused_k,) if seqused_k is not None else ())
-    return _call(_fwd_target(args, seqused_k is not None), results, *operands)
+    return _call(_fwd_target(args, seqused_k is not None, heads_major), results, *operands)
 
 
-def fa4_backward_bsnd(q, k, v, out, dout, lse, seqused_k, args):
+def fa4_backward(q, k, v, out, dout, lse, seqused_k, args, layout="bsnd"):
     """`(dq, dk, dv)` of FA4's backward (pre- and post-processing kernels included)."""
     results = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v))
     operands = (q, k, v, out, dout.astype(out.dtype), lse) + ((seqused_k,) if seqused_k is not None else ())
-    return _call(_bwd_target(args, seqused_k is not None), results, *operands)
+    return _call(_bwd_target(args, seqused_k is not None, layout == "bnsd"), results, *operands)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _attention(args, q, k, v, seqused_k):
-    return fa4_forward_bsnd(q, k, v, seqused_k, args)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _attention(args, layout, q, k, v, seqused_k):
+    return fa4_forward(q, k, v, seqused_k, args, layout)
 
 
-def _attention_fwd(args, q, k, v, seqused_k):
-    out, lse = fa4_forward_bsnd(q, k, v, seqused_k, args)
+def _attention_fwd(args, layout, q, k, v, seqused_k):
+    out, lse = fa4_forward(q, k, v, seqused_k, args, layout)
     return (out, lse), (q, k, v, out, lse, seqused_k)
 
 
@@ -143,15 +170,17 @@ def check_backward_head_dim(d: int) -> None:
             "differentiate through backend='cudnn' or 'pallas', or use fa4 for inference only")
 
 
-def _attention_bwd(args, res, cotangents):
+def _attention_bwd(args, layout, res, cotangents):
     q, k, v, out, lse, seqused_k = res
     check_backward_head_dim(q.shape[-1])
     dout, _ = cotangents  # the lse cotangent: the caller's lse is wrapped so that it raises instead
-    dq, dk, dv = fa4_backward_bsnd(q, k, v, out, dout, lse, seqused_k, args)
+    dq, dk, dv = fa4_backward(q, k, v, out, dout, lse, seqused_k, args, layout)
     if seqused_k is not None:
         # Keys past seqused_k are outside every FA4 tile that is computed, so nothing promises
         # their dk/dv rows are written: zero them here (the contract wants exact zeros).
-        keep = (jnp.arange(k.shape[1])[None, :] < seqused_k[:, None])[:, :, None, None]
+        seq = 2 if layout == "bnsd" else 1
+        keep = jnp.arange(k.shape[seq])[None, :] < seqused_k[:, None]
+        keep = keep[:, None, :, None] if layout == "bnsd" else keep[:, :, None, None]
         dk = jnp.where(keep, dk, jnp.zeros((), dk.dtype))
         dv = jnp.where(keep, dv, jnp.zeros((), dv.dtype))
     return dq, dk, dv, None
@@ -164,9 +193,7 @@ def forward(inputs, args, return_lse: bool):
     """The backend's `_forward`: our inputs in their layout, FA4 arguments from `fa4.fa4_arguments`."""
     spec = inputs.spec
     fix = EmptyRows.fix(spec, None, inputs.kv_lengths)  # kv_lengths 0 -> full length, zeroed below
-    q, k, v = inputs.bsnd()
     seqused_k = None if fix.kv_lengths is None else fix.kv_lengths.astype(jnp.int32)
-    out, lse = _attention(args, q, k, v, seqused_k)
-    out = inputs.from_bsnd(out)
+    out, lse = _attention(args, spec.layout, inputs.q, inputs.k, inputs.v, seqused_k)
     out, lse = fix.zero(out, lse, spec.layout)
     return (out, lse) if return_lse else out
