@@ -165,6 +165,7 @@ def _variants():
         "overlap": SageConfig(overlap=True),
         "overlap_1level": SageConfig(overlap=True, two_level_pv=False),
         "overlap_2level": SageConfig(overlap=True, two_level_pv=True),
+        "pv16": SageConfig(pv_bits=16),  # only Q K^T in 8 bits: the accurate variant
     }
 
 

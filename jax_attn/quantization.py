@@ -84,8 +84,9 @@ class Quantized:
     q_scale: Any  # (b, n, sq_pad) f32: each row's block scale * softmax scale * log2(e)
     k8: Any  # (b, n_kv, skv_pad, dp) int8, smoothed
     k_scale: Any  # (b, n_kv, skv_pad) f32: each key's block scale
-    vt8: Any  # (b, n_kv, dp, skv_pad) float8_e4m3fn: V / v_scale, transposed (K-major for wgmma)
-    out_scale: Any  # (b, n_kv, dp) f32: v_scale / P_SCALE, applied in the epilogue
+    vt8: Any  # (b, n_kv, dp, skv_pad) float8_e4m3fn: V / v_scale, transposed (K-major for wgmma);
+    # with a 16-bit P V (`quantize(pv_dtype=...)`), V itself in that dtype, transposed
+    out_scale: Any  # (b, n_kv, dp) f32: v_scale / P_SCALE (1 / P_SCALE in 16 bits), epilogue
     lse_shift: Any  # (b, n, sq) f32: softmax scale * q . mean(K), added to the lse
 
 
@@ -108,14 +109,15 @@ def fp8(x):
 
 
 def quantize(q, k, v, *, layout: str, scale: float, q_rows: int, k_rows: int, dp: int,
-             sq_pad: int, skv_pad: int, v_key_perm: bool = False) -> Quantized:
+             sq_pad: int, skv_pad: int, v_key_perm: bool = False, pv_dtype=None) -> Quantized:
     """The pre-pass: smooth K, quantize Q and K (INT8, one scale per `q_rows` / `k_rows` rows) and
     V (FP8 per channel), pad.
 
     q, k, v in `layout` (bnsd or bsnd), d <= dp; `q_rows` divides `sq_pad`, `k_rows` `skv_pad`.
     Padding comes after the smoothing mean and the V scales, so padded rows shift neither; a
     padded row's zeros can only lower a block's amax, never raise it. `v_key_perm`: V^T's keys
-    stored in `key_perm` order (the kernel's register-P path).
+    stored in `key_perm` order (the kernel's register-P path). `pv_dtype` (bfloat16/float16): the
+    16-bit P V variant, V left unquantized in that dtype (no per-channel scale, no permutation).
 
     Written for few passes over memory: the lse shift is a row reduction of q (like Q's row
     amax, so XLA can do both in one pass) rather than a dot, and the key permutation is a
@@ -136,6 +138,11 @@ def quantize(q, k, v, *, layout: str, scale: float, q_rows: int, k_rows: int, dp
     k8, k_scale = _int8_blocks(pad(k, skv_pad), k_rows)
     q_scale = q_scale * (scale * LOG2E)
 
+    if pv_dtype is not None:  # 16-bit P V: V as it is; P * P_SCALE's factor leaves in the epilogue
+        vt = jnp.swapaxes(pad(v.astype(pv_dtype), skv_pad), 2, 3)
+        out_scale = jnp.full((b, n_kv, dp), 1.0 / P_SCALE, jnp.float32)
+        return Quantized(q8=q8, q_scale=q_scale, k8=k8, k_scale=k_scale, vt8=vt,
+                         out_scale=out_scale, lse_shift=lse_shift)
     vamax = jnp.max(jnp.abs(v), axis=2)  # (b, n_kv, d)
     v_scale = jnp.where(vamax > 0, vamax / FP8_MAX, 1.0)
     v8 = fp8(v / v_scale[:, :, None, :])
@@ -188,6 +195,8 @@ def simulate(qz: Quantized, kb=None, *, block_k: int, fused_softmax: bool = Fals
     masked = kb is not None
     if masked:
         kb = jnp.broadcast_to(kb, (b, n, skv_pad))
+    # P (times P_SCALE) rounded as the kernel hands it to the P V wgmma: e4m3, or V's 16 bits
+    p_round = fp8 if qz.vt8.dtype == FP8 else (lambda x: x.astype(qz.vt8.dtype))
 
     def step(carry, j):
         acc, m_i, l_i = carry
@@ -203,13 +212,13 @@ def simulate(qz: Quantized, kb=None, *, block_k: int, fused_softmax: bool = Fals
             p = jnp.exp2(t * qs[..., None] - (m_use - LOG2_P_SCALE)[..., None])  # P * P_SCALE
             alpha = jnp.exp2(m_i - m_use)
             l_i = l_i * alpha + p.sum(axis=-1)
-            p8 = fp8(p).astype(jnp.float32)
+            p8 = p_round(p).astype(jnp.float32)
         else:
             s2 = (s.astype(jnp.float32) * qz.q_scale[..., None]) * sl(ks, 2)[:, :, None, :]
             if masked:
                 s2 = s2 + sl(kb, 2)[:, :, None, :]
             p, alpha, l_i, m_new = _softmax_block(s2, m_i, l_i, masked)
-            p8 = fp8(p * P_SCALE).astype(jnp.float32)
+            p8 = p_round(p * P_SCALE).astype(jnp.float32)
         pv = jnp.einsum("bnqk,bndk->bnqd", p8, sl(vt8, 3).astype(jnp.float32),
                         precision=jax.lax.Precision.HIGHEST)
         return (acc * alpha[..., None] + pv, m_new, l_i), None
@@ -238,11 +247,12 @@ def finish(acc, m_i, l_i, out_scale, masked: bool, fused_softmax: bool = False):
 
 def sage_reference(q, k, v, *, scale=None, layout="bnsd", key_mask=None, kv_lengths=None,
                    block_q: int = 64, block_k: int = 128, q_rows: int = 1, k_rows: int = 1,
-                   fused_softmax: bool = False, v_key_perm: bool = False):
+                   fused_softmax: bool = False, v_key_perm: bool = False, pv16: bool = False):
     """The whole scheme simulated in jnp (no kernel): `(out, lse)`, out float32 in `layout`,
     lse `(b, n, sq)` float32. `key_mask`: bool `(b|1, n|1, skv)`, True = attend. `q_rows`,
     `k_rows`: rows per INT8 scale (1: per token, the default; `block_q`/`block_k`: per kernel
-    block). `fused_softmax`, `v_key_perm`: as the kernel's SageConfig (`sim_flags`)."""
+    block). `fused_softmax`, `v_key_perm`, `pv16` (P V in 16 bits: q's dtype, bfloat16 for
+    float32 inputs): as the kernel's SageConfig (`sim_flags`)."""
     bnsd = (lambda x: x) if layout == "bnsd" else (lambda x: jnp.swapaxes(x, 1, 2))
     b, n, sq, d = bnsd(q).shape
     skv = bnsd(k).shape[2]
@@ -250,11 +260,17 @@ def sage_reference(q, k, v, *, scale=None, layout="bnsd", key_mask=None, kv_leng
     dp = 64 if d <= 64 else 128 if d <= 128 else -(-d // 64) * 64
     sq_pad, skv_pad = -(-sq // block_q) * block_q, -(-skv // block_k) * block_k
     qz = quantize(q, k, v, layout=layout, scale=scale, q_rows=q_rows, k_rows=k_rows, dp=dp,
-                  sq_pad=sq_pad, skv_pad=skv_pad, v_key_perm=v_key_perm)
+                  sq_pad=sq_pad, skv_pad=skv_pad, v_key_perm=v_key_perm,
+                  pv_dtype=pv16_dtype(q.dtype) if pv16 else None)
     kb = key_bias(skv, skv_pad, key_mask, kv_lengths)
     out, lse = simulate(qz, kb, block_k=block_k, fused_softmax=fused_softmax,
                         v_key_perm=v_key_perm)
     return bnsd(out[:, :, :sq, :d]), lse[:, :, :sq] + qz.lse_shift
+
+
+def pv16_dtype(dtype):
+    """The 16-bit P V's dtype for inputs of `dtype`: their own (V is then exact), else bf16."""
+    return jnp.dtype(dtype) if jnp.dtype(dtype).name in ("bfloat16", "float16") else jnp.bfloat16
 
 
 def accuracy(x, ref) -> dict:

@@ -25,7 +25,9 @@ from .sage_forward import SageConfig, sage_call
 
 def sim_flags(cfg: SageConfig) -> dict:
     """`quantization.sage_reference` / `simulate` keyword arguments that mirror `cfg`'s kernel."""
-    return dict(fused_softmax=cfg.fused_softmax, v_key_perm=cfg.p_in_registers)
+    pv16 = cfg.pv_bits == 16
+    return dict(fused_softmax=cfg.fused_softmax, v_key_perm=cfg.p_in_registers and not pv16,
+                pv16=pv16)
 
 HEAD_DIMS = (64, 128)  # what the kernel runs at; smaller head dims are zero-padded up
 
@@ -122,7 +124,9 @@ def sage_attention(q, k, v, *, kv_lengths=None, key_mask=None, scale=None, layou
     def run(q, k, v, kb):  # arrays as arguments: a custom VJP must not close over tracers
         qz = quantization.quantize(q, k, v, layout=layout, scale=scale, q_rows=q_rows,
                                    k_rows=k_rows, dp=dp, sq_pad=sq_pad, skv_pad=skv_pad,
-                                   v_key_perm=cfg.p_in_registers)
+                                   v_key_perm=sim_flags(cfg)["v_key_perm"],
+                                   pv_dtype=quantization.pv16_dtype(q.dtype)
+                                   if cfg.pv_bits == 16 else None)
         out, lse = sage_call(cfg, qz, kb, out_dtype=q.dtype, out_layout=layout, groups=n // n_kv,
                              key_bias_dims=kdims, interpret=interpret)
         out = out[:, :, :sq, :d] if layout == "bnsd" else out[:, :sq, :, :d]

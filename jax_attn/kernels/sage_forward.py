@@ -83,12 +83,20 @@ class SageConfig:
     # flight together. It holds the int32 S tile and the float32 P beside O, so `block_kv=0`
     # resolves to 128 keys with it at every head dim.
     overlap: bool = False
+    # Bits of the P V product: 8 (FP8, the scheme) or 16 (P and V in the inputs' 16-bit dtype,
+    # V unquantized: only Q K^T is 8-bit; more accurate, P V at the bf16 rate). 16 takes P in
+    # registers as the accumulator layout gives it (no relabelling) and one accumulator.
+    pv_bits: int = 8
 
     def resolved(self, dp: int) -> "SageConfig":
         """With `block_kv` (when 0) and `two_level_pv` (when None) chosen for head dim `dp`."""
+        if self.pv_bits not in (8, 16):
+            raise ValueError(f"SageConfig.pv_bits must be 8 or 16, got {self.pv_bits}")
+        two_level = (dp <= 64 and self.pv_bits == 8) if self.two_level_pv is None \
+            else self.two_level_pv
         return dataclasses.replace(
             self, block_kv=self.block_kv or (256 if dp <= 64 and not self.overlap else 128),
-            two_level_pv=dp <= 64 if self.two_level_pv is None else self.two_level_pv)
+            two_level_pv=two_level)
 
 
 OLD_CONFIG = SageConfig(block_kv=128, two_level_pv=True, p_in_registers=False,
@@ -119,6 +127,11 @@ class _Fwd:
     p_regs: bool
     fused: bool
     overlap: bool
+    p_dtype: Any  # what P (and V^T) enter the P V wgmma as: FP8, or the 16-bit dtype
+
+    @property
+    def p8(self) -> bool:
+        return self.p_dtype == FP8
 
     def layout_cast(self, x, layout):
         return x if self.interp else plgpu.layout_cast(x, layout)
@@ -250,9 +263,9 @@ def _stage_p(fw: _Fwd, r: _Refs, wg, p):
     """P * P_SCALE (float32) cast to e4m3 for the P V wgmma: returned as its register operand
     (p_regs), else stored to this warpgroup's shared-memory P tile (returns None; `_p_operand`
     then names the tile)."""
-    p8 = p.astype(FP8)
-    if fw.p_regs:
-        return p8 if fw.interp else _p_to_8bit_layout(p8)
+    p8 = p.astype(fw.p_dtype)
+    if fw.p_regs:  # 16-bit P is already the A operand's register layout
+        return p8 if fw.interp or not fw.p8 else _p_to_8bit_layout(p8)
     r.p_smem.at[wg][...] = p8
     plgpu.commit_smem()  # P visible to the wgmma (async proxy), all four warps done writing
     return None
@@ -370,8 +383,10 @@ def _qk_interp(r: _Refs, wg, slot):
 
 def _pv_interp(fw: _Fwd, r: _Refs, slot, a_op):
     """Interpret mode's P V (float32) of the V^T tile in `slot`, `a_op` as `_p_operand`."""
-    if fw.p_regs:  # what the register relabelling means: P's keys in V^T's stored order
+    if fw.p_regs and fw.p8:  # what the register relabelling means: P's keys in V^T's order
         p = key_perm(a_op.astype(jnp.float32), 1)
+    elif fw.p_regs:
+        p = a_op.astype(jnp.float32)
     else:
         p = a_op[...].astype(jnp.float32)
     return lax.dot_general(p, r.vt_smem[slot].astype(jnp.float32), (((1,), (1,)), ((), ())),
@@ -588,12 +603,12 @@ def _produce(fw: _Fwd, r: _Refs, h, b):
         plgpu.barrier_wait(r.v_done.at[slot])
 
 
-def _swizzled(cols_bytes: int, interp: bool):
-    """Tiling and swizzle of an 8-bit shared-memory tile whose rows hold `cols_bytes` bytes."""
+def _swizzled(cols: int, interp: bool, itemsize: int = 1):
+    """Tiling and swizzle of a shared-memory tile whose rows hold `cols` elements."""
     if interp:
         return ()
-    swizzle = min(128, cols_bytes)
-    return (plgpu.TilingTransform((8, swizzle)), plgpu.SwizzleTransform(swizzle))
+    swizzle = min(128, cols * itemsize)
+    return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
 
 
 def sage_call(cfg: SageConfig, qz, kb, *, out_dtype, out_layout: str, groups: int,
@@ -612,7 +627,11 @@ def sage_call(cfg: SageConfig, qz, kb, *, out_dtype, out_layout: str, groups: in
     fw = _Fwd(bq=bq, bk=bk, dp=dp, n_steps=n_steps, stages=stages, out_dtype=jnp.dtype(out_dtype),
               out_bnsd=out_layout == "bnsd", has_kb=has_kb, interp=interp, groups=groups,
               key_bias_dims=key_bias_dims, two_level=cfg.two_level_pv,
-              p_regs=cfg.p_in_registers, fused=cfg.fused_softmax, overlap=cfg.overlap)
+              p_regs=cfg.p_in_registers, fused=cfg.fused_softmax, overlap=cfg.overlap,
+              p_dtype=qz.vt8.dtype)
+    if (qz.vt8.dtype == FP8) != (cfg.pv_bits == 8):
+        raise ValueError(f"SageConfig.pv_bits={cfg.pv_bits} but the pre-pass stored V as "
+                         f"{qz.vt8.dtype}")
 
     def kernel(q_ref, qs_ref, k_ref, ks_ref, vt_ref, os_ref, *refs):
         refs = list(refs)
@@ -637,7 +656,7 @@ def sage_call(cfg: SageConfig, qz, kb, *, out_dtype, out_layout: str, groups: in
             turn=turn))
 
     d8 = _swizzled(dp, interp)  # Q and K tiles: rows of dp int8
-    k8 = _swizzled(bk, interp)  # P and V^T tiles: rows of bk e4m3 (the P V contraction)
+    pv_t = _swizzled(bk, interp, fw.p_dtype.itemsize)  # P, V^T tiles: rows of bk (P V's contraction)
     o_t = () if interp else (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     scratch = [
         plgpu.SMEM((2, bq, dp), jnp.int8, transforms=d8),
@@ -645,10 +664,10 @@ def sage_call(cfg: SageConfig, qz, kb, *, out_dtype, out_layout: str, groups: in
         plgpu.SMEM((2, dp), jnp.float32),
         plgpu.SMEM((stages, bk, dp), jnp.int8, transforms=d8),
         plgpu.SMEM((stages, bk), jnp.float32),
-        plgpu.SMEM((stages, dp, bk), FP8, transforms=k8),
+        plgpu.SMEM((stages, dp, bk), fw.p_dtype, transforms=pv_t),
     ]
     if not fw.p_regs:
-        scratch.append(plgpu.SMEM((2, bq, bk), FP8, transforms=k8))
+        scratch.append(plgpu.SMEM((2, bq, bk), fw.p_dtype, transforms=pv_t))
     scratch += [
         plgpu.SMEM((2, bq, dp), out_dtype, transforms=o_t),
         plgpu.SMEM((2, bq), jnp.float32),
