@@ -101,7 +101,10 @@ def local_backend(method, p, shape, dtype, backend, mode="fwd", ulysses=2):
         d = jax_attn.explain(x, x, x, backend=backend)
         if not ring_like or mode == "fwd" or d.backend is None:
             return d.backend
-        spec = validate(x, x, x)  # the timed calls return no lse: no lse cotangent
+        # The timed calls return no lse (no lse cotangent); a sequence the devices do not divide
+        # is padded, and its blocks then carry kv_lengths (as ring._stats_backend sees them).
+        padded = local[2] * (p if method != "hybrid" else hybrid_shape(p, ulysses)[0]) != s
+        spec = validate(x, x, x, kv_lengths=jnp.full((b,), local[2], jnp.int32) if padded else None)
         if method != "ring-recompute" and ring_backward.stats_refusal(d.backend, spec, False) is None:
             return f"{d.backend} (stats)"
         if method != "ring-recompute":

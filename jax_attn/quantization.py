@@ -123,6 +123,9 @@ def quantize(q, k, v, *, layout: str, scale: float, q_rows: int, k_rows: int, dp
     amax, so XLA can do both in one pass) rather than a dot, and the key permutation is a
     reshape/transpose folded into V's (already transposing) cast.
     """
+    if pv_dtype is not None and v_key_perm:
+        raise ValueError("v_key_perm applies to the FP8 P V only; with pv_dtype (the 16-bit P V) "
+                         "V is stored unpermuted")
     if layout == "bsnd":
         q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))
     q, k, v = (x.astype(jnp.float32) for x in (q, k, v))

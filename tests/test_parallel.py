@@ -301,9 +301,13 @@ def test_cudnn_block_backward_refusals():
     refusal = ring_backward.cudnn_stats_refusal
     assert "lse" in refusal(plain, True)
     for change, word in [(dict(mask_kind="bool", mask_shape=(1, 1, 1, 512)), "mask"),
+                         (dict(mask_kind="bias", mask_shape=(1, 1, 1, 512)), "mask"),
                          (dict(has_kv_lengths=True), "lengths"),
+                         (dict(has_q_lengths=True), "lengths"),
+                         (dict(window=(8, 8)), "window"),
                          (dict(has_segment_ids=True), "segment"),
-                         (dict(kv_heads=2), "grouped"), (dict(q_len=511), "odd")]:
+                         (dict(kv_heads=2), "grouped"), (dict(kv_len=256), "unequal"),
+                         (dict(q_len=511, kv_len=511), "odd")]:
         assert word in refusal(dataclasses.replace(plain, **change), False), change
     why = refusal(plain, False)
     assert why is None or "private" in why

@@ -6,8 +6,9 @@ The kernels are split by role, as in tokamax:
   `default_config`, `head_dim_padded`, `FASTER_THAN_TRITON_SM90` (a view of
   `jax_attn/data/mosaic_routing.json`), `shape_bucket`, `unsupported`, `available`) and
   `MosaicCall` (formerly `_Static`, still an alias), the hashable description of one call.
-* `mosaic_forward.py`: the forward kernel (one CTA = two compute warpgroups and a TMA producer,
-  FlashAttention-3 style; its design is in that module's docstring).
+* `mosaic_forward.py`: the forward kernel (one CTA = `MosaicConfig.compute_warpgroups`
+  compute warpgroups, two by default, and a TMA producer, FlashAttention-3 style; its design is
+  in that module's docstring).
 * `mosaic_backward.py`: the dQ and dK/dV kernels.
 
 This module holds the wrapper around them (padding, mask folding, slicing), the custom VJP that
@@ -22,14 +23,16 @@ built in the wrapper: the per-key bool mask, `kv_lengths`, and the padded key ta
 it, so the kernel has a single masked code path and, when nothing is masked (aligned lengths, no
 mask), a path with no mask arithmetic at all.
 
-What the wrapper pads (never the caller): wgmma wants 128-byte swizzled rows and a contraction
-dim that is a multiple of 16, so head dims are run at 64, 128 or 256 (40 -> 64, 80 and 96 -> 128,
+What the wrapper pads (never the caller): wgmma wants swizzled rows and a contraction dim that
+is a multiple of 16, so head dims are run at 64, 128 or 256 (80 and 96 -> 128; 40 -> 64, or in
+the forward 48 with `MosaicConfig.narrow_head_dim`, the default there, on 32-byte swizzled rows;
 zero columns change neither Q K^T nor the kept columns of P V); query rows are padded to a
-multiple of `2 * block_q` and keys to a multiple of `block_kv` (the key tail is masked through
-the key bias; padded query rows are sliced off). Shapes that are already aligned are not copied.
+multiple of `compute_warpgroups * block_q` and keys to a multiple of `block_kv` (the key tail is
+masked through the key bias; padded query rows are sliced off). Shapes that are already aligned
+are not copied.
 
 Backward (`backward="auto"`, the default: "mosaic" for head dims up to 128, else "triton"): two
-Mosaic GPU kernels of the same CTA shape as the forward (two compute warpgroups of 64 rows, one
+Mosaic GPU kernels of the forward's default CTA shape (two compute warpgroups of 64 rows, one
 TMA producer streaming a ring of `MosaicConfig.bwd_stages` slots): dQ over query tiles, and dK/dV
 over key tiles of each k/v head with the group's query heads streamed in turn (GQA sums stay in
 registers); see `mosaic_backward.py`. delta = rowsum(dO * O) - dlse and the base-2 lse are

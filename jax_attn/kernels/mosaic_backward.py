@@ -3,7 +3,7 @@
 The default backward up to d = 128 (`mosaic_attention.py` chooses; at d > 128 the dK and dV
 accumulators would not fit in registers, so there the Triton kernels run instead).
 
-Same CTA shape as the forward (`mosaic_forward.py`): warpgroups 0 and 1 compute, 64 rows each,
+The forward's default CTA shape (`mosaic_forward.py`): warpgroups 0 and 1 compute, 64 rows each,
 warpgroup 2 is a TMA producer streaming tiles through a ring of `MosaicConfig.bwd_stages`
 shared-memory slots (`_produce`). Base-2 throughout: lse2 = lse * log2(e) (+inf for an empty or
 padded query row, so its p is exactly 0), the key bias is 0/-inf; delta = rowsum(dO * O) - dlse

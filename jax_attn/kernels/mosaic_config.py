@@ -2,7 +2,7 @@
 
 What the kernels can serve and how they are tuned: the guarded import of the Mosaic GPU Pallas
 dialect (`available`), `MosaicConfig` and its per-head-dim defaults, the head dims the kernels run
-at (`head_dim_padded`: 64, 128 or 256), the shape buckets where the Mosaic forward measured faster
+at (`head_dim_padded`: 64, 128 or 256; the forward also 48, `MosaicCall.fwd_dp`), the shape buckets where the Mosaic forward measured faster
 than the Triton kernel (`FASTER_THAN_TRITON_SM90`, read by the `pallas` backend's automatic
 choice; the measurements are data, `jax_attn/data/mosaic_routing.json`), `unsupported`, and
 `MosaicCall`, the hashable description of one call that the forward, the backward kernels and
@@ -55,17 +55,26 @@ class MosaicConfig:
     # the first only, and runs the next block's softmax while P V is on the tensor cores. It
     # holds two P tiles and an S tile live beside O, so it wants 128-key blocks.
     overlap: bool = False
-    # The forward's registers per thread, (compute, producer) warpgroups: 2 x 128 x compute +
-    # 128 x producer must fit the SM's 65536 (FA4 runs 240 / 24 with overlap).
+    # The forward's registers per thread, (compute, producer) warpgroups: compute_warpgroups x
+    # 128 x compute + 128 x producer must fit the SM's 65536 (FA4 runs 240 / 24 with overlap).
     fwd_registers: tuple[int, int] = (232, 40)
-    # The forward runs head dims under 64 at the next multiple of 16 (d = 40 at 48: a quarter
-    # less tensor work than at 64, as FA4 does), its shared-memory tiles swizzled at the widest
-    # of 128/64/32 bytes that divides a row; the backward still runs them at 64.
+    # The forward runs head dims 33-48 at 48 instead of 64 (d = 40: a quarter less tensor work,
+    # as FA4 does), its shared-memory tiles swizzled at 32 bytes; the backward still runs them
+    # at 64. Only 48 is verified on an H200, so smaller head dims stay at 64.
     narrow_head_dim: bool = False
     # Compute warpgroups of the forward (a CTA covers this many x block_q queries): 3 needs
     # `overlap` (their turns go round robin) and registers to match, e.g. (160, 32) as FA4's
     # 192-row tiles at d <= 64. The backward keeps two.
     compute_warpgroups: int = 2
+
+    def __post_init__(self):
+        object.__setattr__(self, "fwd_registers", tuple(self.fwd_registers))  # hashable
+        if self.compute_warpgroups < 1:
+            raise ValueError(f"MosaicConfig.compute_warpgroups must be >= 1, got "
+                             f"{self.compute_warpgroups}")
+        if any(r % 8 or not 24 <= r <= 256 for r in self.fwd_registers):
+            raise ValueError(f"MosaicConfig.fwd_registers must be multiples of 8 in 24..256, got "
+                             f"{self.fwd_registers}")
 
 
 def head_dim_padded(d: int) -> int | None:
@@ -88,8 +97,8 @@ def default_config(d: int) -> MosaicConfig:
     # Intra-warpgroup overlap at d = 128 only: on an H200 it lifts the forward 3-4% (4608 and
     # 16k tokens); at d = 64 and 40 it is 5-15% slower (its 128-key blocks lose to 256 without
     # it). benchmarks/results/2026-11-30-h200-round4/README.md.
-    # Narrow head dims (d < 64 at the next multiple of 16): d = 40 at 48 is 8% faster forward
-    # (same results README); the forward is softmax-bound there, so not the 25% of the matmuls.
+    # Narrow head dims (33-48 at 48): d = 40 at 48 is 8% faster forward (same results README);
+    # the forward is softmax-bound there, so not the 25% of the matmuls.
     if dp == 64:
         return MosaicConfig(block_q=64, block_kv=256, stages=2, bwd_stages=4,
                             narrow_head_dim=True)
@@ -185,8 +194,8 @@ class MosaicCall:
     @property
     def fwd_dp(self):
         """The head dim the forward kernel runs at (`MosaicConfig.narrow_head_dim`)."""
-        if self.config.narrow_head_dim and self.d < 64:
-            return -(-self.d // 16) * 16
+        if self.config.narrow_head_dim and 32 < self.d <= 48:
+            return 48
         return self.dp
 
     @property

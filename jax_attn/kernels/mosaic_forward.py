@@ -1,9 +1,10 @@
 """The Hopper (sm90) Mosaic GPU flash-attention forward kernel, FlashAttention-3 style.
 
-Design (one CTA = three warpgroups):
+Design (one CTA = `W` = `MosaicConfig.compute_warpgroups` compute warpgroups, two by default,
+and a producer):
 
-* Warpgroups 0 and 1 compute; each owns `block_q` (64) query rows, so a CTA covers
-  `2 * block_q` queries of one head. Warpgroup 2 is the producer: it only issues TMA copies of
+* Warpgroups 0 .. W-1 compute; each owns `block_q` (64) query rows, so a CTA covers
+  `W * block_q` queries of one head. Warpgroup W is the producer: it only issues TMA copies of
   the K and V tiles (and the optional key-bias vector) into a ring of `stages` shared-memory
   slots, waiting on per-slot "consumed" barriers before it overwrites a slot. It gives its
   registers away (`set_max_registers(40)`); the compute warpgroups take 232
@@ -19,9 +20,9 @@ Design (one CTA = three warpgroups):
 * With `MosaicConfig.overlap` (the default at d = 128) each warpgroup also overlaps with itself,
   as FlashAttention-3/4 do: it issues S = Q K^T of the next key block and O += P V of this one
   together, waits for the first only, and runs the next softmax while P V is on the tensor
-  cores; the warpgroups then take turns per step through two `turn` barriers instead of the
-  schedule barrier. Pallas has no named (hardware) barriers, so the turns are mbarriers in
-  shared memory, where FA4 uses `bar.sync`.
+  cores; the warpgroups then take turns per step, round robin, through one `turn` barrier each
+  instead of the schedule barrier (which pairs two; W != 2 needs overlap). Pallas has no named
+  (hardware) barriers, so the turns are mbarriers in shared memory, where FA4 uses `bar.sync`.
 * The producer, after its last copy, waits for the final consumption of every slot, so that
   each thread observes every phase of every barrier it waits on (the interpreter checks this).
 * The epilogue writes O (reusing Q's shared-memory tile) and the natural-log LSE back by TMA.
@@ -34,9 +35,10 @@ says what folds into it): with it the kernel takes its single masked path (a dro
 is -inf, the running max is guarded so no `-inf - -inf` reaches `exp2`, a row with no key keeps
 `l == 0` and returns zeros and `lse = -inf`); without it, a path with no mask arithmetic at all.
 
-The kernel body is split by phase: `_fwd_producer` (warpgroup 2, the TMA loads),
-`_fwd_consumer` (warpgroups 0 and 1: Q load, the key loop of `_fwd_scores` (S = Q K^T),
-`_online_softmax` and `_fwd_pv` (O += P V), then `_fwd_epilogue`). The trace-time constants they
+The kernel body is split by phase: `_fwd_producer` (warpgroup W, the TMA loads),
+`_fwd_consumer` (the compute warpgroups: Q load, the key loop of `_fwd_scores` (S = Q K^T),
+`_online_softmax` and `_fwd_pv` (O += P V), then `_fwd_epilogue`), or with overlap
+`_fwd_consumer_overlap` (its key loop `_fwd_step_overlap`). The trace-time constants they
 share are one frozen `_Fwd`, the kernel's refs one `_FwdRefs`. They are plain Python functions
 called in the order above, so they trace into one kernel body with the barrier waits and arrivals
 exactly where the design puts them.
@@ -59,7 +61,7 @@ class _Fwd:
     """Trace-time constants of one forward kernel."""
     bq: int  # query rows per compute warpgroup
     bk: int  # keys per pipeline step
-    dp: int  # padded head dim
+    dp: int  # the head dim the forward runs at (MosaicCall.fwd_dp)
     n_steps: int  # key blocks
     stages: int  # K/V slots in the ring
     dtype: Any  # q/k/v/o dtype
@@ -130,7 +132,7 @@ class _FwdRefs:
 
 
 def _fwd_kernel(fw: _Fwd, r: _FwdRefs):
-    """The kernel body: warpgroups 0 and 1 compute, warpgroup 2 produces."""
+    """The kernel body: warpgroups 0 .. wgs-1 compute, warpgroup wgs produces."""
     qt, h, b = lax.axis_index("q"), lax.axis_index("h"), lax.axis_index("b")
     wg = lax.axis_index("wg")
 
@@ -144,7 +146,7 @@ def _fwd_kernel(fw: _Fwd, r: _FwdRefs):
 
 
 # ---------------------------------------------------------------------------------------------
-# Compute warpgroups (0 and 1)
+# Compute warpgroups (0 .. wgs-1)
 
 
 def _fwd_consumer(fw: _Fwd, r: _FwdRefs, qt, h, b, wg):
@@ -194,8 +196,7 @@ def _fwd_scores(fw: _Fwd, r: _FwdRefs, q_tile, slot):
     bq, bk, interp = fw.bq, fw.bk, fw.interp
     kbias = _key_bias(fw, r, slot)
     if interp:
-        s = lax.dot_general(q_tile[...], r.k_smem[slot], (((1,), (1,)), ((), ())),
-                            preferred_element_type=jnp.float32)
+        s = _qk_interp(q_tile, r.k_smem, slot)
         r.sched_sync()
     else:
         def qk(acc_ref):
@@ -238,6 +239,18 @@ def _softmax_step(fw: _Fwd, s, kbias, m_i, l_i, cast=True):
     return (p.astype(fw.dtype) if cast else p), m_new, l_i, alpha
 
 
+def _qk_interp(q_tile, k_smem, slot):
+    """Interpret mode's S = Q K^T (the interpreter cannot run wgmma on a transposed view)."""
+    return lax.dot_general(q_tile[...], k_smem[slot], (((1,), (1,)), ((), ())),
+                           preferred_element_type=jnp.float32)
+
+
+def _pv_interp(p16, v_smem, slot):
+    """Interpret mode's P V (the interpreter cannot run wgmma with a register operand)."""
+    return lax.dot_general(p16, v_smem[slot], (((1,), (0,)), ((), ())),
+                           preferred_element_type=jnp.float32)
+
+
 def _online_softmax(fw: _Fwd, s, kbias, acc, m_i, l_i):
     """Online softmax in base 2: returns (acc, l_i) rescaled, the new running max, and P in the
     input dtype."""
@@ -264,8 +277,7 @@ def _fwd_pv(fw: _Fwd, r: _FwdRefs, i, slot, acc, p16):
             plgpu.barrier_wait(r.k_bar.at[nxt_slot])
 
     if fw.interp:
-        acc = acc + lax.dot_general(p16, r.v_smem[slot], (((1,), (0,)), ((), ())),
-                                    preferred_element_type=jnp.float32)
+        acc = acc + _pv_interp(p16, r.v_smem, slot)
         wait_next_k()
     else:
         def pv(acc_ref):
@@ -281,11 +293,12 @@ def _fwd_pv(fw: _Fwd, r: _FwdRefs, i, slot, acc, p16):
 #
 # Per key block j a warpgroup issues S(j+1) = Q K(j+1)^T and then O += P(j) V(j) as two wgmma
 # groups, waits for the first group only, and computes the softmax of block j+1 while P(j) V(j)
-# runs; then it waits for that, rescales O and releases V(j). The two warpgroups take turns to
-# issue (turn.at[w] opens warpgroup w's turn; each passes the turn once its matmuls are issued),
-# so one's matmuls run while the other does its softmax. Block 0's S comes first (prologue) and
-# the last block's P V last (epilogue), each one turn. Warpgroup 1 opens warpgroup 0's first turn;
-# warpgroup 0 observes warpgroup 1's last pass at the end, so every phase is observed.
+# runs; then it waits for that, rescales O and releases V(j). The compute warpgroups take turns
+# to issue, round robin (turn.at[w] opens warpgroup w's turn; each passes it to the next once its
+# matmuls are issued), so one's matmuls run while the others do their softmax. Block 0's S comes
+# first (prologue) and the last block's P V last (epilogue), each one turn. The last warpgroup
+# opens warpgroup 0's first turn; warpgroup 0 observes the last warpgroup's last pass at the end,
+# so every phase is observed.
 
 
 def _fwd_consumer_overlap(fw: _Fwd, r: _FwdRefs, qt, h, b, wg):
@@ -297,8 +310,7 @@ def _fwd_consumer_overlap(fw: _Fwd, r: _FwdRefs, qt, h, b, wg):
     kbias = _key_bias(fw, r, 0)
     turn.take()
     if fw.interp:
-        s = lax.dot_general(q_tile[...], r.k_smem[0], (((1,), (1,)), ((), ())),
-                            preferred_element_type=jnp.float32)
+        s = _qk_interp(q_tile, r.k_smem, 0)
         turn.pass_on()
     else:
         def qk(s_ref):
@@ -317,8 +329,7 @@ def _fwd_consumer_overlap(fw: _Fwd, r: _FwdRefs, qt, h, b, wg):
     plgpu.barrier_wait(r.v_bar.at[slot])
     turn.take()
     if fw.interp:
-        acc = acc + lax.dot_general(p16, r.v_smem[slot], (((1,), (0,)), ((), ())),
-                                    preferred_element_type=jnp.float32)
+        acc = acc + _pv_interp(p16, r.v_smem, slot)
         turn.pass_on()
     else:
         def pv(o_ref):
@@ -359,10 +370,8 @@ def _fwd_step_overlap(fw: _Fwd, r: _FwdRefs, q_tile, turn: _Turns, j, carry):
     plgpu.barrier_wait(r.v_bar.at[slot])
     turn.take()
     if fw.interp:
-        s = lax.dot_general(q_tile[...], r.k_smem[nslot], (((1,), (1,)), ((), ())),
-                            preferred_element_type=jnp.float32)
-        acc = acc + lax.dot_general(p16, r.v_smem[slot], (((1,), (0,)), ((), ())),
-                                    preferred_element_type=jnp.float32)
+        s = _qk_interp(q_tile, r.k_smem, nslot)
+        acc = acc + _pv_interp(p16, r.v_smem, slot)
         turn.pass_on()
         plgpu.barrier_arrive(r.k_done.at[nslot])
         p16, m_i, l_i, alpha = _softmax_step(fw, s, kbias, m_i, l_i)
@@ -411,7 +420,7 @@ def _fwd_epilogue(fw: _Fwd, r: _FwdRefs, q_tile, acc, m_i, l_i, b, h, wg, q0):
 
 
 # ---------------------------------------------------------------------------------------------
-# Producer warpgroup (2): TMA loads of K, V and the key bias
+# Producer warpgroup (wgs): TMA loads of K, V and the key bias
 
 
 def _fwd_producer(fw: _Fwd, r: _FwdRefs, h, b):

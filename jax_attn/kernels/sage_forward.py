@@ -1,4 +1,5 @@
-"""The Hopper (sm90) Mosaic GPU forward kernel of the `sage` scheme: INT8 Q K^T, FP8 P V.
+"""The Hopper (sm90) Mosaic GPU forward kernel of the `sage` scheme: INT8 Q K^T, FP8 P V
+(or, with `SageConfig.pv_bits=16`, P V in the inputs' 16-bit dtype: the accurate variant).
 
 The arithmetic is `jax_attn.quantization`'s (its docstring states the scheme; `simulate` there
 is this kernel in jnp, step for step). The structure is `mosaic_forward.py`'s: one CTA = two
@@ -260,9 +261,9 @@ def _softmax(fw: _Fwd, s, ks, kbias, qs, m_i, l_i):
 
 
 def _stage_p(fw: _Fwd, r: _Refs, wg, p):
-    """P * P_SCALE (float32) cast to e4m3 for the P V wgmma: returned as its register operand
-    (p_regs), else stored to this warpgroup's shared-memory P tile (returns None; `_p_operand`
-    then names the tile)."""
+    """P * P_SCALE (float32) cast to e4m3 (or the 16-bit dtype) for the P V wgmma: returned
+    as its register operand (p_regs), else stored to this warpgroup's shared-memory P tile
+    (returns None; `_p_operand` then names the tile)."""
     p8 = p.astype(fw.p_dtype)
     if fw.p_regs:  # 16-bit P is already the A operand's register layout
         return p8 if fw.interp or not fw.p8 else _p_to_8bit_layout(p8)

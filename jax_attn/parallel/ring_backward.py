@@ -29,13 +29,15 @@ blocks), so a block backward that honours `inputs` honours the offsets. Register
   the softmax statistic (the natural-log lse) and the forward's output: fed the global ones, it
   returns block j's share. It forms `delta` from `out` alone, so it serves only calls whose lse
   has no cotangent, and only the blocks verified on an H200 (plain and causal-diagonal, one k/v
-  head per query head, even lengths; `benchmarks/ring_cudnn_probe.py`): 1.43x faster than
+  head per query head, equal even block lengths; `benchmarks/ring_cudnn_probe.py`): 1.43x faster than
   `pallas`'s at 16k tokens, d = 128.
 `STATS_REFUSALS` says, per backend, why its block backward cannot serve a block (None when it
 can); a refused block takes the block backward of the backend routing gives for lse gradients
 (`ring._stats_backend`), as a backend with none does.
 """
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -138,6 +140,7 @@ _CUDNN_RULE_PARAMS = ("scale", "seed", "dropout_rate", "variadic_args", "mask_ty
                       "grad_output")
 
 
+@functools.lru_cache(maxsize=None)
 def _cudnn_rule():
     """JAX's private cuDNN attention module when its backward rule has the signature used here,
     else None (private API: any change means "use another block backward")."""
@@ -160,7 +163,9 @@ def cudnn_stats_refusal(spec, lse_cotangent: bool) -> str | None:
         return "a mask, lengths, a window or segment ids (verified: plain and causal blocks)"
     if spec.groups != 1:
         return "grouped k/v heads (verified: one k/v head per query head)"
-    if spec.q_len % 2 or spec.kv_len % 2:
+    if spec.q_len != spec.kv_len:
+        return "unequal query and key blocks (verified: equal ones)"
+    if spec.q_len % 2:
         return "odd block lengths"
     if _cudnn_rule() is None:
         return "JAX's private cuDNN backward rule is absent or has another signature"
