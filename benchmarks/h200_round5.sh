@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The next H200 visit's measurements (one H200; FA4 installed first for `profile`):
+#
+#   call 1, carry .fa4a:  bash benchmarks/fa4_install.sh stage
+#   call 2, carry .fa4b:  bash benchmarks/h200_round5.sh [sage16] [profile]
+#
+# sage16   the 16-bit P V variant of `sage` (SageConfig(pv_bits=16)) against the FP8 default:
+#          checked against its simulation and float64, then timed with cuDNN in the same run
+#          (4608 and 16k tokens at d = 128, 4096 at d = 64).
+# profile  Nsight Compute on one 16k-token d = 128 forward of our Mosaic kernel and of FA4
+#          (speed of light and warp stall reasons): what keeps ours 7-9% behind FA4's.
+set -u
+OUT=${OUT:-out}
+STEPS=${*:-sage16 profile}
+has() { [[ " $STEPS " == *" $1 "* ]]; }
+export PYTHONUNBUFFERED=1
+if has profile; then source benchmarks/fa4_install.sh install; else export PYTHONPATH=$PWD; fi
+mkdir -p "$OUT"
+if has sage16; then
+  mkdir -p "$OUT/sage16"
+  timeout 300 python3 benchmarks/sage_device.py --variants --only default,pv16 --shapes 1,2,0 \
+    --budget 260 --out "$OUT/sage16" > "$OUT/sage16/stdout.txt" 2>&1
+  sed -n '/=== variants/,$p' "$OUT/sage16/stdout.txt"
+fi
+if has profile; then
+  mkdir -p "$OUT/profile"
+  for impl in mosaic fa4; do
+    timeout 150 ncu --clock-control none --section SpeedOfLight --section WarpStateStats \
+      -k regex:"attention|flash|mosaic|kernel" --launch-skip 0 --launch-count 1 \
+      python3 benchmarks/profile_forward.py "$impl" 1 40 16384 128 > "$OUT/profile/$impl.txt" 2>&1
+    tail -n 40 "$OUT/profile/$impl.txt"
+  done
+fi
