@@ -182,12 +182,14 @@ def _softmax_block(s2, m_i, l_i, masked: bool):
 
 
 def simulate(qz: Quantized, kb=None, *, block_k: int, fused_softmax: bool = False,
-             v_key_perm: bool = False):
+             v_key_perm: bool = False, segments=None):
     """The kernel's arithmetic in jnp, block by block: `(out, lse)`, out float32
     `(b, n, sq_pad, dp)` before slicing, lse `(b, n, sq_pad)` natural log, shift not included.
     `kb`: `key_bias(...)` or None. `fused_softmax`: the kernel's `SageConfig.fused_softmax`
     arithmetic (`sage_forward._softmax_fused`), else the plain one. `v_key_perm`: qz's V^T is
-    stored key-permuted (undone here: only the order of a float32 sum depends on it)."""
+    stored key-permuted (undone here: only the order of a float32 sum depends on it).
+    `segments`: None or padded int32 `(q_ids (b, sq_pad), kv_ids (b, skv_pad))`: a key counts for
+    a row only where their ids are equal (as a dropped key otherwise)."""
     b, n, sq_pad, dp = qz.q8.shape
     n_kv, skv_pad = qz.k8.shape[1], qz.k8.shape[2]
     g = n // n_kv
@@ -195,11 +197,15 @@ def simulate(qz: Quantized, kb=None, *, block_k: int, fused_softmax: bool = Fals
     vt = key_unperm(qz.vt8, 3) if v_key_perm else qz.vt8
     k8, ks, vt8 = rep(qz.k8), rep(qz.k_scale), rep(vt)
     q8 = qz.q8.astype(jnp.int32)
-    masked = kb is not None
-    if masked:
+    masked = kb is not None or segments is not None
+    if kb is not None:
         kb = jnp.broadcast_to(kb, (b, n, skv_pad))
     # P (times P_SCALE) rounded as the kernel hands it to the P V wgmma: e4m3, or V's 16 bits
     p_round = fp8 if qz.vt8.dtype == FP8 else (lambda x: x.astype(qz.vt8.dtype))
+
+    def same(sl):  # (b, 1, sq_pad, block_k): the row's and the key's segment ids agree
+        q_ids, kv_ids = segments
+        return q_ids[:, None, :, None] == sl(kv_ids, 1)[:, None, None, :]
 
     def step(carry, j):
         acc, m_i, l_i = carry
@@ -207,8 +213,10 @@ def simulate(qz: Quantized, kb=None, *, block_k: int, fused_softmax: bool = Fals
         s = jnp.einsum("bnqd,bnkd->bnqk", q8, sl(k8, 2).astype(jnp.int32))
         if fused_softmax:
             t = s.astype(jnp.float32) * sl(ks, 2)[:, :, None, :]
-            if masked:
+            if kb is not None:
                 t = t + sl(kb, 2)[:, :, None, :]
+            if segments is not None:
+                t = jnp.where(same(sl), t, -jnp.inf)
             qs = qz.q_scale
             m_new = jnp.maximum(m_i, t.max(axis=-1) * qs)
             m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
@@ -218,8 +226,10 @@ def simulate(qz: Quantized, kb=None, *, block_k: int, fused_softmax: bool = Fals
             p8 = p_round(p).astype(jnp.float32)
         else:
             s2 = (s.astype(jnp.float32) * qz.q_scale[..., None]) * sl(ks, 2)[:, :, None, :]
-            if masked:
+            if kb is not None:
                 s2 = s2 + sl(kb, 2)[:, :, None, :]
+            if segments is not None:
+                s2 = jnp.where(same(sl), s2, -jnp.inf)
             p, alpha, l_i, m_new = _softmax_block(s2, m_i, l_i, masked)
             p8 = p_round(p * P_SCALE).astype(jnp.float32)
         pv = jnp.einsum("bnqk,bndk->bnqd", p8, sl(vt8, 3).astype(jnp.float32),
@@ -250,7 +260,8 @@ def finish(acc, m_i, l_i, out_scale, masked: bool, fused_softmax: bool = False):
 
 def sage_reference(q, k, v, *, scale=None, layout="bnsd", key_mask=None, kv_lengths=None,
                    block_q: int = 64, block_k: int = 128, q_rows: int = 1, k_rows: int = 1,
-                   fused_softmax: bool = False, v_key_perm: bool = False, pv16: bool = False):
+                   fused_softmax: bool = False, v_key_perm: bool = False, pv16: bool = False,
+                   q_segment_ids=None, kv_segment_ids=None):
     """The whole scheme simulated in jnp (no kernel): `(out, lse)`, out float32 in `layout`,
     lse `(b, n, sq)` float32. `key_mask`: bool `(b|1, n|1, skv)`, True = attend. `q_rows`,
     `k_rows`: rows per INT8 scale (1: per token, the default; `block_q`/`block_k`: per kernel
@@ -266,9 +277,19 @@ def sage_reference(q, k, v, *, scale=None, layout="bnsd", key_mask=None, kv_leng
                   sq_pad=sq_pad, skv_pad=skv_pad, v_key_perm=v_key_perm,
                   pv_dtype=pv16_dtype(q.dtype) if pv16 else None)
     kb = key_bias(skv, skv_pad, key_mask, kv_lengths)
+    segments = None if q_segment_ids is None else padded_segments(
+        q_segment_ids, kv_segment_ids, sq_pad, skv_pad)
     out, lse = simulate(qz, kb, block_k=block_k, fused_softmax=fused_softmax,
-                        v_key_perm=v_key_perm)
+                        v_key_perm=v_key_perm, segments=segments)
     return bnsd(out[:, :, :sq, :d]), lse[:, :, :sq] + qz.lse_shift
+
+
+def padded_segments(q_ids, kv_ids, sq_pad: int, skv_pad: int):
+    """int32 `(b, s)` segment ids padded to the kernel's lengths. The padding's value does not
+    matter: padded keys are dropped by the key bias (`key_bias` covers the padded tail) and
+    padded query rows are sliced off."""
+    q_ids, kv_ids = (jnp.asarray(x).astype(jnp.int32) for x in (q_ids, kv_ids))
+    return pad_to(q_ids, 1, sq_pad), pad_to(kv_ids, 1, skv_pad)
 
 
 def pv16_dtype(dtype):

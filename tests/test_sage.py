@@ -138,7 +138,7 @@ def test_quantizers_round_trip():
 
 
 def check_kernel(b, n, n_kv, sq, skv, d, *, dtype="bfloat16", layout="bnsd", kv_lengths=None,
-                 key_mask=None, seed=0, q_rows=1, k_rows=1, config=SMALL):
+                 key_mask=None, seed=0, q_rows=1, k_rows=1, config=SMALL, segments=None):
     """Kernel (interpret mode) vs the simulation: the same bits in, so only float32 summation
     order, and the output's final rounding to `dtype`, may differ."""
     rng = np.random.default_rng(seed)
@@ -147,6 +147,8 @@ def check_kernel(b, n, n_kv, sq, skv, d, *, dtype="bfloat16", layout="bnsd", kv_
     q, k, v = (jnp.asarray(t(rng.standard_normal(s)), dtype) for s in shapes)
     kw = dict(layout=layout, q_rows=q_rows, k_rows=k_rows,
               kv_lengths=None if kv_lengths is None else jnp.asarray(kv_lengths, jnp.int32))
+    if segments is not None:
+        kw.update(q_segment_ids=jnp.asarray(segments[0]), kv_segment_ids=jnp.asarray(segments[1]))
     out, lse = S.sage_attention(q, k, v, return_lse=True, config=config, interpret=True,
                                 key_mask=key_mask, **kw)
     so, slse = Q.sage_reference(q, k, v, block_q=config.block_q, block_k=config.block_kv,
@@ -164,7 +166,9 @@ def check_kernel(b, n, n_kv, sq, skv, d, *, dtype="bfloat16", layout="bnsd", kv_
     ref = reference.attention(*(np.asarray(jnp.asarray(x).astype(jnp.float32), np.float64)
                                 for x in (t(np.asarray(q, np.float32)), t(np.asarray(k, np.float32)),
                                           t(np.asarray(v, np.float32)))),
-                              attn_mask=key_mask, kv_lengths=kv_lengths)
+                              attn_mask=key_mask, kv_lengths=kv_lengths,
+                              **({} if segments is None else dict(q_segment_ids=segments[0],
+                                                                  kv_segment_ids=segments[1])))
     rows = np.isfinite(slse)[..., None] & np.ones((1, 1, 1, d), bool)
     got = t(np.asarray(out, np.float64))
     assert reference.relative_error(np.where(rows, got, 0), np.where(rows, ref, 0)) < 0.06
@@ -219,6 +223,36 @@ def test_kernel_pv16_fp16_masks_smem_p():
     cfg = SageConfig(block_q=64, block_kv=64, stages=2, pv_bits=16, p_in_registers=False)
     check_kernel(2, 2, 2, 64, 150, 128, dtype="float16", layout="bsnd", kv_lengths=[0, 120],
                  key_mask=mask, seed=1, config=cfg)
+
+
+def _packed_ids(b, s, cuts_per_row, rng):
+    """Sorted segment ids of prompts of uneven lengths, one row per batch entry."""
+    cuts = np.sort(rng.choice(np.arange(1, s), (b, cuts_per_row), replace=False), -1)
+    return np.stack([np.searchsorted(c, np.arange(s), side="right") for c in cuts]).astype(np.int32)
+
+
+@needs_mgpu
+@pytest.mark.parametrize("overlap", [False, True])
+def test_kernel_segment_ids_vs_simulation(overlap):
+    # Packed prompts (sorted ids, 3 per row) over 4 key blocks; queries and keys share the ids.
+    ids = _packed_ids(2, 200, 2, np.random.default_rng(8))
+    cfg = dataclasses.replace(SMALL, overlap=overlap)
+    check_kernel(2, 2, 1, 200, 200, 64, config=cfg, segments=(ids, ids))
+
+
+@pytest.mark.slow
+@needs_mgpu
+def test_kernel_segment_ids_with_masks_bsnd_pv16():
+    # Unsorted ids that leave some queries without any key of theirs (zeros, lse = -inf), with
+    # kv_lengths and a key mask on top, bsnd, the 16-bit P V.
+    rng = np.random.default_rng(9)
+    q_ids = rng.integers(0, 3, (2, 70)).astype(np.int32)
+    kv_ids = rng.integers(1, 4, (2, 150)).astype(np.int32)
+    mask = rng.random((2, 1, 1, 150)) > 0.3
+    cfg = SageConfig(block_q=64, block_kv=64, stages=2, pv_bits=16)
+    out, lse = check_kernel(2, 2, 2, 70, 150, 40, layout="bsnd", kv_lengths=[150, 90],
+                            key_mask=mask, config=cfg, segments=(q_ids, kv_ids), seed=4)
+    assert np.isneginf(np.asarray(lse)[0, 0][q_ids[0] == 0]).all()
 
 
 def test_pv_bits_validated():
@@ -331,6 +365,22 @@ def test_backend_forward_and_gradient_refused():
     with pytest.raises(ValueError, match="backend='sage'"):
         jax.grad(lambda q: jax_attn.attention_forward(q, k, v, layout="bsnd", backend="sage")
                  .astype(jnp.float32).sum())(q)
+
+
+@needs_mgpu
+def test_backend_serves_segment_ids():
+    """Packed prompts through attention_forward(backend="sage"): the ids reach the kernel (an id
+    dropped on the way would mix the prompts: cosine far below the bound)."""
+    rng = np.random.default_rng(10)
+    q, k, v = (jnp.asarray(rng.standard_normal((1, 2, 192, 64)), jnp.bfloat16) for _ in range(3))
+    ids = jnp.asarray(_packed_ids(1, 192, 2, rng))
+    out, lse = jax_attn.attention_forward(q, k, v, backend="sage", return_lse=True,
+                                          q_segment_ids=ids, kv_segment_ids=ids)
+    f64 = [np.asarray(x, np.float64) for x in (q, k, v)]
+    ref, rlse = reference.attention(*f64, return_lse=True, q_segment_ids=np.asarray(ids),
+                                    kv_segment_ids=np.asarray(ids))
+    assert Q.accuracy(np.asarray(out, np.float64), ref)["cos_min"] > 0.998
+    np.testing.assert_allclose(np.asarray(lse), rlse, atol=0.05)
 
 
 @needs_mgpu

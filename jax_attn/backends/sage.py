@@ -34,6 +34,7 @@ class Sage(Backend):
     supports_bias_grad = False
     supports_causal = False
     supports_kv_lengths = True
+    supports_segment_ids = True  # compared in the kernel per (row, key), no tile skipping
     supports_lse_grad = False
     supports_window = False
     supports_forward_ad = False
@@ -70,4 +71,5 @@ class Sage(Backend):
         return sage_attention.sage_attention(
             inputs.q, inputs.k, inputs.v, kv_lengths=inputs.kv_lengths,
             key_mask=inputs.mask if spec.mask_kind == "bool" else None, scale=spec.scale,
-            layout=spec.layout, return_lse=return_lse, interpret=interpreting())
+            layout=spec.layout, return_lse=return_lse, interpret=interpreting(),
+            q_segment_ids=inputs.q_segment_ids, kv_segment_ids=inputs.kv_segment_ids)

@@ -54,12 +54,12 @@ def unsupported(*, dtype, d, dv) -> list[str]:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _no_grad(run, q, k, v, kb):
-    return run(q, k, v, kb)
+def _no_grad(run, q, k, v, kb, segments):
+    return run(q, k, v, kb, segments)
 
 
-def _no_grad_fwd(run, q, k, v, kb):
-    return run(q, k, v, kb), None
+def _no_grad_fwd(run, q, k, v, kb, segments):
+    return run(q, k, v, kb, segments), None
 
 
 def _no_grad_bwd(run, res, g):
@@ -73,12 +73,15 @@ _no_grad.defvjp(_no_grad_fwd, _no_grad_bwd)
 
 def sage_attention(q, k, v, *, kv_lengths=None, key_mask=None, scale=None, layout="bnsd",
                    return_lse=False, config: SageConfig | None = None, q_rows: int = 1,
-                   k_rows: int = 1, interpret: bool = False):
+                   k_rows: int = 1, interpret: bool = False, q_segment_ids=None,
+                   kv_segment_ids=None):
     """8-bit attention on Hopper: out in q's dtype and layout, and with `return_lse` the float32
     natural-log lse `(b, n, sq)` (-inf for a row with no key).
 
     q `(b, n, sq, d)`, k, v `(b, n_kv, skv, d)` (or `bsnd`), bf16/fp16, d <= 128, `n % n_kv == 0`.
     `key_mask`: bool broadcastable to `(b, 1|n, 1, skv)`, True = attend. `kv_lengths (b,)`.
+    `q_segment_ids (b, sq)`, `kv_segment_ids (b, skv)` (int32; both or neither): packed
+    sequences, a key counts for a query only where their ids are equal.
     `q_rows`, `k_rows`: rows per INT8 scale (1 = per token; see `jax_attn.quantization`); they
     must divide the kernel's blocks.
     """
@@ -116,21 +119,29 @@ def sage_attention(q, k, v, *, kv_lengths=None, key_mask=None, scale=None, layou
         km = jnp.broadcast_to(km, km.shape[:2] + (skv,))
     if kv_lengths is not None:
         kv_lengths = jnp.asarray(kv_lengths, jnp.int32)
+    if (q_segment_ids is None) != (kv_segment_ids is None):
+        raise ValueError("give both q_segment_ids and kv_segment_ids (or neither)")
+    segments = None
+    if q_segment_ids is not None:
+        if tuple(q_segment_ids.shape) != (b, sq) or tuple(kv_segment_ids.shape) != (b, skv):
+            raise ValueError(f"q_segment_ids {tuple(q_segment_ids.shape)} and kv_segment_ids "
+                             f"{tuple(kv_segment_ids.shape)} must be ({b}, {sq}) and ({b}, {skv})")
+        segments = quantization.padded_segments(q_segment_ids, kv_segment_ids, sq_pad, skv_pad)
     kb = quantization.key_bias(skv, skv_pad, km, kv_lengths)
     kdims = None
     if kb is not None:  # which of (b, n) the bias varies over: the producer indexes only those
         kdims = (kb.shape[0] != 1, kb.shape[1] != 1)
 
-    def run(q, k, v, kb):  # arrays as arguments: a custom VJP must not close over tracers
+    def run(q, k, v, kb, segments):  # arrays as arguments: a custom VJP must not close over tracers
         qz = quantization.quantize(q, k, v, layout=layout, scale=scale, q_rows=q_rows,
                                    k_rows=k_rows, dp=dp, sq_pad=sq_pad, skv_pad=skv_pad,
                                    v_key_perm=sim_flags(cfg)["v_key_perm"],
                                    pv_dtype=quantization.pv16_dtype(q.dtype)
                                    if cfg.pv_bits == 16 else None)
         out, lse = sage_call(cfg, qz, kb, out_dtype=q.dtype, out_layout=layout, groups=n // n_kv,
-                             key_bias_dims=kdims, interpret=interpret)
+                             key_bias_dims=kdims, interpret=interpret, segments=segments)
         out = out[:, :, :sq, :d] if layout == "bnsd" else out[:, :sq, :, :d]
         return out, lse[:, :, :sq] + qz.lse_shift  # -inf stays -inf: the shift is finite
 
-    out, lse = _no_grad(run, q, k, v, kb)
+    out, lse = _no_grad(run, q, k, v, kb, segments)
     return (out, lse) if return_lse else out

@@ -27,7 +27,9 @@ tensor cores through a shared "schedule" barrier. What differs, and why:
   SageAttention2 remedy), at the cost of one more accumulator's registers.
 * Scales arrive as vectors: the Q scale of every row (softmax scale and log2(e) folded in), the K
   scale of every key (TMA'd per slot beside K), and the per-channel `v_scale / P_SCALE` applied
-  in the epilogue. Masking is `mosaic_forward`'s single float32 0/-inf key-bias vector.
+  in the epilogue. Masking is `mosaic_forward`'s single float32 0/-inf key-bias vector; segment
+  ids (packed sequences) arrive as int32 vectors beside Q (the row's) and beside each K slot
+  (the keys'), and a logit whose ids differ is -inf, as a dropped key's.
 * With `overlap` each warpgroup also overlaps with itself, as `mosaic_forward`'s
   `MosaicConfig.overlap` (FlashAttention-3/4): it issues S = Q K^T of the next key block and
   O += P V of this one back to back, waits for the first only and runs the next softmax while
@@ -129,10 +131,15 @@ class _Fwd:
     fused: bool
     overlap: bool
     p_dtype: Any  # what P (and V^T) enter the P V wgmma as: FP8, or the 16-bit dtype
+    has_seg: bool = False  # segment ids: a key counts for a row only where their ids are equal
 
     @property
     def p8(self) -> bool:
         return self.p_dtype == FP8
+
+    @property
+    def masked(self) -> bool:  # a logit can be -inf, a row can be empty
+        return self.has_kb or self.has_seg
 
     def layout_cast(self, x, layout):
         return x if self.interp else plgpu.layout_cast(x, layout)
@@ -176,6 +183,10 @@ class _Refs:
     sched: Any
     kb_bar: Any
     turn: Any  # overlap only: turn.at[w] lets warpgroup w issue its matmuls
+    qid_ref: Any = None  # segment ids (has_seg only): (b, sq_pad) and (b, skv_pad) int32,
+    kid_ref: Any = None  # their tiles beside Q's (q_bar) and beside each K slot's (k_bar)
+    qid_smem: Any = None
+    kid_smem: Any = None
 
     def sched_sync(self):
         plgpu.barrier_arrive(self.sched)
@@ -205,8 +216,12 @@ def _consumer(fw: _Fwd, r: _Refs, qt, h, b, wg):
     plgpu.copy_gmem_to_smem(r.q_ref.at[b, h, pl.ds(q0, bq)], r.q_smem.at[wg], r.q_bar.at[wg])
     plgpu.copy_gmem_to_smem(r.qs_ref.at[b, h, pl.ds(q0, bq)], r.qs_smem.at[wg], r.q_bar.at[wg])
     plgpu.copy_gmem_to_smem(r.os_ref.at[b, kvh], r.os_smem.at[wg], r.q_bar.at[wg])
+    if fw.has_seg:  # a fourth copy on the same barrier
+        plgpu.copy_gmem_to_smem(r.qid_ref.at[b, pl.ds(q0, bq)], r.qid_smem.at[wg], r.q_bar.at[wg])
     plgpu.barrier_wait(r.q_bar.at[wg])
     qs = fw.load_vec(r.qs_smem.at[wg], 1)
+    if fw.has_seg:  # the row's scale and segment id travel together as the row operand
+        qs = (qs, fw.load_vec(r.qid_smem.at[wg], 1))
 
     acc = fw.layout_cast(jnp.zeros((bq, dp), jnp.float32), None if fw.interp else plgpu.Layout.WGMMA)
     m_i = fw.layout_cast(jnp.full((bq,), -jnp.inf, jnp.float32), fw.row_layout())
@@ -245,15 +260,22 @@ def _rescale(fw: _Fwd, acc, alpha):
 def _softmax(fw: _Fwd, s, ks, kbias, qs, m_i, l_i):
     """The online-softmax step on int32 scores: (P * P_SCALE in float32, alpha, l, m), by
     `_softmax_fused` or the plain arithmetic (`quantization.simulate` mirrors both)."""
+    seg = None
+    if fw.has_seg:  # ks carries the slot's key ids, qs the row's (see `_key_vectors`, `_consumer`)
+        (qs, qid), (ks, kid) = qs, ks
+        seg = (lax.broadcast_in_dim(qid, (fw.bq, fw.bk), [0])
+               == lax.broadcast_in_dim(kid, (fw.bq, fw.bk), [1]))
     if fw.fused:
-        return _softmax_fused(fw, s, ks, kbias, qs, m_i, l_i)  # P_SCALE is in p (exp2's bias)
+        return _softmax_fused(fw, s, ks, kbias, qs, m_i, l_i, seg)  # P_SCALE is in p (exp2's bias)
     bq, bk = fw.bq, fw.bk
     s2 = (s.astype(jnp.float32) * lax.broadcast_in_dim(qs, (bq, bk), [0])) \
         * lax.broadcast_in_dim(ks, (bq, bk), [1])
     if fw.has_kb:
         s2 = s2 + lax.broadcast_in_dim(kbias, (bq, bk), [1])
+    if seg is not None:
+        s2 = jnp.where(seg, s2, -jnp.inf)
     m_new = jnp.maximum(m_i, s2.max(axis=1))
-    m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new) if fw.has_kb else m_new  # no -inf - -inf
+    m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new) if fw.masked else m_new  # no -inf - -inf
     p = jnp.exp2(s2 - lax.broadcast_in_dim(m_use, (bq, bk), [0]))
     alpha = jnp.exp2(m_i - m_use)
     # l sums P itself; p <= 1, so p * 448 never exceeds e4m3's largest value
@@ -277,7 +299,7 @@ def _p_operand(fw: _Fwd, r: _Refs, wg, p8):
     return p8 if fw.p_regs else r.p_smem.at[wg]
 
 
-def _softmax_fused(fw: _Fwd, s, ks, kbias, qs, m_i, l_i):
+def _softmax_fused(fw: _Fwd, s, ks, kbias, qs, m_i, l_i, seg=None):
     """The online-softmax step on int32 scores, lean: (P * P_SCALE, alpha, l * P_SCALE, m).
 
     t = s * ks (the exponent trick's exact int -> float, one multiply); the row's Q scale is
@@ -291,8 +313,10 @@ def _softmax_fused(fw: _Fwd, s, ks, kbias, qs, m_i, l_i):
     t = sf * lax.broadcast_in_dim(ks, (bq, bk), [1])
     if fw.has_kb:
         t = t + lax.broadcast_in_dim(kbias, (bq, bk), [1])
+    if seg is not None:  # another query's segment: -inf, as a dropped key
+        t = jnp.where(seg, t, -jnp.inf)
     m_new = jnp.maximum(m_i, t.max(axis=1) * qs)
-    m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new) if fw.has_kb else m_new  # no -inf - -inf
+    m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new) if fw.masked else m_new  # no -inf - -inf
     bias = m_use - LOG2_P_SCALE
     p = jnp.exp2(t * lax.broadcast_in_dim(qs, (bq, bk), [0])
                  - lax.broadcast_in_dim(bias, (bq, bk), [0]))
@@ -360,6 +384,8 @@ def _key_vectors(fw: _Fwd, r: _Refs, slot):
     """The key scales and key bias (None without one) of the K tile in `slot`: TMA'd per slot
     beside K, so read before the slot is released with K."""
     ks = fw.load_vec(r.ks_smem.at[slot], 0)
+    if fw.has_seg:  # the slot's key ids (TMA'd on K's barrier) travel with its scales
+        ks = (ks, fw.load_vec(r.kid_smem.at[slot], 0))
     kbias = None
     if fw.has_kb:
         plgpu.barrier_wait(r.kb_bar.at[slot])
@@ -541,7 +567,7 @@ def _step_overlap(fw: _Fwd, r: _Refs, wg, qs, turn, j, carry):
 
 def _epilogue(fw: _Fwd, r: _Refs, acc, m_i, l_i, b, h, wg, q0):
     bq, dp = fw.bq, fw.dp
-    if fw.has_kb:
+    if fw.masked:
         empty = l_i == 0.0
         l_safe = jnp.where(empty, 1.0, l_i)
     else:
@@ -553,7 +579,7 @@ def _epilogue(fw: _Fwd, r: _Refs, acc, m_i, l_i, b, h, wg, q0):
     lse = m_i * LN2 + jnp.log(l_safe)
     if fw.fused:
         lse = lse - LN_P_SCALE
-    if fw.has_kb:
+    if fw.masked:
         lse = jnp.where(empty, -jnp.inf, lse)
     r.lse_smem.at[wg][...] = lse
     plgpu.commit_smem()
@@ -578,6 +604,9 @@ def _produce(fw: _Fwd, r: _Refs, h, b):
                                 r.k_bar.at[slot])
         plgpu.copy_gmem_to_smem(r.ks_ref.at[b, kvh, pl.ds(k0, bk)], r.ks_smem.at[slot],
                                 r.k_bar.at[slot])
+        if fw.has_seg:
+            plgpu.copy_gmem_to_smem(r.kid_ref.at[b, pl.ds(k0, bk)], r.kid_smem.at[slot],
+                                    r.k_bar.at[slot])
         if has_kb:
             plgpu.copy_gmem_to_smem(r.kb_ref.at[kbb, kbh, pl.ds(k0, bk)], r.kb_smem.at[slot],
                                     r.kb_bar.at[slot])
@@ -613,10 +642,11 @@ def _swizzled(cols: int, interp: bool, itemsize: int = 1):
 
 
 def sage_call(cfg: SageConfig, qz, kb, *, out_dtype, out_layout: str, groups: int,
-              key_bias_dims, interpret: bool):
+              key_bias_dims, interpret: bool, segments=None):
     """Run the kernel on a `quantization.Quantized` (padded); kb: (b|1, n|1, skv_pad) f32 0/-inf
     or None. Returns out `(b, n, sq_pad, dp)` (or bsnd) in `out_dtype` and lse `(b, n, sq_pad)`
-    (without the smoothing shift)."""
+    (without the smoothing shift). `segments`: None, or int32 `(q_ids (b, sq_pad), kv_ids
+    (b, skv_pad))` (padding ids that match no real one)."""
     batch, heads, sq_pad, dp = qz.q8.shape
     cfg = cfg.resolved(dp)
     bq, bk = cfg.block_q, cfg.block_kv
@@ -629,7 +659,7 @@ def sage_call(cfg: SageConfig, qz, kb, *, out_dtype, out_layout: str, groups: in
               out_bnsd=out_layout == "bnsd", has_kb=has_kb, interp=interp, groups=groups,
               key_bias_dims=key_bias_dims, two_level=cfg.two_level_pv,
               p_regs=cfg.p_in_registers, fused=cfg.fused_softmax, overlap=cfg.overlap,
-              p_dtype=qz.vt8.dtype)
+              p_dtype=qz.vt8.dtype, has_seg=segments is not None)
     if (qz.vt8.dtype == FP8) != (cfg.pv_bits == 8):
         raise ValueError(f"SageConfig.pv_bits={cfg.pv_bits} but the pre-pass stored V as "
                          f"{qz.vt8.dtype}")
@@ -637,6 +667,7 @@ def sage_call(cfg: SageConfig, qz, kb, *, out_dtype, out_layout: str, groups: in
     def kernel(q_ref, qs_ref, k_ref, ks_ref, vt_ref, os_ref, *refs):
         refs = list(refs)
         kb_ref = refs.pop(0) if has_kb else None
+        qid_ref, kid_ref = (refs.pop(0), refs.pop(0)) if fw.has_seg else (None, None)
         o_ref, lse_ref = refs[:2]
         q_smem, qs_smem, os_smem, k_smem, ks_smem, vt_smem = refs[2:8]
         rest = refs[8:]
@@ -648,13 +679,14 @@ def sage_call(cfg: SageConfig, qz, kb, *, out_dtype, out_layout: str, groups: in
         rest = rest[6:]
         kb_bar = rest.pop(0) if has_kb else None
         turn = rest.pop(0) if fw.overlap else None
+        qid_smem, kid_smem = (rest.pop(0), rest.pop(0)) if fw.has_seg else (None, None)
         _kernel(fw, _Refs(
             q_ref=q_ref, qs_ref=qs_ref, k_ref=k_ref, ks_ref=ks_ref, vt_ref=vt_ref, os_ref=os_ref,
             kb_ref=kb_ref, o_ref=o_ref, lse_ref=lse_ref, q_smem=q_smem, qs_smem=qs_smem,
             os_smem=os_smem, k_smem=k_smem, ks_smem=ks_smem, vt_smem=vt_smem, p_smem=p_smem,
             o_smem=o_smem, lse_smem=lse_smem, kb_smem=kb_smem, q_bar=q_bar, k_bar=k_bar,
             v_bar=v_bar, k_done=k_done, v_done=v_done, sched=sched, kb_bar=kb_bar,
-            turn=turn))
+            turn=turn, qid_ref=qid_ref, kid_ref=kid_ref, qid_smem=qid_smem, kid_smem=kid_smem))
 
     d8 = _swizzled(dp, interp)  # Q and K tiles: rows of dp int8
     pv_t = _swizzled(bk, interp, fw.p_dtype.itemsize)  # P, V^T tiles: rows of bk (P V's contraction)
@@ -676,8 +708,10 @@ def sage_call(cfg: SageConfig, qz, kb, *, out_dtype, out_layout: str, groups: in
     if has_kb:
         scratch.append(plgpu.SMEM((stages, bk), jnp.float32))
     scratch += [
-        plgpu.Barrier(num_arrivals=3, num_barriers=2),  # Q, its row scales, the channel scales
-        plgpu.Barrier(num_arrivals=2, num_barriers=stages),  # K and its key scales
+        # Q, its row scales, the channel scales (and the row's segment ids)
+        plgpu.Barrier(num_arrivals=3 + fw.has_seg, num_barriers=2),
+        # K and its key scales (and the keys' segment ids)
+        plgpu.Barrier(num_arrivals=2 + fw.has_seg, num_barriers=stages),
         plgpu.Barrier(num_barriers=stages),
         plgpu.Barrier(num_arrivals=2, num_barriers=stages),
         plgpu.Barrier(num_arrivals=2, num_barriers=stages),
@@ -687,6 +721,8 @@ def sage_call(cfg: SageConfig, qz, kb, *, out_dtype, out_layout: str, groups: in
         scratch.append(plgpu.Barrier(num_barriers=stages))
     if fw.overlap:
         scratch.append(plgpu.Barrier(num_barriers=2))  # turn.at[w]: warpgroup w may issue
+    if fw.has_seg:
+        scratch += [plgpu.SMEM((2, bq), jnp.int32), plgpu.SMEM((stages, bk), jnp.int32)]
 
     out_shape = (batch, heads, sq_pad, dp) if fw.out_bnsd else (batch, sq_pad, heads, dp)
     out_type = [jax.ShapeDtypeStruct(out_shape, out_dtype),
@@ -700,4 +736,5 @@ def sage_call(cfg: SageConfig, qz, kb, *, out_dtype, out_layout: str, groups: in
         grid_names=("b", "h", "q"), num_threads=3, thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True), **kw)
     args = (qz.q8, qz.q_scale, qz.k8, qz.k_scale, qz.vt8, qz.out_scale) + ((kb,) if has_kb else ())
+    args += tuple(segments) if fw.has_seg else ()
     return call(*args)
