@@ -6,7 +6,8 @@
 #
 # sage16   the 16-bit P V variant of `sage` (SageConfig(pv_bits=16)) against the FP8 default:
 #          checked against its simulation and float64, then timed with cuDNN in the same run
-#          (4608 and 16k tokens at d = 128, 4096 at d = 64).
+#          (4608 and 16k tokens at d = 128, 4096 at d = 64); then packed prompts (segment
+#          ids) through both against float64 and the simulation (`sage_device.py --segments`).
 # profile  Nsight Compute on one 16k-token d = 128 forward of our Mosaic kernel and of FA4
 #          (speed of light and warp stall reasons): what keeps ours 7-9% behind FA4's.
 set -u
@@ -21,6 +22,8 @@ if has sage16; then
   timeout 300 python3 benchmarks/sage_device.py --variants --only default,pv16 --shapes 1,2,0 \
     --budget 260 --out "$OUT/sage16" > "$OUT/sage16/stdout.txt" 2>&1
   sed -n '/=== variants/,$p' "$OUT/sage16/stdout.txt"
+  timeout 200 python3 benchmarks/sage_device.py --segments --out "$OUT/sage16/segments" \
+    2>&1 | grep -E "^segments"
 fi
 if has profile; then
   mkdir -p "$OUT/profile"

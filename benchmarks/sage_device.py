@@ -245,6 +245,46 @@ def variants(results, log, t0, budget, only=None, shapes=None):
                 log(f"{key} {name}: ERROR\n{traceback.format_exc()[-3000:]}")
 
 
+def segments(results, log, s=2048, n=4, interpret=False):
+    """Packed prompts (segment ids) through the compiled kernel, FP8 and 16-bit P V, against the
+    float64 reference and the simulation (head 0)."""
+    import jax
+    import jax.numpy as jnp
+
+    from jax_attn import quantization as Q
+    from jax_attn import reference
+    from jax_attn.kernels import sage_attention as S
+    from jax_attn.kernels.sage_forward import SageConfig
+    rng = np.random.default_rng(11)
+    res = results.setdefault("segments", {})
+    for d in (64, 128):
+        b = 2
+        cuts = np.sort(rng.choice(np.arange(1, s), (b, 5), replace=False), -1)
+        ids = np.stack([np.searchsorted(c, np.arange(s), side="right") for c in cuts]).astype(np.int32)
+        q, k, v = (jnp.asarray(rng.standard_normal((b, n, s, d)), jnp.bfloat16) for _ in range(3))
+        f64 = [np.asarray(x[:, :1].astype(jnp.float32), np.float64) for x in (q, k, v)]
+        ref = reference.attention(*f64, q_segment_ids=ids, kv_segment_ids=ids)
+        for name, cfg in (("fp8", SageConfig()), ("pv16", SageConfig(pv_bits=16))):
+            key = f"d{d} {name}"
+            try:
+                out = jax.jit(lambda q, k, v, i, cfg=cfg: S.sage_attention(
+                    q, k, v, config=cfg, q_segment_ids=i, kv_segment_ids=i,
+                    interpret=interpret))(q, k, v, jnp.asarray(ids))
+                cfg_r = cfg.resolved(d)
+                sim, _ = Q.sage_reference(*(x[:, :1] for x in (q, k, v)), block_q=cfg_r.block_q,
+                                          block_k=cfg_r.block_kv, q_segment_ids=ids,
+                                          kv_segment_ids=ids, **S.sim_flags(cfg_r))
+                o0 = np.asarray(out[:, :1], np.float64)
+                acc = Q.accuracy(o0, ref)
+                vs_sim = float(np.abs(o0 - np.asarray(sim, np.float64)).max() / np.abs(sim).max())
+                res[key] = dict(cos=acc["cos_min"], rel_l1=acc["rel_l1_max"], vs_sim=vs_sim)
+                log(f"segments {key}: cos {acc['cos_min']:.5f} rel_l1 {acc['rel_l1_max']:.4f} "
+                    f"vs sim {vs_sim:.1e}")
+            except Exception as e:  # noqa: BLE001
+                res[key] = {"error": f"{type(e).__name__}: {e}"[:2000]}
+                log(f"segments {key}: ERROR\n{traceback.format_exc()[-3000:]}")
+
+
 def variants_table(results, log):
     log(f"{'shape':22s} {'variant':16s} {'ms':>7s} {'kernel':>7s} {'x cudnn':>8s} {'vs sim':>8s} "
         f"{'cos f64':>8s} {'relL1':>7s}")
@@ -275,6 +315,8 @@ def main():
     ap.add_argument("--budget", type=float, default=150.0,
                     help="--variants: seconds after which remaining variants are skipped")
     ap.add_argument("--only", default="", help="--variants: comma-separated variant names")
+    ap.add_argument("--segments", action="store_true",
+                    help="only: packed prompts (segment ids), FP8 and 16-bit P V, vs float64")
     ap.add_argument("--shapes", default="1,2", help="--variants: TIMED indices, e.g. 0,1,2,3")
     args = ap.parse_args()
     out = pathlib.Path(args.out)
@@ -289,6 +331,11 @@ def main():
         lines.append(msg)
 
     t0 = time.time()
+    if args.segments:
+        segments(results, log)
+        (out / "sage.json").write_text(json.dumps(results, indent=1))
+        (out / "log.txt").write_text("\n".join(lines))
+        return
     if args.variants:
         try:
             variants(results, log, t0, args.budget, only=[x for x in args.only.split(",") if x],
