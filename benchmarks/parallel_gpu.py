@@ -44,9 +44,9 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from
 import jax_attn  # noqa: E402
 from jax_attn import parallel, reference  # noqa: E402
 from jax_attn import routing  # noqa: E402
-from jax_attn.backends import BACKENDS, Needs  # noqa: E402
+from jax_attn.backends import BACKENDS  # noqa: E402
 from jax_attn.contract import validate  # noqa: E402
-from jax_attn.parallel import ring_backward  # noqa: E402
+from jax_attn.parallel import ring, ring_backward  # noqa: E402
 
 T0 = time.perf_counter()
 
@@ -105,12 +105,12 @@ def local_backend(method, p, shape, dtype, backend, mode="fwd", ulysses=2):
         # is padded, and its blocks then carry kv_lengths (as ring._stats_backend sees them).
         padded = local[2] * (p if method != "hybrid" else hybrid_shape(p, ulysses)[0]) != s
         spec = validate(x, x, x, kv_lengths=jnp.full((b,), local[2], jnp.int32) if padded else None)
-        if method != "ring-recompute" and ring_backward.stats_refusal(d.backend, spec, False) is None:
-            return f"{d.backend} (stats)"
-        if method != "ring-recompute":
-            alt = routing.decide(spec, backend, Needs(lse_grad=True)).backend
-            if ring_backward.stats_refusal(alt, spec, False) is None:
-                return f"{d.backend}/{alt} (stats)"
+        if method != "ring-recompute":  # the ring's own choice of block backward
+            names, _ = routing.current_choice(backend)
+            ring_like_call = ring._Ring(spec, None, p, local[2], local[2], names)
+            stats = ring._stats_backend(ring_like_call, spec)
+            if stats is not None:
+                return f"{d.backend} (stats)" if stats == d.backend else f"{d.backend}/{stats} (stats)"
         if BACKENDS[d.backend].supports_lse_grad:
             return f"{d.backend} (recompute)"
         auto = d.source == "automatic" or backend == "auto"
