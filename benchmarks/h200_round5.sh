@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
-# The next H200 visit's measurements (one H200; FA4 installed first for `profile`):
+# The next H200 visit's measurements, two calls back to back (one H200; FA4 for `profile`):
 #
-#   call 1, carry .fa4a:  bash benchmarks/fa4_install.sh stage
-#   call 2, carry .fa4b:  bash benchmarks/h200_round5.sh [sage16] [profile]
+#   call 1, carry .fa4a:  bash benchmarks/fa4_install.sh stage && bash benchmarks/h200_round5.sh sage16 example
+#   call 2, carry .fa4b:  bash benchmarks/h200_round5.sh profile
 #
-# sage16   the 16-bit P V variant of `sage` (SageConfig(pv_bits=16)) against the FP8 default:
-#          checked against its simulation and float64, then timed with cuDNN in the same run
-#          (4608 and 16k tokens at d = 128, 4096 at d = 64); then packed prompts (segment
-#          ids) through both against float64 and the simulation (`sage_device.py --segments`).
+# sage16   the 16-bit P V variant (`sage16`, SageConfig(pv_bits=16), V read untransposed) and
+#          two of its configs against the FP8 default: each checked against its simulation and
+#          float64, then timed with both pre-passes and cuDNN in the same run (4608 and 16k
+#          tokens at d = 128, 4096 at d = 64); then packed prompts (segment ids) through both
+#          against float64 and the simulation (`sage_device.py --segments`).
+# example  the example DiT sampled in bf16 with bf16, `sage` and `sage16` attention: PSNR and
+#          largest pixel difference of the 8-bit PNGs against the bf16 one (issue 16).
 # profile  Nsight Compute on one 16k-token d = 128 forward of our Mosaic kernel and of FA4
 #          (speed of light and warp stall reasons): what keeps ours 7-9% behind FA4's.
 set -u
@@ -19,11 +22,18 @@ if has profile; then source benchmarks/fa4_install.sh install; else export PYTHO
 mkdir -p "$OUT"
 if has sage16; then
   mkdir -p "$OUT/sage16"
-  timeout 300 python3 benchmarks/sage_device.py --variants --only default,pv16 --shapes 1,2,0 \
-    --budget 260 --out "$OUT/sage16" > "$OUT/sage16/stdout.txt" 2>&1
+  timeout 300 python3 benchmarks/sage_device.py --variants --only default,pv16,pv16_overlap,pv16_stages3 \
+    --shapes 1,2,0 --budget 260 --out "$OUT/sage16" > "$OUT/sage16/stdout.txt" 2>&1
+  rm -f "$OUT/sage16/log.txt"  # the same lines as stdout.txt
   sed -n '/=== variants/,$p' "$OUT/sage16/stdout.txt"
-  timeout 200 python3 benchmarks/sage_device.py --segments --out "$OUT/sage16/segments" \
-    2>&1 | grep -E "^segments"
+  timeout 100 python3 benchmarks/sage_device.py --segments --out /tmp/segments > "$OUT/sage16/segments.txt" 2>&1
+  cp /tmp/segments/sage.json "$OUT/sage16/segments.json"
+  grep -E "^segments" "$OUT/sage16/segments.txt"
+fi
+if has example; then
+  timeout 120 python3 examples/denoise_and_maps.py --attention-8bit --steps 4 --out /tmp/example \
+    > "$OUT/example.txt" 2>&1
+  grep -E "vs bf16|Error|error" "$OUT/example.txt" | tail -n 8
 fi
 if has profile; then
   mkdir -p "$OUT/profile"

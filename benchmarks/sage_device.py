@@ -165,7 +165,9 @@ def _variants():
         "overlap": SageConfig(overlap=True),
         "overlap_1level": SageConfig(overlap=True, two_level_pv=False),
         "overlap_2level": SageConfig(overlap=True, two_level_pv=True),
-        "pv16": SageConfig(pv_bits=16),  # only Q K^T in 8 bits: the accurate variant
+        "pv16": SageConfig(pv_bits=16),  # only Q K^T in 8 bits: the accurate variant (sage16)
+        "pv16_overlap": SageConfig(pv_bits=16, overlap=True),
+        "pv16_stages3": SageConfig(pv_bits=16, stages=3),
     }
 
 
@@ -200,6 +202,9 @@ def variants(results, log, t0, budget, only=None, shapes=None):
             "prepass": jax.jit(lambda a, b_, c: Q.quantize(
                 a, b_, c, layout="bsnd", scale=1 / math.sqrt(d), q_rows=1, k_rows=1, dp=dp,
                 sq_pad=-(-sq // 128) * 128, skv_pad=-(-skv // 256) * 256, v_key_perm=True)),
+            "prepass16": jax.jit(lambda a, b_, c: Q.quantize(  # the 16-bit P V's: V left alone
+                a, b_, c, layout="bsnd", scale=1 / math.sqrt(d), q_rows=1, k_rows=1, dp=dp,
+                sq_pad=-(-sq // 128) * 128, skv_pad=-(-skv // 256) * 256, pv_dtype=jnp.bfloat16)),
             "cudnn": jax.jit(lambda a, b_, c: jax_attn.attention_forward(a, b_, c, layout="bsnd", backend="cudnn")),
         }
         for name, fn in extra.items():
@@ -289,12 +294,15 @@ def variants_table(results, log):
     log(f"{'shape':22s} {'variant':16s} {'ms':>7s} {'kernel':>7s} {'x cudnn':>8s} {'vs sim':>8s} "
         f"{'cos f64':>8s} {'relL1':>7s}")
     for key, row in results.get("variants", {}).items():
-        pre = row.get("prepass", {}).get("ms")
+        pre8 = row.get("prepass", {}).get("ms")
+        pre16 = row.get("prepass16", {}).get("ms")
         cud = row.get("cudnn", {}).get("ms")
-        log(f"{key:22s} {'prepass':16s} {pre or float('nan'):7.3f}   cudnn {cud or float('nan'):.3f} ms")
+        log(f"{key:22s} {'prepass':16s} {pre8 or float('nan'):7.3f}   16-bit P V's "
+            f"{pre16 or float('nan'):.3f}   cudnn {cud or float('nan'):.3f} ms")
         for name, e in row.items():
-            if name in ("prepass", "cudnn"):
+            if name in ("prepass", "prepass16", "cudnn"):
                 continue
+            pre = pre16 if name.startswith("pv16") else pre8
             if "error" in e and "ms" not in e:
                 log(f"{key:22s} {name:16s} {'err':>7s}  {e['error'][:60]}")
                 continue

@@ -8,9 +8,10 @@
 3. Edits: prompt-to-prompt re-weighting of the token (`AttentionReweightProcessor`), and a word
    swap ("cat" -> "dog") with and without injecting the source prompt's cross-attention maps
    (`AttentionMapReplaceProcessor`); prints how far each result moved from the baseline.
-4. With `--attention-8bit`: the baseline again in bfloat16, once with the default attention and
-   once with 8-bit attention (`jax_attn.use_backend("sage")`), each saved as an 8-bit PNG, and
-   the PSNR and largest pixel difference between the two PNGs. `sage` needs a Hopper GPU; on a
+4. With `--attention-8bit`: the baseline again in bfloat16, with the default attention and with
+   8-bit attention (`jax_attn.use_backend("sage")`, and `"sage16"`, its 16-bit P V variant),
+   each saved as an 8-bit PNG, and the PSNR and largest pixel difference of each 8-bit PNG
+   against the bf16 one. The 8-bit kernels need a Hopper GPU; on a
    CPU the kernel runs in Pallas interpret mode (same arithmetic, a minute or so).
 The weights are random, so the pictures show the mechanics, not a cat. Runs on a CPU in seconds.
 """
@@ -64,7 +65,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--backend", default=None, help="jax-attn backend (default: routing)")
     ap.add_argument("--attention-8bit", action="store_true",
-                    help="also sample in bf16 with 8-bit attention (sage) and compare the PNGs")
+                    help="also sample in bf16 with 8-bit attention (sage, sage16) and compare the PNGs")
     args = ap.parse_args(argv)
     if args.attention_8bit and jax.default_backend() == "cpu":
         os.environ.setdefault("JAX_ATTN_INTERPRET", "1")  # the sage kernel in interpret mode
@@ -166,26 +167,33 @@ def _to_png(latent, lo, hi, path):
 
 
 def compare_8bit(model, x0, text, kv_lengths, steps, out, scale) -> dict:
-    """The baseline in bf16 with the default attention and with `sage`; PSNR (dB) and the largest
-    pixel difference between the two saved PNGs."""
+    """The baseline in bf16 with the default attention, with `sage` (FP8 P V) and with `sage16`
+    (16-bit P V); for each 8-bit run the PSNR (dB) and the largest pixel difference between its
+    saved PNG and the bf16 one, and the latents' relative L2 difference (what the PNG rounds)."""
     set_attn_processor(model, AttnProcessor())
     graph, state = nnx.split(model)
     bf16 = lambda x: x.astype(jnp.bfloat16) if jnp.issubdtype(x.dtype, jnp.floating) else x  # noqa: E731
     model16 = nnx.merge(graph, jax.tree.map(bf16, state))
     x16, text16 = bf16(x0), bf16(text)
     reference = denoise(model16, x16, text16, kv_lengths, steps)
-    # Routing is decided when a function is traced: a program already compiled keeps its backend,
-    # so the 8-bit run traces its own (a fresh jit, not `_predict`'s cached bf16 program).
-    with jax_attn.use_backend("sage"):
-        eight_bit = denoise(model16, x16, text16, kv_lengths, steps, predict=nnx.jit(_predict.fun))
     a = _to_png(reference, *scale, os.path.join(out, "bf16.png")).astype(np.float64)
-    b = _to_png(eight_bit, *scale, os.path.join(out, "sage_8bit.png")).astype(np.float64)
-    mse = float(np.mean((a - b) ** 2))
-    psnr = float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
-    diff = int(np.abs(a - b).max())
-    log.info("8-bit attention (sage) vs bf16: PSNR %.1f dB, largest pixel difference %d / 255", psnr, diff)
-    return {"psnr_8bit": psnr, "max_pixel_diff_8bit": diff}
-
+    ref32 = np.asarray(reference, np.float32)
+    results = {}
+    for backend, suffix in (("sage", "8bit"), ("sage16", "sage16")):
+        # Routing is decided when a function is traced: a program already compiled keeps its
+        # backend, so each 8-bit run traces its own (a fresh jit, not `_predict`'s cached one).
+        with jax_attn.use_backend(backend):
+            lat = denoise(model16, x16, text16, kv_lengths, steps, predict=nnx.jit(_predict.fun))
+        b = _to_png(lat, *scale, os.path.join(out, f"{backend}.png")).astype(np.float64)
+        mse = float(np.mean((a - b) ** 2))
+        psnr = float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
+        diff = int(np.abs(a - b).max())
+        rel = float(np.linalg.norm(np.asarray(lat, np.float32) - ref32) / np.linalg.norm(ref32))
+        log.info("%s vs bf16: PSNR %.1f dB, largest pixel difference %d / 255, latents' relative "
+                 "L2 difference %.2e", backend, psnr, diff, rel)
+        results.update({f"psnr_{suffix}": psnr, f"max_pixel_diff_{suffix}": diff,
+                        f"latent_rel_l2_{suffix}": rel})
+    return results
 
 if __name__ == "__main__":
     main(sys.argv[1:])

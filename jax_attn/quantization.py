@@ -85,9 +85,12 @@ class Quantized:
     k8: Any  # (b, n_kv, skv_pad, dp) int8, smoothed
     k_scale: Any  # (b, n_kv, skv_pad) f32: each key's block scale
     vt8: Any  # (b, n_kv, dp, skv_pad) float8_e4m3fn: V / v_scale, transposed (K-major for wgmma);
-    # with a 16-bit P V (`quantize(pv_dtype=...)`), V itself in that dtype, transposed
+    # with a 16-bit P V (`quantize(pv_dtype=...)`), V itself in that dtype, (b, n_kv, skv_pad, dp)
+    # untransposed (16-bit wgmma reads it so; `pv_v_rows` tells the two apart), and with
+    # `v_bsnd` left in the caller's (b, skv_pad, n_kv, dp) order: then no pass over V at all
     out_scale: Any  # (b, n_kv, dp) f32: v_scale / P_SCALE (1 / P_SCALE in 16 bits), epilogue
     lse_shift: Any  # (b, n, sq) f32: softmax scale * q . mean(K), added to the lse
+    v_bsnd: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
 
 def _int8_blocks(x, block):
@@ -126,6 +129,7 @@ def quantize(q, k, v, *, layout: str, scale: float, q_rows: int, k_rows: int, dp
     if pv_dtype is not None and v_key_perm:
         raise ValueError("v_key_perm applies to the FP8 P V only; with pv_dtype (the 16-bit P V) "
                          "V is stored unpermuted")
+    v_in = v
     if layout == "bsnd":
         q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))
     q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
@@ -141,11 +145,13 @@ def quantize(q, k, v, *, layout: str, scale: float, q_rows: int, k_rows: int, dp
     k8, k_scale = _int8_blocks(pad(k, skv_pad), k_rows)
     q_scale = q_scale * (scale * LOG2E)
 
-    if pv_dtype is not None:  # 16-bit P V: V as it is; P * P_SCALE's factor leaves in the epilogue
-        vt = jnp.swapaxes(pad(v.astype(pv_dtype), skv_pad), 2, 3)
+    if pv_dtype is not None:  # 16-bit P V: V as it is (bnsd, in bf16/f16 inputs untouched unless
+        # padded); P * P_SCALE's factor leaves in the epilogue
+        keys = 1 if layout == "bsnd" else 2
+        vt = pad_to(pad_to(v_in.astype(pv_dtype), 3, dp), keys, skv_pad)
         out_scale = jnp.full((b, n_kv, dp), 1.0 / P_SCALE, jnp.float32)
         return Quantized(q8=q8, q_scale=q_scale, k8=k8, k_scale=k_scale, vt8=vt,
-                         out_scale=out_scale, lse_shift=lse_shift)
+                         out_scale=out_scale, lse_shift=lse_shift, v_bsnd=layout == "bsnd")
     vamax = jnp.max(jnp.abs(v), axis=2)  # (b, n_kv, d)
     v_scale = jnp.where(vamax > 0, vamax / FP8_MAX, 1.0)
     v8 = fp8(v / v_scale[:, :, None, :])
@@ -195,6 +201,8 @@ def simulate(qz: Quantized, kb=None, *, block_k: int, fused_softmax: bool = Fals
     g = n // n_kv
     rep = lambda x: jnp.repeat(x, g, axis=1)  # noqa: E731  (kv head -> its query heads)
     vt = key_unperm(qz.vt8, 3) if v_key_perm else qz.vt8
+    if pv_v_rows(qz):  # the 16-bit P V's V: (keys, d) rows (bsnd or bnsd); the steps read V^T
+        vt = jnp.transpose(vt, (0, 2, 3, 1) if qz.v_bsnd else (0, 1, 3, 2))
     k8, ks, vt8 = rep(qz.k8), rep(qz.k_scale), rep(vt)
     q8 = qz.q8.astype(jnp.int32)
     masked = kb is not None or segments is not None
@@ -282,6 +290,11 @@ def sage_reference(q, k, v, *, scale=None, layout="bnsd", key_mask=None, kv_leng
     out, lse = simulate(qz, kb, block_k=block_k, fused_softmax=fused_softmax,
                         v_key_perm=v_key_perm, segments=segments)
     return bnsd(out[:, :, :sq, :d]), lse[:, :, :sq] + qz.lse_shift
+
+
+def pv_v_rows(qz: Quantized) -> bool:
+    """Whether qz holds V as (keys, d) rows (the 16-bit P V) rather than FP8 V^T."""
+    return qz.vt8.dtype != FP8
 
 
 def padded_segments(q_ids, kv_ids, sq_pad: int, skv_pad: int):

@@ -7,7 +7,7 @@ from .cudnn import CuDNN
 from .fa4 import FA4
 from .naive import Naive
 from .pallas import Pallas
-from .sage import Sage
+from .sage import Sage, Sage16
 from .tpu import TPU
 from .xla import XLA
 
@@ -20,6 +20,7 @@ BACKENDS: dict[str, Backend] = {b.name: b for b in (
     Chunked(),
     Naive(),
     Sage(),  # lossy: never chosen automatically
+    Sage16(),  # lossy (less): never chosen automatically
 )}
 
 __all__ = ["BACKENDS", "Backend", "Needs", "gpu_compute_capability", "platform"]

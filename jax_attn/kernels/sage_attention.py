@@ -63,7 +63,7 @@ def _no_grad_fwd(run, q, k, v, kb, segments):
 
 
 def _no_grad_bwd(run, res, g):
-    raise ValueError("backend='sage' is forward-only (8-bit inference attention, no backward "
+    raise ValueError("backend='sage' (and 'sage16') is forward-only (8-bit inference attention, no backward "
                      "kernel) and this call is differentiated; use another backend for training "
                      "or wrap the inputs in jax.lax.stop_gradient")
 

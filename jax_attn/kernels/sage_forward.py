@@ -13,7 +13,9 @@ tensor cores through a shared "schedule" barrier. What differs, and why:
 * 8-bit wgmma reads both operands K-major (PTX allows transposed shared-memory operands only for
   16-bit types). Q (rows, d) and K (keys, d) already are, so S = Q K^T is a wgmma with K through
   a `transpose_ref` view, int8 x int8 -> int32 exact. For P V the contraction is over keys, so the
-  pre-pass stores V transposed, (d, keys), and the kernel reads it through `transpose_ref` too.
+  pre-pass stores FP8 V transposed, (d, keys), and the kernel reads it through `transpose_ref`
+  too. The 16-bit P V reads V as the caller's (keys, d) rows, in either layout (TMA's strided
+  box for bsnd), so the pre-pass does not touch V unless it must pad it.
 * P (float32, in the wgmma accumulator layout) is the FP8 register operand (`p_in_registers`,
   default): 8-bit A fragments need another register layout (`WGMMA_8BIT`), which Mosaic GPU
   cannot convert to, but P V contracts over keys, so the same registers are simply read as the
@@ -130,8 +132,9 @@ class _Fwd:
     p_regs: bool
     fused: bool
     overlap: bool
-    p_dtype: Any  # what P (and V^T) enter the P V wgmma as: FP8, or the 16-bit dtype
+    p_dtype: Any  # what P and V enter the P V wgmma as: FP8, or the 16-bit dtype
     has_seg: bool = False  # segment ids: a key counts for a row only where their ids are equal
+    v_bsnd: bool = False  # the 16-bit P V's V in the caller's (b, s, n, d) order
 
     @property
     def p8(self) -> bool:
@@ -397,8 +400,12 @@ def _k_view(r: _Refs, slot):
     return plgpu.transpose_ref(r.k_smem.at[slot], (1, 0))
 
 
-def _v_view(r: _Refs, slot):
-    return plgpu.transpose_ref(r.vt_smem.at[slot], (1, 0))  # (keys, d), K-major in smem
+def _v_view(fw: _Fwd, r: _Refs, slot):
+    """V of `slot` as the P V wgmma's (keys, d) operand: FP8 V^T through a transposed view
+    (K-major), 16-bit V as it is (16-bit wgmma reads an MN-major operand)."""
+    if fw.p8:
+        return plgpu.transpose_ref(r.vt_smem.at[slot], (1, 0))
+    return r.vt_smem.at[slot]
 
 
 def _qk_interp(r: _Refs, wg, slot):
@@ -416,7 +423,8 @@ def _pv_interp(fw: _Fwd, r: _Refs, slot, a_op):
         p = a_op.astype(jnp.float32)
     else:
         p = a_op[...].astype(jnp.float32)
-    return lax.dot_general(p, r.vt_smem[slot].astype(jnp.float32), (((1,), (1,)), ((), ())),
+    v = r.vt_smem[slot].astype(jnp.float32)  # FP8: V^T (d, keys); 16 bits: V (keys, d)
+    return lax.dot_general(p, v, (((1,), (1 if fw.p8 else 0,)), ((), ())),
                            preferred_element_type=jnp.float32, precision=lax.Precision.HIGHEST)
 
 
@@ -442,7 +450,7 @@ def _pv(fw: _Fwd, r: _Refs, wg, i, slot, acc, alpha, p8):
         acc = _rescale(fw, acc, alpha) + pv if fw.two_level else acc + pv
         wait_next_k()
     else:
-        v_view = _v_view(r, slot)
+        v_view = _v_view(fw, r, slot)
         if fw.two_level:
             def pv_block(acc_ref):
                 plgpu.wgmma(acc_ref, a_op, v_view)
@@ -504,7 +512,7 @@ def _key_loop_overlap(fw: _Fwd, r: _Refs, wg, qs, acc, m_i, l_i):
         turn.pass_on()
     else:
         def pv(o_ref):
-            plgpu.wgmma(o_ref, a_op, _v_view(r, slot))
+            plgpu.wgmma(o_ref, a_op, _v_view(fw, r, slot))
             turn.pass_on()
         acc = _pv_sum(fw, acc, pl.run_state(pv)(_pv_acc(fw, acc)))
     plgpu.barrier_arrive(r.v_done.at[slot])
@@ -548,7 +556,7 @@ def _step_overlap(fw: _Fwd, r: _Refs, wg, qs, turn, j, carry):
 
             def issue(s_ref):
                 plgpu.wgmma(s_ref, r.q_smem.at[wg], _k_view(r, nslot))
-                plgpu.wgmma(o_ref, a_op, _v_view(r, slot))
+                plgpu.wgmma(o_ref, a_op, _v_view(fw, r, slot))
                 turn.pass_on()
                 return plgpu.wgmma_accumulator_load(s_ref, wait_n=1)  # S only; P V runs on
             s = pl.run_scoped(issue, plgpu.ACC((fw.bq, fw.bk), jnp.int32))
@@ -612,8 +620,12 @@ def _produce(fw: _Fwd, r: _Refs, h, b):
                                     r.kb_bar.at[slot])
 
     def issue_v(step_i, slot):
-        plgpu.copy_gmem_to_smem(r.vt_ref.at[b, kvh, :, pl.ds(step_i * bk, bk)],
-                                r.vt_smem.at[slot], r.v_bar.at[slot])
+        keys = pl.ds(step_i * bk, bk)
+        if fw.p8:
+            src = r.vt_ref.at[b, kvh, :, keys]
+        else:  # 16-bit V, (keys, d) rows in bnsd or (TMA's strided box) bsnd
+            src = r.vt_ref.at[b, keys, kvh] if fw.v_bsnd else r.vt_ref.at[b, kvh, keys]
+        plgpu.copy_gmem_to_smem(src, r.vt_smem.at[slot], r.v_bar.at[slot])
 
     for s0 in range(stages):
         issue_k(s0, s0)
@@ -659,7 +671,7 @@ def sage_call(cfg: SageConfig, qz, kb, *, out_dtype, out_layout: str, groups: in
               out_bnsd=out_layout == "bnsd", has_kb=has_kb, interp=interp, groups=groups,
               key_bias_dims=key_bias_dims, two_level=cfg.two_level_pv,
               p_regs=cfg.p_in_registers, fused=cfg.fused_softmax, overlap=cfg.overlap,
-              p_dtype=qz.vt8.dtype, has_seg=segments is not None)
+              p_dtype=qz.vt8.dtype, has_seg=segments is not None, v_bsnd=qz.v_bsnd)
     if (qz.vt8.dtype == FP8) != (cfg.pv_bits == 8):
         raise ValueError(f"SageConfig.pv_bits={cfg.pv_bits} but the pre-pass stored V as "
                          f"{qz.vt8.dtype}")
@@ -690,6 +702,8 @@ def sage_call(cfg: SageConfig, qz, kb, *, out_dtype, out_layout: str, groups: in
 
     d8 = _swizzled(dp, interp)  # Q and K tiles: rows of dp int8
     pv_t = _swizzled(bk, interp, fw.p_dtype.itemsize)  # P, V^T tiles: rows of bk (P V's contraction)
+    # V's tiles: FP8 V^T (dp, bk), or 16-bit V (bk, dp) untransposed
+    v_tile, v_t = ((dp, bk), pv_t) if fw.p8 else ((bk, dp), _swizzled(dp, interp, 2))
     o_t = () if interp else (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     scratch = [
         plgpu.SMEM((2, bq, dp), jnp.int8, transforms=d8),
@@ -697,7 +711,7 @@ def sage_call(cfg: SageConfig, qz, kb, *, out_dtype, out_layout: str, groups: in
         plgpu.SMEM((2, dp), jnp.float32),
         plgpu.SMEM((stages, bk, dp), jnp.int8, transforms=d8),
         plgpu.SMEM((stages, bk), jnp.float32),
-        plgpu.SMEM((stages, dp, bk), fw.p_dtype, transforms=pv_t),
+        plgpu.SMEM((stages, *v_tile), fw.p_dtype, transforms=v_t),
     ]
     if not fw.p_regs:
         scratch.append(plgpu.SMEM((2, bq, bk), fw.p_dtype, transforms=pv_t))
