@@ -129,38 +129,53 @@ def quantize(q, k, v, *, layout: str, scale: float, q_rows: int, k_rows: int, dp
     if pv_dtype is not None and v_key_perm:
         raise ValueError("v_key_perm applies to the FP8 P V only; with pv_dtype (the 16-bit P V) "
                          "V is stored unpermuted")
-    v_in = v
+    mean = smoothing_mean(k, layout)  # (b, n_kv, d)
     if layout == "bsnd":
-        q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))
-    q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
+        q, k = (jnp.swapaxes(x, 1, 2) for x in (q, k))
+    q, k = (x.astype(jnp.float32) for x in (q, k))
     b, n, sq, d = q.shape
     n_kv = k.shape[1]
-    mean = jnp.mean(k, axis=2, keepdims=True)  # (b, n_kv, 1, d)
-    k = k - mean
+    k = k - mean[:, :, None, :]
     qm = q.reshape(b, n_kv, n // n_kv, sq, d)
-    lse_shift = (scale * jnp.sum(qm * mean[:, :, None], axis=-1)).reshape(b, n, sq)
+    lse_shift = (scale * jnp.sum(qm * mean[:, :, None, None, :], axis=-1)).reshape(b, n, sq)
 
     pad = lambda x, s: pad_to(pad_to(x, 3, dp), 2, s)  # noqa: E731
     q8, q_scale = _int8_blocks(pad(q, sq_pad), q_rows)
     k8, k_scale = _int8_blocks(pad(k, skv_pad), k_rows)
     q_scale = q_scale * (scale * LOG2E)
+    vt8, out_scale, v_bsnd = quantize_v(v, layout=layout, dp=dp, skv_pad=skv_pad,
+                                        v_key_perm=v_key_perm, pv_dtype=pv_dtype)
+    return Quantized(q8=q8, q_scale=q_scale, k8=k8, k_scale=k_scale, vt8=vt8,
+                     out_scale=out_scale, lse_shift=lse_shift, v_bsnd=v_bsnd)
 
-    if pv_dtype is not None:  # 16-bit P V: V as it is (bnsd, in bf16/f16 inputs untouched unless
-        # padded); P * P_SCALE's factor leaves in the epilogue
+
+def smoothing_mean(k, layout: str):
+    """K's mean over tokens, float32 `(b, n_kv, d)`: what the smoothing subtracts (one
+    definition, so every pre-pass subtracts the same bits)."""
+    return jnp.mean(k.astype(jnp.float32), axis=2 if layout == "bnsd" else 1)
+
+
+def quantize_v(v, *, layout: str, dp: int, skv_pad: int, v_key_perm: bool = False,
+               pv_dtype=None):
+    """V's part of the pre-pass: `(vt8, out_scale, v_bsnd)` as `Quantized` holds them. FP8: V
+    scaled per channel (amax over tokens / 448), cast, padded, transposed to (b, n_kv, dp, keys)
+    (keys in `key_perm` order with `v_key_perm`). 16-bit P V (`pv_dtype`): V as it is, in the
+    caller's layout, cast only if it is not that dtype already and padded only if it must be."""
+    b, n_kv = v.shape[0], v.shape[1] if layout == "bnsd" else v.shape[2]
+    if pv_dtype is not None:  # P * P_SCALE's factor leaves in the epilogue
         keys = 1 if layout == "bsnd" else 2
-        vt = pad_to(pad_to(v_in.astype(pv_dtype), 3, dp), keys, skv_pad)
-        out_scale = jnp.full((b, n_kv, dp), 1.0 / P_SCALE, jnp.float32)
-        return Quantized(q8=q8, q_scale=q_scale, k8=k8, k_scale=k_scale, vt8=vt,
-                         out_scale=out_scale, lse_shift=lse_shift, v_bsnd=layout == "bsnd")
+        vt = pad_to(pad_to(v.astype(pv_dtype), 3, dp), keys, skv_pad)
+        return vt, jnp.full((b, n_kv, dp), 1.0 / P_SCALE, jnp.float32), layout == "bsnd"
+    if layout == "bsnd":
+        v = jnp.swapaxes(v, 1, 2)
+    v = v.astype(jnp.float32)
     vamax = jnp.max(jnp.abs(v), axis=2)  # (b, n_kv, d)
     v_scale = jnp.where(vamax > 0, vamax / FP8_MAX, 1.0)
     v8 = fp8(v / v_scale[:, :, None, :])
-    vt8 = jnp.swapaxes(pad(v8, skv_pad), 2, 3)
+    vt8 = jnp.swapaxes(pad_to(pad_to(v8, 3, dp), 2, skv_pad), 2, 3)
     if v_key_perm:
         vt8 = key_perm(vt8, 3)
-    out_scale = pad_to(v_scale / P_SCALE, 2, dp)
-    return Quantized(q8=q8, q_scale=q_scale, k8=k8, k_scale=k_scale, vt8=vt8,
-                     out_scale=out_scale, lse_shift=lse_shift)
+    return vt8, pad_to(v_scale / P_SCALE, 2, dp), False
 
 
 def key_bias(skv: int, skv_pad: int, key_mask=None, kv_lengths=None, batch: int = 1):

@@ -1,8 +1,9 @@
 """`sage_attention`: the 8-bit (INT8 Q K^T, FP8 P V) Hopper attention forward, for inference.
 
 The entry point around `sage_forward.py`'s kernel: it validates the call, runs the quantization
-pre-pass (`jax_attn.quantization.quantize`, jitted jnp: smoothing, INT8 and FP8 casts, padding
-and the V transpose in a few fusions, counted in every timing since it runs inside this call),
+pre-pass (`sage_prepass.quantize`: Q and K to INT8 in one Pallas pass each, the K mean and V's
+FP8 cast and transpose in jnp; `jax_attn.quantization.quantize`, all jnp, for per-block scales;
+counted in every timing since it runs inside this call),
 folds per-key masks, `kv_lengths` and the padded key tail into one 0/-inf key-bias vector, runs
 the kernel, slices the padding off and adds the smoothing shift back to the lse.
 
@@ -19,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from .. import quantization
+from . import sage_prepass
 from .mosaic_config import available
 from .sage_forward import SageConfig, sage_call
 
@@ -133,11 +135,13 @@ def sage_attention(q, k, v, *, kv_lengths=None, key_mask=None, scale=None, layou
         kdims = (kb.shape[0] != 1, kb.shape[1] != 1)
 
     def run(q, k, v, kb, segments):  # arrays as arguments: a custom VJP must not close over tracers
-        qz = quantization.quantize(q, k, v, layout=layout, scale=scale, q_rows=q_rows,
-                                   k_rows=k_rows, dp=dp, sq_pad=sq_pad, skv_pad=skv_pad,
-                                   v_key_perm=sim_flags(cfg)["v_key_perm"],
-                                   pv_dtype=quantization.pv16_dtype(q.dtype)
-                                   if cfg.pv_bits == 16 else None)
+        kw = dict(layout=layout, scale=scale, dp=dp, sq_pad=sq_pad, skv_pad=skv_pad,
+                  v_key_perm=sim_flags(cfg)["v_key_perm"],
+                  pv_dtype=quantization.pv16_dtype(q.dtype) if cfg.pv_bits == 16 else None)
+        if q_rows == k_rows == 1:  # per-token scales: Q and K in one Pallas pass each
+            qz = sage_prepass.quantize(q, k, v, interpret=interpret, **kw)
+        else:
+            qz = quantization.quantize(q, k, v, q_rows=q_rows, k_rows=k_rows, **kw)
         out, lse = sage_call(cfg, qz, kb, out_dtype=q.dtype, out_layout=layout, groups=n // n_kv,
                              key_bias_dims=kdims, interpret=interpret, segments=segments)
         out = out[:, :, :sq, :d] if layout == "bnsd" else out[:, :sq, :, :d]

@@ -1,0 +1,118 @@
+"""The `sage` pre-pass as Pallas (Triton) kernels: Q and K to INT8 in one pass over each.
+
+`quantization.quantize` states the scheme in jnp; XLA runs it as several fusions (the K mean,
+then per tensor a row-amax reduction and a separate quantizing pass, each reading the bf16
+input again and transposing it to (b, n, s, d)), about 0.11 ms at 1x24x4608x128 on an H200,
+a fifth of the whole call. Here one program owns `BLOCK_ROWS` rows of one head: it reads them
+once in the caller's layout (bsnd rows are strided; no transpose pass), takes each row's amax,
+and writes the INT8 rows and their scales in the kernel's padded (b, n, s, dp) order; for K it
+subtracts the smoothing mean first, for Q it also writes the lse shift (`scale * q . mean`).
+The K mean itself stays a jnp reduction (one read of K), and V (per-channel scales over all
+tokens, FP8, transposed) stays `quantization`'s jnp.
+
+`quantize` returns the same `Quantized` as `quantization.quantize` (per-token scales only): the
+INT8 values and scales bit for bit (the same float32 operations on the same smoothing mean;
+rounding half to even built from floor, which the Triton lowering lacks as an op), the lse
+shift up to float32 summation order.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from .. import quantization as Q
+
+BLOCK_ROWS = 64  # rows per program (the default; `quantize_rows(block_rows=...)`)
+NUM_WARPS = 4
+_SQ = getattr(pl, "squeezed", None)  # a squeezed block dimension (`None` in older JAX)
+
+
+def _round_half_even(x):
+    """jnp.round's rounding (half to even) from floor, which the Triton lowering has (it has no
+    round); every step is exact for |x| < 2**23. (The 1.5 * 2**23 add-and-subtract trick is not
+    used: XLA folds it away in interpret mode.)"""
+    r = jnp.floor(x)
+    frac = x - r
+    odd = (r - 2.0 * jnp.floor(0.5 * r)) == 1.0
+    return r + jnp.where((frac > 0.5) | ((frac == 0.5) & odd), 1.0, 0.0)
+
+
+def _rows_kernel(x_ref, mean_ref, x8_ref, scale_ref, *shift_ref, n_rows: int, d: int,
+                 row_factor: float, shift_factor: float | None, subtract_mean: bool):
+    block_rows, dp = x8_ref.shape
+    rows = pl.program_id(2) * block_rows + jnp.arange(block_rows)
+    row_ok = rows < n_rows
+    col_ok = jnp.arange(dp) < d
+    ok = row_ok[:, None] & col_ok[None, :]
+    x = plgpu.load(x_ref, mask=ok, other=0.0).astype(jnp.float32)
+    mean = plgpu.load(mean_ref, mask=col_ok, other=0.0)
+    if subtract_mean:  # K smoothed; padded rows and columns stay zero (padding follows the mean)
+        x = jnp.where(ok, x - mean[None, :], 0.0)
+    amax = jnp.max(jnp.abs(x), axis=1)
+    scale = jnp.where(amax > 0, amax / Q.INT8_MAX, 1.0)
+    x8 = jnp.clip(_round_half_even(x / scale[:, None]), -Q.INT8_MAX, Q.INT8_MAX)
+    plgpu.store(x8_ref, x8.astype(jnp.int8))
+    plgpu.store(scale_ref, scale * row_factor)
+    if shift_factor is not None:
+        plgpu.store(shift_ref[0], shift_factor * jnp.sum(x * mean[None, :], axis=1))
+
+
+def quantize_rows(x, mean, *, layout: str, rows_pad: int, dp: int, groups: int,
+                  row_factor: float = 1.0, shift_factor: float | None = None,
+                  subtract_mean: bool = False, interpret: bool = False,
+                  block_rows: int = BLOCK_ROWS, num_warps: int = NUM_WARPS):
+    """INT8 rows of `x` (caller's layout, bf16/f16/f32) with one scale per row.
+
+    Returns `(x8 (b, h, rows_pad, dp) int8, scale (b, h, rows_pad) f32 * row_factor)`, and with
+    `shift_factor` a third `(b, h, rows_pad)` f32, `shift_factor * x . mean` per row. `mean`
+    `(b, h // groups, d)` f32: subtracted first with `subtract_mean` (K), else only dotted (Q).
+    Rows past the sequence and columns past d come out as zeros with scale `row_factor`."""
+    bnsd = layout == "bnsd"
+    b, h, s, d = x.shape if bnsd else (x.shape[0], x.shape[2], x.shape[1], x.shape[3])
+    if rows_pad % block_rows or dp & (dp - 1) or block_rows & (block_rows - 1):
+        raise ValueError(f"rows_pad ({rows_pad}) must be a multiple of block_rows ({block_rows}), "
+                         f"and block_rows and dp ({dp}) powers of two")
+    if bnsd:
+        x_spec = pl.BlockSpec((_SQ, _SQ, block_rows, dp), lambda b_, h_, i: (b_, h_, i, 0))
+    else:
+        x_spec = pl.BlockSpec((_SQ, block_rows, _SQ, dp), lambda b_, h_, i: (b_, i, h_, 0))
+    mean_spec = pl.BlockSpec((_SQ, _SQ, dp), lambda b_, h_, i: (b_, h_ // groups, 0))
+    row_spec = pl.BlockSpec((_SQ, _SQ, block_rows), lambda b_, h_, i: (b_, h_, i))
+    out_shape = [jax.ShapeDtypeStruct((b, h, rows_pad, dp), jnp.int8),
+                 jax.ShapeDtypeStruct((b, h, rows_pad), jnp.float32)]
+    out_specs = [pl.BlockSpec((_SQ, _SQ, block_rows, dp), lambda b_, h_, i: (b_, h_, i, 0)), row_spec]
+    if shift_factor is not None:
+        out_shape.append(jax.ShapeDtypeStruct((b, h, rows_pad), jnp.float32))
+        out_specs.append(row_spec)
+    kernel = functools.partial(_rows_kernel, n_rows=s, d=d, row_factor=float(row_factor),
+                               shift_factor=None if shift_factor is None else float(shift_factor),
+                               subtract_mean=subtract_mean)
+    return pl.pallas_call(
+        kernel, grid=(b, h, rows_pad // block_rows), in_specs=[x_spec, mean_spec],
+        out_specs=out_specs, out_shape=out_shape, interpret=interpret,
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
+        name="sage_quantize_rows")(x, mean)
+
+
+def quantize(q, k, v, *, layout: str, scale: float, dp: int, sq_pad: int, skv_pad: int,
+             v_key_perm: bool = False, pv_dtype=None, interpret: bool = False) -> Q.Quantized:
+    """`quantization.quantize` with per-token scales (`q_rows = k_rows = 1`), Q and K through
+    `quantize_rows` (see the module docstring for what is equal)."""
+    seq = 2 if layout == "bnsd" else 1
+    n = q.shape[1] if layout == "bnsd" else q.shape[2]
+    n_kv = k.shape[1] if layout == "bnsd" else k.shape[2]
+    mean = Q.smoothing_mean(k, layout)  # (b, n_kv, d)
+    k8, k_scale = quantize_rows(k, mean, layout=layout, rows_pad=skv_pad, dp=dp, groups=1,
+                                subtract_mean=True, interpret=interpret)
+    q8, q_scale, lse_shift = quantize_rows(
+        q, mean, layout=layout, rows_pad=sq_pad, dp=dp, groups=n // n_kv,
+        row_factor=scale * Q.LOG2E, shift_factor=scale, interpret=interpret)
+    vt8, out_scale, v_bsnd = Q.quantize_v(v, layout=layout, dp=dp, skv_pad=skv_pad,
+                                          v_key_perm=v_key_perm, pv_dtype=pv_dtype)
+    return Q.Quantized(q8=q8, q_scale=q_scale, k8=k8, k_scale=k_scale, vt8=vt8,
+                       out_scale=out_scale, lse_shift=lse_shift[:, :, :q.shape[seq]],
+                       v_bsnd=v_bsnd)
