@@ -62,5 +62,5 @@ def test_block_contract_is_checked():
     mean = jnp.zeros((1, 1, 64), jnp.float32)
     with pytest.raises(ValueError, match="rows_pad"):
         P.quantize_rows(x, mean, layout="bnsd", rows_pad=100, dp=64, groups=1, interpret=True)
-    with pytest.raises(ValueError, match="power of two"):
+    with pytest.raises(ValueError, match="powers of two"):
         P.quantize_rows(x, mean, layout="bnsd", rows_pad=64, dp=96, groups=1, interpret=True)
