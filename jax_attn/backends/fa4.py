@@ -9,6 +9,11 @@ corner (key j is visible to query i iff `i + sk - sq - left <= j <= i + sk - sq 
 `sk` the used key length, `seqused_k` included), while ours is top-left. The two agree only
 when that offset is zero, so causality and windows are served only with `sq == skv` and no
 `kv_lengths`; any other combination is declined with its reason rather than shifted per batch.
+
+Packed sequences (`q_segment_ids`/`kv_segment_ids`) go through FA4's `mask_mod` and block
+sparsity on sm90 (`fa4_segments`): that mask_mod carries causality, the window and `kv_lengths`
+itself, in our top-left convention, so with segment ids every geometry is exact, whatever sq,
+skv and the lengths.
 """
 from __future__ import annotations
 
@@ -42,7 +47,9 @@ class FA4Args:
 def fa4_arguments(spec: Spec) -> FA4Args:
     """Map our scale, causality and window to FA4's. Call only when `mapping_reasons(spec)` is empty."""
     bounds = spec.window_bounds
-    if bounds is None:
+    # With segment ids the geometry is in our mask_mod: FA4's forward would drop causal/window next
+    # to a mask_mod and its backward would skip the mask_mod beside them (fa4_segments docstring).
+    if bounds is None or spec.has_segment_ids:
         return FA4Args(float(spec.scale), False, None, None)
     left, right = bounds
     if left is None and right == 0:  # plain causal: FA4's dedicated (non-local) causal kernel
@@ -56,10 +63,11 @@ def mapping_reasons(spec: Spec) -> list[str]:
     bounds = spec.window_bounds
     if bounds is None:
         return why
-    if spec.q_len != spec.kv_len:
+    aligned = spec.has_segment_ids  # our own mask_mod applies the geometry, top-left: nothing to align
+    if spec.q_len != spec.kv_len and not aligned:
         why.append(f"causal/local_window_size with sq={spec.q_len} != skv={spec.kv_len}: FA4 aligns "
                    "its mask to the bottom-right corner, ours to the top-left")
-    if spec.has_kv_lengths:
+    if spec.has_kv_lengths and not aligned:
         why.append("causal/local_window_size together with kv_lengths: FA4 aligns its mask to each "
                    "row's used key length (bottom-right), ours to the top-left")
     left, right = bounds
@@ -88,6 +96,10 @@ class FA4(Backend):
     supports_kv_lengths = True  # as FA4's seqused_k
     supports_lse_grad = False  # the backward takes no lse cotangent here
     supports_window = True  # exact only with sq == skv: see `mapping_reasons`
+    # Packed sequences on sm90 (`reasons`): FA4's mask_mod, with block sparsity skipping the tiles
+    # where no query and key share a segment (fa4_segments).
+    supports_segment_ids = True
+    skips_segment_tiles = True
     automatic = True  # auto takes it only where a routing table measured it first (unmeasured buckets list it last)
 
     def unavailable(self) -> list[str]:
@@ -113,6 +125,10 @@ class FA4(Backend):
         if cc is not None and cc[0] == 10 and not _sm100_head_dims_ok(spec.head_dim, spec.value_dim):
             why.append(f"head dims ({spec.head_dim}, {spec.value_dim}) are not served by FA4 on sm100 "
                        "(<= 128, or (192, 128), or (256, 256))")
+        if spec.has_segment_ids and cc is not None and cc[0] != 9:
+            why.append(f"q_segment_ids/kv_segment_ids are served on sm90 (Hopper) only: the block-sparse "
+                       f"tile sizes of FA4's sm100 kernels (q_stage 2, coarse kv blocks) are not mapped "
+                       f"here; this GPU is {cc[0]}.{cc[1]}")
         return why
 
     def backward_reasons(self, spec):
