@@ -24,6 +24,11 @@ from .contract import Spec
 # file is read instead: one device's table as it is, or a document keyed by device kind.
 TABLE_PATH = data.path("routing")
 # Above this many score bytes (b*n*sq*skv*4) the materializing backends are not chosen.
+# Packed calls (segment ids) among the backends that skip other segments' tiles: pallas first.
+# FA4 with ids is within a few % of pallas at 8192 tokens but 3-4x slower at 2048, where its
+# Python interface's per-call work dominates (H200, 2026-11-30, results/2026-11-30-h200-round5/
+# fa4seg); the unpacked tables, which put fa4 first at d <= 128, do not measure this.
+PACKED_ORDER = ("pallas", "fa4")
 SCORE_BYTES_BUDGET = 1 << 30
 
 
@@ -106,6 +111,8 @@ def preference(spec: Spec, mode: str = "train") -> list[str]:
         # The measured orders are for unpacked calls. With segment ids, cuDNN and XLA take a full
         # (sq, skv) mask and do every tile: 4-6x slower than the Triton kernels on 4 packed
         # prompts of 4096 tokens (H200, 2026-11-30, benchmarks/packed_gpu.py).
-        order = ([n for n in order if BACKENDS[n].skips_segment_tiles]
-                 + [n for n in order if not BACKENDS[n].skips_segment_tiles])
+        # Among those, the measured packed order (PACKED_ORDER) rather than the unpacked one.
+        skipping = sorted((n for n in order if BACKENDS[n].skips_segment_tiles),
+                          key=lambda n: PACKED_ORDER.index(n) if n in PACKED_ORDER else len(PACKED_ORDER))
+        order = skipping + [n for n in order if not BACKENDS[n].skips_segment_tiles]
     return order

@@ -207,5 +207,11 @@ def test_packed_calls_prefer_backends_that_skip_segment_tiles(tmp_path, monkeypa
         assert autoselect.preference(plain)[:2] == ["cudnn", "pallas"]
         assert BACKENDS["pallas"].skips_segment_tiles and not BACKENDS["cudnn"].skips_segment_tiles
         assert autoselect.preference(packed)[0] == "pallas"
+        # a measured order with fa4 first (as the H200 table's training order at d <= 128):
+        # packed calls still go to pallas, then fa4, both ahead of the backends that mask
+        path.write_text(json.dumps({"preferences": {autoselect.bucket(plain): ["fa4", "cudnn", "pallas"]}}))
+        autoselect.table.cache_clear()
+        assert autoselect.preference(plain)[0] == "fa4"
+        assert autoselect.preference(packed)[:3] == ["pallas", "fa4", "cudnn"]
     finally:
         autoselect.table.cache_clear()

@@ -2,13 +2,17 @@
 
 `quantization.quantize` states the scheme in jnp; XLA runs it as several fusions (the K mean,
 then per tensor a row-amax reduction and a separate quantizing pass, each reading the bf16
-input again and transposing it to (b, n, s, d)), about 0.11 ms at 1x24x4608x128 on an H200,
-a fifth of the whole call. Here one program owns `BLOCK_ROWS` rows of one head: it reads them
-once in the caller's layout (bsnd rows are strided; no transpose pass), takes each row's amax,
+input again and transposing it to (b, n, s, d)). Here one program owns `BLOCK_ROWS` rows of one
+head: it reads them once in the caller's layout (bsnd rows are strided; no transpose pass), takes each row's amax,
 and writes the INT8 rows and their scales in the kernel's padded (b, n, s, dp) order; for K it
 subtracts the smoothing mean first, for Q it also writes the lse shift (`scale * q . mean`).
 The K mean itself stays a jnp reduction (one read of K), and V (per-channel scales over all
 tokens, FP8, transposed) stays `quantization`'s jnp.
+
+Measured (H200, `benchmarks/sage_prepass_tune.py`): on Q alone the kernel runs at the speed of a
+plain copy of Q in the same harness at 16k tokens (0.089 vs 0.082 ms); below that every
+isolated timing, the copy's included, is bound by dispatching the call (~0.05 ms), so inside the
+attention call the pre-pass costs less than its isolated timing says.
 
 `quantize` returns the same `Quantized` as `quantization.quantize` (per-token scales only): the
 INT8 values and scales bit for bit (the same float32 operations on the same smoothing mean;
@@ -26,8 +30,11 @@ from jax.experimental.pallas import triton as plgpu
 
 from .. import quantization as Q
 
-BLOCK_ROWS = 64  # rows per program (the default; `quantize_rows(block_rows=...)`)
-NUM_WARPS = 4
+# Rows per program and warps: the fastest of sage_prepass_tune.py's sweep at 16k (d = 128) and
+# 4096 (d = 64) tokens, H200 2026-11-30 (results/2026-11-30-h200-round5/prepass_tune); smaller
+# calls are bound by dispatch, not by the kernel.
+BLOCK_ROWS = 64
+NUM_WARPS = 8
 _SQ = getattr(pl, "squeezed", None)  # a squeezed block dimension (`None` in older JAX)
 
 
