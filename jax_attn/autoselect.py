@@ -23,12 +23,12 @@ from .contract import Spec
 # The routing data. Pointed at another file (`bench --write-routing PATH` output, tests), that
 # file is read instead: one device's table as it is, or a document keyed by device kind.
 TABLE_PATH = data.path("routing")
-# Above this many score bytes (b*n*sq*skv*4) the materializing backends are not chosen.
 # Packed calls (segment ids) among the backends that skip other segments' tiles: pallas first.
-# FA4 with ids is within a few % of pallas at 8192 tokens but 3-4x slower at 2048, where its
-# Python interface's per-call work dominates (H200, 2026-11-30, results/2026-11-30-h200-round5/
-# fa4seg); the unpacked tables, which put fa4 first at d <= 128, do not measure this.
+# FA4 with ids took 0.9-1.4x pallas's time at 8192 tokens but 4-5x at 2048, where its Python
+# interface's per-call work dominates (H200, 2026-11-30, results/2026-11-30-h200-round5/fa4seg);
+# the unpacked tables, which put fa4 first at d <= 128, do not measure this.
 PACKED_ORDER = ("pallas", "fa4")
+# Above this many score bytes (b*n*sq*skv*4) the materializing backends are not chosen.
 SCORE_BYTES_BUDGET = 1 << 30
 
 
@@ -103,6 +103,7 @@ def preference(spec: Spec, mode: str = "train") -> list[str]:
         order = ["cudnn", "pallas", "xla", "chunked"]
     else:
         order = ["xla", "chunked"]
+    ranked = set(order)  # measured (or the default order); the rest is appended unmeasured
     order += [n for n in BACKENDS if n not in order]
     if spec.batch * spec.heads * spec.q_len * spec.kv_len * 4 > SCORE_BYTES_BUDGET:
         order = ([n for n in order if not BACKENDS[n].quadratic_memory]
@@ -111,8 +112,9 @@ def preference(spec: Spec, mode: str = "train") -> list[str]:
         # The measured orders are for unpacked calls. With segment ids, cuDNN and XLA take a full
         # (sq, skv) mask and do every tile: 4-6x slower than the Triton kernels on 4 packed
         # prompts of 4096 tokens (H200, 2026-11-30, benchmarks/packed_gpu.py).
-        # Among those, the measured packed order (PACKED_ORDER) rather than the unpacked one.
-        skipping = sorted((n for n in order if BACKENDS[n].skips_segment_tiles),
+        # Only those the order ranked (an unmeasured or failed one stays where it was), among
+        # them the measured packed order (PACKED_ORDER) rather than the unpacked one.
+        skipping = sorted((n for n in order if BACKENDS[n].skips_segment_tiles and n in ranked),
                           key=lambda n: PACKED_ORDER.index(n) if n in PACKED_ORDER else len(PACKED_ORDER))
-        order = skipping + [n for n in order if not BACKENDS[n].skips_segment_tiles]
+        order = skipping + [n for n in order if n not in skipping]
     return order

@@ -24,8 +24,10 @@ The scheme (issue 16; after the SageAttention papers, our own code):
   quantization), the product accumulates in float32, and the epilogue multiplies by
   `v_scale / P_SCALE` per channel.
 
-`quantize` is the pre-pass the kernel itself runs (jitted jnp, one fusion per tensor), so the
-kernel and `simulate` see the same bits; `simulate` is the jnp mirror of the kernel's arithmetic,
+`quantize` is the pre-pass in jnp: the kernel's entry point runs it for per-block scales and, for
+per-token scales, `kernels/sage_prepass.py`, whose Pallas pass over Q and K gives the same INT8
+values and scales (bit for bit in interpret mode; tests/test_sage_prepass.py), so the kernel and
+`simulate` see the same bits; `simulate` is the jnp mirror of the kernel's arithmetic,
 in the same order, used by the tests (kernel in interpret mode vs simulation: tight) and by
 `benchmarks/sage_device.py`; `accuracy` is the metric both report against float64.
 """
@@ -76,7 +78,8 @@ def _swap_key_digits(x, axis, digits):
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Quantized:
-    """The pre-pass's output, padded and in (b, n, s, d) order, which the kernel reads.
+    """The pre-pass's output, padded and (but the 16-bit P V's V, see `vt8`) in (b, n, s, d) order,
+    which the kernel reads.
 
     Rows past the sequences and head-dim columns past `d` are zeros (quantized zeros).
     """
@@ -161,6 +164,9 @@ def quantize_v(v, *, layout: str, dp: int, skv_pad: int, v_key_perm: bool = Fals
     scaled per channel (amax over tokens / 448), cast, padded, transposed to (b, n_kv, dp, keys)
     (keys in `key_perm` order with `v_key_perm`). 16-bit P V (`pv_dtype`): V as it is, in the
     caller's layout, cast only if it is not that dtype already and padded only if it must be."""
+    if pv_dtype is not None and v_key_perm:
+        raise ValueError("v_key_perm applies to the FP8 P V only; with pv_dtype (the 16-bit P V) "
+                         "V is stored unpermuted")
     b, n_kv = v.shape[0], v.shape[1] if layout == "bnsd" else v.shape[2]
     if pv_dtype is not None:  # P * P_SCALE's factor leaves in the epilogue
         keys = 1 if layout == "bsnd" else 2
@@ -214,6 +220,9 @@ def simulate(qz: Quantized, kb=None, *, block_k: int, fused_softmax: bool = Fals
     b, n, sq_pad, dp = qz.q8.shape
     n_kv, skv_pad = qz.k8.shape[1], qz.k8.shape[2]
     g = n // n_kv
+    if v_key_perm and pv_v_rows(qz):
+        raise ValueError("v_key_perm applies to the FP8 P V's V^T; this Quantized holds the 16-bit "
+                         "P V's V rows, which are never permuted")
     rep = lambda x: jnp.repeat(x, g, axis=1)  # noqa: E731  (kv head -> its query heads)
     vt = key_unperm(qz.vt8, 3) if v_key_perm else qz.vt8
     if pv_v_rows(qz):  # the 16-bit P V's V: (keys, d) rows (bsnd or bnsd); the steps read V^T

@@ -241,9 +241,15 @@ def test_segment_reasons(monkeypatch):
     specs = [segment_spec(), segment_spec(sq=64, skv=128, is_causal=True, kv_lengths=lengths),
              segment_spec(local_window_size=(16, 4), kv_lengths=lengths)]
     monkeypatch.setattr(fa4, "gpu_compute_capability", lambda: (9, 0))
+    monkeypatch.setattr(fa4, "installed_version", lambda: "4.0.0b36")
     for spec in specs:
         assert FA4.reasons(spec) == [], spec
         assert fa4.fa4_arguments(spec) == fa4.FA4Args(spec.scale, False, None, None)  # all in the mask_mod
+    # another FA4 version: its kernels may walk the block lists differently, so ids are declined
+    monkeypatch.setattr(fa4, "installed_version", lambda: "4.0.1")
+    assert any("4.0.0b36" in r and "4.0.1" in r for r in FA4.reasons(segment_spec()))
+    assert FA4.reasons(spec_of()) == []  # calls without ids are unaffected
+    monkeypatch.setattr(fa4, "installed_version", lambda: "4.0.0b36")
     monkeypatch.setattr(fa4, "gpu_compute_capability", lambda: (10, 0))
     assert any("sm90" in r and "segment" in r for r in FA4.reasons(segment_spec()))
     assert not any("segment" in r for r in FA4.reasons(spec_of()))
@@ -556,7 +562,7 @@ def test_segment_plan():
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("case", ["sorted", "unsorted-cross", "causal", "causal-cross", "gqa-bsnd", "lengths",
-                                  "window"])
+                                  "window", "one-segment"])
 def test_segments_match_reference_on_gpu(dtype, d, case):
     """fa4 with segment ids (mask_mod + block sparsity) vs the float64 reference: output, lse and
     gradients. Every case has a query segment with no key (zeros, lse -inf) and a key segment no
@@ -578,6 +584,8 @@ def test_segments_match_reference_on_gpu(dtype, d, case):
         kw["local_window_size"] = (40, 9)
     kind = "unsorted" if case == "unsorted-cross" else "sorted"
     q_ids = random_ids(rng, kind, b, sq)
+    if case == "one-segment":  # full tiles (no mask_mod) up to the ragged sequence end
+        q_ids = np.zeros((b, sq), np.int32)
     kv_ids = q_ids[:, :skv].copy() if sq == skv else random_ids(rng, kind, b, skv)
     q_ids[0, -30:] = 7  # no key holds it
     kv_ids[1, :5] = 9  # no query holds it

@@ -213,5 +213,11 @@ def test_packed_calls_prefer_backends_that_skip_segment_tiles(tmp_path, monkeypa
         autoselect.table.cache_clear()
         assert autoselect.preference(plain)[0] == "fa4"
         assert autoselect.preference(packed)[:3] == ["pallas", "fa4", "cudnn"]
+        # fa4 unmeasured in the bucket (or failed there): not promoted, it stays behind cudnn
+        path.write_text(json.dumps({"preferences": {autoselect.bucket(plain): ["cudnn", "pallas", "xla"]}}))
+        autoselect.table.cache_clear()
+        packed_order = autoselect.preference(packed)
+        assert packed_order[:2] == ["pallas", "cudnn"]
+        assert packed_order.index("fa4") > packed_order.index("cudnn")
     finally:
         autoselect.table.cache_clear()

@@ -215,6 +215,7 @@ def test_kernel_pv16_vs_simulation(overlap):
     cfg = dataclasses.replace(SMALL, pv_bits=16, overlap=overlap)
     check_kernel(1, 2, 1, 100, 192, 64, config=cfg)
     check_kernel(1, 2, 2, 128, 192, 64, layout="bsnd", config=cfg, seed=3)
+    check_kernel(1, 4, 2, 100, 150, 64, layout="bsnd", config=cfg, seed=6)  # GQA, padded keys
 
 
 def test_pv16_prepass_leaves_v_alone():
@@ -391,7 +392,7 @@ def test_backend_forward_and_gradient_refused():
         assert acc["cos_min"] > cos, (name, acc)
         np.testing.assert_allclose(np.asarray(lse), rlse, atol=0.05)
         outs[name] = np.asarray(out, np.float32)
-        with pytest.raises(ValueError, match="backend='sage'"):
+        with pytest.raises(ValueError, match=f"backend='{name}' is forward-only"):
             jax.grad(lambda q: jax_attn.attention_forward(q, k, v, layout="bsnd", backend=name)
                      .astype(jnp.float32).sum())(q)
     assert not np.array_equal(outs["sage"], outs["sage16"])

@@ -1,5 +1,6 @@
 """The `sage` pre-pass kernel (`kernels/sage_prepass.py`, Pallas interpret mode here) against the
-jnp scheme (`quantization.quantize`): the INT8 values and every scale bit for bit, the lse shift
+jnp scheme (`quantization.quantize`): the INT8 values and every scale bit for bit (in interpret
+mode, i.e. under XLA's arithmetic; see sage_prepass's docstring for the compiled kernel), the lse shift
 to float32 summation order, in both layouts, with GQA, padded rows and head dims, all-zero rows,
 heavy tails and a K channel offset (what the smoothing is for)."""
 import numpy as np

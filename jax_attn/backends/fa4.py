@@ -18,6 +18,7 @@ skv and the lengths.
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import importlib.util
 
 from ..contract import Spec
@@ -32,6 +33,9 @@ REQUIRED_MODULES = (("flash_attn.cute", "flash-attn-4"), ("jax_tvm_ffi", "jax-tv
 # 1.0, through torch as well as through JAX), so a gradient at an unverified head dim raises, and
 # a preference list differentiates through its next backend instead (`backward_reasons`).
 VERIFIED_BACKWARD_HEAD_DIMS = (64, 128)
+# FA4 versions whose kernels the segment-id block lists (fa4_segments) were checked against on an
+# H200 (benchmarks/results/2026-11-30-h200-round5/fa4seg/).
+SEGMENT_IDS_VERIFIED_VERSIONS = ("4.0.0b36",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,6 +133,15 @@ class FA4(Backend):
             why.append(f"q_segment_ids/kv_segment_ids are served on sm90 (Hopper) only: the block-sparse "
                        f"tile sizes of FA4's sm100 kernels (q_stage 2, coarse kv blocks) are not mapped "
                        f"here; this GPU is {cc[0]}.{cc[1]}")
+        if spec.has_segment_ids and platform() == "gpu":
+            version = installed_version()
+            if version is not None and version not in SEGMENT_IDS_VERIFIED_VERSIONS:
+                # The block lists rely on FA4 internals (tile sizes, the order it walks the lists,
+                # which block masks the sequence end): a different FA4 could skip or over-read
+                # keys without an error, so only the versions checked on a GPU take them.
+                why.append(f"q_segment_ids/kv_segment_ids are served with flash-attn-4 "
+                           f"{', '.join(SEGMENT_IDS_VERIFIED_VERSIONS)} only (installed: {version}): "
+                           "the block-sparse tile lists follow that version's kernels")
         return why
 
     def backward_reasons(self, spec):
@@ -140,6 +153,14 @@ class FA4(Backend):
     def _forward(self, inputs, return_lse):
         from . import fa4_kernels  # late: imports FA4, torch and tvm-ffi
         return fa4_kernels.forward(inputs, fa4_arguments(inputs.spec), return_lse)
+
+
+def installed_version() -> str | None:
+    """flash-attn-4's installed version, or None when it is not installed."""
+    try:
+        return importlib.metadata.version("flash-attn-4")
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def _importable(module: str) -> bool:

@@ -96,8 +96,10 @@ def block_classes(q_ids, kv_ids, kv_lengths, window: Window | None, block: tuple
     `full` is exact. `listed` is exact without a window (some pair has equal ids, its key before
     `kv_lengths`); with one it takes the tiles that hold such a pair and, separately, a pair inside
     the window, a superset only on the window's edge tiles, where the mask_mod then drops every
-    pair: never a kept pair missed. Sub-quadratic: a sort of each key block and a binary search of
-    every query id in each, O(sq * kv blocks * log(block)), not a compare of all (sq, skv) pairs.
+    pair: never a kept pair missed. A sort of each key block and a binary search of every query
+    id in each, O(sq * kv blocks * log(block)) time and O(sq * kv blocks) memory (b * sq *
+    skv / block_kv int32 entries: ~640 MB for one 128k-token sequence), not a compare of all
+    (sq, skv) pairs.
     """
     bq, bk = block
     b, sq = q_ids.shape

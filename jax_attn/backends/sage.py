@@ -11,7 +11,7 @@ rules it out) but not reverse mode, which cannot be seen at trace time. In a pre
 (`use_backend("sage,pallas")`) routing differentiates through the next backend that can
 (`backward_reasons`), so one program samples in 8 bits and trains exactly; named alone, a
 reverse-mode gradient through it raises from the custom VJP's backward with a message naming
-backend='sage'. Its lse has no gradient either (`supports_lse_grad=False`).
+the backend (`backend='sage'` or `'sage16'`). Its lse has no gradient either (`supports_lse_grad=False`).
 
 On a machine without a GPU, `JAX_ATTN_INTERPRET=1` runs the kernel in Mosaic GPU's interpret mode
 (tests only), as for `pallas`.

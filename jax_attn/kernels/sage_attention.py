@@ -1,4 +1,5 @@
-"""`sage_attention`: the 8-bit (INT8 Q K^T, FP8 P V) Hopper attention forward, for inference.
+"""`sage_attention`: the 8-bit (INT8 Q K^T; FP8 P V, or 16-bit with `SageConfig(pv_bits=16)`)
+Hopper attention forward, for inference.
 
 The entry point around `sage_forward.py`'s kernel: it validates the call, runs the quantization
 pre-pass (`sage_prepass.quantize`: Q and K to INT8 in one Pallas pass each, the K mean and V's
@@ -55,17 +56,17 @@ def unsupported(*, dtype, d, dv) -> list[str]:
     return why
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _no_grad(run, q, k, v, kb, segments):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _no_grad(name, run, q, k, v, kb, segments):
     return run(q, k, v, kb, segments)
 
 
-def _no_grad_fwd(run, q, k, v, kb, segments):
+def _no_grad_fwd(name, run, q, k, v, kb, segments):
     return run(q, k, v, kb, segments), None
 
 
-def _no_grad_bwd(run, res, g):
-    raise ValueError("backend='sage' (and 'sage16') is forward-only (8-bit inference attention, no backward "
+def _no_grad_bwd(name, run, res, g):
+    raise ValueError(f"backend={name!r} is forward-only (8-bit inference attention, no backward "
                      "kernel) and this call is differentiated; use another backend for training "
                      "or wrap the inputs in jax.lax.stop_gradient")
 
@@ -147,5 +148,6 @@ def sage_attention(q, k, v, *, kv_lengths=None, key_mask=None, scale=None, layou
         out = out[:, :, :sq, :d] if layout == "bnsd" else out[:, :sq, :, :d]
         return out, lse[:, :, :sq] + qz.lse_shift  # -inf stays -inf: the shift is finite
 
-    out, lse = _no_grad(run, q, k, v, kb, segments)
+    name = "sage16" if cfg.pv_bits == 16 else "sage"  # the backend that runs this config
+    out, lse = _no_grad(name, run, q, k, v, kb, segments)
     return (out, lse) if return_lse else out

@@ -7,9 +7,9 @@ compute warpgroups of `block_q` query rows each and a TMA producer warpgroup str
 tiles through a ring of `stages` shared-memory slots; the compute warpgroups alternate on the
 tensor cores through a shared "schedule" barrier. What differs, and why:
 
-* Operands arrive quantized and padded by the pre-pass, always (b, n, s, d) (the pre-pass reads
-  the caller's layout and its transpose fuses into the quantization), so only the output is
-  written in the caller's layout.
+* Operands arrive quantized and padded by the pre-pass in (b, n, s, d) (the pre-pass reads the
+  caller's layout and writes that order as it quantizes), except the 16-bit P V's V, which is
+  read in the caller's layout (`Quantized.v_bsnd`); the output is written in the caller's layout.
 * 8-bit wgmma reads both operands K-major (PTX allows transposed shared-memory operands only for
   16-bit types). Q (rows, d) and K (keys, d) already are, so S = Q K^T is a wgmma with K through
   a `transpose_ref` view, int8 x int8 -> int32 exact. For P V the contraction is over keys, so the
@@ -123,7 +123,7 @@ class _Fwd:
     n_steps: int
     stages: int
     out_dtype: Any
-    out_bnsd: bool  # the output's layout (inputs are always bnsd)
+    out_bnsd: bool  # the output's layout (Q and K arrive bnsd; the 16-bit V as `v_bsnd` says)
     has_kb: bool
     interp: bool
     groups: int

@@ -6,8 +6,9 @@ input again and transposing it to (b, n, s, d)). Here one program owns `BLOCK_RO
 head: it reads them once in the caller's layout (bsnd rows are strided; no transpose pass), takes each row's amax,
 and writes the INT8 rows and their scales in the kernel's padded (b, n, s, dp) order; for K it
 subtracts the smoothing mean first, for Q it also writes the lse shift (`scale * q . mean`).
-The K mean itself stays a jnp reduction (one read of K), and V (per-channel scales over all
-tokens, FP8, transposed) stays `quantization`'s jnp.
+The K mean itself stays a jnp reduction (one read of K), and V stays `quantization.quantize_v`'s
+jnp (FP8: per-channel scales over all tokens, cast and transposed; 16-bit P V: untouched unless
+it must be cast or padded).
 
 Measured (H200, `benchmarks/sage_prepass_tune.py`): on Q alone the kernel runs at the speed of a
 plain copy of Q in the same harness at 16k tokens (0.089 vs 0.082 ms); below that every
@@ -15,9 +16,11 @@ isolated timing, the copy's included, is bound by dispatching the call (~0.05 ms
 attention call the pre-pass costs less than its isolated timing says.
 
 `quantize` returns the same `Quantized` as `quantization.quantize` (per-token scales only): the
-INT8 values and scales bit for bit (the same float32 operations on the same smoothing mean;
-rounding half to even built from floor, which the Triton lowering lacks as an op), the lse
-shift up to float32 summation order.
+INT8 values and scales bit for bit in interpret mode (the same float32 operations on the same
+smoothing mean; rounding half to even built from floor, which the Triton lowering lacks as an
+op), the lse shift up to float32 summation order. Compiled by Triton, a float32 division may
+round its last bit differently from XLA's (not checked on a GPU; it can move a value by one
+INT8 step at most, which the kernel-vs-simulation tolerance of the device checks covers).
 """
 from __future__ import annotations
 
