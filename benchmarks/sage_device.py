@@ -26,6 +26,7 @@ are skipped once `--budget` seconds have passed, so the table always comes out.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import pathlib
@@ -202,21 +203,17 @@ def variants(results, log, t0, budget, only=None, shapes=None):
             log(f"{key} float64 reference: ERROR {type(e).__name__}: {e}")
         dp = 64 if d <= 64 else 128
         extra = {
-            "prepass": jax.jit(lambda a, b_, c: Q.quantize(
-                a, b_, c, layout="bsnd", scale=1 / math.sqrt(d), q_rows=1, k_rows=1, dp=dp,
-                sq_pad=-(-sq // 128) * 128, skv_pad=-(-skv // 256) * 256, v_key_perm=True)),
-            "prepass16": jax.jit(lambda a, b_, c: Q.quantize(  # the 16-bit P V's: V left alone
-                a, b_, c, layout="bsnd", scale=1 / math.sqrt(d), q_rows=1, k_rows=1, dp=dp,
-                sq_pad=-(-sq // 128) * 128, skv_pad=-(-skv // 256) * 256, pv_dtype=jnp.bfloat16)),
-            # what sage_attention runs: Q and K through the Pallas pre-pass kernel
-            "prepass_pallas": jax.jit(lambda a, b_, c: P.quantize(
-                a, b_, c, layout="bsnd", scale=1 / math.sqrt(d), dp=dp, sq_pad=-(-sq // 128) * 128,
-                skv_pad=-(-skv // 256) * 256, v_key_perm=True)),
-            "prepass16_pallas": jax.jit(lambda a, b_, c: P.quantize(
-                a, b_, c, layout="bsnd", scale=1 / math.sqrt(d), dp=dp, sq_pad=-(-sq // 128) * 128,
-                skv_pad=-(-skv // 256) * 256, pv_dtype=jnp.bfloat16)),
             "cudnn": jax.jit(lambda a, b_, c: jax_attn.attention_forward(a, b_, c, layout="bsnd", backend="cudnn")),
         }
+        # The pre-passes: jnp and the Pallas one sage_attention runs, for FP8 and for the 16-bit
+        # P V (V left alone).
+        shape_kw = dict(layout="bsnd", scale=1 / math.sqrt(d), dp=dp, sq_pad=-(-sq // 128) * 128,
+                        skv_pad=-(-skv // 256) * 256)
+        for name, quantize in (("prepass", functools.partial(Q.quantize, q_rows=1, k_rows=1)),
+                               ("prepass_pallas", P.quantize)):
+            for suffix, v_kw in (("", dict(v_key_perm=True)), ("16", dict(pv_dtype=jnp.bfloat16))):
+                extra[name.replace("prepass", "prepass" + suffix)] = jax.jit(
+                    functools.partial(quantize, **shape_kw, **v_kw))
         for name, fn in extra.items():
             try:
                 ms = time_ms(fn, q, k, v, reps=20)

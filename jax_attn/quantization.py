@@ -129,9 +129,6 @@ def quantize(q, k, v, *, layout: str, scale: float, q_rows: int, k_rows: int, dp
     amax, so XLA can do both in one pass) rather than a dot, and the key permutation is a
     reshape/transpose folded into V's (already transposing) cast.
     """
-    if pv_dtype is not None and v_key_perm:
-        raise ValueError("v_key_perm applies to the FP8 P V only; with pv_dtype (the 16-bit P V) "
-                         "V is stored unpermuted")
     mean = smoothing_mean(k, layout)  # (b, n_kv, d)
     if layout == "bsnd":
         q, k = (jnp.swapaxes(x, 1, 2) for x in (q, k))

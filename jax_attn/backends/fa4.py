@@ -129,11 +129,11 @@ class FA4(Backend):
         if cc is not None and cc[0] == 10 and not _sm100_head_dims_ok(spec.head_dim, spec.value_dim):
             why.append(f"head dims ({spec.head_dim}, {spec.value_dim}) are not served by FA4 on sm100 "
                        "(<= 128, or (192, 128), or (256, 256))")
-        if spec.has_segment_ids and cc is not None and cc[0] != 9:
-            why.append(f"q_segment_ids/kv_segment_ids are served on sm90 (Hopper) only: the block-sparse "
-                       f"tile sizes of FA4's sm100 kernels (q_stage 2, coarse kv blocks) are not mapped "
-                       f"here; this GPU is {cc[0]}.{cc[1]}")
-        if spec.has_segment_ids and platform() == "gpu":
+        if spec.has_segment_ids and cc is not None:
+            if cc[0] != 9:
+                why.append(f"q_segment_ids/kv_segment_ids are served on sm90 (Hopper) only: the "
+                           f"block-sparse tile sizes of FA4's sm100 kernels (q_stage 2, coarse kv "
+                           f"blocks) are not mapped here; this GPU is {cc[0]}.{cc[1]}")
             version = installed_version()
             if version is not None and version not in SEGMENT_IDS_VERIFIED_VERSIONS:
                 # The block lists rely on FA4 internals (tile sizes, the order it walks the lists,

@@ -193,14 +193,19 @@ def _call(target, results, *operands):
     return jax.ffi.ffi_call(target, results, vmap_method="sequential")(*operands)
 
 
+def _forward_results(q, v, heads_major: bool):
+    """The forward's results: out (q's layout and dtype, v's head dim) and lse (b, h, sq) f32."""
+    b, h, sq = (q.shape[0], q.shape[1], q.shape[2]) if heads_major else (q.shape[0], q.shape[2], q.shape[1])
+    return (jax.ShapeDtypeStruct(q.shape[:-1] + v.shape[-1:], q.dtype),
+            jax.ShapeDtypeStruct((b, h, sq), jnp.float32))
+
+
 def fa4_forward(q, k, v, seqused_k, args, layout="bsnd"):
     """`(out, lse (b, h, sq) f32)` of FA4's forward; q, k, v and out in `layout`."""
     heads_major = layout == "bnsd"
-    b, h, sq = (q.shape[0], q.shape[1], q.shape[2]) if heads_major else (q.shape[0], q.shape[2], q.shape[1])
-    out_shape = q.shape[:-1] + v.shape[-1:]
-    results = (jax.ShapeDtypeStruct(out_shape, q.dtype), jax.ShapeDtypeStruct((b, h, sq), jnp.float32))
     operands = (q, k, v) + ((seqused_k,) if seqused_k is not None else ())
-    return _call(_fwd_target(args, seqused_k is not None, heads_major), results, *operands)
+    return _call(_fwd_target(args, seqused_k is not None, heads_major),
+                 _forward_results(q, v, heads_major), *operands)
 
 
 def fa4_backward(q, k, v, out, dout, lse, seqused_k, args, layout="bsnd"):
@@ -219,12 +224,10 @@ def fa4_segment_forward(q, k, v, q_ids, kv_ids, kv_lengths, args, plan, layout="
     """`(out, lse)` of FA4's forward with segment ids `(b, sq)`, `(b, skv)` (and `kv_lengths`,
     given exactly when `plan.has_lengths`)."""
     heads_major = layout == "bnsd"
-    b, h, sq = (q.shape[0], q.shape[1], q.shape[2]) if heads_major else (q.shape[0], q.shape[2], q.shape[1])
-    results = (jax.ShapeDtypeStruct(q.shape[:-1] + v.shape[-1:], q.dtype),
-               jax.ShapeDtypeStruct((b, h, sq), jnp.float32))
     lists = fa4_segments.forward_blocks(q_ids, kv_ids, kv_lengths, plan)
     operands = (q, k, v) + _segment_operands(q_ids, kv_ids, kv_lengths, lists)
-    return _call(_seg_fwd_target(args, plan, heads_major), results, *operands)
+    return _call(_seg_fwd_target(args, plan, heads_major), _forward_results(q, v, heads_major),
+                 *operands)
 
 
 def fa4_segment_backward(q, k, v, out, dout, lse, q_ids, kv_ids, kv_lengths, args, plan, layout="bsnd"):
