@@ -1,13 +1,15 @@
-"""One forward call of an attention kernel, for Nsight Compute (no other GPU kernel runs first).
+"""One attention call on the GPU, for Nsight Compute (no other attention kernel runs first).
 
     ncu --clock-control none --section SpeedOfLight --section WarpStateStats -c 1 \
-        python benchmarks/profile_forward.py mosaic 1 40 16384 128
+        python benchmarks/profile_forward.py mosaic 1 40 16384 128 [fwd|bwd]
 
 `impl`: `mosaic` (our Hopper kernel, its default config), `cudnn` (through jax.nn), `fa4` (the
 `fa4` backend: FlashAttention-4 through JAX; needs it installed, see fa4_install.sh; its first
-call compiles, so profile with `-c 1 -k regex:flash` or skip the first launches). Inputs are made
-on the host and copied over, in (b, s, n, d), and the shape needs no padding, so for mosaic and
-cudnn the first kernel launched is the attention kernel itself (`-c 1` profiles just that one).
+call compiles, so profile with `-k regex:flash`), `sage` / `sage16` (the 8-bit backends; their
+pre-pass kernels run first, so filter with `-k regex:mosaic`). `bwd` differentiates the call
+(forward, then the backward's kernels: filter and count with `-k`/`-c`). Inputs are made on the
+host and copied over, in (b, s, n, d), and the shape needs no padding, so for mosaic and cudnn
+the first kernel launched is the forward itself (`-c 1` profiles just that one).
 """
 import sys
 
@@ -19,11 +21,16 @@ import jax_attn
 from jax_attn.kernels import mosaic_attention
 
 impl, b, n, s, d = sys.argv[1], *map(int, sys.argv[2:6])
+mode = sys.argv[6] if len(sys.argv) > 6 else "fwd"
 x = jax.device_put(np.random.default_rng(0).standard_normal((b, s, n, d)).astype(jnp.bfloat16))
 if impl == "mosaic":
-    fn = jax.jit(lambda q, k, v: mosaic_attention.mosaic_attention(q, k, v, layout="bsnd"))
-elif impl == "fa4":
-    fn = jax.jit(lambda q, k, v: jax_attn.attention_forward(q, k, v, layout="bsnd", backend="fa4"))
+    attn = lambda q, k, v: mosaic_attention.mosaic_attention(q, k, v, layout="bsnd")  # noqa: E731
+elif impl == "cudnn":
+    attn = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn")  # noqa: E731
+else:  # fa4, sage, sage16: through the library's backend of that name
+    attn = lambda q, k, v: jax_attn.attention_forward(q, k, v, layout="bsnd", backend=impl)  # noqa: E731
+if mode == "bwd":
+    fn = jax.jit(jax.grad(lambda q, k, v: attn(q, k, v).astype(jnp.float32).sum(), argnums=(0, 1, 2)))
 else:
-    fn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn"))
+    fn = jax.jit(attn)
 jax.block_until_ready(fn(x, x, x))

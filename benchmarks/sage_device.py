@@ -161,6 +161,8 @@ def _variants():
         "smem_fused": SageConfig(p_in_registers=False),
         "regs_plain": SageConfig(fused_softmax=False),
         "default_bk128": SageConfig(block_kv=128),
+        "bk256": SageConfig(block_kv=256),  # d = 128: half the barrier passes per key
+        "bk256_2level": SageConfig(block_kv=256, two_level_pv=True),
         "1level_stages3": SageConfig(two_level_pv=False, stages=3),
         # intra-warpgroup overlap (SageConfig.overlap: 128-key blocks unless given)
         "overlap": SageConfig(overlap=True),
