@@ -13,6 +13,15 @@
 #              16k tokens d = 128, where our forward+backward trails cuDNN.
 # d40_profile  the same for the d = 40 forward: ours (run at 48), FA4's and cuDNN's.
 # fa4tests     the fa4 segment-id GPU tests not yet run there (one-segment; float16 cases).
+#
+# Second visit, one call (no FA4): `timeout 560 bash benchmarks/h200_round6.sh narrow free bwd4608;
+# tar czf $OUT/r6c.tgz -C /tmp/round6 .` (the archive is made even when the steps run out of time)
+# narrow       head dims below the forward's read in place (TMA zero fill, no padded copies):
+#              6 small checks on aligned lengths (d = 40, 80, 96; fwd + bwd vs float64), then
+#              2x8x4096x4096x40 forward and forward+backward beside cuDNN and Triton.
+# free         the 8-bit kernels without turn-taking (SageConfig.pingpong=False), with 256-key
+#              blocks, against the defaults (4608 d = 128, 4096 d = 64; checked, then timed).
+# bwd4608      Nsight sections of our backward kernels and cuDNN's, 1x24x4608x128.
 set -u
 FINAL=${OUT:-out}
 OUT=/tmp/round6  # everything lands here, then one archive goes to $OUT (8 files come back at most)
@@ -54,6 +63,25 @@ if has variants; then
     --shapes 0,1 --budget 180 --out "$OUT/variants" > "$OUT/variants/stdout.txt" 2>&1
   rm -f "$OUT/variants/log.txt"
   sed -n '/=== variants/,$p' "$OUT/variants/stdout.txt"
+fi
+if has narrow; then
+  mkdir -p "$OUT/narrow"
+  timeout 200 python3 benchmarks/mosaic_gpu.py --aligned-small --shapes 4 --budget 150 \
+    --out "$OUT/narrow" > "$OUT/narrow/stdout.txt" 2>&1
+  grep -E "small (PASS|FAIL)|small checks" "$OUT/narrow/stdout.txt" | cut -c1-220
+  tail -n 8 "$OUT/narrow/stdout.txt"
+fi
+if has free; then
+  mkdir -p "$OUT/free"
+  timeout 230 python3 benchmarks/sage_device.py --variants --only default,free,free_bk256,bk256,pv16,pv16_free \
+    --shapes 1,2 --budget 200 --out "$OUT/free" > "$OUT/free/stdout.txt" 2>&1
+  rm -f "$OUT/free/log.txt"
+  grep -E " ms|MISMATCH|ERROR" "$OUT/free/stdout.txt" | grep -v prepass | cut -c1-160
+fi
+if has bwd4608; then
+  mkdir -p "$OUT/bwd4608"
+  prof bwd4608/mosaic mosaic 3 mosaic 1 24 4608 128 bwd
+  prof bwd4608/cudnn "sdpa|cudnn|flash|fmha" 3 cudnn 1 24 4608 128 bwd
 fi
 if has bwd_profile; then
   mkdir -p "$OUT/bwd_profile"

@@ -163,6 +163,9 @@ def _variants():
         "default_bk128": SageConfig(block_kv=128),
         "bk256": SageConfig(block_kv=256),  # d = 128: half the barrier passes per key
         "bk256_2level": SageConfig(block_kv=256, two_level_pv=True),
+        "free": SageConfig(pingpong=False),  # no turn-taking between the compute warpgroups
+        "free_bk256": SageConfig(pingpong=False, block_kv=256),
+        "pv16_free": SageConfig(pv_bits=16, pingpong=False),
         "1level_stages3": SageConfig(two_level_pv=False, stages=3),
         # intra-warpgroup overlap (SageConfig.overlap: 128-key blocks unless given)
         "overlap": SageConfig(overlap=True),

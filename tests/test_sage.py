@@ -43,6 +43,7 @@ PATHS = {
                                     two_level_pv=False),
     "smem_fused_1level": SageConfig(block_q=64, block_kv=64, stages=3, p_in_registers=False,
                                     two_level_pv=False),
+    "free": SageConfig(block_q=64, block_kv=64, stages=2, pingpong=False),
 }
 
 # What the simulated scheme reaches, worst head (measured: normal d=64/128 cos 0.9992, rel L1
@@ -198,7 +199,7 @@ def test_kernel_bsnd_fp16_masks_lengths_empty_rows_d128():
 @pytest.mark.slow
 @pytest.mark.fast_every(3)
 @needs_mgpu
-@pytest.mark.parametrize("path", ["old", "regs_plain_1level", "smem_fused_1level"])
+@pytest.mark.parametrize("path", ["old", "regs_plain_1level", "smem_fused_1level", "free"])
 def test_kernel_paths_vs_simulation(path):
     # Every SageConfig path on the masked, padded, GQA case (the default path runs above).
     rng = np.random.default_rng(5)

@@ -92,6 +92,12 @@ class SageConfig:
     # V unquantized: only Q K^T is 8-bit; more accurate, P V at the bf16 rate). 16 takes P in
     # registers as the accumulator layout gives it (no relabelling) and one accumulator.
     pv_bits: int = 8
+    # The plain pipeline's turn-taking (not `overlap`'s): the two compute warpgroups alternate on
+    # the tensor cores through the schedule barrier, one's softmax beside the other's matmuls.
+    # False: they run free, so both softmaxes can run at once and hide each other's latencies
+    # (8-bit matmuls take half the bf16 time, so the softmax, not the tensor cores, sets the
+    # pace: H200 profile, benchmarks/results/2026-11-30-h200-round6/).
+    pingpong: bool = True
 
     def resolved(self, dp: int) -> "SageConfig":
         """With `block_kv` (when 0) and `two_level_pv` (when None) chosen for head dim `dp`."""
@@ -135,6 +141,7 @@ class _Fwd:
     p_dtype: Any  # what P and V enter the P V wgmma as: FP8, or the 16-bit dtype
     has_seg: bool = False  # segment ids: a key counts for a row only where their ids are equal
     v_bsnd: bool = False  # the 16-bit P V's V in the caller's (b, s, n, d) order
+    pingpong: bool = True  # SageConfig.pingpong
 
     @property
     def p8(self) -> bool:
@@ -192,6 +199,8 @@ class _Refs:
     kid_smem: Any = None
 
     def sched_sync(self):
+        if self.sched is None:  # no turn-taking (SageConfig.pingpong=False)
+            return
         plgpu.barrier_arrive(self.sched)
         plgpu.barrier_wait(self.sched)
 
@@ -434,9 +443,11 @@ def _pv(fw: _Fwd, r: _Refs, wg, i, slot, acc, alpha, p8):
     rescaled it before)."""
     bq, dp = fw.bq, fw.dp
     a_op = _p_operand(fw, r, wg, p8)
-    plgpu.barrier_arrive(r.sched)  # softmax done
+    if r.sched is not None:
+        plgpu.barrier_arrive(r.sched)  # softmax done
     plgpu.barrier_wait(r.v_bar.at[slot])
-    plgpu.barrier_wait(r.sched)  # the other warpgroup's matmul is issued
+    if r.sched is not None:
+        plgpu.barrier_wait(r.sched)  # the other warpgroup's matmul is issued
     nxt = i + 1
     nxt_slot = lax.rem(nxt, jnp.array(fw.stages, nxt.dtype))
 
@@ -671,7 +682,8 @@ def sage_call(cfg: SageConfig, qz, kb, *, out_dtype, out_layout: str, groups: in
               out_bnsd=out_layout == "bnsd", has_kb=has_kb, interp=interp, groups=groups,
               key_bias_dims=key_bias_dims, two_level=cfg.two_level_pv,
               p_regs=cfg.p_in_registers, fused=cfg.fused_softmax, overlap=cfg.overlap,
-              p_dtype=qz.vt8.dtype, has_seg=segments is not None, v_bsnd=qz.v_bsnd)
+              p_dtype=qz.vt8.dtype, has_seg=segments is not None, v_bsnd=qz.v_bsnd,
+              pingpong=cfg.pingpong)
     if (qz.vt8.dtype == FP8) != (cfg.pv_bits == 8):
         raise ValueError(f"SageConfig.pv_bits={cfg.pv_bits} but the pre-pass stored V as "
                          f"{qz.vt8.dtype}")
@@ -697,7 +709,8 @@ def sage_call(cfg: SageConfig, qz, kb, *, out_dtype, out_layout: str, groups: in
             kb_ref=kb_ref, o_ref=o_ref, lse_ref=lse_ref, q_smem=q_smem, qs_smem=qs_smem,
             os_smem=os_smem, k_smem=k_smem, ks_smem=ks_smem, vt_smem=vt_smem, p_smem=p_smem,
             o_smem=o_smem, lse_smem=lse_smem, kb_smem=kb_smem, q_bar=q_bar, k_bar=k_bar,
-            v_bar=v_bar, k_done=k_done, v_done=v_done, sched=sched, kb_bar=kb_bar,
+            v_bar=v_bar, k_done=k_done, v_done=v_done, kb_bar=kb_bar,
+            sched=sched if fw.pingpong else None,  # None: no turn-taking
             turn=turn, qid_ref=qid_ref, kid_ref=kid_ref, qid_smem=qid_smem, kid_smem=kid_smem))
 
     d8 = _swizzled(dp, interp)  # Q and K tiles: rows of dp int8
