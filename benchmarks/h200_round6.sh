@@ -14,12 +14,12 @@
 # d40_profile  the same for the d = 40 forward: ours (run at 48), FA4's and cuDNN's.
 # fa4tests     the fa4 segment-id GPU tests not yet run there (one-segment; float16 cases).
 #
-# Second visit, one call (no FA4): `timeout 560 bash benchmarks/h200_round6.sh narrow free bwd4608;
-# tar czf $OUT/r6c.tgz -C /tmp/round6 .` (the archive is made even when the steps run out of time)
-# narrow       head dims below the forward's read in place (TMA zero fill, no padded copies):
-#              6 small checks on aligned lengths (d = 40, 80, 96; fwd + bwd vs float64), then
-#              2x8x4096x4096x40 forward and forward+backward beside cuDNN and Triton.
-# free         the 8-bit kernels without turn-taking (SageConfig.pingpong=False), with 256-key
+# Each step ends by archiving what is done into $OUT (round6-STEPS.tgz: at most 8 files come
+# back, and a call cut at its limit still returns it). Second visit, one call (no FA4):
+# `bash benchmarks/h200_round6.sh free bwd4608`. That visit also ran a step `narrow` (commit 3160eff, since reverted): the d = 40 forward
+# reading q, k, v in place with TMA filling columns 40-47, checked with
+# `mosaic_gpu.py --aligned-small --shapes 4`; Mosaic GPU refused it (see the results README).
+# free         the 8-bit kernels without turn-taking (SageConfig.pingpong=False) and with 256-key
 #              blocks, against the defaults (4608 d = 128, 4096 d = 64; checked, then timed).
 # bwd4608      Nsight sections of our backward kernels and cuDNN's, 1x24x4608x128.
 set -u
@@ -32,6 +32,9 @@ export PYTHONUNBUFFERED=1
 if has d40_profile || has fa4tests; then source benchmarks/fa4_install.sh install
 else export PYTHONPATH=$PWD; fi
 mkdir -p "$OUT"
+pack() {  # after every step: what is done so far comes back even if a later step runs out of time
+  mkdir -p "$FINAL" && tar czf "$FINAL/round6-$(echo $STEPS | tr ' ' '-').tgz" -C "$OUT" .
+}
 SECTIONS="--section SpeedOfLight --section ComputeWorkloadAnalysis --section WarpStateStats --section InstructionStats --print-details all"
 prof() {  # prof NAME FILTER COUNT ARGS...: ncu sections of COUNT kernels matching FILTER
   local name=$1 filter=$2 count=$3; shift 3
@@ -47,15 +50,17 @@ if has sage_times; then
   for shape in 1,24,16384,128 1,24,4608,128 2,10,4096,64; do
     specs="$specs sage:$shape sage16:$shape cudnn:$shape"
   done
-  timeout 200 ncu --clock-control none --metrics gpu__time_duration.sum --csv --print-units base \
+  XLA_FLAGS=--xla_gpu_autotune_level=0 timeout 200 ncu --clock-control none --metrics gpu__time_duration.sum --csv --print-units base \
     python3 benchmarks/kernel_times.py $specs > "$OUT/sage_times/raw.csv" 2> "$OUT/sage_times/stderr.txt"
   python3 benchmarks/kernel_times.py --table "$OUT/sage_times/raw.csv" | tee "$OUT/sage_times/table.txt"
+  pack
 fi
 if has sage_profile; then
   mkdir -p "$OUT/sage_profile"
   for impl in sage sage16 mosaic; do
     prof "sage_profile/$impl" mosaic 1 "$impl" 1 24 16384 128
   done
+  pack
 fi
 if has variants; then
   mkdir -p "$OUT/variants"
@@ -63,41 +68,38 @@ if has variants; then
     --shapes 0,1 --budget 180 --out "$OUT/variants" > "$OUT/variants/stdout.txt" 2>&1
   rm -f "$OUT/variants/log.txt"
   sed -n '/=== variants/,$p' "$OUT/variants/stdout.txt"
-fi
-if has narrow; then
-  mkdir -p "$OUT/narrow"
-  timeout 200 python3 benchmarks/mosaic_gpu.py --aligned-small --shapes 4 --budget 150 \
-    --out "$OUT/narrow" > "$OUT/narrow/stdout.txt" 2>&1
-  grep -E "small (PASS|FAIL)|small checks" "$OUT/narrow/stdout.txt" | cut -c1-220
-  tail -n 8 "$OUT/narrow/stdout.txt"
+  pack
 fi
 if has free; then
   mkdir -p "$OUT/free"
-  timeout 230 python3 benchmarks/sage_device.py --variants --only default,free,free_bk256,bk256,pv16,pv16_free \
+  timeout 230 python3 benchmarks/sage_device.py --variants --only default,free,pv16,pv16_free,bk256 \
     --shapes 1,2 --budget 200 --out "$OUT/free" > "$OUT/free/stdout.txt" 2>&1
   rm -f "$OUT/free/log.txt"
   grep -E " ms|MISMATCH|ERROR" "$OUT/free/stdout.txt" | grep -v prepass | cut -c1-160
+  pack
 fi
 if has bwd4608; then
   mkdir -p "$OUT/bwd4608"
   prof bwd4608/mosaic mosaic 3 mosaic 1 24 4608 128 bwd
   prof bwd4608/cudnn "sdpa|cudnn|flash|fmha" 3 cudnn 1 24 4608 128 bwd
+  pack
 fi
 if has bwd_profile; then
   mkdir -p "$OUT/bwd_profile"
   prof bwd_profile/mosaic mosaic 3 mosaic 1 24 16384 128 bwd
   prof bwd_profile/cudnn "sdpa|cudnn|flash|fmha" 4 cudnn 1 24 16384 128 bwd
+  pack
 fi
 if has d40_profile; then
   mkdir -p "$OUT/d40_profile"
   prof d40_profile/mosaic mosaic 1 mosaic 2 8 4096 40
   prof d40_profile/fa4 flash 1 fa4 2 8 4096 40
   prof d40_profile/cudnn "sdpa|cudnn|flash|fmha" 1 cudnn 2 8 4096 40
+  pack
 fi
 if has fa4tests; then
   timeout 200 python3 -m pytest -q -rA tests/test_fa4.py -k "segments_match_reference_on_gpu and (one-segment or not bfloat16)" \
     > "$OUT/fa4tests.txt" 2>&1
   grep -E "PASSED|FAILED|passed|failed|error" "$OUT/fa4tests.txt" | tail -n 25
 fi
-tar czf "/tmp/round6-$(echo $STEPS | tr ' ' '-').tgz" -C "$OUT" . && mkdir -p "$FINAL" \
-  && mv /tmp/round6-*.tgz "$FINAL"/
+pack

@@ -38,6 +38,9 @@ def run(specs):
     print("calls:", " ".join(specs), file=sys.stderr)
 
 
+AUTOTUNER = ("stream_executor", "void stream_executor")
+
+
 def table(path):
     """Per call (between markers; in the order of the specs run gave): each kernel's
     microseconds and the call's sum."""
@@ -53,6 +56,10 @@ def table(path):
         elif cur is not None:
             cur.append((name[:60], ns / 1e3))
     for i, call in enumerate(c for c in calls if c):  # a marker may launch several kernels
+        # XLA's autotuner runs candidates (and its own stream_executor kernels) at the first
+        # compile: the call's own kernels are those after its last autotuning kernel.
+        tuned = [j for j, (name, _) in enumerate(call) if name.startswith(AUTOTUNER)]
+        call = call[tuned[-1] + 1:] if tuned else call
         total = sum(us for _, us in call)
         print(f"call {i}: {total:.1f} us in {len(call)} kernels")
         for name, us in call:

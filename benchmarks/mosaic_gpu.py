@@ -40,7 +40,6 @@ sys.path.insert(0, str(pathlib.Path(__file__).parent))
 
 log = logging.getLogger("mosaic_gpu")
 QUICK_SMALL = [False]
-ALIGNED_SMALL = [False]  # --aligned-small: small checks on lengths that need no padding
 TRITON_BWD = [False]  # --triton-bwd: also check and time the Triton backward behind Mosaic
 DEADLINE = [float("inf")]  # time.time() after which remaining timings are skipped (--budget)
 
@@ -115,14 +114,7 @@ def check_small():
         (1, 2, 1, 512, 1024, 128, {"layout": "bsnd"}),
     ]
     runs = [(jnp.bfloat16, 2e-2, c) for c in cases if c[5] != 96] + [(jnp.float16, 5e-3, cases[4])]
-    if ALIGNED_SMALL[0]:  # lengths that need no padding: narrow head dims read in place (TMA fill)
-        cases = [(1, 2, 2, 256, 512, 40, {}),
-                 (2, 4, 2, 384, 256, 40, {"layout": "bsnd", "kv_lengths": [100, 256]}),
-                 (2, 2, 2, 256, 512, 80, {"key_mask": True, "layout": "bsnd"}),
-                 (1, 2, 2, 128, 256, 96, {"key_mask": "heads"}),
-                 (1, 4, 1, 512, 1024, 40, {"layout": "bsnd"})]
-        runs = [(jnp.bfloat16, 2e-2, c) for c in cases] + [(jnp.float16, 5e-3, cases[1])]
-    elif QUICK_SMALL[0]:  # one short device visit: the features that stress the kernel most
+    if QUICK_SMALL[0]:  # one short device visit: the features that stress the kernel most
         runs = [runs[0], runs[2], runs[3], runs[4], runs[-1]]
     runs = [(dt, tol, c, "auto") for dt, tol, c in runs]
     if SMALL_CONFIG[0]:
@@ -393,9 +385,6 @@ def main():
     p.add_argument("--triton-bwd", action="store_true",
                    help="also the Triton backward behind the Mosaic forward (checks and timings)")
     p.add_argument("--quick-small", action="store_true", help="5 small checks, not 9")
-    p.add_argument("--aligned-small", action="store_true",
-                   help="6 small checks whose lengths need no padding (head dims 40-96 in place)")
-    p.add_argument("--shapes", default="", help="bench: SHAPES indices, e.g. 4,5 (default all)")
     p.add_argument("--tune-first", action="store_true", help="bench with the tuned configs")
     p.add_argument("--budget", type=float, default=0, help="seconds; skip timings after it")
     p.add_argument("--tune-set", default="default", choices=sorted(TUNE_SETS))
@@ -404,9 +393,6 @@ def main():
                    help='JSON MosaicConfig fields for the small checks, e.g. {"overlap": true}')
     a = p.parse_args()
     QUICK_SMALL[0] = a.quick_small
-    ALIGNED_SMALL[0] = a.aligned_small
-    if a.shapes:
-        SHAPES[:] = [SHAPES[int(i)] for i in a.shapes.split(",")]
     FWD_ONLY[0] = a.fwd_only
     SMALL_CONFIG[0] = json.loads(a.small_config)
     TRITON_BWD[0] = a.triton_bwd

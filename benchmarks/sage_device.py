@@ -161,10 +161,8 @@ def _variants():
         "smem_fused": SageConfig(p_in_registers=False),
         "regs_plain": SageConfig(fused_softmax=False),
         "default_bk128": SageConfig(block_kv=128),
-        "bk256": SageConfig(block_kv=256),  # d = 128: half the barrier passes per key
-        "bk256_2level": SageConfig(block_kv=256, two_level_pv=True),
+        "bk256": SageConfig(block_kv=256),  # d = 128: half the barrier passes per key (slower)
         "free": SageConfig(pingpong=False),  # no turn-taking between the compute warpgroups
-        "free_bk256": SageConfig(pingpong=False, block_kv=256),
         "pv16_free": SageConfig(pv_bits=16, pingpong=False),
         "1level_stages3": SageConfig(two_level_pv=False, stages=3),
         # intra-warpgroup overlap (SageConfig.overlap: 128-key blocks unless given)

@@ -149,26 +149,10 @@ def quantize(q, k, v, *, layout: str, scale: float, q_rows: int, k_rows: int, dp
                      out_scale=out_scale, lse_shift=lse_shift, v_bsnd=v_bsnd)
 
 
-MEAN_BLOCK = 64  # tokens per first-stage sum of `smoothing_mean`
-
-
 def smoothing_mean(k, layout: str):
     """K's mean over tokens, float32 `(b, n_kv, d)`: what the smoothing subtracts (one
-    definition, so every pre-pass subtracts the same bits).
-
-    Summed in two stages (blocks of `MEAN_BLOCK` tokens, then the blocks) when the tokens
-    divide: XLA's one-pass reduction over a long token axis keeps few threads busy (H200:
-    24 us for a 2x4096x10x64 K that takes about 4 to read, a tenth of the `sage16` call). The
-    barrier keeps XLA from fusing the stages back into one."""
-    axis = 2 if layout == "bnsd" else 1
-    s = k.shape[axis]
-    kf = k.astype(jnp.float32)
-    if s % MEAN_BLOCK or s == MEAN_BLOCK:
-        return jnp.mean(kf, axis=axis)
-    blocks = kf.reshape(k.shape[:axis] + (s // MEAN_BLOCK, MEAN_BLOCK) + k.shape[axis + 1:])
-    partial = jax.lax.optimization_barrier(blocks.sum(axis=axis + 1))
-    return partial.sum(axis=axis) / s
-
+    definition, so every pre-pass subtracts the same bits)."""
+    return jnp.mean(k.astype(jnp.float32), axis=2 if layout == "bnsd" else 1)
 
 
 def quantize_v(v, *, layout: str, dp: int, skv_pad: int, v_key_perm: bool = False,

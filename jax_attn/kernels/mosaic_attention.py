@@ -29,8 +29,7 @@ the forward 48 with `MosaicConfig.narrow_head_dim`, the default there, on 32-byt
 zero columns change neither Q K^T nor the kept columns of P V); query rows are padded to a
 multiple of `compute_warpgroups * block_q` and keys to a multiple of `block_kv` (the key tail is
 masked through the key bias; padded query rows are sliced off). Shapes that are already aligned
-are not copied, and on the GPU neither is a head dim below the forward's (`_tma_fills_head_dim`:
-TMA fills the missing columns with zeros).
+are not copied.
 
 Backward (`backward="auto"`, the default: "mosaic" for head dims up to 128, else "triton"): two
 Mosaic GPU kernels of the forward's default CTA shape (two compute warpgroups of 64 rows, one
@@ -89,10 +88,9 @@ log = logging.getLogger(__name__)
 def _forward(st: MosaicCall, q, k, v, key_bias, kv_lengths):
     """key_bias: the caller's per-key mask as (b|1, n|1, skv) float32 0/-inf, or None."""
     s_axis = 2 if st.layout == "bnsd" else 1
-    dp = st.d if _tma_fills_head_dim(st, q.dtype) else st.fwd_dp
-    qp = pad_to(pad_to(q, 3, dp), s_axis, st.sq_pad)
-    kp = pad_to(pad_to(k, 3, dp), s_axis, st.skv_pad)
-    vp = pad_to(pad_to(v, 3, dp), s_axis, st.skv_pad)
+    qp = pad_to(pad_to(q, 3, st.fwd_dp), s_axis, st.sq_pad)
+    kp = pad_to(pad_to(k, 3, st.fwd_dp), s_axis, st.skv_pad)
+    vp = pad_to(pad_to(v, 3, st.fwd_dp), s_axis, st.skv_pad)
     kb = None
     if st.key_bias_dims is not None:
         kb = _kernel_key_bias(st, key_bias, kv_lengths, q.shape[0])
@@ -102,18 +100,6 @@ def _forward(st: MosaicCall, q, k, v, key_bias, kv_lengths):
     else:
         out = out[:, :st.sq, :, :st.d]
     return out, lse[:, :, :st.sq]
-
-
-def _tma_fills_head_dim(st: MosaicCall, dtype) -> bool:
-    """Whether the forward reads q, k, v with their own head dim (d < fwd_dp) instead of copies
-    padded to fwd_dp: TMA zero-fills the columns past d as it loads a tile and skips them as it
-    stores O, so the wrapper's three copies and the output's slice go (d = 40: about a fifth of
-    the call on an H200). Only when nothing else needs padding (then the copy is made anyway),
-    TMA's 16-byte row alignment holds (d * itemsize), and on the GPU (interpret mode indexes
-    the same way but does not fill)."""
-    aligned = st.sq == st.sq_pad and st.skv == st.skv_pad
-    return (not st.interpret and st.d < st.fwd_dp and aligned
-            and (st.d * jnp.dtype(dtype).itemsize) % 16 == 0)
 
 
 def _mosaic_backward(st, q, k, v, key_bias, kv_lengths, out, lse, do, dlse):

@@ -75,14 +75,8 @@ class _Fwd:
     registers: tuple[int, int] = (232, 40)  # per thread: compute, producer warpgroups
     wgs: int = 2  # compute warpgroups (MosaicConfig.compute_warpgroups)
 
-    def rows(self, ref, b, h, start, size):
-        """A (size, dp) tile of a 4-d q/k/v/o ref. Its head dim may be narrower than dp (the
-        wrapper's `_tma_fills_head_dim`): TMA then reads the missing columns as zeros and skips
-        them when it writes O."""
-        d = pl.ds(0, self.dp)
-        if self.bnsd:
-            return ref.at[b, h, pl.ds(start, size), d]
-        return ref.at[b, pl.ds(start, size), h, d]
+    def rows(self, ref, b, h, start, size):  # a (size, dp) tile of a 4-d q/k/v/o ref
+        return ref.at[b, h, pl.ds(start, size)] if self.bnsd else ref.at[b, pl.ds(start, size), h]
 
     def layout_cast(self, x, layout):
         return x if self.interp else plgpu.layout_cast(x, layout)

@@ -96,7 +96,8 @@ class SageConfig:
     # the tensor cores through the schedule barrier, one's softmax beside the other's matmuls.
     # False: they run free, so both softmaxes can run at once and hide each other's latencies
     # (8-bit matmuls take half the bf16 time, so the softmax, not the tensor cores, sets the
-    # pace: H200 profile, benchmarks/results/2026-11-30-h200-round6/).
+    # pace: H200 profile, benchmarks/results/2026-11-30-h200-round6/). Checked against the
+    # simulation in interpret mode; not yet timed on a GPU (`h200_round6.sh free`).
     pingpong: bool = True
 
     def resolved(self, dp: int) -> "SageConfig":
