@@ -164,6 +164,10 @@ def _variants():
         "bk256": SageConfig(block_kv=256),  # d = 128: half the barrier passes per key (slower)
         "free": SageConfig(pingpong=False),  # no turn-taking between the compute warpgroups
         "pv16_free": SageConfig(pv_bits=16, pingpong=False),
+        # one K scale per key block, folded into exp2's FMA (SageConfig.k_scale_per_tile)
+        "ktile": SageConfig(k_scale_per_tile=True),
+        "pv16_ktile": SageConfig(pv_bits=16, k_scale_per_tile=True),
+        "free_ktile": SageConfig(pingpong=False, k_scale_per_tile=True),
         "1level_stages3": SageConfig(two_level_pv=False, stages=3),
         # intra-warpgroup overlap (SageConfig.overlap: 128-key blocks unless given)
         "overlap": SageConfig(overlap=True),

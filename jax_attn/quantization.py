@@ -51,6 +51,13 @@ FP8_MAX = 448.0  # largest finite e4m3fn value
 P_SCALE = 448.0  # P in [0, 1] is cast to e4m3 as P * P_SCALE (see the module docstring)
 LOG2_P_SCALE = math.log2(P_SCALE)  # the fused softmax's exp2 bias: exp2(x + this) = P_SCALE 2^x
 LN_P_SCALE = math.log(P_SCALE)
+# The kernel's int32 -> float32 without a conversion instruction (those issue at a quarter of
+# the FMA rate on sm90, as often as exp2, once per logit): for |s| < 2**22, the bits of
+# `s + MAGIC_I` are the float32 `MAGIC_F + s` exactly (its ulp is 1 there), so subtracting
+# MAGIC_F leaves s, exactly. |Q8 K8^T| <= 127 * 127 * 128 < 2**21. The simulation follows it
+# where the offset changes a rounding (`simulate`'s k_tile_scale).
+MAGIC_I = 0x4B400000
+MAGIC_F = 12582912.0  # 1.5 * 2**23, the float32 whose bits are MAGIC_I
 
 
 def key_perm(x, axis):
@@ -206,14 +213,18 @@ def _softmax_block(s2, m_i, l_i, masked: bool):
 
 
 def simulate(qz: Quantized, kb=None, *, block_k: int, fused_softmax: bool = False,
-             v_key_perm: bool = False, segments=None):
+             v_key_perm: bool = False, segments=None, k_tile_scale: bool = False):
     """The kernel's arithmetic in jnp, block by block: `(out, lse)`, out float32
     `(b, n, sq_pad, dp)` before slicing, lse `(b, n, sq_pad)` natural log, shift not included.
     `kb`: `key_bias(...)` or None. `fused_softmax`: the kernel's `SageConfig.fused_softmax`
     arithmetic (`sage_forward._softmax_fused`), else the plain one. `v_key_perm`: qz's V^T is
     stored key-permuted (undone here: only the order of a float32 sum depends on it).
     `segments`: None or padded int32 `(q_ids (b, sq_pad), kv_ids (b, skv_pad))`: a key counts for
-    a row only where their ids are equal (as a dropped key otherwise)."""
+    a row only where their ids are equal (as a dropped key otherwise). `k_tile_scale` (with
+    `fused_softmax`): qz holds one K scale per `block_k` keys, and the arithmetic is the
+    kernel's `SageConfig.k_scale_per_tile` one (`sage_forward._softmax_tile_scale`)."""
+    if k_tile_scale and not fused_softmax:
+        raise ValueError("k_tile_scale is a variant of the fused softmax: pass fused_softmax=True")
     b, n, sq_pad, dp = qz.q8.shape
     n_kv, skv_pad = qz.k8.shape[1], qz.k8.shape[2]
     g = n // n_kv
@@ -240,7 +251,21 @@ def simulate(qz: Quantized, kb=None, *, block_k: int, fused_softmax: bool = Fals
         acc, m_i, l_i = carry
         sl = lambda x, ax: jax.lax.dynamic_slice_in_dim(x, j * block_k, block_k, ax)  # noqa: E731
         s = jnp.einsum("bnqd,bnkd->bnqk", q8, sl(k8, 2).astype(jnp.int32))
-        if fused_softmax:
+        if k_tile_scale:  # the exponent trick's offset kept: it sets the FMA's rounding
+            u = s.astype(jnp.float32) + MAGIC_F
+            if kb is not None:
+                u = u + sl(kb, 2)[:, :, None, :]
+            if segments is not None:
+                u = jnp.where(same(sl), u, -jnp.inf)
+            c = qz.q_scale * sl(ks, 2)[:, :, None, 0]  # the row's scale times the tile's
+            m_new = jnp.maximum(m_i, (u.max(axis=-1) - MAGIC_F) * c)
+            m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
+            bias = MAGIC_F * c + (m_use - LOG2_P_SCALE)
+            p = jnp.exp2(u * c[..., None] - bias[..., None])  # P * P_SCALE
+            alpha = jnp.exp2(m_i - m_use)
+            l_i = l_i * alpha + p.sum(axis=-1)
+            p8 = p_round(p).astype(jnp.float32)
+        elif fused_softmax:
             t = s.astype(jnp.float32) * sl(ks, 2)[:, :, None, :]
             if kb is not None:
                 t = t + sl(kb, 2)[:, :, None, :]
@@ -290,12 +315,18 @@ def finish(acc, m_i, l_i, out_scale, masked: bool, fused_softmax: bool = False):
 def sage_reference(q, k, v, *, scale=None, layout="bnsd", key_mask=None, kv_lengths=None,
                    block_q: int = 64, block_k: int = 128, q_rows: int = 1, k_rows: int = 1,
                    fused_softmax: bool = False, v_key_perm: bool = False, pv16: bool = False,
-                   q_segment_ids=None, kv_segment_ids=None):
+                   q_segment_ids=None, kv_segment_ids=None, k_tile_scale: bool = False):
     """The whole scheme simulated in jnp (no kernel): `(out, lse)`, out float32 in `layout`,
     lse `(b, n, sq)` float32. `key_mask`: bool `(b|1, n|1, skv)`, True = attend. `q_rows`,
     `k_rows`: rows per INT8 scale (1: per token, the default; `block_q`/`block_k`: per kernel
     block). `fused_softmax`, `v_key_perm`, `pv16` (P V in 16 bits: q's dtype, bfloat16 for
-    float32 inputs): as the kernel's SageConfig (`sim_flags`)."""
+    float32 inputs), `k_tile_scale` (one K scale per `block_k` keys: `k_rows` becomes
+    `block_k`): as the kernel's SageConfig (`sim_flags`)."""
+    if k_tile_scale:
+        if k_rows not in (1, block_k):
+            raise ValueError(f"k_tile_scale takes one K scale per block of {block_k} keys; "
+                             f"k_rows={k_rows} differs")
+        k_rows = block_k
     bnsd = (lambda x: x) if layout == "bnsd" else (lambda x: jnp.swapaxes(x, 1, 2))
     b, n, sq, d = bnsd(q).shape
     skv = bnsd(k).shape[2]
@@ -309,7 +340,7 @@ def sage_reference(q, k, v, *, scale=None, layout="bnsd", key_mask=None, kv_leng
     segments = None if q_segment_ids is None else padded_segments(
         q_segment_ids, kv_segment_ids, sq_pad, skv_pad)
     out, lse = simulate(qz, kb, block_k=block_k, fused_softmax=fused_softmax,
-                        v_key_perm=v_key_perm, segments=segments)
+                        v_key_perm=v_key_perm, segments=segments, k_tile_scale=k_tile_scale)
     return bnsd(out[:, :, :sq, :d]), lse[:, :, :sq] + qz.lse_shift
 
 

@@ -278,6 +278,51 @@ def test_kernel_segment_ids_with_masks_bsnd_pv16():
     assert np.isneginf(np.asarray(lse)[0, 0][q_ids[0] == 0]).all()
 
 
+# --- one K scale per key block (SageConfig.k_scale_per_tile): the scales fold into exp2's FMA.
+
+@pytest.mark.fast_every(2)
+@needs_mgpu
+@pytest.mark.parametrize("case", ["fp8-gqa", "pv16-masked-bsnd", "segments-overlap"])
+def test_kernel_k_scale_per_tile_vs_simulation(case):
+    cfg = dataclasses.replace(SMALL, k_scale_per_tile=True)
+    if case == "fp8-gqa":  # 4 key blocks through a 2-slot ring, padded query rows
+        _, lse = check_kernel(1, 2, 1, 100, 256, 64, config=cfg, seed=6)
+        assert np.all(np.isfinite(lse))
+    elif case == "pv16-masked-bsnd":  # dropped keys, an empty row, a ragged key tail, d = 40
+        rng = np.random.default_rng(8)
+        mask = rng.random((2, 1, 1, 150)) > 0.3
+        mask[1] = False
+        out, lse = check_kernel(2, 2, 2, 70, 150, 40, layout="bsnd", kv_lengths=[150, 90],
+                                key_mask=mask, config=dataclasses.replace(cfg, pv_bits=16), seed=7)
+        assert np.all(np.isneginf(np.asarray(lse)[1]))
+    else:  # packed prompts through the overlapped pipeline
+        ids = np.repeat(np.array([[0, 1, 2, 3]], np.int32), 50, axis=1)
+        check_kernel(1, 2, 1, 200, 200, 64, config=dataclasses.replace(cfg, overlap=True),
+                     segments=(ids, ids), seed=9)
+
+
+def test_k_scale_per_tile_keeps_sage16_accurate():
+    # What the coarser K scale costs (benchmarks/sage_scale_granularity.py): sage16 stays within
+    # the brief's target on standard-normal inputs.
+    q, k, v = family("normal", (1, 2, 512, 128), (1, 2, 512, 128))
+    ref = reference.attention(q, k, v)
+    args = [jnp.asarray(x, jnp.bfloat16) for x in (q, k, v)]
+    tile = Q.accuracy(Q.sage_reference(*args, pv16=True, fused_softmax=True, k_tile_scale=True)[0], ref)
+    token = Q.accuracy(Q.sage_reference(*args, pv16=True, fused_softmax=True)[0], ref)
+    assert tile["cos_min"] >= TARGET_COS and tile["rel_l1_max"] <= TARGET_L1, tile
+    assert token["rel_l1_max"] <= tile["rel_l1_max"] < 1.5 * token["rel_l1_max"], (token, tile)
+
+
+def test_k_scale_per_tile_validated():
+    with pytest.raises(ValueError, match="needs fused_softmax"):
+        SageConfig(k_scale_per_tile=True, fused_softmax=False).resolved(64)
+    with pytest.raises(ValueError, match="k_rows=64 differs"):
+        Q.sage_reference(*(jnp.ones((1, 1, 128, 64), jnp.bfloat16),) * 3, block_k=128, k_rows=64,
+                         fused_softmax=True, k_tile_scale=True)
+    with pytest.raises(ValueError, match="fused_softmax=True"):
+        Q.simulate(None, block_k=64, k_tile_scale=True)
+
+
 def test_pv_bits_validated():
     with pytest.raises(ValueError, match="pv_bits must be 8 or 16"):
         SageConfig(pv_bits=4).resolved(64)

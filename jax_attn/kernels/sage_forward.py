@@ -58,7 +58,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ..quantization import FP8, LN2, LN_P_SCALE, LOG2_P_SCALE, P_SCALE, key_perm
+from ..quantization import FP8, LN2, LN_P_SCALE, LOG2_P_SCALE, MAGIC_F, MAGIC_I, P_SCALE, key_perm
 from .mosaic_config import pl, plgpu
 from .mosaic_forward import _Turns  # the bf16 kernel's turn-taking, shared as is
 
@@ -99,11 +99,24 @@ class SageConfig:
     # pace: H200 profile, benchmarks/results/2026-11-30-h200-round6/). Checked against the
     # simulation in interpret mode; not yet timed on a GPU (`h200_round6.sh free`).
     pingpong: bool = True
+    # One K scale per key block (the pre-pass's k_rows = block_kv; `sage_attention` sets it)
+    # instead of one per key: the block's scale then multiplies the row's Q scale once per row,
+    # and the fused softmax needs neither the per-key multiply nor the exponent trick's
+    # subtraction, which fold into exp2's FMA: two instructions per logit fewer, where the
+    # profile puts the 8-bit kernel's pace (round-6 README). Costs some accuracy (`sage16`
+    # relative L1 0.0095 -> 0.0119 at d = 128 on normal inputs, simulation vs float64,
+    # benchmarks/sage_scale_granularity.py). Needs `fused_softmax`; the pre-pass then runs in
+    # jnp (the Pallas one scales per token). Checked against the simulation in interpret mode;
+    # not yet timed on a GPU.
+    k_scale_per_tile: bool = False
 
     def resolved(self, dp: int) -> "SageConfig":
         """With `block_kv` (when 0) and `two_level_pv` (when None) chosen for head dim `dp`."""
         if self.pv_bits not in (8, 16):
             raise ValueError(f"SageConfig.pv_bits must be 8 or 16, got {self.pv_bits}")
+        if self.k_scale_per_tile and not self.fused_softmax:
+            raise ValueError("SageConfig.k_scale_per_tile folds the K scale into the fused "
+                             "softmax's exp2 FMA: it needs fused_softmax=True")
         two_level = (dp <= 64 and self.pv_bits == 8) if self.two_level_pv is None \
             else self.two_level_pv
         return dataclasses.replace(
@@ -114,12 +127,6 @@ class SageConfig:
 OLD_CONFIG = SageConfig(block_kv=128, two_level_pv=True, p_in_registers=False,
                         fused_softmax=False)  # the kernel as first measured (2026-11-30)
 
-# int32 -> float32 without a conversion instruction (those issue at a quarter of the FMA rate
-# on sm90, as often as exp2, once per logit): for |s| < 2**22, the bits of `s + MAGIC_I` are
-# the float32 `MAGIC_F + s` exactly (its ulp is 1 there), so subtracting MAGIC_F leaves s,
-# exactly. |Q8 K8^T| <= 127 * 127 * 128 < 2**21.
-MAGIC_I = 0x4B400000
-MAGIC_F = 12582912.0  # 1.5 * 2**23, the float32 whose bits are MAGIC_I
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,6 +150,7 @@ class _Fwd:
     has_seg: bool = False  # segment ids: a key counts for a row only where their ids are equal
     v_bsnd: bool = False  # the 16-bit P V's V in the caller's (b, s, n, d) order
     pingpong: bool = True  # SageConfig.pingpong
+    tile_ks: bool = False  # SageConfig.k_scale_per_tile: one K scale per slot, a scalar
 
     @property
     def p8(self) -> bool:
@@ -322,6 +330,8 @@ def _softmax_fused(fw: _Fwd, s, ks, kbias, qs, m_i, l_i, seg=None):
     P * P_SCALE; the epilogue divides by l / P_SCALE. `quantization.simulate` mirrors this.
     """
     bq, bk = fw.bq, fw.bk
+    if fw.tile_ks:
+        return _softmax_tile_scale(fw, s, ks, kbias, qs, m_i, l_i, seg)
     sf = lax.bitcast_convert_type(s + jnp.int32(MAGIC_I), jnp.float32) - MAGIC_F
     t = sf * lax.broadcast_in_dim(ks, (bq, bk), [1])
     if fw.has_kb:
@@ -332,6 +342,29 @@ def _softmax_fused(fw: _Fwd, s, ks, kbias, qs, m_i, l_i, seg=None):
     m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new) if fw.masked else m_new  # no -inf - -inf
     bias = m_use - LOG2_P_SCALE
     p = jnp.exp2(t * lax.broadcast_in_dim(qs, (bq, bk), [0])
+                 - lax.broadcast_in_dim(bias, (bq, bk), [0]))
+    alpha = jnp.exp2(m_i - m_use)
+    return p, alpha, l_i * alpha + p.sum(axis=1), m_new
+
+
+def _softmax_tile_scale(fw: _Fwd, s, ks, kbias, qs, m_i, l_i, seg=None):
+    """`_softmax_fused` with one K scale for the whole tile (`ks` a scalar): per logit the
+    exponent trick's bits u = MAGIC_F + s (an integer add), the row max of u, and one FMA into
+    exp2: u * c - (MAGIC_F * c + m - log2 P_SCALE), c = qs * ks per row, whose exact product
+    leaves s * c - (m - log2 P_SCALE) but for the rounding of the row's constant (about 1e-5 in
+    log2 units at logits of 30). Masked logits are -inf in u. `quantization.simulate` mirrors
+    this (its `k_tile_scale`)."""
+    bq, bk = fw.bq, fw.bk
+    u = lax.bitcast_convert_type(s + jnp.int32(MAGIC_I), jnp.float32)  # MAGIC_F + s, exactly
+    if fw.has_kb:
+        u = u + lax.broadcast_in_dim(kbias, (bq, bk), [1])
+    if seg is not None:
+        u = jnp.where(seg, u, -jnp.inf)
+    c = qs * ks  # the row's logit scale for this tile (qs, ks >= 0)
+    m_new = jnp.maximum(m_i, (u.max(axis=1) - MAGIC_F) * c)
+    m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new) if fw.masked else m_new
+    bias = MAGIC_F * c + (m_use - LOG2_P_SCALE)
+    p = jnp.exp2(u * lax.broadcast_in_dim(c, (bq, bk), [0])
                  - lax.broadcast_in_dim(bias, (bq, bk), [0]))
     alpha = jnp.exp2(m_i - m_use)
     return p, alpha, l_i * alpha + p.sum(axis=1), m_new
@@ -395,8 +428,9 @@ def _scores(fw: _Fwd, r: _Refs, wg, slot):
 
 def _key_vectors(fw: _Fwd, r: _Refs, slot):
     """The key scales and key bias (None without one) of the K tile in `slot`: TMA'd per slot
-    beside K, so read before the slot is released with K."""
-    ks = fw.load_vec(r.ks_smem.at[slot], 0)
+    beside K, so read before the slot is released with K. With `tile_ks` the scale is the
+    slot's one value (every key of the tile holds it), a scalar."""
+    ks = r.ks_smem.at[slot][0] if fw.tile_ks else fw.load_vec(r.ks_smem.at[slot], 0)
     if fw.has_seg:  # the slot's key ids (TMA'd on K's barrier) travel with its scales
         ks = (ks, fw.load_vec(r.kid_smem.at[slot], 0))
     kbias = None
@@ -684,7 +718,7 @@ def sage_call(cfg: SageConfig, qz, kb, *, out_dtype, out_layout: str, groups: in
               key_bias_dims=key_bias_dims, two_level=cfg.two_level_pv,
               p_regs=cfg.p_in_registers, fused=cfg.fused_softmax, overlap=cfg.overlap,
               p_dtype=qz.vt8.dtype, has_seg=segments is not None, v_bsnd=qz.v_bsnd,
-              pingpong=cfg.pingpong)
+              pingpong=cfg.pingpong, tile_ks=cfg.k_scale_per_tile)
     if (qz.vt8.dtype == FP8) != (cfg.pv_bits == 8):
         raise ValueError(f"SageConfig.pv_bits={cfg.pv_bits} but the pre-pass stored V as "
                          f"{qz.vt8.dtype}")
