@@ -28,16 +28,17 @@ def _inputs(layout, b, n, n_kv, sq, skv, d, seed):
     return (jnp.asarray(x, jnp.bfloat16) for x in (q, k, v))
 
 
+@pytest.mark.parametrize("k_rows", [1, 128])  # per key; per key block (k_scale_per_tile)
 @pytest.mark.parametrize("layout,dims,pv16", CASES)
-def test_prepass_kernel_matches_the_scheme(layout, dims, pv16):
+def test_prepass_kernel_matches_the_scheme(layout, dims, pv16, k_rows):
     b, n, n_kv, sq, skv, d = dims
     q, k, v = _inputs(layout, *dims, seed=sq + skv)
     dp = 64 if d <= 64 else 128
     kw = dict(layout=layout, scale=0.17, dp=dp, sq_pad=-(-sq // 128) * 128,
               skv_pad=-(-skv // 128) * 128, v_key_perm=not pv16,
               pv_dtype=jnp.bfloat16 if pv16 else None)
-    want = Q.quantize(q, k, v, q_rows=1, k_rows=1, **kw)
-    got = P.quantize(q, k, v, interpret=True, **kw)
+    want = Q.quantize(q, k, v, q_rows=1, k_rows=k_rows, **kw)
+    got = P.quantize(q, k, v, interpret=True, k_rows=k_rows, **kw)
     for name in ("q8", "q_scale", "k8", "k_scale", "vt8", "out_scale"):
         w, g = getattr(want, name), getattr(got, name)
         assert g.shape == w.shape and g.dtype == w.dtype, name

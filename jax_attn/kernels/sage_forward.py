@@ -105,9 +105,8 @@ class SageConfig:
     # subtraction, which fold into exp2's FMA: two instructions per logit fewer, where the
     # profile puts the 8-bit kernel's pace (round-6 README). Costs some accuracy (`sage16`
     # relative L1 0.0095 -> 0.0119 at d = 128 on normal inputs, simulation vs float64,
-    # benchmarks/sage_scale_granularity.py). Needs `fused_softmax`; the pre-pass then runs in
-    # jnp (the Pallas one scales per token). Checked against the simulation in interpret mode;
-    # not yet timed on a GPU.
+    # benchmarks/sage_scale_granularity.py). Needs `fused_softmax`. Checked against the
+    # simulation in interpret mode; not yet timed on a GPU.
     k_scale_per_tile: bool = False
 
     def resolved(self, dp: int) -> "SageConfig":

@@ -15,7 +15,8 @@ plain copy of Q in the same harness at 16k tokens (0.089 vs 0.082 ms); below tha
 isolated timing, the copy's included, is bound by dispatching the call (~0.05 ms), so inside the
 attention call the pre-pass costs less than its isolated timing says.
 
-`quantize` returns the same `Quantized` as `quantization.quantize` (per-token scales only): the
+`quantize` returns the same `Quantized` as `quantization.quantize` (per-token Q scales; K's per
+token or per block): the
 INT8 values and scales bit for bit in interpret mode (the same float32 operations on the same
 smoothing mean; rounding half to even built from floor, which the Triton lowering lacks as an
 op), the lse shift up to float32 summation order. Compiled by Triton, a float32 division may
@@ -52,7 +53,8 @@ def _round_half_even(x):
 
 
 def _rows_kernel(x_ref, mean_ref, x8_ref, scale_ref, *shift_ref, n_rows: int, d: int,
-                 row_factor: float, shift_factor: float | None, subtract_mean: bool):
+                 row_factor: float, shift_factor: float | None, subtract_mean: bool,
+                 block_scale: bool):
     block_rows, dp = x8_ref.shape
     rows = pl.program_id(2) * block_rows + jnp.arange(block_rows)
     row_ok = rows < n_rows
@@ -63,6 +65,8 @@ def _rows_kernel(x_ref, mean_ref, x8_ref, scale_ref, *shift_ref, n_rows: int, d:
     if subtract_mean:  # K smoothed; padded rows and columns stay zero (padding follows the mean)
         x = jnp.where(ok, x - mean[None, :], 0.0)
     amax = jnp.max(jnp.abs(x), axis=1)
+    if block_scale:  # one scale for the program's rows (`quantization._int8_blocks`)
+        amax = jnp.full_like(amax, jnp.max(amax))
     scale = jnp.where(amax > 0, amax / Q.INT8_MAX, 1.0)
     x8 = jnp.clip(_round_half_even(x / scale[:, None]), -Q.INT8_MAX, Q.INT8_MAX)
     plgpu.store(x8_ref, x8.astype(jnp.int8))
@@ -74,8 +78,10 @@ def _rows_kernel(x_ref, mean_ref, x8_ref, scale_ref, *shift_ref, n_rows: int, d:
 def quantize_rows(x, mean, *, layout: str, rows_pad: int, dp: int, groups: int,
                   row_factor: float = 1.0, shift_factor: float | None = None,
                   subtract_mean: bool = False, interpret: bool = False,
-                  block_rows: int = BLOCK_ROWS, num_warps: int = NUM_WARPS):
-    """INT8 rows of `x` (caller's layout, bf16/f16/f32) with one scale per row.
+                  block_rows: int = BLOCK_ROWS, num_warps: int = NUM_WARPS,
+                  block_scale: bool = False):
+    """INT8 rows of `x` (caller's layout, bf16/f16/f32) with one scale per row (with
+    `block_scale`, one per `block_rows` rows, which every row of the block carries).
 
     Returns `(x8 (b, h, rows_pad, dp) int8, scale (b, h, rows_pad) f32 * row_factor)`, and with
     `shift_factor` a third `(b, h, rows_pad)` f32, `shift_factor * x . mean` per row. `mean`
@@ -100,7 +106,7 @@ def quantize_rows(x, mean, *, layout: str, rows_pad: int, dp: int, groups: int,
         out_specs.append(row_spec)
     kernel = functools.partial(_rows_kernel, n_rows=s, d=d, row_factor=float(row_factor),
                                shift_factor=None if shift_factor is None else float(shift_factor),
-                               subtract_mean=subtract_mean)
+                               subtract_mean=subtract_mean, block_scale=block_scale)
     return pl.pallas_call(
         kernel, grid=(b, h, rows_pad // block_rows), in_specs=[x_spec, mean_spec],
         out_specs=out_specs, out_shape=out_shape, interpret=interpret,
@@ -109,15 +115,18 @@ def quantize_rows(x, mean, *, layout: str, rows_pad: int, dp: int, groups: int,
 
 
 def quantize(q, k, v, *, layout: str, scale: float, dp: int, sq_pad: int, skv_pad: int,
-             v_key_perm: bool = False, pv_dtype=None, interpret: bool = False) -> Q.Quantized:
-    """`quantization.quantize` with per-token scales (`q_rows = k_rows = 1`), Q and K through
-    `quantize_rows` (see the module docstring for what is equal)."""
+             v_key_perm: bool = False, pv_dtype=None, interpret: bool = False,
+             k_rows: int = 1) -> Q.Quantized:
+    """`quantization.quantize` with per-token Q scales (`q_rows = 1`) and one K scale per
+    `k_rows` keys (1, or a power of two: per key block, `SageConfig.k_scale_per_tile`), Q and K
+    through `quantize_rows` (see the module docstring for what is equal)."""
     seq = 2 if layout == "bnsd" else 1
     n = q.shape[1] if layout == "bnsd" else q.shape[2]
     n_kv = k.shape[1] if layout == "bnsd" else k.shape[2]
     mean = Q.smoothing_mean(k, layout)  # (b, n_kv, d)
+    k_block = dict(block_rows=k_rows, block_scale=True) if k_rows > 1 else {}
     k8, k_scale = quantize_rows(k, mean, layout=layout, rows_pad=skv_pad, dp=dp, groups=1,
-                                subtract_mean=True, interpret=interpret)
+                                subtract_mean=True, interpret=interpret, **k_block)
     q8, q_scale, lse_shift = quantize_rows(
         q, mean, layout=layout, rows_pad=sq_pad, dp=dp, groups=n // n_kv,
         row_factor=scale * Q.LOG2E, shift_factor=scale, interpret=interpret)
