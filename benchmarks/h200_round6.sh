@@ -22,7 +22,8 @@
 # free         the 8-bit kernels without turn-taking (SageConfig.pingpong=False), with 256-key
 #              blocks, against the defaults (4608 d = 128, 4096 d = 64; checked, then timed).
 #              Only default and bk256 ran before the budget ended; the next visit runs the rest
-#              and the per-tile K scales (`ktile`, SageConfig.k_scale_per_tile), given time:
+#              and the per-tile K scales (`ktile`, SageConfig.k_scale_per_tile), and times the
+#              Pallas FP8 V pass (`prepass_pallas_v`) beside XLA's, 16k tokens last:
 #              `bash benchmarks/h200_round6.sh free` alone.
 # bwd4608      Nsight sections of our backward kernels and cuDNN's, 1x24x4608x128.
 set -u
@@ -75,9 +76,9 @@ if has variants; then
 fi
 if has free; then
   mkdir -p "$OUT/free"
-  timeout 500 python3 benchmarks/sage_device.py --variants \
+  timeout 540 python3 benchmarks/sage_device.py --variants \
     --only default,free,ktile,free_ktile,pv16,pv16_free,pv16_ktile \
-    --shapes 1,2 --budget 460 --out "$OUT/free" > "$OUT/free/stdout.txt" 2>&1
+    --shapes 1,2,0 --budget 500 --out "$OUT/free" > "$OUT/free/stdout.txt" 2>&1
   rm -f "$OUT/free/log.txt"
   grep -E " ms|MISMATCH|ERROR" "$OUT/free/stdout.txt" | grep -v prepass | cut -c1-160
   pack

@@ -221,6 +221,9 @@ def variants(results, log, t0, budget, only=None, shapes=None):
             for suffix, v_kw in (("", dict(v_key_perm=True)), ("16", dict(pv_dtype=jnp.bfloat16))):
                 extra[name.replace("prepass", "prepass" + suffix)] = jax.jit(
                     functools.partial(quantize, **shape_kw, **v_kw))
+        # FP8 V through the Pallas V pass too (sage_prepass.quantize_v), against XLA's transpose
+        extra["prepass_pallas_v"] = jax.jit(functools.partial(
+            P.quantize, **shape_kw, v_key_perm=True, v_pallas=True))
         for name, fn in extra.items():
             try:
                 ms = time_ms(fn, q, k, v, reps=20)
@@ -304,7 +307,7 @@ def segments(results, log, s=2048, n=4, interpret=False):
                 log(f"segments {key}: ERROR\n{traceback.format_exc()[-3000:]}")
 
 
-EXTRAS = ("prepass", "prepass16", "prepass_pallas", "prepass16_pallas", "cudnn")
+EXTRAS = ("prepass", "prepass16", "prepass_pallas", "prepass16_pallas", "prepass_pallas_v", "cudnn")
 
 
 def variants_table(results, log):
@@ -314,7 +317,7 @@ def variants_table(results, log):
         ms = {n: row.get(n, {}).get("ms") or float("nan") for n in EXTRAS}
         cud = row.get("cudnn", {}).get("ms")
         log(f"{key:22s} pre-pass ms: FP8 P V {ms['prepass']:.3f} (jnp), {ms['prepass_pallas']:.3f} "
-            f"(Pallas); 16-bit P V {ms['prepass16']:.3f} (jnp), {ms['prepass16_pallas']:.3f} "
+            f"(Pallas), {ms['prepass_pallas_v']:.3f} (Pallas, V too); 16-bit P V {ms['prepass16']:.3f} (jnp), {ms['prepass16_pallas']:.3f} "
             f"(Pallas); cudnn {ms['cudnn']:.3f} ms")
         pre8 = row.get("prepass_pallas", {}).get("ms")  # what sage_attention runs
         pre16 = row.get("prepass16_pallas", {}).get("ms")

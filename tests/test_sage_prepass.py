@@ -66,3 +66,23 @@ def test_block_contract_is_checked():
         P.quantize_rows(x, mean, layout="bnsd", rows_pad=100, dp=64, groups=1, interpret=True)
     with pytest.raises(ValueError, match="powers of two"):
         P.quantize_rows(x, mean, layout="bnsd", rows_pad=64, dp=96, groups=1, interpret=True)
+
+
+@pytest.mark.parametrize("layout,dims,perm", [
+    ("bnsd", (1, 4, 2, 100, 130, 40), True),   # padded keys and head dim
+    ("bsnd", (2, 2, 2, 64, 256, 128), True),
+    ("bsnd", (1, 4, 1, 70, 64, 64), False),
+])
+def test_v_pass_matches_the_scheme(layout, dims, perm):
+    # The FP8 V pass (scale per channel, e4m3, transposed, key-permuted) against the jnp one.
+    b, n, n_kv, sq, skv, d = dims
+    _, _, v = _inputs(layout, *dims, seed=skv)
+    dp = 64 if d <= 64 else 128
+    kw = dict(layout=layout, dp=dp, skv_pad=-(-skv // 128) * 128, v_key_perm=perm)
+    want = Q.quantize_v(v, **kw)
+    got = P.quantize_v(v, interpret=True, **kw)
+    for name, w, g in zip(("vt8", "out_scale"), want[:2], got[:2]):
+        assert g.shape == w.shape and g.dtype == w.dtype, name
+        np.testing.assert_array_equal(np.asarray(g.astype(jnp.float32)),
+                                      np.asarray(w.astype(jnp.float32)), err_msg=name)
+    assert got[2] is False and np.abs(np.asarray(got[0].astype(jnp.float32))).max() == Q.FP8_MAX

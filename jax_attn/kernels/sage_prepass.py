@@ -8,7 +8,10 @@ and writes the INT8 rows and their scales in the kernel's padded (b, n, s, dp) o
 subtracts the smoothing mean first, for Q it also writes the lse shift (`scale * q . mean`).
 The K mean itself stays a jnp reduction (one read of K), and V stays `quantization.quantize_v`'s
 jnp (FP8: per-channel scales over all tokens, cast and transposed; 16-bit P V: untouched unless
-it must be cast or padded).
+it must be cast or padded), unless `quantize(v_pallas=True)`: then the FP8 V's cast and
+transpose is `quantize_v` here, one Pallas pass (XLA's transpose fusion reads V at 0.45 TB/s at
+16k tokens; ours is bit for bit the jnp one in interpret mode but not yet timed on a GPU, hence
+not the default).
 
 Measured (H200, `benchmarks/sage_prepass_tune.py`): on Q alone the kernel runs at the speed of a
 plain copy of Q in the same harness at 16k tokens (0.089 vs 0.082 ms); below that every
@@ -33,6 +36,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from .. import quantization as Q
+from ..arrays import pad_to
 
 # Rows per program and warps: the fastest of sage_prepass_tune.py's sweep at 16k (d = 128) and
 # 4096 (d = 64) tokens, H200 2026-11-30 (results/2026-11-30-h200-round5/prepass_tune); smaller
@@ -114,12 +118,59 @@ def quantize_rows(x, mean, *, layout: str, rows_pad: int, dp: int, groups: int,
         name="sage_quantize_rows")(x, mean)
 
 
+V_BLOCK = 64  # keys per program of `quantize_v` (a multiple of key_perm's 16)
+
+
+def _v_kernel(v_ref, scale_ref, vt_ref, *, n_keys: int, d: int, key_perm: bool):
+    dp, bk = vt_ref.shape
+    keys = pl.program_id(2) * bk + jnp.arange(bk)
+    col_ok = jnp.arange(dp) < d
+    ok = (keys < n_keys)[:, None] & col_ok[None, :]
+    x = plgpu.load(v_ref, mask=ok, other=0.0).astype(jnp.float32)  # (bk, dp); padding zeros
+    v_scale = plgpu.load(scale_ref, mask=col_ok, other=1.0)
+    x8 = jnp.clip(x / v_scale[None, :], -Q.FP8_MAX, Q.FP8_MAX).astype(Q.FP8)
+    if key_perm:  # `quantization.key_perm` within each 16 keys: swap the middle digits (2, 4)
+        x8 = x8.reshape(bk // 16, 2, 4, 2, dp).transpose(0, 2, 1, 3, 4).reshape(bk, dp)
+    plgpu.store(vt_ref, x8.T)
+
+
+def quantize_v(v, *, layout: str, dp: int, skv_pad: int, v_key_perm: bool = False,
+               interpret: bool = False, block_keys: int = V_BLOCK, num_warps: int = 4):
+    """`quantization.quantize_v` for the FP8 P V as one Pallas pass after the per-channel amax
+    (a jnp reduction): each program reads `block_keys` rows of V in the caller's layout, scales,
+    casts to e4m3 and writes them transposed (and key-permuted) into V^T, the (b, n_kv, dp,
+    skv_pad) tile the kernel reads. XLA's transpose fusion for this read V at 0.45 TB/s at 16k
+    tokens on an H200 (round 6); not yet timed on a GPU itself."""
+    if skv_pad % block_keys or block_keys % 16:
+        raise ValueError(f"skv_pad ({skv_pad}) must be a multiple of block_keys ({block_keys}), "
+                         "itself a multiple of 16")
+    bnsd = layout == "bnsd"
+    b, n_kv, s, d = v.shape if bnsd else (v.shape[0], v.shape[2], v.shape[1], v.shape[3])
+    vf = v.astype(jnp.float32)
+    vamax = jnp.max(jnp.abs(vf), axis=2 if bnsd else 1)  # (b, n_kv, d), as the jnp pre-pass
+    v_scale = jnp.where(vamax > 0, vamax / Q.FP8_MAX, 1.0)
+    if bnsd:
+        v_spec = pl.BlockSpec((_SQ, _SQ, block_keys, dp), lambda b_, h_, i: (b_, h_, i, 0))
+    else:
+        v_spec = pl.BlockSpec((_SQ, block_keys, _SQ, dp), lambda b_, h_, i: (b_, i, h_, 0))
+    kernel = functools.partial(_v_kernel, n_keys=s, d=d, key_perm=v_key_perm)
+    vt8 = pl.pallas_call(
+        kernel, grid=(b, n_kv, skv_pad // block_keys),
+        in_specs=[v_spec, pl.BlockSpec((_SQ, _SQ, dp), lambda b_, h_, i: (b_, h_, 0))],
+        out_specs=pl.BlockSpec((_SQ, _SQ, dp, block_keys), lambda b_, h_, i: (b_, h_, 0, i)),
+        out_shape=jax.ShapeDtypeStruct((b, n_kv, dp, skv_pad), Q.FP8), interpret=interpret,
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
+        name="sage_quantize_v")(v, v_scale)
+    return vt8, pad_to(v_scale / Q.P_SCALE, 2, dp), False
+
+
 def quantize(q, k, v, *, layout: str, scale: float, dp: int, sq_pad: int, skv_pad: int,
              v_key_perm: bool = False, pv_dtype=None, interpret: bool = False,
-             k_rows: int = 1) -> Q.Quantized:
+             k_rows: int = 1, v_pallas: bool = False) -> Q.Quantized:
     """`quantization.quantize` with per-token Q scales (`q_rows = 1`) and one K scale per
     `k_rows` keys (1, or a power of two: per key block, `SageConfig.k_scale_per_tile`), Q and K
-    through `quantize_rows` (see the module docstring for what is equal)."""
+    through `quantize_rows` (see the module docstring for what is equal). `v_pallas`: the FP8
+    V through `quantize_v` (this module's) instead of `quantization.quantize_v`."""
     seq = 2 if layout == "bnsd" else 1
     n = q.shape[1] if layout == "bnsd" else q.shape[2]
     n_kv = k.shape[1] if layout == "bnsd" else k.shape[2]
@@ -130,8 +181,12 @@ def quantize(q, k, v, *, layout: str, scale: float, dp: int, sq_pad: int, skv_pa
     q8, q_scale, lse_shift = quantize_rows(
         q, mean, layout=layout, rows_pad=sq_pad, dp=dp, groups=n // n_kv,
         row_factor=scale * Q.LOG2E, shift_factor=scale, interpret=interpret)
-    vt8, out_scale, v_bsnd = Q.quantize_v(v, layout=layout, dp=dp, skv_pad=skv_pad,
-                                          v_key_perm=v_key_perm, pv_dtype=pv_dtype)
+    if v_pallas and pv_dtype is None:
+        vt8, out_scale, v_bsnd = quantize_v(v, layout=layout, dp=dp, skv_pad=skv_pad,
+                                            v_key_perm=v_key_perm, interpret=interpret)
+    else:
+        vt8, out_scale, v_bsnd = Q.quantize_v(v, layout=layout, dp=dp, skv_pad=skv_pad,
+                                              v_key_perm=v_key_perm, pv_dtype=pv_dtype)
     return Q.Quantized(q8=q8, q_scale=q_scale, k8=k8, k_scale=k_scale, vt8=vt8,
                        out_scale=out_scale, lse_shift=lse_shift[:, :, :q.shape[seq]],
                        v_bsnd=v_bsnd)
