@@ -27,7 +27,9 @@ def attention_forward(q, k, v, *, attn_mask=None, scale=None, is_causal=False, k
       kv_lengths: integer `(b,)`; keys at positions `>= kv_lengths[i]` are padding (values above
         skv mean all keys). `key_value_seq_lengths` is the same, under jax.nn's name.
       layout: "bnsd" or "bsnd", for q, k, v and the output.
-      backend: a backend name, a comma-separated preference list, or "auto" (see `use_backend`).
+      backend: a backend name, a comma-separated preference list, "auto", or "auto+8bit" (auto
+        that may take a lossy 8-bit backend where `tune --lossy` measured it faster; see
+        `use_backend`).
       return_lse: also return the log-sum-exp of the masked logits, `(b, n, sq)` float32.
       bias, mask: jax.nn's names: a float additive bias and a bool mask, both broadcastable to
         `(b, n, sq, skv)`; any of attn_mask, bias and mask may be given together (keys are kept

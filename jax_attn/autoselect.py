@@ -6,7 +6,10 @@ kind, read through `jax_attn.data` (the per-user cache first; an unmeasured GPU 
 generation's table, with a logged note). A table maps a bucket (platform/GPU generation, dtype,
 head-dim bucket, sequence bucket) to backends ordered fastest first, once for training
 (`preferences`: measured forward+backward) and once for calls that nothing differentiates
-(`preferences_forward`: measured forward; missing = the training order).
+(`preferences_forward`: measured forward; missing = the training order), and, where `jax-attn
+tune --lossy` measured lossy backends (8-bit) that passed the float64 gate, once for calls
+nothing differentiates with those among them (`preferences_forward_lossy`: what the opt-in
+`backend="auto+8bit"` reads; missing = the forward order, no lossy backend).
 Buckets it does not cover use the rules below. Backends that cannot serve are skipped by the
 router, so a preference only orders; it never forces.
 """
@@ -63,7 +66,8 @@ def bucket(spec: Spec) -> str:
 
 
 # Mode -> the routing-table key holding its orders.
-TABLE_KEYS = {"train": "preferences", "forward": "preferences_forward"}
+TABLE_KEYS = {"train": "preferences", "forward": "preferences_forward",
+              "lossy": "preferences_forward_lossy"}
 
 
 def orders(doc: dict, mode: str) -> dict:
@@ -71,6 +75,8 @@ def orders(doc: dict, mode: str) -> dict:
     order uses its training one."""
     if mode not in TABLE_KEYS:
         raise ValueError(f"mode must be one of {tuple(TABLE_KEYS)}, got {mode!r}")
+    if mode == "lossy":  # measured with lossy backends, or nothing: no fallback order
+        return doc.get(TABLE_KEYS[mode], {})
     train = doc.get(TABLE_KEYS["train"], {})
     return train if mode == "train" else {**train, **doc.get(TABLE_KEYS[mode], {})}
 
@@ -90,21 +96,32 @@ def table(mode: str = "train") -> dict:
     return orders(routing_table(), mode)
 
 
+def lossy_measured(spec: Spec) -> bool:
+    """Whether this machine's routing data ranks lossy backends for `spec`'s bucket."""
+    return bool(table("lossy").get(bucket(spec)))
+
+
 def preference(spec: Spec, mode: str = "train") -> list[str]:
     """Backends to try, best first, for `spec` on this machine; `mode` "train" when the call is
-    differentiated, "forward" when nothing differentiates it. Measured orders first; backends
+    differentiated, "forward" when nothing differentiates it, "lossy" for the same with the
+    lossy backends the data ranked (`auto+8bit`; the forward order where none were measured,
+    and never a lossy backend the data did not rank). Measured orders first; backends
     that hold the whole score matrix (`quadratic_memory`) go last when it would exceed
     `SCORE_BYTES_BUDGET`; with segment ids, backends that skip other segments' tiles go first."""
     from .backends import BACKENDS  # late: the registry imports the kernels
+    if mode == "lossy" and (spec.has_segment_ids or not lossy_measured(spec)):
+        # unmeasured here, or packed (measured unpacked; the 8-bit kernels skip no tiles)
+        return preference(spec, "forward")
     measured = table(mode).get(bucket(spec))
     if measured:
-        order = list(measured)
+        order = [n for n in measured if n in BACKENDS]
     elif platform() == "gpu":
         order = ["cudnn", "pallas", "xla", "chunked"]
     else:
         order = ["xla", "chunked"]
     ranked = set(order)  # measured (or the default order); the rest is appended unmeasured
-    order += [n for n in BACKENDS if n not in order]
+    # (lossy ones only where ranked: `auto+8bit` may take what this order holds)
+    order += [n for n in BACKENDS if n not in order and not BACKENDS[n].lossy]
     if spec.batch * spec.heads * spec.q_len * spec.kv_len * 4 > SCORE_BYTES_BUDGET:
         order = ([n for n in order if not BACKENDS[n].quadratic_memory]
                  + [n for n in order if BACKENDS[n].quadratic_memory])

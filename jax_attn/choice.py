@@ -1,7 +1,7 @@
 """Choosing a backend from a registry, the same way in every framework: one `Router` per package.
 
 This module imports no array framework. A choice is one name, a comma-separated preference list
-(or a list of names), or "auto"; it comes from, first match wins, the call's `backend=` argument,
+(or a list of names), "auto", or "auto+8bit" (`AUTO_LOSSY`); it comes from, first match wins, the call's `backend=` argument,
 the innermost `use_backend(...)` block (a context variable: threads and nested blocks do not leak
 into each other), the package's environment variable, or automatic selection. A registry maps
 names to backends; a backend says why it cannot serve a call as a list of reasons (empty = can)
@@ -23,6 +23,14 @@ class BackendError(ValueError):
     """No backend in the requested choice can serve the inputs; the message lists every reason."""
 
 
+# Automatic selection that may also take lossy backends (8-bit attention) for calls nothing
+# differentiates, where the routing data measured one faster than every exact backend and it
+# passed the float64 gate at the inputs' dtype tolerance; everything else routes as "auto". A
+# framework without such data (no `lossy_preference`) routes it exactly as "auto".
+AUTO_LOSSY = "auto+8bit"
+AUTOMATIC = ("auto", AUTO_LOSSY)
+
+
 def parse_choice(choice, source: str, known: Iterable[str]) -> tuple[str, ...]:
     """Normalize a choice to a tuple of names, ("auto",) for automatic; names not in `known` raise.
 
@@ -39,13 +47,15 @@ def parse_choice(choice, source: str, known: Iterable[str]) -> tuple[str, ...]:
         raise TypeError(f"{source} must be a backend name, a comma-separated list or 'auto', "
                         f"got {type(choice).__name__}")
     if not names:
-        raise ValueError(f"{source} names no backend; known: {', '.join(known)} or 'auto'")
-    unknown = [x for x in names if x != "auto" and x not in known]
+        raise ValueError(f"{source} names no backend; known: {', '.join(known)}, 'auto' or "
+                         f"{AUTO_LOSSY!r}")
+    unknown = [x for x in names if x not in AUTOMATIC and x not in known]
     if unknown:
         raise ValueError(f"{source}: unknown backend {', '.join(map(repr, unknown))}; "
-                         f"known: {', '.join(known)} or 'auto'")
-    if "auto" in names and len(names) > 1:
-        raise ValueError(f"{source}: 'auto' cannot be combined with other names, got {choice!r}")
+                         f"known: {', '.join(known)}, 'auto' or {AUTO_LOSSY!r}")
+    auto = [x for x in names if x in AUTOMATIC]
+    if auto and len(names) > 1:
+        raise ValueError(f"{source}: {auto[0]!r} cannot be combined with other names, got {choice!r}")
     return names
 
 
@@ -63,6 +73,7 @@ class Decision:
     kernel: str | None = None  # the kernel the chosen backend runs, where a backend has several
     kernel_why: str = ""
     no_backward: tuple = ()  # why a gradient through `backend` would raise (forward-only kernels)
+    note: str = ""  # a line a framework adds (JAX: how `auto+8bit` read its routing data)
 
     def kernel_line(self) -> str:
         """The line saying which kernel runs and why (a framework's subclass may word it)."""
@@ -76,6 +87,8 @@ class Decision:
             lines.append(self.kernel_line())
         if self.no_backward:
             lines.append(f"differentiating it raises: {'; '.join(self.no_backward)}")
+        if self.note:
+            lines.append(self.note)
         for name, why in self.reasons.items():
             lines.append(f"  {name:8s} " + ("ok" if not why else "; ".join(why)))
         return "\n".join(lines)
@@ -126,15 +139,21 @@ class Router:
             return self.parse_choice(env, self.env_var), self.env_var
         return ("auto",), "automatic"
 
-    def first_automatic(self, candidates: Iterable[str], reasons: Mapping, also=None) -> str | None:
+    def first_automatic(self, candidates: Iterable[str], reasons: Mapping, also=None,
+                        lossy: bool = False) -> str | None:
         """The first of `candidates` that can serve and that automatic selection may take (and
-        for which `also(name)` holds, when given)."""
-        return next((n for n in candidates if not reasons[n] and self.registry[n].automatic
+        for which `also(name)` holds, when given); with `lossy`, lossy backends too (whose only
+        bar to automatic selection is that they are lossy)."""
+        def may(n):
+            b = self.registry[n]
+            return b.automatic or (lossy and getattr(b, "lossy", False))
+        return next((n for n in candidates if not reasons[n] and may(n)
                      and (also is None or also(n))), None)
 
     def decide(self, backend, reasons_of: Callable, preference: Callable[[], Iterable[str]],
                inference_preference: Callable[[], Iterable[str]] | None = None,
-               decision: type = Decision, backward_reasons_of: Callable | None = None) -> Decision:
+               decision: type = Decision, backward_reasons_of: Callable | None = None,
+               lossy_preference: Callable[[], Iterable[str]] | None = None) -> Decision:
         """Route one call: every backend's reasons (`reasons_of(backend)`), then the first of the
         named backends that can serve, or under "auto" the first of `preference()` that can and
         may be chosen automatically. `inference_preference`: under "auto", the order for calls that
@@ -145,14 +164,18 @@ class Router:
         the decision) then skips such backends where a later name of the list (or of the
         automatic order) serves both; the forward-only one stays the choice for calls nothing
         differentiates (`forward_only`). With none to take its place, it stays the choice, and a
-        gradient through it raises from its backward."""
+        gradient through it raises from its backward.
+
+        `lossy_preference`: under `AUTO_LOSSY`, the order for calls nothing differentiates, in
+        which lossy backends may be taken (measured ones only: the caller's order says where);
+        without it, or under "auto", `inference_preference` as above."""
         names, source = self.current_choice(backend)
         reasons = {name: reasons_of(b) for name, b in self.registry.items()}
         trainable = None
         if backward_reasons_of is not None:
             trainable = lambda n: not backward_reasons_of(self.registry[n])  # noqa: E731
         forward_only = None
-        if names != ("auto",):
+        if names[0] not in AUTOMATIC:
             candidates = names
             chosen = next((n for n in names if not reasons[n]), None)
             if chosen is not None and trainable is not None and not trainable(chosen):
@@ -164,7 +187,10 @@ class Router:
             candidates = tuple(preference())
             chosen = None if trainable is None else self.first_automatic(candidates, reasons, trainable)
             chosen = chosen or self.first_automatic(candidates, reasons)
-            if inference_preference is not None:
+            if names == (AUTO_LOSSY,) and lossy_preference is not None:
+                inference = self.first_automatic(lossy_preference(), reasons, lossy=True)
+                forward_only = inference if chosen and inference != chosen else None
+            elif inference_preference is not None:
                 inference = self.first_automatic(inference_preference(), reasons)
                 forward_only = inference if chosen and inference != chosen else None
         no_backward = ()

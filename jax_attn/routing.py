@@ -1,7 +1,9 @@
 """Every routing decision: which backend serves a call, and which kernel runs inside it.
 
 Backend: argument > `use_backend` > `JAX_ATTN_BACKEND` > automatic. A choice is one name, a
-comma-separated preference list (or a list of names), or "auto"; those rules, the `Decision`
+comma-separated preference list (or a list of names), "auto", or "auto+8bit" (auto that may take
+a lossy backend for calls nothing differentiates, where the routing data ranks one first:
+`autoselect.preference(spec, "lossy")`); those rules, the `Decision`
 record and the fall-through logging are `jax_attn.choice`'s, shared with `torch_ref`. Backends
 declare what they support (`backends.base.Backend`) and the call states what it needs (`Needs`:
 forward-mode autodiff, a differentiable log-sum-exp); a backend serves when it has no reason not
@@ -110,7 +112,17 @@ def decide(spec: Spec, backend=None, needs: Needs | None = None) -> Decision:
     d = ROUTER.decide(backend, lambda b: b.reasons(spec, needs),
                       lambda: autoselect.preference(spec, "train"),
                       lambda: autoselect.preference(spec, "forward"), Decision,
-                      lambda b: b.backward_reasons(spec))
+                      lambda b: b.backward_reasons(spec),
+                      lambda: autoselect.preference(spec, "lossy"))
+    if d.candidates and ROUTER.current_choice(backend)[0] == (choice.AUTO_LOSSY,):
+        if spec.has_segment_ids:
+            why = "packed calls (segment ids) route as auto: the 8-bit kernels were timed unpacked"
+        elif not autoselect.lossy_measured(spec):
+            why = (f"no lossy backend measured for bucket {autoselect.bucket(spec)} on this GPU "
+                   "(`python -m jax_attn tune --lossy` measures them): routed as auto")
+        else:
+            why = f"the measured order for bucket {autoselect.bucket(spec)}, lossy backends included"
+        d = dataclasses.replace(d, note=f"{choice.AUTO_LOSSY}: {why}")
     if "pallas" in (d.backend, d.forward_only):
         kernel, kernel_why = pallas_kernel(spec)
         d = dataclasses.replace(d, kernel=kernel, kernel_why=kernel_why or "")

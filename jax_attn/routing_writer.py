@@ -35,6 +35,9 @@ def routing_from_results(doc: dict, tie: float = 0.01) -> dict:
     target is per shape and mode), then by the geometric mean; worst ratios within `tie` of each
     other count as equal. Backends that failed the correctness gate in a bucket are left out of
     its preferences, and so are lossy ones (`sage`: `auto` must never pick them, however fast).
+    Where lossy backends were measured forward and passed the gate (the same float64 tolerance
+    as every row), `preferences_forward_lossy` orders them among the exact ones by the same
+    rule: what the opt-in `auto+8bit` reads (scores under `"fwd_lossy"`).
     A bucket and mode where the time budget left a row unmeasured gets no order (a partial
     comparison could put a slow backend first); its scores say `"incomplete"`, with a warning. `preferences` (training) orders by forward+backward, `preferences_forward`
     (inference) by forward; a bucket measured forward only gets its training order from forward.
@@ -45,12 +48,17 @@ def routing_from_results(doc: dict, tie: float = 0.01) -> dict:
     _add_ratios(doc["results"])
     from .bench.suite import BUDGET_SKIP
     entries: dict = {}
+    lossy: dict = {}  # (key, "fwd") -> lossy impl -> ratios over the fastest exact JAX backend
     failed: dict = {}
     incomplete: dict = {}
     for r in doc["results"]:
-        if r["framework"] != "jax" or r["impl"].startswith("auto") or is_lossy(r["impl"]):
+        if r["framework"] != "jax" or r["impl"].startswith("auto"):
             continue
         key = autoselect.bucket_key(device, r["dtype"], r["d"], r["skv"])
+        if is_lossy(r["impl"]):
+            if r.get("status") == "ok" and "ratio_jax" in r and r["mode"] == "fwd":
+                lossy.setdefault((key, r["mode"]), {}).setdefault(r["impl"], []).append(r["ratio_jax"])
+            continue
         if r.get("reason") == BUDGET_SKIP:
             incomplete.setdefault(key, set()).add(r["mode"])
         elif r.get("status") in ("FAIL", "error"):
@@ -62,22 +70,32 @@ def routing_from_results(doc: dict, tie: float = 0.01) -> dict:
     for key, modes in sorted(incomplete.items()):
         log.warning("routing: %s %s left out: the time budget ended before every backend was timed",
                     key, "/".join(sorted(modes)))
-    for (key, mode), per in sorted(entries.items()):
-        if mode in incomplete.get(key, ()):
-            continue
+    def ranked(key, per):  # impl -> ratios: (order, stats)
         stats = {n: {"worst": max(v), "geomean": math.exp(sum(map(math.log, v)) / len(v)), "entries": len(v)}
                  for n, v in per.items() if n not in failed.get(key, ())}
         # Worst ratios quantized to steps of `tie`: near-equal ones are ordered by the geomean.
         order = sorted(stats, key=lambda n: (round(math.log(stats[n]["worst"]) / math.log1p(tie)),
                                              stats[n]["geomean"]))
+        return order, {n: {k: round(v, 4) if isinstance(v, float) else v for k, v in stats[n].items()}
+                       for n in order}
+
+    for (key, mode), per in sorted(entries.items()):
+        if mode in incomplete.get(key, ()):
+            continue
+        order, stats = ranked(key, per)
         prefs[autoselect.TABLE_KEYS[ROUTING_MODES[mode]]][key] = order
-        scores.setdefault(key, {})[mode] = {n: {k: round(v, 4) if isinstance(v, float) else v
-                                                for k, v in stats[n].items()} for n in order}
+        scores.setdefault(key, {})[mode] = stats
+        if (key, mode) in lossy:  # the same shapes with the lossy backends among them
+            order, stats = ranked(key, {**per, **lossy[key, mode]})
+            prefs[autoselect.TABLE_KEYS["lossy"]][key] = order
+            scores[key]["fwd_lossy"] = {n: v for n, v in stats.items() if n in lossy[key, mode]}
     for key, names in failed.items():
         if key in scores:
             scores[key]["failed"] = sorted(names)
     for key, modes in incomplete.items():
         scores.setdefault(key, {})["incomplete"] = sorted(modes)
+    if not prefs[autoselect.TABLE_KEYS["lossy"]]:  # nothing lossy measured: no such key
+        del prefs[autoselect.TABLE_KEYS["lossy"]]
     train, forward = (prefs[autoselect.TABLE_KEYS[m]] for m in ("train", "forward"))
     for key, order in forward.items():  # measured forward only
         train.setdefault(key, order)
@@ -96,11 +114,14 @@ def merge_tables(base: dict, new: dict) -> dict:
     `base` stays, so a run on a few shapes does not drop the buckets it did not measure (a
     device's table is read as a whole). A bucket `new` measured forward only keeps `base`'s
     training order; only where `base` has none does it take the forward order (as
-    `routing_from_results` does). The source is `new`'s, with `inherited` naming the buckets kept
-    from `base` and where they were measured."""
+    `routing_from_results` does). The lossy order (`auto+8bit`) of a bucket is replaced only
+    where `new` has one (a run without lossy backends keeps the earlier). The source is `new`'s,
+    with `inherited` naming the buckets kept from `base` and where they were measured."""
     from . import autoselect
     train, forward = autoselect.TABLE_KEYS["train"], autoselect.TABLE_KEYS["forward"]
+    lossy = autoselect.TABLE_KEYS["lossy"]
     prefs = {train: dict(base.get(train, {})), forward: dict(base.get(forward, {}))}
+    lossy_prefs = {**base.get(lossy, {}), **new.get(lossy, {})}
     scores = {k: dict(v) for k, v in base.get("scores", {}).items()}
     for key, measured in new.get("scores", {}).items():
         if "fwd" in measured and key in new.get(forward, {}):
@@ -109,8 +130,11 @@ def merge_tables(base: dict, new: dict) -> dict:
             prefs[train][key] = new[train][key]
         # Base's timings of a mode this run did not measure stay; its notes (failed, incomplete)
         # were about its run and go.
-        scores[key] = {**{m: v for m, v in scores.get(key, {}).items() if m in ROUTING_MODES}, **measured}
-    out = {k: v for k, v in new.items() if k not in (train, forward, "scores")}
+        scores[key] = {**{m: v for m, v in scores.get(key, {}).items()
+                          if m in ROUTING_MODES or m == "fwd_lossy"}, **measured}
+    out = {k: v for k, v in new.items() if k not in (train, forward, lossy, "scores")}
+    if lossy_prefs:
+        out[lossy] = dict(sorted(lossy_prefs.items()))
     kept = sorted((set(prefs[train]) | set(prefs[forward])) - set(new.get(train, {})) - set(new.get(forward, {})))
     if kept:
         origin = base.get("source", {})
@@ -163,7 +187,9 @@ def write_routing(doc: dict, path=None, merge: bool = True) -> dict:
             device = doc["meta"]["device_key"] + "|"
             for name in (*autoselect.TABLE_KEYS.values(), "scores"):
                 kept = {k: v for k, v in old.get(name, {}).items() if not k.startswith(device)}
-                table[name] = dict(sorted({**kept, **table[name]}.items()))
+                merged = dict(sorted({**kept, **table.get(name, {})}.items()))
+                if merged or name in table:  # no empty lossy order where none was measured
+                    table[name] = merged
             if old.get("source") and old["source"].get("device_key") != doc["meta"]["device_key"]:
                 table["other_sources"] = [old["source"]] + old.get("other_sources", [])
         path.write_text(json.dumps(table, indent=1) + "\n")

@@ -106,7 +106,7 @@ def test_nothing_can_serve_lists_every_candidate(router):
         router.chosen(d)
 
 
-@pytest.mark.parametrize("bad, match", [("nope", "unknown backend 'nope'; known: fast, exotic, slow or 'auto'"),
+@pytest.mark.parametrize("bad, match", [("nope", "unknown backend 'nope'; known: fast, exotic, slow, 'auto' or 'auto\\+8bit'"),
                                         ("slow,nope", "unknown backend 'nope'"),
                                         ("auto,slow", "'auto' cannot be combined"),
                                         (" , ", "names no backend"),

@@ -221,3 +221,49 @@ def test_packed_calls_prefer_backends_that_skip_segment_tiles(tmp_path, monkeypa
         assert packed_order.index("fa4") > packed_order.index("cudnn")
     finally:
         autoselect.table.cache_clear()
+
+
+def test_auto_8bit_takes_a_lossy_backend_only_where_measured(tmp_path, monkeypatch):
+    """`backend="auto+8bit"`: calls nothing differentiates take a lossy backend where the table's
+    lossy order ranks it first; training, other buckets, packed calls and plain `auto` never do.
+    (sage16 cannot run on the CPU: it is made to serve here, through xla's forward.)"""
+    from jax_attn import autoselect
+    from jax_attn.contract import validate
+    q = jax.random.normal(jax.random.key(0), (1, 2, 32, 8), jnp.float32)
+    k, v = (jax.random.normal(jax.random.key(i), (1, 2, 48, 8), jnp.float32) for i in (1, 2))
+    key = autoselect.bucket(validate(q, k, v))
+    path = tmp_path / "routing_table.json"
+    path.write_text(json.dumps({"preferences": {key: ["xla", "chunked"]},
+                                "preferences_forward": {key: ["chunked", "xla"]},
+                                "preferences_forward_lossy": {key: ["sage16", "chunked", "xla"]}}))
+    monkeypatch.setattr(autoselect, "TABLE_PATH", path)
+    autoselect.table.cache_clear()
+    lossy, xla = BACKENDS["sage16"], BACKENDS["xla"]
+    traced = []
+    monkeypatch.setattr(lossy, "reasons", lambda spec, needs=None: [])
+    monkeypatch.setattr(lossy, "_forward", lambda inputs, lse: traced.append("sage16") or
+                        xla._forward(inputs, lse))
+    try:
+        d = jax_attn.explain(q, k, v, backend="auto+8bit")
+        assert (d.backend, d.forward_only) == ("xla", "sage16")
+        assert "auto+8bit: the measured order" in str(d)
+        assert jax_attn.explain(q, k, v).forward_only == "chunked"  # plain auto: never lossy
+        out = jax.jit(lambda q, k, v: jax_attn.attention_forward(q, k, v, backend="auto+8bit"))(q, k, v)
+        assert traced == ["sage16"]
+        np.testing.assert_allclose(out, jax_attn.attention_forward(q, k, v, backend="xla"),
+                                   rtol=1e-5, atol=1e-6)
+        traced.clear()
+        with jax_attn.use_backend("auto+8bit"):  # training runs the exact training order
+            jax.grad(lambda q: jax_attn.attention_forward(q, k, v).sum())(q)
+        assert traced == []
+        # another bucket (no lossy order there) and a packed call route as auto, and say why
+        q2 = jnp.zeros((1, 2, 32, 80), jnp.float32)
+        other = jax_attn.explain(q2, q2, q2, backend="auto+8bit")
+        assert other.forward_only != "sage16" and "no lossy backend measured" in str(other)
+        ids = jnp.zeros((1, 32), jnp.int32)
+        packed = jax_attn.explain(q, q, q, backend="auto+8bit", q_segment_ids=ids, kv_segment_ids=ids)
+        assert "sage16" not in (packed.backend, packed.forward_only) and "packed" in str(packed)
+    finally:
+        autoselect.table.cache_clear()
+    with pytest.raises(ValueError, match="cannot be combined"):
+        routing.parse_choice("auto+8bit,xla")

@@ -135,6 +135,40 @@ def test_the_bench_routing_writer_never_orders_a_lossy_backend_either():
     times = {("sage", "fwd"): 0.1, ("xla", "fwd"): 1.0, ("chunked", "fwd"): 1.5}
     table = routing_from_results(synthetic("sm90", H200, times, dtype="bfloat16"))
     assert table["preferences_forward"] == {"sm90|bfloat16|d<=64|skv<=512": ["xla", "chunked"]}
+    assert table["preferences"] == {"sm90|bfloat16|d<=64|skv<=512": ["xla", "chunked"]}
+
+
+def test_lossy_rows_that_pass_the_gate_get_their_own_order():
+    # What `auto+8bit` reads: the forward order with the lossy backends that passed the float64
+    # gate among the exact ones (a failed one, sage here, is never ranked); the exact orders
+    # stay as they were.
+    times = {("sage16", "fwd"): 0.5, ("xla", "fwd"): 1.0, ("chunked", "fwd"): 1.5,
+             ("xla", "fwd+bwd"): 3.0, ("chunked", "fwd+bwd"): 2.0}
+    failed = [("sage", "fwd", {"status": "FAIL", "note": "rel. error 0.12 > 0.03"})]
+    table = routing_from_results(synthetic("sm90", H200, times, dtype="bfloat16", extra=failed))
+    bucket = "sm90|bfloat16|d<=64|skv<=512"
+    assert table["preferences_forward"] == {bucket: ["xla", "chunked"]}
+    assert table["preferences"] == {bucket: ["chunked", "xla"]}
+    assert table["preferences_forward_lossy"] == {bucket: ["sage16", "xla", "chunked"]}
+    assert set(table["scores"][bucket]["fwd_lossy"]) == {"sage16"}
+    assert table["scores"][bucket]["fwd_lossy"]["sage16"]["worst"] == 0.5
+    assert table["scores"][bucket].get("failed") is None  # a lossy failure marks no exact backend
+    # merged over an earlier table: replaced where measured, kept elsewhere
+    base = {"preferences_forward_lossy": {bucket: ["xla"], "other": ["sage16", "xla"]},
+            "scores": {"other": {"fwd_lossy": {"sage16": {}}}}}
+    merged = merge_tables(base, table)
+    assert merged["preferences_forward_lossy"] == {bucket: ["sage16", "xla", "chunked"],
+                                                   "other": ["sage16", "xla"]}
+    assert merged["scores"]["other"] == {"fwd_lossy": {"sage16": {}}}
+
+
+def test_lossy_backends_are_measured_only_with_the_lossy_flag(cache):
+    without = tune.plan(tune_args("--backends", "xla,sage16"))
+    assert without.left_out["sage16"].startswith("lossy") and "--lossy" in without.left_out["sage16"]
+    with_flag = tune.plan(tune_args("--lossy", "--backends", "xla,sage16"))
+    # on this CPU sage16 cannot run (or runs in interpret mode): never written, no longer as lossy
+    why = with_flag.left_out["sage16"]
+    assert why.startswith("unavailable") or why.startswith("Pallas interpret mode"), why
 
 
 def test_a_bucket_the_budget_cut_short_is_left_out(caplog):

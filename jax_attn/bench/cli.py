@@ -115,7 +115,7 @@ def run(args) -> int:
     if args.update_routing:
         doc = json.loads(pathlib.Path(args.update_routing).read_text())
         table = write_routing(doc, args.routing_table)
-        print(json.dumps({k: table[k] for k in autoselect.TABLE_KEYS.values()}, indent=1))
+        print(json.dumps({k: table[k] for k in autoselect.TABLE_KEYS.values() if k in table}, indent=1))
         print("predicted auto picks (from the measured rows):")
         print(predicted_auto(doc, table))
         return 0
