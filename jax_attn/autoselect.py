@@ -16,6 +16,7 @@ router, so a preference only orders; it never forces.
 from __future__ import annotations
 
 import functools
+import itertools
 import pathlib
 import warnings
 
@@ -109,9 +110,16 @@ def preference(spec: Spec, mode: str = "train") -> list[str]:
     that hold the whole score matrix (`quadratic_memory`) go last when it would exceed
     `SCORE_BYTES_BUDGET`; with segment ids, backends that skip other segments' tiles go first."""
     from .backends import BACKENDS  # late: the registry imports the kernels
-    if mode == "lossy" and (spec.has_segment_ids or not lossy_measured(spec)):
-        # unmeasured here, or packed (measured unpacked; the 8-bit kernels skip no tiles)
-        return preference(spec, "forward")
+    if mode == "lossy":
+        forward = preference(spec, "forward")
+        if spec.has_segment_ids or not lossy_measured(spec):
+            # unmeasured here, or packed (measured unpacked; the 8-bit kernels skip no tiles)
+            return forward
+        # The lossy backends the data put ahead of every exact one, then the forward order as
+        # it stands now (a lossy order may be older than it).
+        measured = table("lossy")[bucket(spec)]
+        ahead = list(itertools.takewhile(lambda n: n in BACKENDS and BACKENDS[n].lossy, measured))
+        return ahead + forward
     measured = table(mode).get(bucket(spec))
     if measured:
         order = [n for n in measured if n in BACKENDS]

@@ -323,6 +323,9 @@ def sage_reference(q, k, v, *, scale=None, layout="bnsd", key_mask=None, kv_leng
     float32 inputs), `k_tile_scale` (one K scale per `block_k` keys: `k_rows` becomes
     `block_k`): as the kernel's SageConfig (`sim_flags`)."""
     if k_tile_scale:
+        if scale is not None and float(scale) <= 0:
+            raise ValueError(f"k_tile_scale folds the scales into the fused softmax: it needs a "
+                             f"positive scale, got {scale}")
         if k_rows not in (1, block_k):
             raise ValueError(f"k_tile_scale takes one K scale per block of {block_k} keys; "
                              f"k_rows={k_rows} differs")

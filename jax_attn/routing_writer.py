@@ -36,8 +36,11 @@ def routing_from_results(doc: dict, tie: float = 0.01) -> dict:
     other count as equal. Backends that failed the correctness gate in a bucket are left out of
     its preferences, and so are lossy ones (`sage`: `auto` must never pick them, however fast).
     Where lossy backends were measured forward and passed the gate (the same float64 tolerance
-    as every row), `preferences_forward_lossy` orders them among the exact ones by the same
-    rule: what the opt-in `auto+8bit` reads (scores under `"fwd_lossy"`).
+    as every row) on every shape of a bucket, those faster than the fastest exact backend on
+    each of its shapes (worst ratio below 1, no tie allowance) lead `preferences_forward_lossy`,
+    fastest first, followed by the exact forward order: what the opt-in `auto+8bit` reads
+    (their scores under `"fwd_lossy"`). A lossy backend that failed, errored or went unmeasured
+    on any shape of the bucket is not ranked there.
     A bucket and mode where the time budget left a row unmeasured gets no order (a partial
     comparison could put a slow backend first); its scores say `"incomplete"`, with a warning. `preferences` (training) orders by forward+backward, `preferences_forward`
     (inference) by forward; a bucket measured forward only gets its training order from forward.
@@ -49,6 +52,7 @@ def routing_from_results(doc: dict, tie: float = 0.01) -> dict:
     from .bench.suite import BUDGET_SKIP
     entries: dict = {}
     lossy: dict = {}  # (key, "fwd") -> lossy impl -> ratios over the fastest exact JAX backend
+    lossy_out: dict = {}  # key -> lossy impls that failed, errored or went unmeasured there
     failed: dict = {}
     incomplete: dict = {}
     for r in doc["results"]:
@@ -56,8 +60,12 @@ def routing_from_results(doc: dict, tie: float = 0.01) -> dict:
             continue
         key = autoselect.bucket_key(device, r["dtype"], r["d"], r["skv"])
         if is_lossy(r["impl"]):
-            if r.get("status") == "ok" and "ratio_jax" in r and r["mode"] == "fwd":
+            if r["mode"] != "fwd":  # forward-only kernels: only their forward can route
+                continue
+            if r.get("status") == "ok" and "ratio_jax" in r:
                 lossy.setdefault((key, r["mode"]), {}).setdefault(r["impl"], []).append(r["ratio_jax"])
+            else:
+                lossy_out.setdefault(key, set()).add(r["impl"])
             continue
         if r.get("reason") == BUDGET_SKIP:
             incomplete.setdefault(key, set()).add(r["mode"])
@@ -85,10 +93,15 @@ def routing_from_results(doc: dict, tie: float = 0.01) -> dict:
         order, stats = ranked(key, per)
         prefs[autoselect.TABLE_KEYS[ROUTING_MODES[mode]]][key] = order
         scores.setdefault(key, {})[mode] = stats
-        if (key, mode) in lossy:  # the same shapes with the lossy backends among them
-            order, stats = ranked(key, {**per, **lossy[key, mode]})
-            prefs[autoselect.TABLE_KEYS["lossy"]][key] = order
-            scores[key]["fwd_lossy"] = {n: v for n, v in stats.items() if n in lossy[key, mode]}
+        measured = {n: v for n, v in lossy.get((key, mode), {}).items()
+                    if n not in lossy_out.get(key, ()) and len(v) == max(map(len, per.values()))}
+        if measured:  # the bucket's shapes, each with every lossy backend that stays ranked
+            _, lstats = ranked(key, measured)
+            scores[key]["fwd_lossy"] = lstats
+            ahead = sorted((n for n in lstats if lstats[n]["worst"] < 1.0),
+                           key=lambda n: (lstats[n]["worst"], lstats[n]["geomean"]))
+            if ahead:
+                prefs[autoselect.TABLE_KEYS["lossy"]][key] = ahead + order
     for key, names in failed.items():
         if key in scores:
             scores[key]["failed"] = sorted(names)
@@ -114,14 +127,17 @@ def merge_tables(base: dict, new: dict) -> dict:
     `base` stays, so a run on a few shapes does not drop the buckets it did not measure (a
     device's table is read as a whole). A bucket `new` measured forward only keeps `base`'s
     training order; only where `base` has none does it take the forward order (as
-    `routing_from_results` does). The lossy order (`auto+8bit`) of a bucket is replaced only
-    where `new` has one (a run without lossy backends keeps the earlier). The source is `new`'s,
-    with `inherited` naming the buckets kept from `base` and where they were measured."""
+    `routing_from_results` does). A bucket `new` measured forward takes `new`'s lossy order
+    (`auto+8bit`), or none where `new` has none: an earlier one would rank lossy backends
+    against exact timings this run replaced. The source is `new`'s, with `inherited` naming the
+    buckets kept from `base` and where they were measured."""
     from . import autoselect
     train, forward = autoselect.TABLE_KEYS["train"], autoselect.TABLE_KEYS["forward"]
     lossy = autoselect.TABLE_KEYS["lossy"]
     prefs = {train: dict(base.get(train, {})), forward: dict(base.get(forward, {}))}
-    lossy_prefs = {**base.get(lossy, {}), **new.get(lossy, {})}
+    remeasured = {k for k, m in new.get("scores", {}).items() if "fwd" in m}
+    lossy_prefs = {**{k: v for k, v in base.get(lossy, {}).items() if k not in remeasured},
+                   **new.get(lossy, {})}
     scores = {k: dict(v) for k, v in base.get("scores", {}).items()}
     for key, measured in new.get("scores", {}).items():
         if "fwd" in measured and key in new.get(forward, {}):

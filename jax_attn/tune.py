@@ -178,10 +178,14 @@ def measure(p: Plan, args) -> dict:
     from .backends import BACKENDS
     exact = [n for n in p.backends if not BACKENDS[n].lossy]
     lossy = [n for n in p.backends if BACKENDS[n].lossy]
+    t0 = time.perf_counter()
     doc = run_bench(bench_args, impls=exact, shapes=p.shapes, modes=p.modes, desc="tune")
-    if lossy and "fwd" in p.modes:  # forward-only kernels: their forward, beside the exact ones'
+    if lossy and "fwd" not in p.modes:
+        log.warning("tune: --lossy measures forward (inference) only; add inference to --modes")
+    elif lossy:  # forward-only kernels: their forward, beside the exact ones', in what is left
+        left = max(0.0, args.budget - (time.perf_counter() - t0))
         doc["results"] += run_bench(bench_args, impls=lossy, shapes=p.shapes, modes=["fwd"],
-                                    desc="tune (lossy)")["results"]
+                                    budget=left, desc="tune (lossy)")["results"]
     doc.pop("_methods", None)
     return doc
 

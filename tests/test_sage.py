@@ -505,3 +505,21 @@ def test_forward_only_backends_give_way_under_differentiation():
     assert "differentiating it raises: forward only" in str(d)
     d = routing.decide(_spec(), "naive,sage")
     assert (d.backend, d.forward_only) == ("naive", None)
+
+
+@needs_mgpu
+def test_zero_scale_with_masked_keys_is_a_uniform_average():
+    # scale = 0: every kept key weighs the same. The fused softmax would meet 0 * -inf at masked
+    # keys (NaN); sage_attention takes the plain arithmetic there instead.
+    rng = np.random.default_rng(12)
+    q, k, v = (jnp.asarray(rng.standard_normal((1, 1, 64, 64)), jnp.bfloat16) for _ in range(3))
+    mask = np.ones((1, 1, 1, 64), bool)
+    mask[..., 40:] = False
+    out = S.sage_attention(q, k, v, scale=0.0, key_mask=mask, config=SMALL, interpret=True)
+    want = np.asarray(v[0, 0, :40].astype(jnp.float32)).mean(axis=0)
+    got = np.asarray(out[0, 0].astype(jnp.float32))
+    assert np.all(np.isfinite(got))
+    np.testing.assert_allclose(got, np.broadcast_to(want, got.shape), atol=0.05)
+    with pytest.raises(ValueError, match="positive scale"):
+        S.sage_attention(q, k, v, scale=0.0, config=dataclasses.replace(SMALL, k_scale_per_tile=True),
+                         interpret=True)

@@ -160,6 +160,29 @@ def test_lossy_rows_that_pass_the_gate_get_their_own_order():
     assert merged["preferences_forward_lossy"] == {bucket: ["sage16", "xla", "chunked"],
                                                    "other": ["sage16", "xla"]}
     assert merged["scores"]["other"] == {"fwd_lossy": {"sage16": {}}}
+    # a later run of that bucket without a lossy winner drops the earlier lossy order
+    exact = routing_from_results(synthetic("sm90", H200, {("xla", "fwd"): 1.0}, dtype="bfloat16"))
+    assert bucket not in merge_tables(merged, exact).get("preferences_forward_lossy", {})
+
+
+def test_a_lossy_backend_must_beat_every_exact_one_on_every_shape():
+    bucket = "sm90|bfloat16|d<=64|skv<=512"
+
+    def doc(*per_shape):  # one results document over several shapes (skv 64, 128, ...)
+        rows = []
+        for i, (times, extra) in enumerate(per_shape):
+            rows += synthetic("sm90", H200, times, shape=(1, 2, 64, 64 * (i + 1), 32),
+                              dtype="bfloat16", extra=extra)["results"]
+        return {**synthetic("sm90", H200, {}), "results": rows}
+    close = {("sage16", "fwd"): 1.005, ("xla", "fwd"): 1.0}  # within the 1% tie, not faster
+    assert "preferences_forward_lossy" not in routing_from_results(doc((close, ())))
+    fast = {("sage16", "fwd"): 0.5, ("xla", "fwd"): 1.0}
+    failed = [("sage16", "fwd", {"status": "FAIL", "note": "rel. error 0.05 > 0.03"})]
+    # faster on one shape, failed the gate on the other: not ranked in that bucket
+    mixed = routing_from_results(doc((fast, ()), ({("xla", "fwd"): 1.0}, failed)))
+    assert "preferences_forward_lossy" not in mixed and mixed["preferences_forward"][bucket] == ["xla"]
+    both = routing_from_results(doc((fast, ()), (fast, ())))
+    assert both["preferences_forward_lossy"] == {bucket: ["sage16", "xla"]}
 
 
 def test_lossy_backends_are_measured_only_with_the_lossy_flag(cache):

@@ -103,8 +103,8 @@ def sage_attention(q, k, v, *, kv_lengths=None, key_mask=None, scale=None, layou
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     dp = head_dim_padded(d)
     cfg = (config or SageConfig()).resolved(dp)
-    if scale < 0 and cfg.fused_softmax:  # it folds the row scale into exp2 via max(t * qs) =
-        if cfg.k_scale_per_tile:  # max(t) * qs: needs qs >= 0
+    if scale <= 0 and cfg.fused_softmax:  # it folds the row scale into exp2 via max(t * qs) =
+        if cfg.k_scale_per_tile:  # max(t) * qs: needs qs > 0 (0 * -inf for a masked key is NaN)
             raise ValueError("SageConfig.k_scale_per_tile needs a positive scale (it folds the "
                              f"scales into the fused softmax); got scale={scale}")
         cfg = dataclasses.replace(cfg, fused_softmax=False)

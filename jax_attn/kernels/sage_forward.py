@@ -701,7 +701,8 @@ def _swizzled(cols: int, interp: bool, itemsize: int = 1):
 def sage_call(cfg: SageConfig, qz, kb, *, out_dtype, out_layout: str, groups: int,
               key_bias_dims, interpret: bool, segments=None):
     """Run the kernel on a `quantization.Quantized` (padded); kb: (b|1, n|1, skv_pad) f32 0/-inf
-    or None. Returns out `(b, n, sq_pad, dp)` (or bsnd) in `out_dtype` and lse `(b, n, sq_pad)`
+    or None. With `cfg.k_scale_per_tile` the kernel reads each tile's first K scale for all its
+    keys: qz must hold one scale per `block_kv` keys (`sage_attention` quantizes so). Returns out `(b, n, sq_pad, dp)` (or bsnd) in `out_dtype` and lse `(b, n, sq_pad)`
     (without the smoothing shift). `segments`: None, or int32 `(q_ids (b, sq_pad), kv_ids
     (b, skv_pad))` (padding ids that match no real one)."""
     batch, heads, sq_pad, dp = qz.q8.shape
