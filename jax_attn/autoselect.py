@@ -97,9 +97,15 @@ def table(mode: str = "train") -> dict:
     return orders(routing_table(), mode)
 
 
-def lossy_measured(spec: Spec) -> bool:
-    """Whether this machine's routing data ranks lossy backends for `spec`'s bucket."""
-    return bool(table("lossy").get(bucket(spec)))
+def lossy_unranked(spec: Spec) -> str | None:
+    """Why `auto+8bit` routes `spec` as `auto` (None: this machine's routing data ranks lossy
+    backends for its bucket, and `preference(spec, "lossy")` puts them first)."""
+    if spec.has_segment_ids:
+        return "packed calls (segment ids) route as auto: the 8-bit kernels were timed unpacked"
+    if not table("lossy").get(bucket(spec)):
+        return (f"no lossy backend measured for bucket {bucket(spec)} on this GPU "
+                "(`python -m jax_attn tune --lossy` measures them): routed as auto")
+    return None
 
 
 def preference(spec: Spec, mode: str = "train") -> list[str]:
@@ -112,8 +118,7 @@ def preference(spec: Spec, mode: str = "train") -> list[str]:
     from .backends import BACKENDS  # late: the registry imports the kernels
     if mode == "lossy":
         forward = preference(spec, "forward")
-        if spec.has_segment_ids or not lossy_measured(spec):
-            # unmeasured here, or packed (measured unpacked; the 8-bit kernels skip no tiles)
+        if lossy_unranked(spec):
             return forward
         # The lossy backends the data put ahead of every exact one, then the forward order as
         # it stands now (a lossy order may be older than it).

@@ -187,11 +187,10 @@ class Router:
             candidates = tuple(preference())
             chosen = None if trainable is None else self.first_automatic(candidates, reasons, trainable)
             chosen = chosen or self.first_automatic(candidates, reasons)
-            if names == (AUTO_LOSSY,) and lossy_preference is not None:
-                inference = self.first_automatic(lossy_preference(), reasons, lossy=True)
-                forward_only = inference if chosen and inference != chosen else None
-            elif inference_preference is not None:
-                inference = self.first_automatic(inference_preference(), reasons)
+            lossy = names == (AUTO_LOSSY,) and lossy_preference is not None
+            order = lossy_preference if lossy else inference_preference
+            if order is not None:
+                inference = self.first_automatic(order(), reasons, lossy=lossy)
                 forward_only = inference if chosen and inference != chosen else None
         no_backward = ()
         if chosen is not None and backward_reasons_of is not None:

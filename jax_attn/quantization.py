@@ -162,6 +162,26 @@ def smoothing_mean(k, layout: str):
     return jnp.mean(k.astype(jnp.float32), axis=2 if layout == "bnsd" else 1)
 
 
+def v_channel_scale(vf, token_axis: int):
+    """V's FP8 scale per channel, float32 V `vf` reduced over `token_axis`: amax / 448, 1 for an
+    all-zero channel (one definition for every V pre-pass)."""
+    amax = jnp.max(jnp.abs(vf), axis=token_axis)
+    return jnp.where(amax > 0, amax / FP8_MAX, 1.0)
+
+
+def tile_k_rows(k_rows: int, block_k: int, scale: float | None, what: str) -> int:
+    """The K scale's rows for one scale per key block (`SageConfig.k_scale_per_tile`, the
+    simulation's `k_tile_scale`, named `what` in errors): `block_k`; `k_rows` must be 1 or it,
+    and the scale positive (the fused softmax folds the scales: 0 * -inf at a masked key)."""
+    if scale is not None and float(scale) <= 0:
+        raise ValueError(f"{what} folds the scales into the fused softmax: it needs a positive "
+                         f"scale, got scale={scale}")
+    if k_rows not in (1, block_k):
+        raise ValueError(f"{what} takes one K scale per block of {block_k} keys; "
+                         f"k_rows={k_rows} differs")
+    return block_k
+
+
 def quantize_v(v, *, layout: str, dp: int, skv_pad: int, v_key_perm: bool = False,
                pv_dtype=None):
     """V's part of the pre-pass: `(vt8, out_scale, v_bsnd)` as `Quantized` holds them. FP8: V
@@ -179,8 +199,7 @@ def quantize_v(v, *, layout: str, dp: int, skv_pad: int, v_key_perm: bool = Fals
     if layout == "bsnd":
         v = jnp.swapaxes(v, 1, 2)
     v = v.astype(jnp.float32)
-    vamax = jnp.max(jnp.abs(v), axis=2)  # (b, n_kv, d)
-    v_scale = jnp.where(vamax > 0, vamax / FP8_MAX, 1.0)
+    v_scale = v_channel_scale(v, 2)  # (b, n_kv, d)
     v8 = fp8(v / v_scale[:, :, None, :])
     vt8 = jnp.swapaxes(pad_to(pad_to(v8, 3, dp), 2, skv_pad), 2, 3)
     if v_key_perm:
@@ -323,13 +342,7 @@ def sage_reference(q, k, v, *, scale=None, layout="bnsd", key_mask=None, kv_leng
     float32 inputs), `k_tile_scale` (one K scale per `block_k` keys: `k_rows` becomes
     `block_k`): as the kernel's SageConfig (`sim_flags`)."""
     if k_tile_scale:
-        if scale is not None and float(scale) <= 0:
-            raise ValueError(f"k_tile_scale folds the scales into the fused softmax: it needs a "
-                             f"positive scale, got {scale}")
-        if k_rows not in (1, block_k):
-            raise ValueError(f"k_tile_scale takes one K scale per block of {block_k} keys; "
-                             f"k_rows={k_rows} differs")
-        k_rows = block_k
+        k_rows = tile_k_rows(k_rows, block_k, scale, "k_tile_scale")
     bnsd = (lambda x: x) if layout == "bnsd" else (lambda x: jnp.swapaxes(x, 1, 2))
     b, n, sq, d = bnsd(q).shape
     skv = bnsd(k).shape[2]

@@ -114,14 +114,9 @@ def decide(spec: Spec, backend=None, needs: Needs | None = None) -> Decision:
                       lambda: autoselect.preference(spec, "forward"), Decision,
                       lambda b: b.backward_reasons(spec),
                       lambda: autoselect.preference(spec, "lossy"))
-    if d.candidates and ROUTER.current_choice(backend)[0] == (choice.AUTO_LOSSY,):
-        if spec.has_segment_ids:
-            why = "packed calls (segment ids) route as auto: the 8-bit kernels were timed unpacked"
-        elif not autoselect.lossy_measured(spec):
-            why = (f"no lossy backend measured for bucket {autoselect.bucket(spec)} on this GPU "
-                   "(`python -m jax_attn tune --lossy` measures them): routed as auto")
-        else:
-            why = f"the measured order for bucket {autoselect.bucket(spec)}, lossy backends included"
+    if ROUTER.current_choice(backend)[0] == (choice.AUTO_LOSSY,):
+        why = autoselect.lossy_unranked(spec) or (
+            f"the measured order for bucket {autoselect.bucket(spec)}, lossy backends included")
         d = dataclasses.replace(d, note=f"{choice.AUTO_LOSSY}: {why}")
     if "pallas" in (d.backend, d.forward_only):
         kernel, kernel_why = pallas_kernel(spec)

@@ -103,16 +103,10 @@ def sage_attention(q, k, v, *, kv_lengths=None, key_mask=None, scale=None, layou
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     dp = head_dim_padded(d)
     cfg = (config or SageConfig()).resolved(dp)
-    if scale <= 0 and cfg.fused_softmax:  # it folds the row scale into exp2 via max(t * qs) =
-        if cfg.k_scale_per_tile:  # max(t) * qs: needs qs > 0 (0 * -inf for a masked key is NaN)
-            raise ValueError("SageConfig.k_scale_per_tile needs a positive scale (it folds the "
-                             f"scales into the fused softmax); got scale={scale}")
-        cfg = dataclasses.replace(cfg, fused_softmax=False)
     if cfg.k_scale_per_tile:  # one K scale per key block: what the kernel's tile scalar reads
-        if k_rows not in (1, cfg.block_kv):
-            raise ValueError(f"SageConfig.k_scale_per_tile takes one K scale per block of "
-                             f"{cfg.block_kv} keys; k_rows={k_rows} differs")
-        k_rows = cfg.block_kv
+        k_rows = quantization.tile_k_rows(k_rows, cfg.block_kv, scale, "SageConfig.k_scale_per_tile")
+    if scale <= 0 and cfg.fused_softmax:  # it folds the row scale into exp2 via max(t * qs) =
+        cfg = dataclasses.replace(cfg, fused_softmax=False)  # max(t) * qs: needs qs > 0
     if cfg.block_q % q_rows or cfg.block_kv % k_rows:
         raise ValueError(f"q_rows ({q_rows}) and k_rows ({k_rows}) must divide block_q "
                          f"({cfg.block_q}) and block_kv ({cfg.block_kv})")

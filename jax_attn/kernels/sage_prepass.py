@@ -146,9 +146,7 @@ def quantize_v(v, *, layout: str, dp: int, skv_pad: int, v_key_perm: bool = Fals
                          "itself a multiple of 16")
     bnsd = layout == "bnsd"
     b, n_kv, s, d = v.shape if bnsd else (v.shape[0], v.shape[2], v.shape[1], v.shape[3])
-    vf = v.astype(jnp.float32)
-    vamax = jnp.max(jnp.abs(vf), axis=2 if bnsd else 1)  # (b, n_kv, d), as the jnp pre-pass
-    v_scale = jnp.where(vamax > 0, vamax / Q.FP8_MAX, 1.0)
+    v_scale = Q.v_channel_scale(v.astype(jnp.float32), 2 if bnsd else 1)  # (b, n_kv, d)
     if bnsd:
         v_spec = pl.BlockSpec((_SQ, _SQ, block_keys, dp), lambda b_, h_, i: (b_, h_, i, 0))
     else:
