@@ -82,6 +82,12 @@ TUNE_SETS = {
                    {"overlap": True, "compute_warpgroups": 3, "fwd_registers": (160, 32),
                     "block_kv": 64}]},
              {64: [(2, 10, 4096, 4096, 64), (2, 8, 4096, 4096, 40)]}),
+    # --tune-set fused: the one-kernel backward (MosaicConfig.bwd_fused; at d = 128 also with
+    # the warpgroups splitting dQ's columns) against the dQ and dK/dV kernels
+    "fused": ({64: [{}, {"bwd_fused": True}],
+               128: [{}, {"bwd_fused": True}, {"bwd_fused": True, "bwd_dq_split": True}]},
+              {64: [(2, 10, 4096, 4096, 64), (2, 8, 4096, 4096, 40)],
+               128: [(1, 24, 4608, 4608, 128), (1, 40, 16384, 16384, 128)]}),
 }
 FWD_ONLY = [False]  # --fwd-only: the tuning times the forward alone
 SMALL_CONFIG = [{}]  # --small-config JSON: MosaicConfig fields changed in the small checks
@@ -210,8 +216,13 @@ def tune(tune_set="default"):
                            for kk, s in zip(keys, (sq, skv, skv, sq)))
             flops = 4.0 * b * n * sq * skv * d
             h = slice(0, 2)  # each config's output against float32 XLA on two heads
-            ref = np.asarray(jax.nn.dot_product_attention(
-                *(x[:, :, h].astype(jnp.float32) for x in (q, k, v)), implementation="xla"))
+            ref, ref_vjp = jax.vjp(
+                lambda *a: jax.nn.dot_product_attention(*a, implementation="xla"),
+                *(x[:, :, h].astype(jnp.float32) for x in (q, k, v)))
+            ref = np.asarray(ref)
+            ref_grads = None if FWD_ONLY[0] else [
+                np.asarray(g_) for g_ in ref_vjp(do[:, :, h].astype(jnp.float32))]
+            del ref_vjp
             for change in changes + ["cudnn"]:  # cuDNN in the same run, for the ratio
                 if out_of_time():
                     break
@@ -231,10 +242,16 @@ def tune(tune_set="default"):
                     row["fwd ms"] = time_ms(fwd_jit, q, k, v)
                     row["fwd TFLOP/s"] = flops / row["fwd ms"] / 1e9
                     if not FWD_ONLY[0]:
-                        row["fwd+bwd ms"] = time_ms(jax.jit(fb), q, k, v, do, reps=10, inner=3)
-                    log.info("tune %s %s: rel err %.1e, fwd %.3f ms (%.0f TFLOP/s), "
-                             "fwd+bwd %s ms", row["shape"], change, row["rel err"], row["fwd ms"],
-                             row["fwd TFLOP/s"], row.get("fwd+bwd ms"))
+                        fb_jit = jax.jit(fb)
+                        # dq, dk, dv of two heads against float32 XLA's (the worst of the three)
+                        row["grad rel err"] = max(
+                            rel(np.asarray(g_[:, :, h], np.float32), r_)
+                            for g_, r_ in zip(fb_jit(q, k, v, do), ref_grads))
+                        row["fwd+bwd ms"] = time_ms(fb_jit, q, k, v, do, reps=10, inner=3)
+                    log.info("tune %s %s: rel err %.1e (grads %s), fwd %.3f ms (%.0f TFLOP/s), "
+                             "fwd+bwd %s ms", row["shape"], change, row["rel err"],
+                             row.get("grad rel err"), row["fwd ms"], row["fwd TFLOP/s"],
+                             row.get("fwd+bwd ms"))
                     if FWD_ONLY[0]:
                         continue
                     if cfg is not None and i == 0 and (bucket not in best
@@ -250,11 +267,12 @@ def tune(tune_set="default"):
 def tune_table(rows):
     """The tuning rows as a table, each against cuDNN on the same shape in the same run."""
     ref = {tuple(r["shape"]): r for r in rows if r["change"] == "cudnn"}
-    out = ["| b,n,sq,skv,d | change | rel err | fwd TFLOP/s | fwd ms | fwd vs cuDNN | fwd+bwd ms | "
-           "fwd+bwd vs cuDNN |", "|---|---|---|---|---|---|---|---|"]
+    out = ["| b,n,sq,skv,d | change | rel err | grad rel err | fwd TFLOP/s | fwd ms | fwd vs cuDNN "
+           "| fwd+bwd ms | fwd+bwd vs cuDNN |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         c = ref.get(tuple(r["shape"]), {})
         cells = [f"{r['rel err']:.1e}" if "rel err" in r else "-",
+                 f"{r['grad rel err']:.1e}" if "grad rel err" in r else "-",
                  f"{r['fwd TFLOP/s']:.0f}" if "fwd TFLOP/s" in r else "-"]
         for key in ("fwd ms", "fwd+bwd ms"):
             cells.append(f"{r[key]:.3f}" if key in r else r.get("error", "-")[:60])

@@ -15,7 +15,10 @@ with the float64 NumPy reference `jax_attn.reference`: out, lse, and dq/dk/dv un
 both out and lse. The default backward (`backward="auto"`) is the Mosaic dQ and dK/dV kernels up
 to d = 128 (GQA sums included), run by the same interpreter; above d = 128, and with
 `backward="triton"`, the Triton backward (run in Triton's interpret mode) fed with the Mosaic
-forward's lse.
+forward's lse. The fused backward (`MosaicConfig.bwd_fused`: one kernel adding dQ by TMA
+reduce-adds) runs there too, with each warpgroup adding into its own float32 slice, since the
+interpreter has no TMA reductions; its GPU lowering (one kernel, `cp.reduce.async.bulk.tensor`
+into an aliased buffer) is checked by lowering for CUDA on the CPU.
 
 What it cannot cover: the interpreter cannot run wgmma with a register operand or through a
 transposed shared-memory view, nor `layout_cast`; in interpret mode the kernel's two matmuls are
@@ -35,6 +38,7 @@ from __future__ import annotations
 import math
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -260,6 +264,55 @@ def test_mosaic_backward_per_head_mask_with_an_empty_head():
     mask[:, 0] = False  # every query of head 0 is empty: zero gradients, lse = -inf
     check(1, 2, 2, 64, 128, 64, dtype="float16", key_mask=mask, backward="mosaic",
           config=M.MosaicConfig(64, 64, 2))
+
+
+# The fused backward (`MosaicConfig.bwd_fused`): the dK/dV kernel also adds dQ's share of every
+# tile into a float32 dQ. In interpret mode each warpgroup adds into its own slice (no TMA
+# reductions there), so a share added twice, to the wrong rows or heads, or never, shows in dq.
+@SLOW
+@needs_mgpu
+@pytest.mark.parametrize("case", ["tails_mqa_bsnd", "gqa_split_d128", "empty_head_fp16"])
+def test_fused_backward(case):
+    fused = dict(bwd_fused=True)
+    if case == "tails_mqa_bsnd":  # query and key tails, kv_lengths, two query heads per k/v head
+        check(1, 2, 1, 77, 150, 40, layout="bsnd", kv_lengths=[100], backward="mosaic",
+              config=M.MosaicConfig(64, 64, 2, **fused))
+    elif case == "gqa_split_d128":  # the warpgroups split dQ's columns (d = 128 only)
+        check(1, 4, 2, 130, 200, 128, kv_lengths=[150], backward="mosaic",
+              config=M.MosaicConfig(64, 64, 2, bwd_dq_split=True, **fused))
+    else:
+        mask = np.random.default_rng(5).random((1, 2, 1, 128)) > 0.4
+        mask[:, 0] = False
+        check(1, 2, 2, 64, 128, 64, dtype="float16", key_mask=mask, backward="mosaic",
+              config=M.MosaicConfig(64, 64, 2, **fused))
+
+
+@needs_mgpu
+@pytest.mark.parametrize("split", [False, True])
+def test_fused_backward_lowers_to_one_kernel_with_tma_reduce_adds(split):
+    # What interpret mode cannot show: the GPU lowering (Mosaic GPU compiles to PTX here, no GPU
+    # needed) is one backward kernel whose dQ adds are TMA reductions into an aliased buffer.
+    cfg = M.MosaicConfig(64, 64, 2, bwd_fused=True, bwd_dq_split=split)
+    x = jax.ShapeDtypeStruct((1, 256, 2, 128), jnp.bfloat16)
+    loss = lambda q, k, v: M.mosaic_attention(  # noqa: E731
+        q, k, v, layout="bsnd", config=cfg).astype(jnp.float32).sum()
+    text = jax.jit(jax.grad(loss, (0, 1, 2))).trace(x, x, x).lower(
+        lowering_platforms=("cuda",)).as_text()
+    kernels = re.findall(r"custom_call @mosaic_gpu", text)
+    assert len(kernels) == 2  # the forward and one backward kernel (unfused: three)
+    assert "cp.reduce.async.bulk.tensor" in text and "output_operand_aliases" in text
+
+
+def test_fused_backward_shared_memory_fits():
+    from types import SimpleNamespace
+
+    from jax_attn.kernels import mosaic_backward as B
+    for dp, fused, split, want in [(128, False, False, 3), (128, True, False, 2),
+                                   (128, True, True, 2), (64, True, False, 3)]:
+        st = SimpleNamespace(dp=dp, config=M.MosaicConfig(bwd_stages=3, bwd_dq_split=split))
+        assert B._dkdv_stages(st, 2, 100, fused, has_kb=True) == want, (dp, fused, split)
+    st = SimpleNamespace(dp=128, config=M.MosaicConfig(bwd_stages=3))
+    assert B._dkdv_stages(st, 2, 1, True, has_kb=False) == 1  # never deeper than the steps
 
 
 @needs_mgpu

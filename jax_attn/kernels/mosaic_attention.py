@@ -117,8 +117,13 @@ def _mosaic_backward(st, q, k, v, key_bias, kv_lengths, out, lse, do, dlse):
     kb = None
     if st.key_bias_dims is not None:
         kb = _kernel_key_bias(st, key_bias, kv_lengths, q.shape[0], skv_pad)
-    dq = _dq_call(st, qp, kp, vp, dop, lse2, delta, kb, sq_pad, skv_pad)
-    dk, dv = _dkdv_call(st, qp, kp, vp, dop, lse2, delta, kb, sq_pad, skv_pad)
+    if st.config.bwd_fused:
+        dk, dv, dq = _dkdv_call(st, qp, kp, vp, dop, lse2, delta, kb, sq_pad, skv_pad,
+                                with_dq=True)
+        dq = dq.astype(q.dtype)
+    else:
+        dq = _dq_call(st, qp, kp, vp, dop, lse2, delta, kb, sq_pad, skv_pad)
+        dk, dv = _dkdv_call(st, qp, kp, vp, dop, lse2, delta, kb, sq_pad, skv_pad)
     if bnsd:
         return dq[:, :, :st.sq, :st.d], dk[:, :, :st.skv, :st.d], dv[:, :, :st.skv, :st.d]
     return dq[:, :st.sq, :, :st.d], dk[:, :st.skv, :, :st.d], dv[:, :st.skv, :, :st.d]

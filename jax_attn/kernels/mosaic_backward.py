@@ -16,6 +16,11 @@ and lse2 are computed in XLA before the kernels (`mosaic_attention._mosaic_backw
   S^T = K Q^T, P^T = exp2(S^T*c + kb - lse2), dV += P^T dO, dP^T = V dO^T,
   dS^T = P^T * (dP^T - delta), dK += dS^T Q. Its S^T, dP^T and dS^T tiles are formed as K Q^T
   and V dO^T (transposed views).
+* Fused (`MosaicConfig.bwd_fused`, `_dkdv_call(with_dq=True)`): the dK/dV kernel alone, each
+  step also adding dQ's share (dS^T)^T K into a float32 dQ in global memory with a TMA
+  reduce-add: five matmuls per tile instead of seven, and dQ's sum order then depends on which
+  CTA adds first (float32 adds, so the result varies in its last bits from run to run, as
+  FlashAttention-3's does).
 
 In interpret mode the matmuls (`_mm`) are `lax.dot_general` on the same shared-memory tiles.
 """
@@ -55,19 +60,21 @@ def _produce(n_steps, stages, groups_of_copies):
             plgpu.barrier_wait(done.at[slot])
 
 
-def _mm(interp, a, b_ref, shape, *, transpose_b, acc=None, a_is_ref=True):
-    """acc + a @ (b^T if transpose_b else b) in float32; `a` a smem ref or (a_is_ref=False) a
-    register value.
+def _mm(interp, a, b_ref, shape, *, transpose_b, acc=None, a_is_ref=True, transpose_a=False):
+    """acc + (a^T if transpose_a else a) @ (b^T if transpose_b else b) in float32; `a` a smem
+    ref or (a_is_ref=False) a register value (never transposed).
 
-    On the GPU a wgmma (b through a transposed view, no copy); in interpret mode a dot_general
-    on the same tiles (the interpreter has no register-operand or transposed wgmma).
+    On the GPU a wgmma (a and b through transposed views, no copy); in interpret mode a
+    dot_general on the same tiles (the interpreter has no register-operand or transposed wgmma).
     """
     if interp:
         a_val = a[...] if a_is_ref else a
+        a_val = a_val.T if transpose_a else a_val
         dims = (((1,), (1,)), ((), ())) if transpose_b else (((1,), (0,)), ((), ()))
         out = lax.dot_general(a_val, b_ref[...], dims, preferred_element_type=jnp.float32)
         return out if acc is None else acc + out
     b = plgpu.transpose_ref(b_ref, (1, 0)) if transpose_b else b_ref
+    a = plgpu.transpose_ref(a, (1, 0)) if transpose_a else a
     if acc is None:
         def fresh(acc_ref):
             plgpu.wgmma(acc_ref, a, b)
@@ -198,7 +205,47 @@ def _dq_call(st, q, k, v, do, lse2, delta, kb, sq_pad, skv_pad):
     return call(q, k, v, do, lse2, delta, *((kb,) if has_kb else ()))
 
 
-def _dkdv_call(st, q, k, v, do, lse2, delta, kb, sq_pad, skv_pad):
+SMEM_BUDGET = 220 * 1024  # bytes of shared memory a backward CTA may take (an H100/H200 has 227 KB)
+
+
+def _dq_split(st, with_dq):
+    """Fused at d = 128 with `bwd_dq_split`: the two warpgroups share every dS tile and each
+    adds one 64-column half of dQ (FlashAttention-3's traffic) instead of a full-width share."""
+    return with_dq and st.config.bwd_dq_split and st.dp == 128
+
+
+def _dkdv_stages(st, itemsize, n_steps, with_dq, has_kb):
+    """The deepest Q/dO ring up to `bwd_stages` that fits SMEM_BUDGET beside the K/V tiles (and,
+    fused, the dS^T and float32 dQ staging tiles): at d = 128 the fused kernel runs 2 deep."""
+    bq = bk = BWD_BLOCK
+    fixed = 2 * 2 * bk * st.dp * itemsize
+    if _dq_split(st, with_dq):  # dS^T double-buffered; dQ staged as column halves
+        fixed += 2 * 2 * bk * bq * itemsize + 2 * bq * (st.dp // 2) * 4
+    elif with_dq:
+        fixed += 2 * bk * bq * itemsize + 2 * bq * st.dp * 4
+    per_stage = 2 * bq * st.dp * itemsize + 2 * bq * 4 + (2 * bk * 4 if has_kb else 0)
+    stages = max(1, min(st.config.bwd_stages, n_steps))
+    while stages > 1 and fixed + stages * per_stage > SMEM_BUDGET:
+        stages -= 1
+    return stages
+
+
+def _dkdv_call(st, q, k, v, do, lse2, delta, kb, sq_pad, skv_pad, *, with_dq=False):
+    """dK and dV (and, `with_dq`, dQ in float32: one kernel for the whole backward).
+
+    Fused, each compute warpgroup also forms dQ's share of its 64 keys per streamed query
+    block, dS K with dS^T staged in shared memory (a transposed wgmma operand), and adds it
+    into a float32 dQ in global memory with a TMA reduce-add: five matmuls per tile where the
+    two kernels take seven (the dQ kernel recomputes S, P and dP). The dQ accumulator must start
+    at zero: on the GPU it is a zeroed `jax.new_ref` the kernel aliases; the interpreter has
+    neither aliased refs nor TMA reductions, so there it is an output (the interpreter zeroes
+    fresh memory when asked) with one slice per warpgroup, each added to by one thread only.
+    With `MosaicConfig.bwd_dq_split` (d = 128), both warpgroups stage their dS^T, meet at a
+    barrier, and each forms one 64-column half of the CTA's dQ tile from both: half the
+    reduce-add traffic, for one barrier per step (dS^T double-buffered by step parity, so a
+    warpgroup that runs ahead cannot overwrite a tile the other still reads).
+    Returns (dk, dv) or (dk, dv, dq_f32).
+    """
     bq = bk = BWD_BLOCK
     dp, dtype, interp = st.dp, q.dtype, st.interpret
     rows, kw, smem_t = _bwd_common(st)
@@ -207,25 +254,78 @@ def _dkdv_call(st, q, k, v, do, lse2, delta, kb, sq_pad, skv_pad):
     n_qt = sq_pad // bq
     g = st.groups
     n_steps = g * n_qt
-    stages = max(1, min(st.config.bwd_stages, n_steps))
     has_kb = kb is not None
+    stages = _dkdv_stages(st, q.dtype.itemsize, n_steps, with_dq, has_kb)
     c = st.scale * LOG2E
     wgmma_l = None if interp else plgpu.Layout.WGMMA
+    n_in = 7 if has_kb else 6
+    split = _dq_split(st, with_dq)
+    half = dp // 2
 
     def head_and_row(t):  # streamed step -> (query head, first query row)
         t = jnp.asarray(t, jnp.int32)
         return lax.div(t, jnp.int32(n_qt)), lax.rem(t, jnp.int32(n_qt)) * bq
 
-    def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs):
-        if has_kb:
-            kb_ref, *refs = refs
-        dk_ref, dv_ref, k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, *refs = refs
+    def kernel(*refs):
+        q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = refs[:6]
+        kb_ref = refs[6] if has_kb else None
+        refs = refs[n_in:]
+        dq_ref = None
+        if with_dq and not interp:  # the aliased accumulator comes after the inputs
+            dq_ref, *refs = refs
+        dk_ref, dv_ref, *refs = refs
+        if with_dq and interp:
+            dq_ref, *refs = refs
+        k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, *refs = refs
         if has_kb:
             kb_smem, *refs = refs
+        if with_dq:
+            ds_smem, dq_smem, *refs = refs
         kv_in, q_bar, q_done, *refs = refs
-        kb_bar = refs[0] if has_kb else None
+        if has_kb:
+            kb_bar, *refs = refs
+        ds_ready = refs[0] if split else None
         kt, kvh, b = lax.axis_index("k"), lax.axis_index("h"), lax.axis_index("b")
         wg = lax.axis_index("wg")
+
+        def add_dq(dq, t, cols=None):
+            """dQ rows of streamed step t (columns `cols`, default all) += dq."""
+            hq, r0 = head_and_row(t)
+            dst = rows(dq_ref.at[wg] if interp else dq_ref, b, kvh * g + hq, r0, bq)
+            if cols is not None:
+                dst = dst.at[:, cols]
+            if interp:
+                dst[...] = dst[...] + dq
+                return
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last add has read the tile
+            dq_smem.at[wg][...] = dq
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(dq_smem.at[wg], dst, reduction_op="add")
+
+        def dq_of_step(i, dst):
+            if not split:  # this warpgroup's 64 keys, every column
+                ds_smem.at[wg][...] = dst
+                plgpu.commit_smem()
+                return lambda: add_dq(st.scale * _mm(
+                    interp, ds_smem.at[wg], k_smem.at[wg], (bq, dp), transpose_a=True,
+                    transpose_b=False), i)
+            buf = lax.rem(i, jnp.array(2, i.dtype))
+            ds_smem.at[buf, wg][...] = dst
+            plgpu.commit_smem()
+            plgpu.barrier_arrive(ds_ready.at[0])
+
+            def add_half():
+                plgpu.barrier_wait(ds_ready.at[0])  # both warpgroups' dS^T are in place
+                for w in range(2):  # static column slices of the swizzled K tiles
+                    @pl.when(wg == w)
+                    def _():
+                        cols = pl.ds(w * half, half)
+                        dq = None
+                        for j in range(2):  # keys of warpgroup j
+                            dq = _mm(interp, ds_smem.at[buf, j], k_smem.at[j, :, cols],
+                                     (bq, half), transpose_a=True, transpose_b=False, acc=dq)
+                        add_dq(st.scale * dq, i, cols)
+            return add_half
 
         @pl.when(wg < 2)
         def _compute():
@@ -261,10 +361,13 @@ def _dkdv_call(st, q, k, v, do, lse2, delta, kb, sq_pad, skv_pad):
                 dv = _mm(interp, pt.astype(dtype), do_smem.at[slot], (bk, dp), transpose_b=False,
                          acc=dv, a_is_ref=False)
                 dpt = _mm(interp, v_smem.at[wg], do_smem.at[slot], (bk, bq), transpose_b=True)
-                dst = pt * (dpt - lax.broadcast_in_dim(dlt, (bk, bq), [1]))
-                dk = _mm(interp, dst.astype(dtype), q_smem.at[slot], (bk, dp), transpose_b=False,
+                dst = (pt * (dpt - lax.broadcast_in_dim(dlt, (bk, bq), [1]))).astype(dtype)
+                dk = _mm(interp, dst, q_smem.at[slot], (bk, dp), transpose_b=False,
                          acc=dk, a_is_ref=False)
-                plgpu.barrier_arrive(q_done.at[slot])
+                finish_dq = dq_of_step(i, dst) if with_dq else None
+                plgpu.barrier_arrive(q_done.at[slot])  # dQ below reads only this CTA's K
+                if with_dq:
+                    finish_dq()
                 return dk, dv
 
             dk, dv = lax.fori_loop(0, n_steps, step, (acc0, acc0))
@@ -317,14 +420,40 @@ def _dkdv_call(st, q, k, v, do, lse2, delta, kb, sq_pad, skv_pad):
                plgpu.SMEM((stages, bq), jnp.float32), plgpu.SMEM((stages, bq), jnp.float32)]
     if has_kb:
         scratch.append(plgpu.SMEM((stages, 2, bk), jnp.float32))
+    if with_dq:
+        f32_t = () if interp else (plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128))
+        scratch += [plgpu.SMEM((2, 2, bk, bq) if split else (2, bk, bq), dtype, transforms=smem_t),
+                    plgpu.SMEM((2, bq, half if split else dp), jnp.float32, transforms=f32_t)]
     scratch += [plgpu.Barrier(num_barriers=4), plgpu.Barrier(num_barriers=4 * stages),
                 plgpu.Barrier(num_arrivals=2, num_barriers=stages)]
     if has_kb:
         scratch.append(plgpu.Barrier(num_barriers=2 * stages))
-    call = plgpu.kernel(
-        kernel, out_type=[jax.ShapeDtypeStruct(kv_shape, dtype)] * 2, scratch_types=scratch,
-        grid=_grid(st.config, batch, kv_heads, skv_pad // (2 * bk)),
-        grid_names=_grid(st.config, "b", "h", "k"),
-        num_threads=3, thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=True), **kw)
-    return call(q, k, v, do, lse2, delta, *((kb,) if has_kb else ()))
+    if split:
+        scratch.append(plgpu.Barrier(num_arrivals=2, num_barriers=1))
+    out_type = [jax.ShapeDtypeStruct(kv_shape, dtype)] * 2
+    grid = _grid(st.config, batch, kv_heads, skv_pad // (2 * bk))
+    grid_names = _grid(st.config, "b", "h", "k")
+    params = plgpu.CompilerParams(approx_math=True)
+    args = (q, k, v, do, lse2, delta, *((kb,) if has_kb else ()))
+    if not with_dq:
+        return plgpu.kernel(kernel, out_type=out_type, scratch_types=scratch, grid=grid,
+                            grid_names=grid_names, num_threads=3, thread_name="wg",
+                            compiler_params=params, **kw)(*args)
+    if interp:
+        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+        out_type.append(jax.ShapeDtypeStruct((2, *q.shape), jnp.float32))
+        dk, dv, dq2 = plgpu.kernel(
+            kernel, out_type=out_type, scratch_types=scratch, grid=grid, grid_names=grid_names,
+            num_threads=3, thread_name="wg", compiler_params=params,
+            interpret=InterpretGPUParams(uninitialized_memory="zero"))(*args)
+        return dk, dv, dq2[0] + dq2[1]
+    # plgpu.kernel's vmap wrapper does not pass refs through; pl.kernel over the same mesh
+    # does, and aliases the ref in and out of the kernel.
+    mesh = plgpu.Mesh(grid=grid, grid_names=grid_names, num_threads=3, thread_name="wg")
+
+    def body(*refs):
+        pl.run_scoped(lambda *scr: kernel(*refs, *scr), *scratch, collective_axes="wg")
+
+    dq_acc = jax.new_ref(jnp.zeros(q.shape, jnp.float32))
+    dk, dv = pl.kernel(body, out_type=out_type, mesh=mesh, compiler_params=params)(*args, dq_acc)
+    return dk, dv, dq_acc[...]

@@ -50,6 +50,12 @@ class MosaicConfig:
     # profile: benchmarks/results/2026-11-23-h100-mosaic-grid/README.md.
     q_major_grid: bool = True
     bwd_stages: int = 2  # shared-memory slots of the tiles the backward kernels stream
+    # One backward kernel instead of two: the dK/dV kernel also adds each tile's dQ share into
+    # a float32 dQ with TMA reduce-adds (5 matmuls per tile instead of 7; `mosaic_backward`).
+    bwd_fused: bool = False
+    # Fused at d = 128: the two warpgroups split dQ's columns instead of its keys, so each step
+    # adds one 64x128 float32 tile per CTA instead of two (one barrier per step more).
+    bwd_dq_split: bool = False
     # Intra-warpgroup overlap in the forward (FlashAttention-3's second technique): each step
     # issues S = Q K^T of the next key block and O += P V of this one back to back, waits for
     # the first only, and runs the next block's softmax while P V is on the tensor cores. It

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# H200 round 7 (issues 15 and 16). Three calls back to back, no FA4:
+#
+#   call 1:  bash benchmarks/h200_round7.sh fused_checks
+#   call 2:  bash benchmarks/h200_round7.sh fused_tune
+#   call 3:  bash benchmarks/h200_round7.sh free
+#
+# fused_checks the one-kernel backward (MosaicConfig.bwd_fused, and with bwd_dq_split) through
+#              mosaic_gpu.py's small checks: forward, lse and dq/dk/dv against the float64
+#              reference with GQA, kv_lengths, masks, d = 40/64/128, bf16 and fp16.
+# fused_tune   `mosaic_gpu.py --tune --tune-set fused`: fused vs two kernels vs cuDNN, forward
+#              and forward+backward, gradients against float32 XLA on two heads in every row.
+# free         round 6's unfinished step: the 8-bit kernel variants (turn-taking off, per-tile K
+#              scales, P V in 16-bit, and their pairs) against the default, checked, then timed;
+#              and the Pallas FP8 V pass beside XLA's.
+#
+# Each step ends by archiving what is done into $OUT (at most 8 files come back, and a call cut
+# at its limit still returns it).
+set -u
+FINAL=${OUT:-out}
+OUT=/tmp/round7
+rm -rf "$OUT"
+STEPS=${*:-fused_checks}
+has() { [[ " $STEPS " == *" $1 "* ]]; }
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
+mkdir -p "$OUT"
+pack() {
+  mkdir -p "$FINAL" && tar czf "$FINAL/round7-$(echo $STEPS | tr ' ' '-').tgz" -C "$OUT" .
+}
+if has fused_checks; then
+  mkdir -p "$OUT/fused_checks"
+  for cfg in '{"bwd_fused": true}' '{"bwd_fused": true, "bwd_dq_split": true}'; do
+    name=$(echo "$cfg" | tr -dc 'a-z_' )
+    quick=""; [[ $cfg == *split* ]] && quick=--quick-small  # the split acts at d = 128 only
+    timeout 200 python3 benchmarks/mosaic_gpu.py --quick $quick --small-config "$cfg" \
+      --out "$OUT/fused_checks/$name" > "$OUT/fused_checks/$name.txt" 2>&1
+    grep -E "small (PASS|FAIL)" "$OUT/fused_checks/$name.txt" | cut -c1-220
+  done
+  pack
+fi
+if has fused_tune; then
+  mkdir -p "$OUT/fused_tune"
+  timeout 330 python3 benchmarks/mosaic_gpu.py --quick --skip-small --tune --tune-set fused \
+    --budget 290 --out "$OUT/fused_tune" > "$OUT/fused_tune/stdout.txt" 2>&1
+  grep -E "^\|" "$OUT/fused_tune/stdout.txt" | tail -n 14
+  pack
+fi
+if has free; then
+  mkdir -p "$OUT/free"
+  timeout 540 python3 benchmarks/sage_device.py --variants \
+    --only default,free,ktile,free_ktile,pv16,pv16_free,pv16_ktile \
+    --shapes 1,2,0 --budget 500 --out "$OUT/free" > "$OUT/free/stdout.txt" 2>&1
+  rm -f "$OUT/free/log.txt"
+  grep -E " ms|MISMATCH|ERROR" "$OUT/free/stdout.txt" | grep -v prepass | cut -c1-160
+  pack
+fi
+pack
