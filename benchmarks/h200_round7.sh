@@ -5,11 +5,21 @@
 #   call 2:  bash benchmarks/h200_round7.sh fused_tune
 #   call 3:  bash benchmarks/h200_round7.sh free
 #
+# Second visit, after the split variant failed to lower under jax 0.11 (a static warpgroup index
+# became a literal operand of the accumulator's run_state; fixed by traced indices):
+#
+#   call 1:  bash benchmarks/h200_round7.sh split_checks split_tune
+#   call 2:  bash benchmarks/h200_round7.sh lossy_tune
+#
 # fused_checks the one-kernel backward (MosaicConfig.bwd_fused, and with bwd_dq_split) through
 #              mosaic_gpu.py's small checks: forward, lse and dq/dk/dv against the float64
 #              reference with GQA, kv_lengths, masks, d = 40/64/128, bf16 and fp16.
 # fused_tune   `mosaic_gpu.py --tune --tune-set fused`: fused vs two kernels vs cuDNN, forward
 #              and forward+backward, gradients against float32 XLA on two heads in every row.
+# split_checks the small checks with {"bwd_fused": true, "bwd_dq_split": true} (5 of them).
+# split_tune   `--tune-set split`: the split fused backward against the two kernels, d = 128.
+# lossy_tune   `python -m jax_attn tune --lossy`, inference, bf16, into a copy of the shipped
+#              routing.json: the H200's `auto+8bit` orders with the per-tile K scale default.
 # free         round 6's unfinished step: the 8-bit kernel variants (turn-taking off, per-tile K
 #              scales, P V in 16-bit, and their pairs) against the default, checked, then timed;
 #              and the Pallas FP8 V pass beside XLA's.
@@ -43,6 +53,30 @@ if has fused_tune; then
   timeout 330 python3 benchmarks/mosaic_gpu.py --quick --skip-small --tune --tune-set fused \
     --budget 290 --out "$OUT/fused_tune" > "$OUT/fused_tune/stdout.txt" 2>&1
   grep -E "^\|" "$OUT/fused_tune/stdout.txt" | tail -n 14
+  pack
+fi
+if has split_checks; then
+  mkdir -p "$OUT/split_checks"
+  timeout 120 python3 benchmarks/mosaic_gpu.py --quick --quick-small \
+    --small-config '{"bwd_fused": true, "bwd_dq_split": true}' --out "$OUT/split_checks" \
+    > "$OUT/split_checks/stdout.txt" 2>&1
+  grep -E "small (PASS|FAIL)" "$OUT/split_checks/stdout.txt" | cut -c1-220
+  pack
+fi
+if has split_tune; then
+  mkdir -p "$OUT/split_tune"
+  timeout 200 python3 benchmarks/mosaic_gpu.py --quick --skip-small --tune --tune-set split \
+    --budget 170 --out "$OUT/split_tune" > "$OUT/split_tune/stdout.txt" 2>&1
+  grep -E "^\|" "$OUT/split_tune/stdout.txt" | tail -n 8
+  pack
+fi
+if has lossy_tune; then
+  mkdir -p "$OUT/lossy_tune"
+  cp jax_attn/data/routing.json "$OUT/lossy_tune/routing.json"
+  timeout 420 python3 -m jax_attn tune --lossy --modes inference --expect-device "NVIDIA H200" \
+    --dtype bfloat16 --budget 330 --quiet --write-shipped "$OUT/lossy_tune/routing.json" \
+    --json "$OUT/lossy_tune/tune.json" > "$OUT/lossy_tune/tune-log.txt" 2>&1
+  tail -n 30 "$OUT/lossy_tune/tune-log.txt" | cut -c1-200
   pack
 fi
 if has free; then

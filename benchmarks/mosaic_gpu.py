@@ -88,6 +88,9 @@ TUNE_SETS = {
                128: [{}, {"bwd_fused": True}, {"bwd_fused": True, "bwd_dq_split": True}]},
               {64: [(2, 10, 4096, 4096, 64), (2, 8, 4096, 4096, 40)],
                128: [(1, 24, 4608, 4608, 128), (1, 40, 16384, 16384, 128)]}),
+    # --tune-set split: the fused backward with dQ's columns split, at d = 128 alone
+    "split": ({128: [{}, {"bwd_fused": True, "bwd_dq_split": True}]},
+              {128: [(1, 24, 4608, 4608, 128), (1, 40, 16384, 16384, 128)]}),
 }
 FWD_ONLY = [False]  # --fwd-only: the tuning times the forward alone
 SMALL_CONFIG = [{}]  # --small-config JSON: MosaicConfig fields changed in the small checks

@@ -8,8 +8,10 @@ The scheme (issue 16; after the SageAttention papers, our own code):
   The log-sum-exp is not shift-invariant, so the lse gets `scale * q . mean` added back.
 * Q and K go to INT8 per group of rows, per head, symmetric, `scale = amax / 127`, round half
   to even. The kernel reads one scale per query row and per key (a vector, like a key bias), so
-  the group size costs it nothing: the default is one scale per token (`q_rows = k_rows = 1`);
-  per kernel block (`block_q` / `block_k` rows, the SageAttention granularity) is a parameter.
+  the group size costs it nothing: the simulation's default is one scale per token
+  (`q_rows = k_rows = 1`); per kernel block (`block_q` / `block_k` rows, the SageAttention
+  granularity) is a parameter. The kernel's default K scale is per key block
+  (`SageConfig.k_scale_per_tile`, `k_tile_scale` here), which it folds into exp2's FMA.
   Measured in this simulation (d = 128, 1024 tokens): per-token Q raises the cosine on
   heavy-tailed (student-t, 3 dof) Q from 0.9974 to 0.9990; on normal inputs it changes nothing. S = (Q8 K8^T) is exact in
   int32; its float32 value times the row's Q scale (with `softmax_scale * log2(e)` folded in:

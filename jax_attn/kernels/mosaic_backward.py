@@ -321,7 +321,10 @@ def _dkdv_call(st, q, k, v, do, lse2, delta, kb, sq_pad, skv_pad, *, with_dq=Fal
                     def _():
                         cols = pl.ds(w * half, half)
                         dq = None
-                        for j in range(2):  # keys of warpgroup j
+                        # keys of this warpgroup, then of the other; traced indices, since a
+                        # static one becomes a literal operand of the accumulator's run_state,
+                        # which Mosaic GPU (jax 0.11) cannot lower
+                        for j in (wg, 1 - wg):
                             dq = _mm(interp, ds_smem.at[buf, j], k_smem.at[j, :, cols],
                                      (bq, half), transpose_a=True, transpose_b=False, acc=dq)
                         add_dq(st.scale * dq, i, cols)

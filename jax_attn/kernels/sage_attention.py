@@ -27,7 +27,9 @@ from .sage_forward import SageConfig, sage_call
 
 
 def sim_flags(cfg: SageConfig) -> dict:
-    """`quantization.sage_reference` / `simulate` keyword arguments that mirror `cfg`'s kernel."""
+    """`quantization.sage_reference` / `simulate` keyword arguments that mirror `cfg`'s kernel
+    (`cfg` as `sage_attention` takes it, for scale > 0)."""
+    cfg = cfg.resolved(64)  # the flags below do not depend on the head dim
     pv16 = cfg.pv_bits == 16
     return dict(fused_softmax=cfg.fused_softmax, v_key_perm=cfg.p_in_registers and not pv16,
                 pv16=pv16, k_tile_scale=cfg.k_scale_per_tile)
@@ -86,7 +88,8 @@ def sage_attention(q, k, v, *, kv_lengths=None, key_mask=None, scale=None, layou
     `q_segment_ids (b, sq)`, `kv_segment_ids (b, skv)` (int32; both or neither): packed
     sequences, a key counts for a query only where their ids are equal.
     `q_rows`, `k_rows`: rows per INT8 scale (1 = per token; see `jax_attn.quantization`); they
-    must divide the kernel's blocks.
+    must divide the kernel's blocks. With `SageConfig.k_scale_per_tile` (the default where the
+    fused softmax runs) K's scale is per key block whatever `k_rows` says (1 or the block).
     """
     if available() is not None:
         raise RuntimeError(f"Mosaic GPU Pallas is unavailable: {available()}")
@@ -102,7 +105,10 @@ def sage_attention(q, k, v, *, kv_lengths=None, key_mask=None, scale=None, layou
         raise ValueError(f"q heads ({n}) must be a multiple of k/v heads ({n_kv})")
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     dp = head_dim_padded(d)
-    cfg = (config or SageConfig()).resolved(dp)
+    cfg = config or SageConfig()
+    if scale <= 0 and cfg.k_scale_per_tile is None:  # the plain softmax below: per-key scales
+        cfg = dataclasses.replace(cfg, k_scale_per_tile=False)
+    cfg = cfg.resolved(dp)
     if cfg.k_scale_per_tile:  # one K scale per key block: what the kernel's tile scalar reads
         k_rows = quantization.tile_k_rows(k_rows, cfg.block_kv, scale, "SageConfig.k_scale_per_tile")
     if scale <= 0 and cfg.fused_softmax:  # it folds the row scale into exp2 via max(t * qs) =

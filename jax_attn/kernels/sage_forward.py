@@ -105,26 +105,32 @@ class SageConfig:
     # subtraction, which fold into exp2's FMA: two instructions per logit fewer, where the
     # profile puts the 8-bit kernel's pace (round-6 README). Costs some accuracy (`sage16`
     # relative L1 0.0095 -> 0.0119 at d = 128 on normal inputs, simulation vs float64,
-    # benchmarks/sage_scale_granularity.py). Needs `fused_softmax`. Checked against the
-    # simulation in interpret mode; not yet timed on a GPU.
-    k_scale_per_tile: bool = False
+    # benchmarks/sage_scale_granularity.py). Needs `fused_softmax`. None (the default): on
+    # wherever the fused softmax is (`resolved`; `sage_attention` turns it off with the fused
+    # softmax for scale <= 0), since the H200 measured it (2026-12-01,
+    # benchmarks/results/2026-12-01-h200-round7/): `sage` 6-11% and `sage16` 4-10% faster at
+    # 4096-16384 tokens, d = 64 and 128; relative L1 unchanged for `sage`, 0.0078 -> 0.0085 at
+    # most for `sage16`.
+    k_scale_per_tile: bool | None = None
 
     def resolved(self, dp: int) -> "SageConfig":
-        """With `block_kv` (when 0) and `two_level_pv` (when None) chosen for head dim `dp`."""
+        """With `block_kv` (when 0) and `two_level_pv` (when None) chosen for head dim `dp`, and
+        `k_scale_per_tile` (when None) as `fused_softmax`."""
         if self.pv_bits not in (8, 16):
             raise ValueError(f"SageConfig.pv_bits must be 8 or 16, got {self.pv_bits}")
-        if self.k_scale_per_tile and not self.fused_softmax:
+        ktile = self.fused_softmax if self.k_scale_per_tile is None else self.k_scale_per_tile
+        if ktile and not self.fused_softmax:
             raise ValueError("SageConfig.k_scale_per_tile folds the K scale into the fused "
                              "softmax's exp2 FMA: it needs fused_softmax=True")
         two_level = (dp <= 64 and self.pv_bits == 8) if self.two_level_pv is None \
             else self.two_level_pv
         return dataclasses.replace(
             self, block_kv=self.block_kv or (256 if dp <= 64 and not self.overlap else 128),
-            two_level_pv=two_level)
+            two_level_pv=two_level, k_scale_per_tile=ktile)
 
 
 OLD_CONFIG = SageConfig(block_kv=128, two_level_pv=True, p_in_registers=False,
-                        fused_softmax=False)  # the kernel as first measured (2026-11-30)
+                        fused_softmax=False, k_scale_per_tile=False)  # the kernel as first measured (2026-11-30)
 
 
 
