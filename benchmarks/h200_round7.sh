@@ -37,39 +37,31 @@ mkdir -p "$OUT"
 pack() {
   mkdir -p "$FINAL" && tar czf "$FINAL/round7-$(echo $STEPS | tr ' ' '-').tgz" -C "$OUT" .
 }
+checks() {  # checks NAME CONFIG TIMEOUT [--quick-small]: mosaic_gpu.py's small checks
+  timeout "$3" python3 benchmarks/mosaic_gpu.py --quick ${4:-} --small-config "$2" \
+    --out "$OUT/$1" > "$OUT/$1.txt" 2>&1
+  grep -E "small (PASS|FAIL)" "$OUT/$1.txt" | cut -c1-220
+}
+tune_set() {  # tune_set NAME SET TIMEOUT BUDGET: mosaic_gpu.py --tune --tune-set SET alone
+  mkdir -p "$OUT/$1"
+  timeout "$3" python3 benchmarks/mosaic_gpu.py --quick --skip-small --tune --tune-set "$2" \
+    --budget "$4" --out "$OUT/$1" > "$OUT/$1/stdout.txt" 2>&1
+  grep -E "^\|" "$OUT/$1/stdout.txt" | tail -n 14
+}
+SPLIT='{"bwd_fused": true, "bwd_dq_split": true}'
 if has fused_checks; then
   mkdir -p "$OUT/fused_checks"
-  for cfg in '{"bwd_fused": true}' '{"bwd_fused": true, "bwd_dq_split": true}'; do
-    name=$(echo "$cfg" | tr -dc 'a-z_' )
-    quick=""; [[ $cfg == *split* ]] && quick=--quick-small  # the split acts at d = 128 only
-    timeout 200 python3 benchmarks/mosaic_gpu.py --quick $quick --small-config "$cfg" \
-      --out "$OUT/fused_checks/$name" > "$OUT/fused_checks/$name.txt" 2>&1
-    grep -E "small (PASS|FAIL)" "$OUT/fused_checks/$name.txt" | cut -c1-220
-  done
+  checks fused_checks/bwd_fusedtrue '{"bwd_fused": true}' 200
+  checks fused_checks/bwd_fusedtruebwd_dq_splittrue "$SPLIT" 200 --quick-small  # d = 128 only
   pack
 fi
-if has fused_tune; then
-  mkdir -p "$OUT/fused_tune"
-  timeout 330 python3 benchmarks/mosaic_gpu.py --quick --skip-small --tune --tune-set fused \
-    --budget 290 --out "$OUT/fused_tune" > "$OUT/fused_tune/stdout.txt" 2>&1
-  grep -E "^\|" "$OUT/fused_tune/stdout.txt" | tail -n 14
-  pack
-fi
+if has fused_tune; then tune_set fused_tune fused 330 290; pack; fi
 if has split_checks; then
   mkdir -p "$OUT/split_checks"
-  timeout 120 python3 benchmarks/mosaic_gpu.py --quick --quick-small \
-    --small-config '{"bwd_fused": true, "bwd_dq_split": true}' --out "$OUT/split_checks" \
-    > "$OUT/split_checks/stdout.txt" 2>&1
-  grep -E "small (PASS|FAIL)" "$OUT/split_checks/stdout.txt" | cut -c1-220
+  checks split_checks/split "$SPLIT" 120 --quick-small
   pack
 fi
-if has split_tune; then
-  mkdir -p "$OUT/split_tune"
-  timeout 200 python3 benchmarks/mosaic_gpu.py --quick --skip-small --tune --tune-set split \
-    --budget 170 --out "$OUT/split_tune" > "$OUT/split_tune/stdout.txt" 2>&1
-  grep -E "^\|" "$OUT/split_tune/stdout.txt" | tail -n 8
-  pack
-fi
+if has split_tune; then tune_set split_tune split 200 170; pack; fi
 if has lossy_tune; then
   mkdir -p "$OUT/lossy_tune"
   cp jax_attn/data/routing.json "$OUT/lossy_tune/routing.json"

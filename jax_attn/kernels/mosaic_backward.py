@@ -26,6 +26,8 @@ In interpret mode the matmuls (`_mm`) are `lax.dot_general` on the same shared-m
 """
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -438,17 +440,16 @@ def _dkdv_call(st, q, k, v, do, lse2, delta, kb, sq_pad, skv_pad, *, with_dq=Fal
     grid_names = _grid(st.config, "b", "h", "k")
     params = plgpu.CompilerParams(approx_math=True)
     args = (q, k, v, do, lse2, delta, *((kb,) if has_kb else ()))
-    if not with_dq:
-        return plgpu.kernel(kernel, out_type=out_type, scratch_types=scratch, grid=grid,
+    if with_dq and interp:  # dQ as a zeroed output, one slice per warpgroup
+        out_type.append(jax.ShapeDtypeStruct((2, *q.shape), jnp.float32))
+        kw = dict(kw, interpret=dataclasses.replace(kw["interpret"], uninitialized_memory="zero"))
+    if not with_dq or interp:
+        outs = plgpu.kernel(kernel, out_type=out_type, scratch_types=scratch, grid=grid,
                             grid_names=grid_names, num_threads=3, thread_name="wg",
                             compiler_params=params, **kw)(*args)
-    if interp:
-        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-        out_type.append(jax.ShapeDtypeStruct((2, *q.shape), jnp.float32))
-        dk, dv, dq2 = plgpu.kernel(
-            kernel, out_type=out_type, scratch_types=scratch, grid=grid, grid_names=grid_names,
-            num_threads=3, thread_name="wg", compiler_params=params,
-            interpret=InterpretGPUParams(uninitialized_memory="zero"))(*args)
+        if not with_dq:
+            return outs
+        dk, dv, dq2 = outs
         return dk, dv, dq2[0] + dq2[1]
     # plgpu.kernel's vmap wrapper does not pass refs through; pl.kernel over the same mesh
     # does, and aliases the ref in and out of the kernel.
