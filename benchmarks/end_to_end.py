@@ -48,6 +48,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout
 import jax_attn  # noqa: E402
+from jax_attn.arrays import random_normal  # noqa: E402
 from jax_attn.bench.device_info import environment  # noqa: E402
 from jax_attn.models.dit_large import JointDiT, JointDiTConfig  # noqa: E402
 from jax_attn.models.unet import UNet, UNetConfig  # noqa: E402
@@ -110,10 +111,6 @@ class Workload:
     call_kw: dict  # extra keyword arguments of the model call, per step kind
 
 
-def _normal(key, shape, dtype):
-    return jax.random.normal(key, shape, jnp.float32).astype(dtype)
-
-
 def dit_config(args) -> JointDiTConfig:
     if args.quick:
         return JointDiTConfig(hidden=64, heads=4, depth=2, in_channels=16, text_dim=32)
@@ -132,12 +129,12 @@ def dit_workloads(cfg: JointDiTConfig, args, key) -> list[Workload]:
     out = []
     for n_img in args.dit_tokens:
         k1, k2, k3, key = jax.random.split(key, 4)
-        img = _normal(k1, (1, n_img, cfg.in_channels), cfg.dtype)
-        txt = _normal(k2, (1, n_txt, cfg.text_dim), cfg.dtype)
+        img = random_normal(k1, (1, n_img, cfg.in_channels), cfg.dtype)
+        txt = random_normal(k2, (1, n_txt, cfg.text_dim), cfg.dtype)
         s = n_img + n_txt
         out.append(Workload(
             "dit", f"{n_img} img + {n_txt} txt tokens", (img, txt, jnp.full((1,), 500.0)),
-            _normal(k3, img.shape, jnp.float32),
+            random_normal(k3, img.shape, jnp.float32),
             [dict(kind="joint self", b=1, sq=s, skv=s, n=cfg.heads, d=cfg.dim_head, count=cfg.depth)],
             {"fwd": {}, "train": {"remat": True}}))
     return out
@@ -146,11 +143,11 @@ def dit_workloads(cfg: JointDiTConfig, args, key) -> list[Workload]:
 def unet_workloads(cfg: UNetConfig, args, key) -> list[Workload]:
     n_txt, b = (8 if args.quick else 77), 2
     k1, k2, k3 = jax.random.split(key, 3)
-    lat = _normal(k1, (b, cfg.sample_size, cfg.sample_size, cfg.in_channels), cfg.dtype)
-    ctx = _normal(k2, (b, n_txt, cfg.context_dim), cfg.dtype)
+    lat = random_normal(k1, (b, cfg.sample_size, cfg.sample_size, cfg.in_channels), cfg.dtype)
+    ctx = random_normal(k2, (b, n_txt, cfg.context_dim), cfg.dtype)
     px = cfg.sample_size * 8
     return [Workload("unet", f"{px}x{px} px, latent {cfg.sample_size}x{cfg.sample_size}, b={b}",
-                     (lat, jnp.full((b,), 500.0), ctx), _normal(k3, lat.shape, jnp.float32),
+                     (lat, jnp.full((b,), 500.0), ctx), random_normal(k3, lat.shape, jnp.float32),
                      cfg.attention_calls(b, n_txt), {"fwd": {}, "train": {}})]
 
 

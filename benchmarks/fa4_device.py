@@ -142,9 +142,10 @@ def time_backend(backend, shape, mode, reps=20):
     import jax.numpy as jnp
 
     import jax_attn
+    from jax_attn.arrays import random_normal
     b, n, s, _, d = shape
     key = jax.random.split(jax.random.key(0), 4)
-    q, k, v, do = (jax.random.normal(kk, (b, n, s, d), jnp.bfloat16) for kk in key)
+    q, k, v, do = (random_normal(kk, (b, n, s, d), jnp.bfloat16) for kk in key)
     if mode == "fwd":
         fn = jax.jit(lambda q, k, v, do: jax_attn.attention_forward(q, k, v, backend=backend))
     else:
@@ -172,9 +173,10 @@ def time_layouts(shape, mode):
     import jax.numpy as jnp
 
     import jax_attn
+    from jax_attn.arrays import random_normal
     from jax_attn.bench.timing import median_ms
     b, n, s, _, d = shape
-    q, k, v, do = (jax.random.normal(kk, (b, n, s, d), jnp.bfloat16)
+    q, k, v, do = (random_normal(kk, (b, n, s, d), jnp.bfloat16)
                    for kk in jax.random.split(jax.random.key(0), 4))
     row = {"shape": list(shape), "mode": mode}
     for layout in ("bnsd", "bsnd"):

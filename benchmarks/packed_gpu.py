@@ -33,6 +33,7 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout
 import jax_attn  # noqa: E402
 from jax_attn import reference  # noqa: E402
+from jax_attn.arrays import random_normal  # noqa: E402
 from jax_attn.bench.timing import median_ms as _median_ms  # noqa: E402
 from jax_attn.routing import ENV_PALLAS_KERNEL  # noqa: E402
 
@@ -72,7 +73,7 @@ def check(backend, n, d, lengths):
     """max relative error of the packed output against each prompt run alone (prompt by prompt)."""
     total = sum(lengths)
     ks = jax.random.split(jax.random.key(1), 3)
-    q, k, v = (jax.random.normal(kk, (1, n, total, d), jnp.bfloat16) for kk in ks)
+    q, k, v = (random_normal(kk, (1, n, total, d), jnp.bfloat16) for kk in ks)
     packed = np.asarray(_fns(backend, False)(q, k, v, _ids(lengths)), np.float64)
     worst, start = 0.0, 0
     for length in lengths:
@@ -86,7 +87,7 @@ def check(backend, n, d, lengths):
 def measure(backend, n, d, lengths, train):
     total = sum(lengths)
     ks = jax.random.split(jax.random.key(0), 3)
-    q, k, v = (jax.random.normal(kk, (1, n, total, d), jnp.bfloat16) for kk in ks)
+    q, k, v = (random_normal(kk, (1, n, total, d), jnp.bfloat16) for kk in ks)
     f = _fns(backend, train)
     row = {"packed": median_ms(f, q, k, v, _ids(lengths)), "whole": median_ms(f, q, k, v)}
     parts, start = 0.0, 0

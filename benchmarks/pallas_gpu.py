@@ -142,6 +142,7 @@ def check_shape(shape, q, k, v, do, ours_fn):
 def bench(args):
     import jax
     import jax.numpy as jnp
+    from jax_attn.arrays import random_normal
     from jax.experimental.pallas.ops.gpu import attention as jax_pallas
 
     from jax_attn.kernels.flash_attention import flash_attention
@@ -150,10 +151,10 @@ def bench(args):
     rows = []
     for b, n, sq, skv, d in SHAPES:
         keys = jax.random.split(jax.random.key(sq + skv + d), 4)
-        q = jax.random.normal(keys[0], (b, sq, n, d), jnp.bfloat16)
-        k = jax.random.normal(keys[1], (b, skv, n, d), jnp.bfloat16)
-        v = jax.random.normal(keys[2], (b, skv, n, d), jnp.bfloat16)
-        do = jax.random.normal(keys[3], (b, sq, n, d), jnp.bfloat16)
+        q = random_normal(keys[0], (b, sq, n, d), jnp.bfloat16)
+        k = random_normal(keys[1], (b, skv, n, d), jnp.bfloat16)
+        v = random_normal(keys[2], (b, skv, n, d), jnp.bfloat16)
+        do = random_normal(keys[3], (b, sq, n, d), jnp.bfloat16)
         flops = 4.0 * b * n * sq * skv * d
         impls = {
             "ours": lambda q, k, v: flash_attention(q, k, v, layout="bsnd"),

@@ -44,6 +44,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from
 import jax_attn  # noqa: E402
 from jax_attn import parallel, reference  # noqa: E402
 from jax_attn import routing  # noqa: E402
+from jax_attn.arrays import random_normal  # noqa: E402
 from jax_attn.backends import BACKENDS  # noqa: E402
 from jax_attn.contract import validate  # noqa: E402
 from jax_attn.parallel import ring, ring_backward  # noqa: E402
@@ -236,7 +237,7 @@ def measure(p, method, mode, shape, dtype, backend, min_time, deadline, ulysses=
     seq = P(None, None, seq_axes, None) if method != "single" and s % p == 0 else P()
     sharding = NamedSharding(mesh, seq)
     keys = jax.random.split(jax.random.key(0), 3)
-    q, k, v = (jax.device_put(jax.random.normal(key, shape, dtype), sharding) for key in keys)
+    q, k, v = (jax.device_put(random_normal(key, shape, dtype), sharding) for key in keys)
 
     def attn(q, k, v):
         return jax_attn.attention_forward(q, k, v, backend=backend)

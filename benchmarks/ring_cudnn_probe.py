@@ -33,6 +33,7 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout
 from jax_attn import reference  # noqa: E402
+from jax_attn.arrays import random_normal  # noqa: E402
 from jax_attn.bench.timing import median_ms  # noqa: E402
 from jax_attn.inputs import AttentionInputs  # noqa: E402
 from jax_attn.parallel.ring_backward import (  # noqa: E402
@@ -114,7 +115,7 @@ def check(results, causal):
 def timing(results):
     b, n, s, d = 1, 24, 16384, 128
     ks = jax.random.split(jax.random.key(0), 6)
-    q, k, v, out, do = (jax.random.normal(kk, (b, n, s, d), jnp.bfloat16) for kk in ks[:5])
+    q, k, v, out, do = (random_normal(kk, (b, n, s, d), jnp.bfloat16) for kk in ks[:5])
     lse = jax.random.normal(ks[5], (b, n, s), jnp.float32) + 10.0
     for name, fn in (("cudnn", cudnn_grads), ("pallas", pallas_grads)):
         try:

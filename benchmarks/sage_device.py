@@ -96,6 +96,8 @@ def accuracy(results, log, s):
     import jax_attn
     from jax_attn import quantization as Q
     from jax_attn import reference
+    from jax_attn.kernels import sage_attention as S
+    from jax_attn.kernels.sage_forward import SageConfig
     for fam in ("normal", "outlier"):
         for d in (64, 128):
             key = f"{fam} d={d} s={s}"
@@ -105,9 +107,14 @@ def accuracy(results, log, s):
                 f64 = [np.asarray(x.astype(jnp.float32), np.float64) for x in (qb, kb, vb)]
                 ref = np.concatenate([reference.attention(*(x[:, h:h + 1] for x in f64)) for h in range(4)], 1)
                 row = {}
-                sage = jax_attn.attention_forward(qb, kb, vb, backend="sage")
-                row["sage kernel"] = Q.accuracy(np.asarray(sage, np.float64), ref)
-                row["simulation"] = Q.accuracy(np.asarray(Q.sage_reference(qb, kb, vb)[0], np.float64), ref)
+                for name in ("sage", "sage16"):
+                    got = jax_attn.attention_forward(qb, kb, vb, backend=name)
+                    row[f"{name} kernel"] = Q.accuracy(np.asarray(got, np.float64), ref)
+                for name, cfg in (("simulation", SageConfig()), ("simulation16", SageConfig(pv_bits=16))):
+                    cfg = cfg.resolved(d)  # the kernel's defaults at this head dim
+                    sim = Q.sage_reference(qb, kb, vb, block_q=cfg.block_q, block_k=cfg.block_kv,
+                                           **S.sim_flags(cfg))[0]
+                    row[name] = Q.accuracy(np.asarray(sim, np.float64), ref)
                 cud = jax.jit(lambda a, b_, c: jax_attn.attention_forward(a, b_, c, backend="cudnn"))(qb, kb, vb)
                 row["cudnn bf16"] = Q.accuracy(np.asarray(cud, np.float64), ref)
                 results["accuracy"][key] = row
@@ -124,14 +131,15 @@ def timing(results, log, shapes):
 
     import jax_attn
     from jax_attn import quantization as Q
+    from jax_attn.arrays import random_normal
     from tune_pallas import time_ms
     for b, n, sq, skv, d in shapes:
         key = f"{b}x{n}x{sq}x{skv}x{d}"
         flops = 4.0 * b * n * sq * skv * d
         ks = jax.random.split(jax.random.key(0), 3)
-        q = jax.random.normal(ks[0], (b, sq, n, d), jnp.bfloat16)
-        k = jax.random.normal(ks[1], (b, skv, n, d), jnp.bfloat16)
-        v = jax.random.normal(ks[2], (b, skv, n, d), jnp.bfloat16)
+        q = random_normal(ks[0], (b, sq, n, d), jnp.bfloat16)
+        k = random_normal(ks[1], (b, skv, n, d), jnp.bfloat16)
+        v = random_normal(ks[2], (b, skv, n, d), jnp.bfloat16)
         row = results["timing"].setdefault(key, {})
         dp = 64 if d <= 64 else 128
         runs = {
@@ -179,14 +187,16 @@ def _variants():
     }
 
 
-def variants(results, log, t0, budget, only=None, shapes=None):
-    """`only`: the variant names to run (default all); `shapes`: TIMED indices (default 1, 2)."""
+def variants(results, log, t0, budget, only=None, shapes=None, prepass=True):
+    """`only`: the variant names to run (default all); `shapes`: TIMED indices (default 1, 2);
+    `prepass`: also time the pre-passes alone."""
     import jax
     import jax.numpy as jnp
 
     import jax_attn
     from jax_attn import quantization as Q
     from jax_attn import reference
+    from jax_attn.arrays import random_normal
     from jax_attn.kernels import sage_attention as S
     from jax_attn.kernels import sage_prepass as P
     from tune_pallas import time_ms
@@ -196,9 +206,9 @@ def variants(results, log, t0, budget, only=None, shapes=None):
         row = res.setdefault(key, {})
         flops = 4.0 * b * n * sq * skv * d
         ks = jax.random.split(jax.random.key(0), 3)
-        q = jax.random.normal(ks[0], (b, sq, n, d), jnp.bfloat16)
-        k = jax.random.normal(ks[1], (b, skv, n, d), jnp.bfloat16)
-        v = jax.random.normal(ks[2], (b, skv, n, d), jnp.bfloat16)
+        q = random_normal(ks[0], (b, sq, n, d), jnp.bfloat16)
+        k = random_normal(ks[1], (b, skv, n, d), jnp.bfloat16)
+        v = random_normal(ks[2], (b, skv, n, d), jnp.bfloat16)
         h0 = [x[:1, :, :1] for x in (q, k, v)]  # head 0 of batch 0, for the checks
         try:
             if sq > 8192:  # the float64 reference's compile takes minutes here: simulation only
@@ -217,13 +227,14 @@ def variants(results, log, t0, budget, only=None, shapes=None):
         shape_kw = dict(layout="bsnd", scale=1 / math.sqrt(d), dp=dp, sq_pad=-(-sq // 128) * 128,
                         skv_pad=-(-skv // 256) * 256)
         for name, quantize in (("prepass", functools.partial(Q.quantize, q_rows=1, k_rows=1)),
-                               ("prepass_pallas", P.quantize)):
+                               ("prepass_pallas", P.quantize)) if prepass else ():
             for suffix, v_kw in (("", dict(v_key_perm=True)), ("16", dict(pv_dtype=jnp.bfloat16))):
                 extra[name.replace("prepass", "prepass" + suffix)] = jax.jit(
                     functools.partial(quantize, **shape_kw, **v_kw))
         # FP8 V through the Pallas V pass too (sage_prepass.quantize_v), against XLA's transpose
-        extra["prepass_pallas_v"] = jax.jit(functools.partial(
-            P.quantize, **shape_kw, v_key_perm=True, v_pallas=True))
+        if prepass:
+            extra["prepass_pallas_v"] = jax.jit(functools.partial(
+                P.quantize, **shape_kw, v_key_perm=True, v_pallas=True))
         for name, fn in extra.items():
             try:
                 ms = time_ms(fn, q, k, v, reps=20)
@@ -348,6 +359,10 @@ def main():
     ap.add_argument("--segments", action="store_true",
                     help="only: packed prompts (segment ids), FP8 and 16-bit P V, vs float64")
     ap.add_argument("--shapes", default="1,2", help="--variants: TIMED indices, e.g. 0,1,2,3")
+    ap.add_argument("--skip-prepass", action="store_true",
+                    help="--variants: no pre-pass-alone rows (the jnp one compiles for minutes at 16k)")
+    ap.add_argument("--accuracy", action="store_true",
+                    help="only: the accuracy table (sage, sage16, their simulations, cuDNN vs float64)")
     args = ap.parse_args()
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -366,10 +381,14 @@ def main():
         (out / "sage.json").write_text(json.dumps(results, indent=1))
         (out / "log.txt").write_text("\n".join(lines))
         return
+    if args.accuracy:
+        accuracy(results, log, 1024 if args.quick else 2048)
+        (out / "sage.json").write_text(json.dumps(results, indent=1))
+        return
     if args.variants:
         try:
             variants(results, log, t0, args.budget, only=[x for x in args.only.split(",") if x],
-                     shapes=[int(x) for x in args.shapes.split(",")])
+                     shapes=[int(x) for x in args.shapes.split(",")], prepass=not args.skip_prepass)
         except Exception:  # noqa: BLE001
             log(f"variants failed:\n{traceback.format_exc()}")
         (out / "sage.json").write_text(json.dumps(results, indent=1))

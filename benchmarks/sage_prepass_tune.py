@@ -36,6 +36,7 @@ def main():
     import jax.numpy as jnp
 
     from jax_attn import quantization as Q
+    from jax_attn.arrays import random_normal
     from jax_attn.kernels import sage_prepass as P
     from tune_pallas import time_ms
 
@@ -43,7 +44,7 @@ def main():
     for b, n, s, d in shapes:
         key = f"{b}x{n}x{s}x{d}"
         ks = jax.random.split(jax.random.key(0), 3)
-        q, k, v = (jax.random.normal(kk, (b, s, n, d), jnp.bfloat16) for kk in ks)
+        q, k, v = (random_normal(kk, (b, s, n, d), jnp.bfloat16) for kk in ks)
         dp = 64 if d <= 64 else 128
         pad = -(-s // 128) * 128
         kw = dict(layout="bsnd", scale=1 / math.sqrt(d), dp=dp, sq_pad=pad, skv_pad=pad,

@@ -61,13 +61,14 @@ def tune_bucket(bucket, dtype_name="bfloat16"):
     import jax
     import jax.numpy as jnp
 
+    from jax_attn.arrays import random_normal
     from jax_attn.kernels import configs
     from jax_attn.kernels.flash_attention import flash_attention
 
     b, n, s, d = TUNE_SHAPES[bucket]
     dtype = jnp.dtype(dtype_name)
     keys = jax.random.split(jax.random.key(0), 4)
-    q, k, v, do = (jax.random.normal(kk, (b, s, n, d), dtype) for kk in keys)
+    q, k, v, do = (random_normal(kk, (b, s, n, d), dtype) for kk in keys)
     base = configs.default_config(d)
 
     def fwd_fn(cfg):

@@ -106,7 +106,8 @@ def compile_case(name: str, case: Case, dtype: str, seed: int = 0):
         grad = jax.jit(jax.grad(lambda *a: jnp.sum(run(*a).astype(jnp.float32) * d_out),
                                 argnums=tuple(range(len(diff))))).lower(*diff).compile()
     except Exception as e:  # a crash is a failure, reported with its message
-        return lambda: crashed(e)
+        error = e  # the except clause unbinds `e` on leaving; the lambda runs later
+        return lambda: crashed(error)
 
     def evaluate() -> dict:
         try:

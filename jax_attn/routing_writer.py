@@ -121,6 +121,20 @@ def routing_from_results(doc: dict, tie: float = 0.01) -> dict:
             **{name: dict(sorted(v.items())) for name, v in prefs.items()}, "scores": scores}
 
 
+def _keep_unmeasured(old: list, new: list, unmeasurable: set) -> list:
+    """`new` (a run's order for one bucket and mode) with the backends `old` ranked there that
+    the run could not measure (`unmeasurable`: unavailable on its machine) put back, each just
+    ahead of the first backend it was ahead of in `old`, else last: a run without
+    FlashAttention-4 cannot time `fa4`, and must not drop it from where it won."""
+    out = list(new)
+    for i, name in enumerate(old):
+        if name in out or name not in unmeasurable:
+            continue
+        beaten = [out.index(n) for n in old[i + 1:] if n in out]
+        out.insert(min(beaten) if beaten else len(out), name)
+    return out
+
+
 def merge_tables(base: dict, new: dict) -> dict:
     """`new` (from `routing_from_results`) over `base` (an earlier table of the same device),
     bucket by bucket and mode by mode: an order `new` measured replaces `base`'s, the rest of
@@ -129,21 +143,38 @@ def merge_tables(base: dict, new: dict) -> dict:
     training order; only where `base` has none does it take the forward order (as
     `routing_from_results` does). A bucket `new` measured forward takes `new`'s lossy order
     (`auto+8bit`), or none where `new` has none: an earlier one would rank lossy backends
-    against exact timings this run replaced. The source is `new`'s, with `inherited` naming the
-    buckets kept from `base` and where they were measured."""
+    against exact timings this run replaced. In every order `new` replaces, the backends
+    `base`'s order has and `new`'s run could not measure (its source's `not_written` says
+    "unavailable") stay (`_keep_unmeasured`; a lossy order keeps them as `base`'s forward order
+    placed them); backends a run left out by choice go. The source is `new`'s, with
+    `inherited` naming the buckets kept from `base` and where they were measured, and
+    `kept_unmeasured` the backends kept that way."""
     from . import autoselect
     train, forward = autoselect.TABLE_KEYS["train"], autoselect.TABLE_KEYS["forward"]
     lossy = autoselect.TABLE_KEYS["lossy"]
     prefs = {train: dict(base.get(train, {})), forward: dict(base.get(forward, {}))}
     remeasured = {k for k, m in new.get("scores", {}).items() if "fwd" in m}
-    lossy_prefs = {**{k: v for k, v in base.get(lossy, {}).items() if k not in remeasured},
-                   **new.get(lossy, {})}
+    lossy_prefs = {k: v for k, v in base.get(lossy, {}).items() if k not in remeasured}
     scores = {k: dict(v) for k, v in base.get("scores", {}).items()}
+    kept: dict = {}
+    unmeasurable = {n for n, why in new.get("source", {}).get("not_written", {}).items()
+                    if str(why).startswith("unavailable")}
+
+    def refreshed(name, key, order, old):  # order with old's unmeasurable backends put back
+        out = _keep_unmeasured(old, order, unmeasurable)
+        if len(out) > len(order):
+            kept.setdefault(name, {})[key] = [n for n in out if n not in order]
+        return out
+
     for key, measured in new.get("scores", {}).items():
+        old_forward = base.get(forward, {}).get(key) or base.get(train, {}).get(key, [])
         if "fwd" in measured and key in new.get(forward, {}):
-            prefs[forward][key] = new[forward][key]
+            prefs[forward][key] = refreshed(forward, key, new[forward][key], old_forward)
+        if key in new.get(lossy, {}):
+            lossy_prefs[key] = refreshed(lossy, key, new[lossy][key], old_forward)
         if key in new.get(train, {}) and ("fwd+bwd" in measured or key not in prefs[train]):
-            prefs[train][key] = new[train][key]
+            prefs[train][key] = refreshed(train, key, new[train][key],
+                                          base.get(train, {}).get(key, []))
         # Base's timings of a mode this run did not measure stay; its notes (failed, incomplete)
         # were about its run and go.
         scores[key] = {**{m: v for m, v in scores.get(key, {}).items()
@@ -151,11 +182,15 @@ def merge_tables(base: dict, new: dict) -> dict:
     out = {k: v for k, v in new.items() if k not in (train, forward, lossy, "scores")}
     if lossy_prefs:
         out[lossy] = dict(sorted(lossy_prefs.items()))
-    kept = sorted((set(prefs[train]) | set(prefs[forward])) - set(new.get(train, {})) - set(new.get(forward, {})))
-    if kept:
-        origin = base.get("source", {})
+    inherited = sorted((set(prefs[train]) | set(prefs[forward])) - set(new.get(train, {}))
+                       - set(new.get(forward, {})))
+    origin = base.get("source", {})
+    if inherited:
         out["source"] = {**out.get("source", {}), "inherited": {
-            "buckets": kept, **{k: origin[k] for k in ("device", "date", "command") if origin.get(k)}}}
+            "buckets": inherited, **{k: origin[k] for k in ("device", "date", "command") if origin.get(k)}}}
+    if kept:
+        out["source"] = {**out.get("source", {}), "kept_unmeasured": {
+            name: dict(sorted(v.items())) for name, v in sorted(kept.items())}}
     return {**out, train: dict(sorted(prefs[train].items())), forward: dict(sorted(prefs[forward].items())),
             "scores": dict(sorted(scores.items()))}
 

@@ -41,6 +41,18 @@ def test_diffusion_set_and_flop_count():
     assert s.flops("fwd+bwd") == 3.5 * s.flops("fwd")
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_bench_inputs_are_normal_in_every_dtype(dtype):
+    """The timed and gated inputs are standard normal rounded to the dtype, not
+    `jax.random.normal` drawn in 16 bits (128 distinct bfloat16 values, mean -0.012), on which a
+    quantizer's rounding errors repeat instead of averaging out."""
+    shape = bench.Shape(1, 2, 4096, 4096, 64, dtype)
+    q = np.asarray(bench.jax_runner.JaxInputs(shape, 1, seed=0).sets[0][0], np.float32)
+    assert len(np.unique(q)) > 1000  # 3354 here; the 16-bit draw gives 128
+    assert abs(q.mean()) < 5e-3 and abs(q.std() - 1.0) < 5e-3
+    assert np.abs(q).max() > 4.0  # the tails are there (the 16-bit draw stops at 2.9)
+
+
 @pytest.mark.slow
 def test_tiny_run_end_to_end_with_every_output(tmp_path, capsys):
     csv_path, png = tmp_path / "bench.csv", tmp_path / "bench.png"

@@ -46,6 +46,20 @@ def test_check_fails_with_a_wrong_backend(monkeypatch, capsys):
     assert "FAIL" in out and f"{len(cli.CASES)} failed" in out
 
 
+def test_check_reports_a_backend_that_fails_to_compile(monkeypatch):
+    """A crash while compiling is a FAIL row naming the error (it once raised NameError: the
+    row's closure read the except clause's variable after Python had unbound it)."""
+    naive = BACKENDS["naive"]
+
+    def broken(inputs, return_lse):
+        raise RuntimeError("lowering refused this case")
+
+    monkeypatch.setattr(naive, "_forward", broken)
+    row = cli.compile_case("naive", cli.CASES[0], "float32")()
+    assert row["status"] == "FAIL"
+    assert row["note"] == "RuntimeError: lowering refused this case"
+
+
 def test_check_rejects_an_unknown_backend(capsys):
     assert cli.main(["check", "--backends", "naive,nope", *FAST]) == 2
     assert "nope" in capsys.readouterr().err

@@ -220,6 +220,30 @@ def test_merge_keeps_what_a_run_did_not_measure():
                                                                "date": "2026-11-23"}}
 
 
+def test_a_run_that_could_not_measure_a_backend_keeps_it_where_it_won():
+    # Round 7 on the H200 tuned without FlashAttention-4: its orders had no fa4, which had won
+    # two buckets the day before. An unavailable backend stays where the earlier order put it
+    # (ahead of the first backend it beat there, else last), in the lossy order too; one left
+    # out by choice (xla) does not.
+    base = {"preferences_forward": {"a": ["fa4", "pallas", "cudnn", "xla"], "b": ["cudnn", "fa4", "xla"]},
+            "preferences": {"a": ["fa4", "cudnn", "pallas"]},
+            "scores": {"a": {"fwd": {}}, "b": {"fwd": {}}}}
+    new = {"source": {"device": H200, "not_written": {"fa4": "unavailable: flash-attn-4 is not installed",
+                                                      "xla": "not in --backends"}},
+           "preferences_forward": {"a": ["cudnn", "pallas"], "b": ["pallas", "cudnn"]},
+           "preferences": {"a": ["pallas", "cudnn"]},
+           "preferences_forward_lossy": {"a": ["sage16", "cudnn", "pallas"]},
+           "scores": {"a": {"fwd": {}, "fwd+bwd": {}, "fwd_lossy": {"sage16": {}}}, "b": {"fwd": {}}}}
+    merged = merge_tables(base, new)
+    assert merged["preferences_forward"] == {"a": ["fa4", "cudnn", "pallas"],
+                                             "b": ["pallas", "cudnn", "fa4"]}  # it beat only xla
+    assert merged["preferences"] == {"a": ["fa4", "pallas", "cudnn"]}
+    assert merged["preferences_forward_lossy"] == {"a": ["sage16", "fa4", "cudnn", "pallas"]}
+    assert merged["source"]["kept_unmeasured"] == {
+        "preferences": {"a": ["fa4"]}, "preferences_forward": {"a": ["fa4"], "b": ["fa4"]},
+        "preferences_forward_lossy": {"a": ["fa4"]}}
+
+
 def test_write_shipped_adds_this_gpu_beside_the_others_and_inherits_nothing(tmp_path, monkeypatch):
     path = tmp_path / "routing.json"
     shipped = data.read(data.path("routing"))

@@ -56,7 +56,6 @@ import importlib
 import logging
 import math
 
-import jax
 import jax.numpy as jnp
 
 from ..api import attention_forward

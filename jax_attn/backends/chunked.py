@@ -199,7 +199,6 @@ def _attention_bwd(plan, res, cotangents):
 
 def _accumulate_dbias(dbias, ds, plan, i, j):
     """Add block (i, j) of dS, summed over the dims the bias broadcasts along, into `dbias`."""
-    spec = plan.spec
     b, hk, g, qc, kc = ds.shape
     ds = ds.reshape(b, hk * g, qc, kc)
     axes = tuple(a for a in (0, 1, 2, 3) if dbias.shape[a] == 1 and ds.shape[a] != 1)

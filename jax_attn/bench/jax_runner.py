@@ -17,6 +17,7 @@ import time
 import numpy as np
 
 from .device_info import _device_memory_limit
+from ..arrays import random_normal
 from .gate import _check_slices, _reference_errors, _short_message, _tolerance
 from .shapes import GiB, Shape
 from .timing import NO_HOISTING, _jax_looped, _time_samples, _timing_fields
@@ -37,7 +38,7 @@ class JaxInputs:
         key = jax.random.key(seed)
         for _ in range(n_sets):
             key, *sub = jax.random.split(key, 5)
-            self.sets.append(tuple(jax.random.normal(kk, s, dt) for kk, s in zip(sub, (qs, ks, ks, qs))))
+            self.sets.append(tuple(random_normal(kk, s, dt) for kk, s in zip(sub, (qs, ks, ks, qs))))
         jax.block_until_ready(self.sets)
         rows, pairs = _check_slices(shape)
         q, k, v, do = self.sets[0]

@@ -20,7 +20,10 @@ and lse2 are computed in XLA before the kernels (`mosaic_attention._mosaic_backw
   step also adding dQ's share (dS^T)^T K into a float32 dQ in global memory with a TMA
   reduce-add: five matmuls per tile instead of seven, and dQ's sum order then depends on which
   CTA adds first (float32 adds, so the result varies in its last bits from run to run, as
-  FlashAttention-3's does).
+  FlashAttention-3's does). Its K and V tiles are indexed through an opaque copy of the
+  warpgroup index each step: with the plain index LLVM hoisted their wgmma descriptors out of
+  the loop and, beside the third accumulator, they spilled (H200, round 8). Without spills it
+  is bound by L2 (the reduce-adds: two 64 x d float32 tiles per CTA and step).
 
 In interpret mode the matmuls (`_mm`) are `lax.dot_general` on the same shared-memory tiles.
 """
@@ -127,7 +130,7 @@ def _dq_call(st, q, k, v, do, lse2, delta, kb, sq_pad, skv_pad):
 
         @pl.when(wg < 2)
         def _compute():
-            plgpu.set_max_registers(232, action="increase")
+            plgpu.set_max_registers(st.config.bwd_registers[0], action="increase")
             q0 = qt * (2 * bq) + wg * bq
             for src, dst, i in ((rows(q_ref, b, h, q0, bq), q_smem.at[wg], 0),
                                 (rows(do_ref, b, h, q0, bq), do_smem.at[wg], 1),
@@ -172,7 +175,7 @@ def _dq_call(st, q, k, v, do, lse2, delta, kb, sq_pad, skv_pad):
 
         @pl.when(wg == 2)
         def _producer():
-            plgpu.set_max_registers(40, action="decrease")
+            plgpu.set_max_registers(st.config.bwd_registers[1], action="decrease")
             kvh = lax.div(h, jnp.array(st.groups, h.dtype))
             issuers = [
                 lambda s_, sl: plgpu.copy_gmem_to_smem(rows(k_ref, b, kvh, s_ * bk, bk),
@@ -290,8 +293,9 @@ def _dkdv_call(st, q, k, v, do, lse2, delta, kb, sq_pad, skv_pad, *, with_dq=Fal
         kt, kvh, b = lax.axis_index("k"), lax.axis_index("h"), lax.axis_index("b")
         wg = lax.axis_index("wg")
 
-        def add_dq(dq, t, cols=None):
-            """dQ rows of streamed step t (columns `cols`, default all) += dq."""
+        def add_dq(dq, t, w, cols=None):
+            """dQ rows of streamed step t (columns `cols`, default all) += dq, staged in the
+            staging tile of warpgroup `w`."""
             hq, r0 = head_and_row(t)
             dst = rows(dq_ref.at[wg] if interp else dq_ref, b, kvh * g + hq, r0, bq)
             if cols is not None:
@@ -300,41 +304,41 @@ def _dkdv_call(st, q, k, v, do, lse2, delta, kb, sq_pad, skv_pad, *, with_dq=Fal
                 dst[...] = dst[...] + dq
                 return
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last add has read the tile
-            dq_smem.at[wg][...] = dq
+            dq_smem.at[w][...] = dq
             plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(dq_smem.at[wg], dst, reduction_op="add")
+            plgpu.copy_smem_to_gmem(dq_smem.at[w], dst, reduction_op="add")
 
-        def dq_of_step(i, dst):
+        def dq_of_step(i, dst, w):
             if not split:  # this warpgroup's 64 keys, every column
-                ds_smem.at[wg][...] = dst
+                ds_smem.at[w][...] = dst
                 plgpu.commit_smem()
                 return lambda: add_dq(st.scale * _mm(
-                    interp, ds_smem.at[wg], k_smem.at[wg], (bq, dp), transpose_a=True,
-                    transpose_b=False), i)
+                    interp, ds_smem.at[w], k_smem.at[w], (bq, dp), transpose_a=True,
+                    transpose_b=False), i, w)
             buf = lax.rem(i, jnp.array(2, i.dtype))
-            ds_smem.at[buf, wg][...] = dst
+            ds_smem.at[buf, w][...] = dst
             plgpu.commit_smem()
             plgpu.barrier_arrive(ds_ready.at[0])
 
             def add_half():
                 plgpu.barrier_wait(ds_ready.at[0])  # both warpgroups' dS^T are in place
-                for w in range(2):  # static column slices of the swizzled K tiles
-                    @pl.when(wg == w)
+                for h in range(2):  # static column slices of the swizzled K tiles
+                    @pl.when(wg == h)
                     def _():
-                        cols = pl.ds(w * half, half)
+                        cols = pl.ds(h * half, half)
                         dq = None
                         # keys of this warpgroup, then of the other; traced indices, since a
                         # static one becomes a literal operand of the accumulator's run_state,
                         # which Mosaic GPU (jax 0.11) cannot lower
-                        for j in (wg, 1 - wg):
+                        for j in (w, 1 - w):
                             dq = _mm(interp, ds_smem.at[buf, j], k_smem.at[j, :, cols],
                                      (bq, half), transpose_a=True, transpose_b=False, acc=dq)
-                        add_dq(st.scale * dq, i, cols)
+                        add_dq(st.scale * dq, i, w, cols)
             return add_half
 
         @pl.when(wg < 2)
         def _compute():
-            plgpu.set_max_registers(232, action="increase")
+            plgpu.set_max_registers(st.config.bwd_registers[0], action="increase")
             k0 = kt * (2 * bk) + wg * bk
             plgpu.copy_gmem_to_smem(rows(k_ref, b, kvh, k0, bk), k_smem.at[wg], kv_in.at[wg * 2])
             plgpu.copy_gmem_to_smem(rows(v_ref, b, kvh, k0, bk), v_smem.at[wg],
@@ -347,6 +351,11 @@ def _dkdv_call(st, q, k, v, do, lse2, delta, kb, sq_pad, skv_pad, *, with_dq=Fal
 
             def step(i, carry):
                 dk, dv = carry
+                # Fused: the warpgroup's tiles indexed through an opaque copy of wg (an empty
+                # inline asm), so LLVM cannot hoist their wgmma descriptors and staging
+                # addresses out of the loop, where at d = 128 they held ~34 registers and
+                # spilled (ptxas, 2026-12-01 round 8); recomputing them costs a few adds a step.
+                w = lax.optimization_barrier(wg) if with_dq and not interp else wg
                 slot = lax.rem(i, jnp.array(stages, i.dtype))
                 for j in range(4):
                     plgpu.barrier_wait(q_bar.at[slot * 4 + j])
@@ -355,7 +364,7 @@ def _dkdv_call(st, q, k, v, do, lse2, delta, kb, sq_pad, skv_pad, *, with_dq=Fal
                 else:
                     lse2 = plgpu.load(lse_smem.at[slot], (), layout=plgpu.Layout.WGMMA.reduce(0))
                     dlt = plgpu.load(delta_smem.at[slot], (), layout=plgpu.Layout.WGMMA.reduce(0))
-                st_ = _mm(interp, k_smem.at[wg], q_smem.at[slot], (bk, bq), transpose_b=True)
+                st_ = _mm(interp, k_smem.at[w], q_smem.at[slot], (bk, bq), transpose_b=True)
                 st_ = st_ * c - lax.broadcast_in_dim(lse2, (bk, bq), [1])
                 if has_kb:
                     plgpu.barrier_wait(kb_bar.at[slot * 2 + wg])
@@ -365,11 +374,11 @@ def _dkdv_call(st, q, k, v, do, lse2, delta, kb, sq_pad, skv_pad, *, with_dq=Fal
                 pt = jnp.exp2(st_)
                 dv = _mm(interp, pt.astype(dtype), do_smem.at[slot], (bk, dp), transpose_b=False,
                          acc=dv, a_is_ref=False)
-                dpt = _mm(interp, v_smem.at[wg], do_smem.at[slot], (bk, bq), transpose_b=True)
+                dpt = _mm(interp, v_smem.at[w], do_smem.at[slot], (bk, bq), transpose_b=True)
                 dst = (pt * (dpt - lax.broadcast_in_dim(dlt, (bk, bq), [1]))).astype(dtype)
                 dk = _mm(interp, dst, q_smem.at[slot], (bk, dp), transpose_b=False,
                          acc=dk, a_is_ref=False)
-                finish_dq = dq_of_step(i, dst) if with_dq else None
+                finish_dq = dq_of_step(i, dst, w) if with_dq else None
                 plgpu.barrier_arrive(q_done.at[slot])  # dQ below reads only this CTA's K
                 if with_dq:
                     finish_dq()
@@ -385,7 +394,7 @@ def _dkdv_call(st, q, k, v, do, lse2, delta, kb, sq_pad, skv_pad, *, with_dq=Fal
 
         @pl.when(wg == 2)
         def _producer():
-            plgpu.set_max_registers(40, action="decrease")
+            plgpu.set_max_registers(st.config.bwd_registers[1], action="decrease")
 
             def q_issue(src_ref, smem, j):
                 def issue(s_, sl):

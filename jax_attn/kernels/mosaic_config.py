@@ -52,16 +52,20 @@ class MosaicConfig:
     bwd_stages: int = 2  # shared-memory slots of the tiles the backward kernels stream
     # One backward kernel instead of two: the dK/dV kernel also adds each tile's dQ share into
     # a float32 dQ with TMA reduce-adds (5 matmuls per tile instead of 7; `mosaic_backward`).
-    # Off: on the H200 (2026-12-01, benchmarks/results/2026-12-01-h200-round7/) it is 18% (4608
-    # tokens) and 11% (16k) slower forward+backward at d = 128 (two Q/dO slots instead of
-    # three, a third accumulator beside dK and dV, a staging tile waited on each step), 5%
-    # faster at d = 40, level at d = 64; and its float32 dQ sums in arrival order (not bitwise
-    # reproducible from run to run).
+    # Off: on the H200 (benchmarks/results/2026-12-01-h200-round8/, once its register spills
+    # were gone) forward+backward is level with the two kernels at d = 128 (1.928 against
+    # 1.879 ms at 4608 tokens, 36.39 against 36.95 at 16k: the kernel is bound by L2, where
+    # its reduce-adds land), 7% faster at d = 64 (0.811 against 0.871 ms) and level at d = 40
+    # in that run (round 7: level at 64, 5% faster at 40); and its float32 dQ sums in arrival
+    # order (not bitwise reproducible from run to run).
     bwd_fused: bool = False
     # Fused at d = 128: the two warpgroups split dQ's columns instead of its keys, so each step
-    # adds one 64x128 float32 tile per CTA instead of two (one barrier per step more). Slower
-    # still on the H200: 30% (4608) and 19% (16k) behind the two kernels (same results).
+    # adds one 64x128 float32 tile per CTA instead of two (one barrier per step more). On the
+    # H200 (round 8, no spills) 1.902 ms at 4608 tokens and 36.83 at 16k: between the two.
     bwd_dq_split: bool = False
+    # The backward kernels' registers per thread, (compute, producer) warpgroups, as
+    # `fwd_registers` (2 x 128 x compute + 128 x producer <= 65536).
+    bwd_registers: tuple[int, int] = (232, 40)
     # Intra-warpgroup overlap in the forward (FlashAttention-3's second technique): each step
     # issues S = Q K^T of the next key block and O += P V of this one back to back, waits for
     # the first only, and runs the next block's softmax while P V is on the tensor cores. It

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from ..arrays import pad_to
 from ..backends.base import lse_without_gradient
 from ..inputs import AttentionInputs
 from ..routing import choose
