@@ -6,7 +6,6 @@ backward from global statistics, against the float64 reference, forward and grad
 device count, so the padding path runs too.
 """
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P

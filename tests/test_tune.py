@@ -6,7 +6,6 @@ measured; the orders themselves are checked with synthetic results.
 import argparse
 import json
 import logging
-import shutil
 
 import jax
 import jax.numpy as jnp
