@@ -1,18 +1,22 @@
 #!/usr/bin/env bash
-# H200 round 8 (issues 15 and 16). Two calls back to back, no FA4:
+# H200 round 8 (issues 15 and 16), no FA4. The calls of the visit, in order, back to back:
 #
-#   call 1:  bash benchmarks/h200_round8.sh sage_accuracy sage_times example8
-#   call 2:  bash benchmarks/h200_round8.sh fused_profile example8
+#   1:  bash benchmarks/h200_round8.sh sage_accuracy sage_times
+#   2:  bash benchmarks/h200_round8.sh fused_profile example8
+#   3:  bash benchmarks/h200_round8.sh registers cols_checks
+#   4:  ONLY="fused_240 split split_240 two_kernels fused" SASS="fused two_kernels" \
+#         bash benchmarks/h200_round8.sh registers      (no nvdisasm on the machine: no SASS)
+#   5:  ONLY="two_kernels fused" PTX="two_kernels fused" bash benchmarks/h200_round8.sh registers
+#       (the spilled values, read from that PTX here with ptxas -lineinfo and nvdisasm, were the
+#       K/V tiles' wgmma descriptors, hoisted out of the loop; then the fix)
+#   6:  ONLY="fused fused_240 cols64 split" PTX=fused bash benchmarks/h200_round8.sh registers
+#   7:  bash benchmarks/h200_round8.sh fixed_checks unspilled
+#   8:  ONLY=fused bash benchmarks/h200_round8.sh fused_profile      (the fixed kernel)
 #
-# After the profile showed the fused kernel spilling registers, two more calls back to back:
-#
-#   call 3:  bash benchmarks/h200_round8.sh registers cols_checks
-#   probes:  ONLY="two_kernels fused" PTX="two_kernels fused" bash benchmarks/h200_round8.sh registers
-#            (the spilled values, read from the PTX with ptxas -lineinfo and nvdisasm here, were
-#            the K/V tiles' wgmma descriptors, hoisted out of the loop); after the fix:
-#            ONLY="fused fused_240 cols64 split" PTX=fused bash benchmarks/h200_round8.sh registers
-#   call 4:  bash benchmarks/h200_round8.sh fixed_checks unspilled
-#   call 5:  ONLY=fused bash benchmarks/h200_round8.sh fused_profile  (the fixed kernel)
+# The results folder renames call 2's fused_profile/fused.txt and fused_split.txt to
+# *_spilling.txt and call 8's fused.txt to fused_fixed.txt. Calls 3, 6 and 7 also ran a form
+# with dQ in 64-column chunks (`MosaicConfig.bwd_dq_cols`, variants cols64*): it spilled more
+# before the fix and was no faster after it, so the option is gone and those variants with it.
 #
 # Until this round the timed and gated inputs of the benchmarks were `jax.random.normal` drawn
 # in bfloat16: 128 distinct values (jax_attn.arrays.random_normal says why that matters), on
@@ -31,13 +35,11 @@
 #                the fused kernel (MosaicConfig.bwd_fused) and its dQ-split form: speed of
 #                light, pipes, warp states, instruction counts, registers and local-memory
 #                (spill) traffic per kernel.
-# (`bwd_dq_cols`, dQ formed in 64-column chunks, existed for this round only: it spilled more
-# before the fix and was no faster after it, so it is gone and its variants here no longer run.)
 # registers      ptxas's report (MOSAIC_GPU_DUMP_PTXAS) of registers and spill bytes for the
-#                backward kernels at d = 128: two kernels, fused, fused with dQ in 64-column
-#                chunks (MosaicConfig.bwd_dq_cols), and that with 240/24 registers.
-# cols_checks    mosaic_gpu.py's small checks (d = 128 cases) with bwd_fused + bwd_dq_cols = 64.
-# fixed_checks   the small checks (--quick-small) of the fused, chunked and split forms.
+#                backward kernels at d = 128: two kernels, fused, split, each fused form also
+#                with 240/24 registers.
+# fixed_checks   the small checks (--quick-small) of the fused and split forms (call 3's
+#                `cols_checks` step ran them for the chunked form before the fix).
 # unspilled      `--tune-set unspilled`: every fused form against the two kernels and cuDNN,
 #                timed, after the fix (tile indices made opaque to LLVM inside the loop).
 #
@@ -87,8 +89,7 @@ if has example8; then
 fi
 if has registers; then
   mkdir -p "$OUT/registers"
-  for v in 'two_kernels|{}' 'fused|{"bwd_fused": true}' 'cols64|{"bwd_fused": true, "bwd_dq_cols": 64}' \
-           'cols64_240|{"bwd_fused": true, "bwd_dq_cols": 64, "bwd_registers": [240, 24]}' \
+  for v in 'two_kernels|{}' 'fused|{"bwd_fused": true}' \
            'fused_240|{"bwd_fused": true, "bwd_registers": [240, 24]}' \
            'split|{"bwd_fused": true, "bwd_dq_split": true}' \
            'split_240|{"bwd_fused": true, "bwd_dq_split": true, "bwd_registers": [240, 24]}'; do
@@ -103,18 +104,9 @@ if has registers; then
   done
   pack
 fi
-if has cols_checks; then
-  mkdir -p "$OUT/cols_checks"
-  timeout 200 python3 benchmarks/mosaic_gpu.py --quick --quick-small \
-    --small-config '{"bwd_fused": true, "bwd_dq_cols": 64}' --out "$OUT/cols_checks" \
-    > "$OUT/cols_checks/checks.txt" 2>&1
-  grep -E "small (PASS|FAIL)" "$OUT/cols_checks/checks.txt" | cut -c1-220
-  pack
-fi
 if has fixed_checks; then  # the small checks of every fused form after the fix
   mkdir -p "$OUT/fixed_checks"
-  for v in 'fused|{"bwd_fused": true}' 'cols64|{"bwd_fused": true, "bwd_dq_cols": 64}' \
-           'split|{"bwd_fused": true, "bwd_dq_split": true}'; do
+  for v in 'fused|{"bwd_fused": true}' 'split|{"bwd_fused": true, "bwd_dq_split": true}'; do
     timeout 120 python3 benchmarks/mosaic_gpu.py --quick --quick-small --small-config "${v#*|}" \
       --out "$OUT/fixed_checks/${v%%|*}" > "$OUT/fixed_checks/${v%%|*}.txt" 2>&1
     grep -E "small (PASS|FAIL)" "$OUT/fixed_checks/${v%%|*}.txt" | cut -c60-130

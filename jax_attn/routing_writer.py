@@ -124,8 +124,10 @@ def routing_from_results(doc: dict, tie: float = 0.01) -> dict:
 def _keep_unmeasured(old: list, new: list, unmeasurable: set) -> list:
     """`new` (a run's order for one bucket and mode) with the backends `old` ranked there that
     the run could not measure (`unmeasurable`: unavailable on its machine) put back, each just
-    ahead of the first backend it was ahead of in `old`, else last: a run without
-    FlashAttention-4 cannot time `fa4`, and must not drop it from where it won."""
+    ahead of the best-placed backend (in `new`) of those it was ahead of in `old`, else last: a
+    run without FlashAttention-4 cannot time `fa4`, and must not drop it from where it won.
+    In a lossy order this keeps the exact tail only: the lossy backends at its head were
+    measured against the exact backends the run could time, not against the ones put back."""
     out = list(new)
     for i, name in enumerate(old):
         if name in out or name not in unmeasurable:
@@ -174,7 +176,7 @@ def merge_tables(base: dict, new: dict) -> dict:
             lossy_prefs[key] = refreshed(lossy, key, new[lossy][key], old_forward)
         if key in new.get(train, {}) and ("fwd+bwd" in measured or key not in prefs[train]):
             prefs[train][key] = refreshed(train, key, new[train][key],
-                                          base.get(train, {}).get(key, []))
+                                          base.get(train, {}).get(key) or old_forward)
         # Base's timings of a mode this run did not measure stay; its notes (failed, incomplete)
         # were about its run and go.
         scores[key] = {**{m: v for m, v in scores.get(key, {}).items()

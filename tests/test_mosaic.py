@@ -231,6 +231,11 @@ def test_config_validation():
     with pytest.raises(ValueError, match="multiples of 8"):
         M.MosaicConfig(fwd_registers=(230, 40))
     assert hash(M.MosaicConfig(fwd_registers=[240, 24])) == hash(M.MosaicConfig(fwd_registers=(240, 24)))
+    assert hash(M.MosaicConfig(bwd_registers=[240, 24])) == hash(M.MosaicConfig(bwd_registers=(240, 24)))
+    with pytest.raises(ValueError, match="bwd_registers must be two multiples of 8"):
+        M.MosaicConfig(bwd_registers=(300, 8))
+    with pytest.raises(ValueError, match="exceed the SM's 65536 registers"):
+        M.MosaicConfig(bwd_registers=(248, 40))
 
 
 def test_smem_swizzle_by_row_bytes():
@@ -301,6 +306,9 @@ def test_fused_backward_lowers_to_one_kernel_with_tma_reduce_adds(split):
     kernels = re.findall(r"custom_call @mosaic_gpu", text)
     assert len(kernels) == 2  # the forward and one backward kernel (unfused: three)
     assert "cp.reduce.async.bulk.tensor" in text and "output_operand_aliases" in text
+    # The warpgroup index passes through an empty inline asm (constraints "=r,0") inside the
+    # loop, so LLVM cannot hoist the K/V tiles' wgmma descriptors out of it (they spilled).
+    assert "\\00=r,0\\00" in text
 
 
 def test_fused_backward_shared_memory_fits():

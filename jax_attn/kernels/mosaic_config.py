@@ -53,11 +53,12 @@ class MosaicConfig:
     # One backward kernel instead of two: the dK/dV kernel also adds each tile's dQ share into
     # a float32 dQ with TMA reduce-adds (5 matmuls per tile instead of 7; `mosaic_backward`).
     # Off: on the H200 (benchmarks/results/2026-12-01-h200-round8/, once its register spills
-    # were gone) forward+backward is level with the two kernels at d = 128 (1.928 against
-    # 1.879 ms at 4608 tokens, 36.39 against 36.95 at 16k: the kernel is bound by L2, where
-    # its reduce-adds land), 7% faster at d = 64 (0.811 against 0.871 ms) and level at d = 40
-    # in that run (round 7: level at 64, 5% faster at 40); and its float32 dQ sums in arrival
-    # order (not bitwise reproducible from run to run).
+    # were gone) forward+backward at d = 128 is 3-6% behind the two kernels at 4608 tokens
+    # (1.928 ms against 1.879 in that run, 1.814-1.823 in round 7) and 1.5% ahead at 16k
+    # (36.39 against 36.95): the kernel is bound by L2, where its reduce-adds land. At d = 64
+    # and 40 the runs disagree (round 7: level at 64, 5% faster at 40; round 8: 7% faster at
+    # 64 against a first row that also timed its forward slow, level at 40). And its float32
+    # dQ sums in arrival order (not bitwise reproducible from run to run).
     bwd_fused: bool = False
     # Fused at d = 128: the two warpgroups split dQ's columns instead of its keys, so each step
     # adds one 64x128 float32 tile per CTA instead of two (one barrier per step more). On the
@@ -84,13 +85,20 @@ class MosaicConfig:
     compute_warpgroups: int = 2
 
     def __post_init__(self):
-        object.__setattr__(self, "fwd_registers", tuple(self.fwd_registers))  # hashable
         if self.compute_warpgroups < 1:
             raise ValueError(f"MosaicConfig.compute_warpgroups must be >= 1, got "
                              f"{self.compute_warpgroups}")
-        if any(r % 8 or not 24 <= r <= 256 for r in self.fwd_registers):
-            raise ValueError(f"MosaicConfig.fwd_registers must be multiples of 8 in 24..256, got "
-                             f"{self.fwd_registers}")
+        for name in ("fwd_registers", "bwd_registers"):
+            regs = tuple(getattr(self, name))
+            object.__setattr__(self, name, regs)  # hashable (JSON gives lists)
+            if len(regs) != 2 or any(r % 8 or not 24 <= r <= 256 for r in regs):
+                raise ValueError(f"MosaicConfig.{name} must be two multiples of 8 in 24..256, "
+                                 f"got {regs}")
+        # The forward's sum depends on compute_warpgroups (checked where it launches); the
+        # backward always runs two.
+        if 128 * (2 * self.bwd_registers[0] + self.bwd_registers[1]) > 65536:
+            raise ValueError(f"MosaicConfig.bwd_registers={self.bwd_registers}: 2 compute "
+                             "warpgroups and a producer exceed the SM's 65536 registers")
 
 
 def head_dim_padded(d: int) -> int | None:
