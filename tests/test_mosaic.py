@@ -311,6 +311,24 @@ def test_fused_backward_lowers_to_one_kernel_with_tma_reduce_adds(split):
     assert "\\00=r,0\\00" in text
 
 
+@needs_mgpu
+@pytest.mark.parametrize("wgs,regs", [(2, (232, 40)), (3, (160, 32))])
+def test_named_turns_lower_to_hardware_barriers(wgs, regs):
+    # MosaicConfig.named_turns: the overlap path's turns are `bar.sync` / `bar.arrive` on named
+    # barriers (two warpgroups' threads each), not shared-memory mbarriers. Interpret mode runs
+    # the mbarrier turns, so only the CUDA lowering (here, no GPU) shows the named ones.
+    x = jax.ShapeDtypeStruct((1, 512, 2, 128), jnp.bfloat16)
+
+    def lowered(named):
+        cfg = M.MosaicConfig(64, 128, 2, overlap=True, named_turns=named, compute_warpgroups=wgs,
+                             fwd_registers=regs)
+        f = lambda q, k, v: M.mosaic_attention(q, k, v, layout="bsnd", config=cfg)  # noqa: E731
+        return jax.jit(f).trace(x, x, x).lower(lowering_platforms=("cuda",)).as_text()
+    named, polled = lowered(True), lowered(False)
+    for ptx in ("bar.sync $0, 256;", "bar.arrive $0, 256;"):
+        assert ptx in named and ptx not in polled
+
+
 def test_fused_backward_shared_memory_fits():
     from types import SimpleNamespace
 

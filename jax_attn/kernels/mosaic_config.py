@@ -72,6 +72,12 @@ class MosaicConfig:
     # the first only, and runs the next block's softmax while P V is on the tensor cores. It
     # holds two P tiles and an S tile live beside O, so it wants 128-key blocks.
     overlap: bool = False
+    # With overlap, the warpgroups' turns on the tensor cores through hardware named barriers
+    # (`bar.sync` / `bar.arrive`, inline PTX through `plgpu.inline_mgpu`, as FA3/FA4 and
+    # tokamax's Pallas kernel do) instead of shared-memory mbarriers, which the waiting
+    # warpgroup polls (round 5: 2.58 cycles per instruction of long-scoreboard stalls against
+    # FA4's 0.77 at d = 128). Opt-in until measured on a GPU; interpret mode keeps mbarriers.
+    named_turns: bool = False
     # The forward's registers per thread, (compute, producer) warpgroups: compute_warpgroups x
     # 128 x compute + 128 x producer must fit the SM's 65536 (FA4 runs 240 / 24 with overlap).
     fwd_registers: tuple[int, int] = (232, 40)

@@ -21,8 +21,10 @@ and a producer):
   as FlashAttention-3/4 do: it issues S = Q K^T of the next key block and O += P V of this one
   together, waits for the first only, and runs the next softmax while P V is on the tensor
   cores; the warpgroups then take turns per step, round robin, through one `turn` barrier each
-  instead of the schedule barrier (which pairs two; W != 2 needs overlap). Pallas has no named
-  (hardware) barriers, so the turns are mbarriers in shared memory, where FA4 uses `bar.sync`.
+  instead of the schedule barrier (which pairs two; W != 2 needs overlap). The turns are
+  mbarriers in shared memory, or with `MosaicConfig.named_turns` hardware named barriers
+  (`bar.sync` / `bar.arrive` as inline PTX, what FA4 uses; Pallas reaches them only through
+  `plgpu.inline_mgpu`).
 * The producer, after its last copy, waits for the final consumption of every slot, so that
   each thread observes every phase of every barrier it waits on (the interpreter checks this).
 * The epilogue writes O (reusing Q's shared-memory tile) and the natural-log LSE back by TMA.
@@ -53,7 +55,14 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxlib.mlir import ir
+from jaxlib.mlir.dialects import llvm
+
 from .mosaic_config import LN2, LOG2E, MosaicCall, _grid, pl, plgpu, smem_swizzle
+
+# Hardware named barriers of `_NamedTurns`: Mosaic GPU itself uses barrier 0 (the CTA's) and
+# 1 + warpgroup (each warpgroup's own), so the turns take 8 + warpgroup.
+TURN_BARRIER_BASE = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +83,7 @@ class _Fwd:
     overlap: bool = False  # intra-warpgroup overlap (MosaicConfig.overlap)
     registers: tuple[int, int] = (232, 40)  # per thread: compute, producer warpgroups
     wgs: int = 2  # compute warpgroups (MosaicConfig.compute_warpgroups)
+    named_turns: bool = False  # overlap's turns through named barriers (not in interpret mode)
 
     def rows(self, ref, b, h, start, size):  # a (size, dp) tile of a 4-d q/k/v/o ref
         return ref.at[b, h, pl.ds(start, size)] if self.bnsd else ref.at[b, pl.ds(start, size), h]
@@ -104,7 +114,7 @@ class _FwdRefs:
     v_done: Any
     sched: Any
     kb_bar: Any
-    turn: Any  # overlap only: turn.at[w] lets warpgroup w issue its matmuls
+    turn: Any  # overlap with mbarrier turns only: turn.at[w] lets warpgroup w issue its matmuls
 
     @classmethod
     def unpack(cls, fw: _Fwd, q_ref, k_ref, v_ref, refs):
@@ -119,7 +129,7 @@ class _FwdRefs:
         q_bar, k_bar, v_bar, k_done, v_done, sched, *refs = refs
         if has_kb:
             kb_bar, *refs = refs
-        if fw.overlap:
+        if fw.overlap and not fw.named_turns:
             turn, *refs = refs
         return cls(q_ref=q_ref, k_ref=k_ref, v_ref=v_ref, kb_ref=kb_ref, o_ref=o_ref,
                    lse_ref=lse_ref, q_smem=q_smem, k_smem=k_smem, v_smem=v_smem,
@@ -303,7 +313,7 @@ def _fwd_pv(fw: _Fwd, r: _FwdRefs, i, slot, acc, p16):
 
 def _fwd_consumer_overlap(fw: _Fwd, r: _FwdRefs, qt, h, b, wg):
     q_tile, q0, (acc, m_i, l_i) = _consumer_start(fw, r, qt, h, b, wg)
-    turn = _Turns(r.turn, wg, fw.wgs)
+    turn = (_NamedTurns if fw.named_turns else _Turns)(r.turn, wg, fw.wgs)
     pl.when(wg == fw.wgs - 1)(turn.open_first)
 
     plgpu.barrier_wait(r.k_bar.at[0])
@@ -357,6 +367,32 @@ class _Turns:
 
     def open_first(self):
         plgpu.barrier_arrive(self.bars.at[0])
+
+
+def _named_barrier(op: str, barrier_id, threads: int):
+    """`bar.<op>` ("sync": arrive and wait; "arrive") on hardware barrier `barrier_id` (a traced
+    int32) counting `threads` threads, as inline PTX."""
+    @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WG_SPLAT,))
+    def emit(_, idx):
+        llvm.inline_asm(ir.Type.parse("!llvm.void"), [idx.registers.item()],
+                        f"bar.{op} $0, {threads};", "r", has_side_effects=True)
+    emit(jnp.asarray(barrier_id, jnp.int32))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _NamedTurns(_Turns):
+    """`_Turns` on hardware named barriers: warpgroup w's turn is barrier 8 + w, complete once
+    its own 128 threads sync there and the 128 of the warpgroup before it have arrived; no
+    shared memory is polled. The round robin keeps every barrier's arrivals and syncs in step
+    (a warpgroup passes again only after its own turn, which needs the others' passes)."""
+    def take(self):
+        _named_barrier("sync", TURN_BARRIER_BASE + self.wg, 256)
+
+    def pass_on(self):
+        _named_barrier("arrive", TURN_BARRIER_BASE + lax.rem(self.wg + 1, self.n), 256)
+
+    def open_first(self):
+        _named_barrier("arrive", TURN_BARRIER_BASE, 256)
 
 
 def _fwd_step_overlap(fw: _Fwd, r: _FwdRefs, q_tile, turn: _Turns, j, carry):
@@ -490,7 +526,8 @@ def _fwd_call(st: MosaicCall, q, k, v, kb):
     fw = _Fwd(bq=bq, bk=bk, dp=dp, n_steps=n_steps, stages=stages, dtype=dtype, bnsd=bnsd,
               has_kb=has_kb, interp=interp, qk_scale=st.scale * LOG2E, groups=st.groups,
               key_bias_dims=st.key_bias_dims, overlap=cfg.overlap,
-              registers=cfg.fwd_registers, wgs=cfg.compute_warpgroups)
+              registers=cfg.fwd_registers, wgs=cfg.compute_warpgroups,
+              named_turns=cfg.overlap and cfg.named_turns and not interp)
 
     def kernel(q_ref, k_ref, v_ref, *refs):
         _fwd_kernel(fw, _FwdRefs.unpack(fw, q_ref, k_ref, v_ref, refs))
@@ -516,7 +553,7 @@ def _fwd_call(st: MosaicCall, q, k, v, kb):
     ]
     if has_kb:
         scratch.append(plgpu.Barrier(num_barriers=stages))
-    if cfg.overlap:
+    if cfg.overlap and not fw.named_turns:
         scratch.append(plgpu.Barrier(num_barriers=wgs))
 
     grid, names = _grid(cfg, batch, heads, q_tiles), _grid(cfg, "b", "h", "q")
