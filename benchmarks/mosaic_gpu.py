@@ -95,6 +95,13 @@ TUNE_SETS = {
                    128: [{}, {"bwd_fused": True}, {"bwd_fused": True, "bwd_dq_split": True}]},
                   {64: [(2, 10, 4096, 4096, 64), (2, 8, 4096, 4096, 40)],
                    128: [(1, 24, 4608, 4608, 128), (1, 40, 16384, 16384, 128)]}),
+    # --tune-set named: the overlap path's turns on hardware named barriers
+    # (MosaicConfig.named_turns) against its shared-memory mbarriers (forward; --fwd-only)
+    "named": ({64: [{"overlap": True, "block_kv": 128},
+                    {"overlap": True, "block_kv": 128, "named_turns": True}],
+               128: [{}, {"named_turns": True}, {"named_turns": True, "fwd_registers": (240, 24)}]},
+              {64: [(2, 10, 4096, 4096, 64), (2, 8, 4096, 4096, 40)],
+               128: [(1, 24, 4608, 4608, 128), (1, 40, 16384, 16384, 128)]}),
     # --tune-set split: the fused backward with dQ's columns split, at d = 128 alone
     "split": ({128: [{}, {"bwd_fused": True, "bwd_dq_split": True}]},
               {128: [(1, 24, 4608, 4608, 128), (1, 40, 16384, 16384, 128)]}),
