@@ -86,6 +86,39 @@ def test_tiny_run_end_to_end_with_every_output(tmp_path, capsys):
     assert "1x2x64x48x16" in printed and "auto within 3%" in printed.splitlines()[-1]
 
 
+@pytest.mark.parametrize("wrong", [False, True])
+def test_another_jax_library_is_a_peer_row_never_a_routing_choice(tmp_path, monkeypatch, wrong):
+    # OTHER_JAX rows (tokamax on a GPU): handed (b, s, n, d) inputs, gated like every row,
+    # timed as peers; outside ratio_jax and the routing, which only our backends can serve.
+    from jax_attn.bench import jax_runner, suite
+    from jax_attn.routing_writer import routing_from_results
+    seen = []
+
+    def library():  # another library's attention on (b, s, n, d) arrays
+        def attn(q, k, v):
+            seen.append(q.shape)
+            out = jax.nn.dot_product_attention(q, k, v)
+            return out * 1.05 if wrong else out
+        return attn
+
+    monkeypatch.setitem(jax_runner.OTHER_JAX, "otherlib", ("jax", library))
+    monkeypatch.setattr(suite, "other_jax_reasons", lambda name: [])
+    _, doc = run_bench(tmp_path, "--shape", "1,2,64,48,16", "--backends", "xla,otherlib", "--no-torch")
+    other = rows(doc, impl="otherlib")
+    assert {r["mode"] for r in other} == {"fwd", "fwd+bwd"}
+    assert seen and set(seen) == {(1, 64, 2, 16)}  # (b, s, n, d)
+    assert all(r["framework"] == "jax-other" for r in other)
+    if wrong:
+        assert all(r["status"] == "FAIL" for r in other)
+        return
+    assert all(r["status"] == "ok" and r["ratio"] > 0 for r in other)
+    # the fastest of our backends sets ratio_jax, whatever the other library timed
+    assert all(r["ratio_jax"] == 1.0 for r in rows(doc, impl="xla"))
+    table = routing_from_results(doc)
+    orders = [*table["preferences"].values(), *table["preferences_forward"].values()]
+    assert orders and all("otherlib" not in order for order in orders)
+
+
 def test_unavailable_backend_shows_its_reasons_instead_of_a_number(tmp_path):
     rc, doc = run_bench(tmp_path, "--shape", "1,1,32,32,8", "--backends", "cudnn,xla", "--no-backward")
     assert rc == 0

@@ -68,7 +68,8 @@ def _add_arguments(p) -> None:
     g.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
                    help="override every shape's dtype (default: bfloat16 for sets and --shape on a GPU, "
                         "float32 on a CPU; the tiny set is float32)")
-    g.add_argument("--backends", help="comma-separated: JAX backends, auto, torch-flash, torch-efficient, "
+    g.add_argument("--backends", help="comma-separated: JAX backends, auto, tokamax (another JAX "
+                                      "library's kernel, a peer row), torch-flash, torch-efficient, "
                                       "torch-cudnn, torch-math, or torch for all four (default: everything available)")
     g.add_argument("--no-torch", action="store_true", help="skip torch SDPA rows")
     g.add_argument("--no-backward", action="store_true", help="forward only")

@@ -4,11 +4,15 @@
 `measure_jax` compiles ahead of time, reads the program's `memory_analysis()`, skips programs
 that would not fit the device, runs the correctness gate and times the call (Python loop or
 in-program loop). `program_fingerprint` hashes the optimized HLO so `auto` and the backend it
-routed to can be recognized as the very same program.
+routed to can be recognized as the very same program. `OTHER_JAX` adds rows for other JAX
+libraries' attention (tokamax), timed the same way as peers: never routed to, and outside
+`ratio_jax` (what the routing orders by).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
+import importlib.util
 import logging
 import math
 import re
@@ -50,9 +54,48 @@ class JaxInputs:
         # The check's cotangent: do on the sampled rows, zero elsewhere (see `gate`).
         self.do_check = jnp.where(jnp.asarray(mask), do, jnp.zeros((), dt))
 
-    def args(self, i: int, mode: str):
-        q, k, v, do = self.sets[i % len(self.sets)]
+    def args(self, i: int, mode: str, layout: str = "bnsd"):
+        q, k, v, do = self._sets(layout)[i % len(self.sets)]
         return (q, k, v) if mode == "fwd" else (q, k, v, do)
+
+    def check_cotangent(self, layout: str = "bnsd"):
+        return self.do_check if layout == "bnsd" else _swap(self.do_check)
+
+    def _sets(self, layout: str):
+        """The sets in `layout`: (b, s, n, d) ones transposed once (on first use), untimed."""
+        if layout == "bnsd":
+            return self.sets
+        if not hasattr(self, "_bsnd"):
+            self._bsnd = [tuple(map(_swap, s)) for s in self.sets]
+        return self._bsnd
+
+
+def _swap(x):  # (b, n, s, d) <-> (b, s, n, d)
+    import jax.numpy as jnp
+    return jnp.swapaxes(x, 1, 2)
+
+
+def _tokamax_attention():
+    """tokamax's Pallas Mosaic GPU attention on Hopper (its `mosaic` implementation)."""
+    import tokamax
+    return functools.partial(tokamax.dot_product_attention, implementation="mosaic")
+
+
+# Attention from other JAX libraries, timed as peers beside our backends (never routed to):
+# row name -> (module, a function returning the call). Their calls take (b, s, n, d) arrays, the
+# layout they read natively, so the bench hands them inputs transposed once, untimed.
+OTHER_JAX = {"tokamax": ("tokamax", _tokamax_attention)}
+OTHER_JAX_FRAMEWORK = "jax-other"  # the rows' `framework`
+
+
+def other_jax_reasons(name: str) -> list[str]:
+    """Why another library's row cannot run here (empty when it can): its package, a GPU."""
+    import jax
+    module = OTHER_JAX[name][0]
+    why = [] if importlib.util.find_spec(module) else [f"{module} is not installed"]
+    if jax.default_backend() != "gpu":
+        why.append(f"{name}'s kernels need a GPU; the default JAX platform is {jax.default_backend()}")
+    return why
 
 
 def _jax_fn(name: str, mode: str):
@@ -60,8 +103,11 @@ def _jax_fn(name: str, mode: str):
 
     from ..api import attention_forward
 
-    def fwd(q, k, v):
-        return attention_forward(q, k, v, backend=name)
+    if name in OTHER_JAX:
+        fwd = OTHER_JAX[name][1]()
+    else:
+        def fwd(q, k, v):
+            return attention_forward(q, k, v, backend=name)
 
     if mode == "fwd":
         return fwd
@@ -110,7 +156,8 @@ def measure_jax(name: str, shape: Shape, mode: str, inputs: JaxInputs, opts, met
     import jax.numpy as jnp
     row = {"kernel": _pallas_kernel(shape)} if name == "pallas" else {}
     fn = _jax_fn(name, mode)
-    args0 = inputs.args(0, mode)
+    layout = "bsnd" if name in OTHER_JAX else "bnsd"
+    args0 = inputs.args(0, mode, layout)
     t0 = time.perf_counter()
     try:
         compiled = jax.jit(fn).lower(*args0).compile()
@@ -135,8 +182,10 @@ def measure_jax(name: str, shape: Shape, mode: str, inputs: JaxInputs, opts, met
 
     # Correctness gate.
     try:
-        check_args = args0 if mode == "fwd" else args0[:3] + (inputs.do_check,)
+        check_args = args0 if mode == "fwd" else args0[:3] + (inputs.check_cotangent(layout),)
         res = compiled(*check_args)
+        if layout == "bsnd":  # the gate slices (b, n, s, d)
+            res = jax.tree.map(_swap, res)
         finite = bool(jax.tree.reduce(lambda a, b: a & b, jax.tree.map(lambda x: jnp.isfinite(x).all(), res)))
         rows, pairs = _check_slices(shape)
         to_host = lambda x: np.asarray(x.astype(jnp.float32), np.float64)
@@ -160,7 +209,7 @@ def measure_jax(name: str, shape: Shape, mode: str, inputs: JaxInputs, opts, met
         t = time.perf_counter()
         out = None
         for i in range(k):
-            out = compiled(*inputs.args(i, mode))
+            out = compiled(*inputs.args(i, mode, layout))
         jax.block_until_ready(out)
         return time.perf_counter() - t, k
 
@@ -175,7 +224,7 @@ def measure_jax(name: str, shape: Shape, mode: str, inputs: JaxInputs, opts, met
         t = _time_samples(plain, est, opts.min_runs, opts.measure_s, opts.sample_s, opts.deadline,
                           f"python loop, {n_sets} input set(s)")
         return {**row, "status": "ok", "method": method, **_timing_fields(t)}
-    sets = tuple(inputs.args(i, mode) for i in range(n_sets))
+    sets = tuple(inputs.args(i, mode, layout) for i in range(n_sets))
     try:
         looped = _jax_looped(fn, n_sets).lower(sets, 1).compile(compiler_options=NO_HOISTING)
     except Exception as e:  # noqa: BLE001

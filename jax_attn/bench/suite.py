@@ -14,7 +14,7 @@ import time
 
 from .device_info import _device_memory_limit, _l2_bytes, environment
 from .gate import _short_message
-from .jax_runner import JaxInputs, jax_reasons, measure_jax
+from .jax_runner import OTHER_JAX, OTHER_JAX_FRAMEWORK, JaxInputs, jax_reasons, measure_jax, other_jax_reasons
 from .report import _add_ratios
 from .shapes import GiB, select_shapes
 from .timing import _n_sets
@@ -26,7 +26,8 @@ QUADRATIC = ("xla", "naive")  # backends that materialize the (b, n, sq, skv) sc
 
 
 def select_impls(args) -> list[str]:
-    """JAX backends (available ones; interpreted Pallas only when named), `auto`, torch kernels."""
+    """JAX backends (available ones; interpreted Pallas only when named), `auto`, other JAX
+    libraries' attention (`OTHER_JAX`, where they can run, or named), torch kernels."""
     from ..backends import BACKENDS
     from ..backends.pallas import interpreting
     wanted = None
@@ -35,10 +36,11 @@ def select_impls(args) -> list[str]:
         for x in args.backends.split(","):
             x = x.strip()
             wanted += list(TORCH_KERNELS) if x == "torch" else [x]
-        unknown = [x for x in wanted if x not in BACKENDS and x not in TORCH_KERNELS and x != "auto"]
+        unknown = [x for x in wanted if x not in BACKENDS and x not in TORCH_KERNELS
+                   and x not in OTHER_JAX and x != "auto"]
         if unknown:
             raise SystemExit(f"--backends: unknown {', '.join(unknown)}; known: {', '.join(BACKENDS)}, auto, "
-                             f"torch ({', '.join(TORCH_KERNELS)})")
+                             f"{', '.join(OTHER_JAX)}, torch ({', '.join(TORCH_KERNELS)})")
     impls = []
     for name, b in BACKENDS.items():
         if wanted is not None and name not in wanted:
@@ -50,6 +52,9 @@ def select_impls(args) -> list[str]:
         impls.append(name)
     if wanted is None or "auto" in wanted:
         impls.append("auto")
+    if not args.memory_only:
+        impls += [n for n in OTHER_JAX
+                  if (n in wanted if wanted is not None else not other_jax_reasons(n))]
     if not args.no_torch and not args.memory_only:
         impls += torch_kernels(None if wanted is None else set(wanted))
     return impls
@@ -93,10 +98,13 @@ def run_bench(args, impls=None, methods=None, budget=None, shapes=None, modes=No
     for shape in shapes:
         jax_in = torch_in = None
         for name in impls:
-            framework = "torch" if name in TORCH_KERNELS else "jax"
+            framework = ("torch" if name in TORCH_KERNELS
+                         else OTHER_JAX_FRAMEWORK if name in OTHER_JAX else "jax")
             picked = None
             if framework == "jax":
                 why, picked = jax_reasons(name, shape)
+            elif framework == OTHER_JAX_FRAMEWORK:
+                why = other_jax_reasons(name)
             else:
                 why = []
             if name in QUADRATIC and not why and on_gpu:
@@ -118,7 +126,7 @@ def run_bench(args, impls=None, methods=None, budget=None, shapes=None, modes=No
                                note=f"not run: the time budget of {budget:.0f} s was used up")
                 else:
                     try:
-                        if framework == "jax":
+                        if framework in ("jax", OTHER_JAX_FRAMEWORK):
                             if jax_in is None:  # sized for the forward: the most sets
                                 jax_in = JaxInputs(shape, _n_sets(shape, "fwd", l2, args.max_sets), args.seed)
                             method = (methods.get((shape, mode, row.get("auto_choice")))
