@@ -168,15 +168,17 @@ def merge_tables(base: dict, new: dict) -> dict:
             kept.setdefault(name, {})[key] = [n for n in out if n not in order]
         return out
 
+    def old_forward(key):  # base's forward order of a bucket, else its training one
+        return base.get(forward, {}).get(key) or base.get(train, {}).get(key, [])
+
+    for key, order in new.get(lossy, {}).items():
+        lossy_prefs[key] = refreshed(lossy, key, order, old_forward(key))
     for key, measured in new.get("scores", {}).items():
-        old_forward = base.get(forward, {}).get(key) or base.get(train, {}).get(key, [])
         if "fwd" in measured and key in new.get(forward, {}):
-            prefs[forward][key] = refreshed(forward, key, new[forward][key], old_forward)
-        if key in new.get(lossy, {}):
-            lossy_prefs[key] = refreshed(lossy, key, new[lossy][key], old_forward)
+            prefs[forward][key] = refreshed(forward, key, new[forward][key], old_forward(key))
         if key in new.get(train, {}) and ("fwd+bwd" in measured or key not in prefs[train]):
             prefs[train][key] = refreshed(train, key, new[train][key],
-                                          base.get(train, {}).get(key) or old_forward)
+                                          base.get(train, {}).get(key) or old_forward(key))
         # Base's timings of a mode this run did not measure stay; its notes (failed, incomplete)
         # were about its run and go.
         scores[key] = {**{m: v for m, v in scores.get(key, {}).items()

@@ -53,6 +53,7 @@ class JaxInputs:
             mask[bh][rows] = True
         # The check's cotangent: do on the sampled rows, zero elsewhere (see `gate`).
         self.do_check = jnp.where(jnp.asarray(mask), do, jnp.zeros((), dt))
+        self._bsnd = None  # the sets in (b, s, n, d), made on first use (`_sets`)
 
     def args(self, i: int, mode: str, layout: str = "bnsd"):
         q, k, v, do = self._sets(layout)[i % len(self.sets)]
@@ -65,7 +66,7 @@ class JaxInputs:
         """The sets in `layout`: (b, s, n, d) ones transposed once (on first use), untimed."""
         if layout == "bnsd":
             return self.sets
-        if not hasattr(self, "_bsnd"):
+        if self._bsnd is None:
             self._bsnd = [tuple(map(_swap, s)) for s in self.sets]
         return self._bsnd
 

@@ -63,6 +63,7 @@ from .mosaic_config import LN2, LOG2E, MosaicCall, _grid, pl, plgpu, smem_swizzl
 # Hardware named barriers of `_NamedTurns`: Mosaic GPU itself uses barrier 0 (the CTA's) and
 # 1 + warpgroup (each warpgroup's own), so the turns take 8 + warpgroup.
 TURN_BARRIER_BASE = 8
+TURN_THREADS = 256  # a turn's barrier counts the taker's 128 threads and the passer's 128
 
 
 @dataclasses.dataclass(frozen=True)
@@ -386,13 +387,13 @@ class _NamedTurns(_Turns):
     shared memory is polled. The round robin keeps every barrier's arrivals and syncs in step
     (a warpgroup passes again only after its own turn, which needs the others' passes)."""
     def take(self):
-        _named_barrier("sync", TURN_BARRIER_BASE + self.wg, 256)
+        _named_barrier("sync", TURN_BARRIER_BASE + self.wg, TURN_THREADS)
 
     def pass_on(self):
-        _named_barrier("arrive", TURN_BARRIER_BASE + lax.rem(self.wg + 1, self.n), 256)
+        _named_barrier("arrive", TURN_BARRIER_BASE + lax.rem(self.wg + 1, self.n), TURN_THREADS)
 
     def open_first(self):
-        _named_barrier("arrive", TURN_BARRIER_BASE, 256)
+        _named_barrier("arrive", TURN_BARRIER_BASE, TURN_THREADS)
 
 
 def _fwd_step_overlap(fw: _Fwd, r: _FwdRefs, q_tile, turn: _Turns, j, carry):
