@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# H200 round 9 (prepared at the end of round 8, not yet run). Calls back to back, no FA4:
+# H200 round 9: one visit, three calls back to back (FA4's wheels travel in two folders,
+# benchmarks/fa4_install.sh; tokamax's in .whl):
 #
-#   call 1:  bash benchmarks/h200_round9.sh named_checks named_tune
-#   call 2:  bash benchmarks/h200_round9.sh registers reduce_probe
-#   call 3, carry .whl:  bash benchmarks/h200_round9.sh tokamax_bench
+#   call 1, carry .fa4a:         bash benchmarks/fa4_install.sh stage && bash benchmarks/h200_round9.sh named_checks named_tune
+#   call 2, carry .fa4b .whl:    bash benchmarks/h200_round9.sh peers
+#   call 3:                      bash benchmarks/h200_round9.sh reduce_probe registers
 #
 # .whl (ignored; 3.7 MB, downloaded here as the device README says, py3.12): tokamax 0.0.12 and
 # what the image lacks of its needs: einshape, pydantic 2.14.4 (+ pydantic-core, annotated-types,
@@ -15,13 +16,14 @@
 #               barriers (MosaicConfig.named_turns), checked against float64 on the GPU for the
 #               first time. Under `timeout`: a wrong barrier protocol hangs rather than fails.
 # named_tune    `--tune-set named --fwd-only`: named against mbarrier turns, d = 40/64/128.
+# peers         `python -m jax_attn bench --shapes diffusion` with FA4 and tokamax installed:
+#               every row of issue 15 in one run (ours, auto, cuDNN through JAX and torch, FA4
+#               through JAX and torch, tokamax's Hopper kernel), forward and forward+backward.
+# reduce_probe  benchmarks/reduce_compile_probe.py: which program of the 16k-token `sage` check
+#               (the user's call or the simulation it is checked against) holds the fusion that
+#               compiled for 2 min 40 s in rounds 7 and 8; the slow modules' HLO kept.
 # registers     benchmarks/kernel_registers.py: ptxas's registers and spills of every Mosaic
 #               kernel at its defaults (does the 8-bit kernel spill?).
-# reduce_probe  benchmarks/reduce_compile_probe.py: which token-axis reduction of the `sage`
-#               pre-pass compiles for minutes at 16k tokens.
-# tokamax_bench `python -m jax_attn bench --shapes diffusion` with tokamax installed: its Hopper
-#               kernel as a peer row beside ours, cuDNN and auto (no torch rows: they are in
-#               round 4), forward and forward+backward.
 set -u
 FINAL=${OUT:-out}
 OUT=/tmp/round9
@@ -35,7 +37,7 @@ pack() {
 }
 if has named_checks; then
   mkdir -p "$OUT/named_checks"
-  timeout 240 python3 benchmarks/mosaic_gpu.py --quick --small-config '{"named_turns": true}' \
+  timeout 200 python3 benchmarks/mosaic_gpu.py --quick --small-config '{"named_turns": true}' \
     --out "$OUT/named_checks" \
     > "$OUT/named_checks/checks.txt" 2>&1
   echo "named_checks exit $?"
@@ -44,30 +46,38 @@ if has named_checks; then
 fi
 if has named_tune; then
   mkdir -p "$OUT/named_tune"
-  timeout 330 python3 benchmarks/mosaic_gpu.py --quick --skip-small --fwd-only --tune \
-    --tune-set named --budget 290 --out "$OUT/named_tune" > "$OUT/named_tune/stdout.txt" 2>&1
+  timeout 270 python3 benchmarks/mosaic_gpu.py --quick --skip-small --fwd-only --tune \
+    --tune-set named --budget 230 --out "$OUT/named_tune" > "$OUT/named_tune/stdout.txt" 2>&1
   grep -E "^\|" "$OUT/named_tune/stdout.txt" | tail -n 14
   pack
 fi
-if has registers; then
-  timeout 300 python3 benchmarks/kernel_registers.py --out "$OUT/registers" \
-    > "$OUT/registers.txt" 2>&1
-  tail -n 20 "$OUT/registers.txt"
-  pack
-fi
-if has tokamax_bench; then
+if has peers; then
+  source benchmarks/fa4_install.sh install
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl && export PYTHONPATH=$PWD:/tmp/site || echo "tokamax install failed"
-  mkdir -p "$OUT/tokamax_bench"
-  timeout 540 python3 -m jax_attn bench --shapes diffusion --no-torch --budget 480 \
-    --backends pallas,cudnn,auto,tokamax --json "$OUT/tokamax_bench/bench.json" \
-    > "$OUT/tokamax_bench/stdout.txt" 2>&1
-  tail -n 40 "$OUT/tokamax_bench/stdout.txt"
+    --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site || echo "tokamax install failed"
+  python3 -c "import jax, torch, triton; print('jax', jax.__version__, 'torch', torch.__version__, \
+'triton', triton.__version__); import flash_attn.cute; print('fa4 importable'); import tokamax; \
+print('tokamax', tokamax.__version__)"
+  nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+  mkdir -p "$OUT/peers"
+  XLA_PYTHON_CLIENT_MEM_FRACTION=0.6 timeout 470 python3 -m jax_attn bench --shapes diffusion \
+    --backends pallas,fa4,cudnn,auto,torch-cudnn,torch-fa4,tokamax --budget 400 --quiet \
+    --json "$OUT/peers/bench.json" --csv "$OUT/peers/bench.csv" --plot "$OUT/peers/bench.png" \
+    > "$OUT/peers/stdout.txt" 2>&1
+  echo "bench exit $?"; grep -iE "Traceback|Error:" "$OUT/peers/stdout.txt" | head -n 5
+  tail -n 45 "$OUT/peers/stdout.txt" | cut -c1-220
   pack
 fi
 if has reduce_probe; then
-  timeout 220 python3 benchmarks/reduce_compile_probe.py > "$OUT/reduce_probe.txt" 2>&1
+  timeout 260 python3 benchmarks/reduce_compile_probe.py --limit 45 --out "$OUT/reduce_probe" \
+    > "$OUT/reduce_probe.txt" 2>&1
   cat "$OUT/reduce_probe.txt"
+  pack
+fi
+if has registers; then
+  timeout 150 python3 benchmarks/kernel_registers.py --out "$OUT/registers" \
+    > "$OUT/registers.txt" 2>&1
+  tail -n 20 "$OUT/registers.txt"
   pack
 fi
 pack

@@ -70,7 +70,9 @@ def _add_arguments(p) -> None:
                         "float32 on a CPU; the tiny set is float32)")
     g.add_argument("--backends", help="comma-separated: JAX backends, auto, tokamax (another JAX "
                                       "library's kernel, a peer row), torch-flash, torch-efficient, "
-                                      "torch-cudnn, torch-math, or torch for all four (default: everything available)")
+                                      "torch-cudnn, torch-math (torch SDPA's kernels), torch-fa4 "
+                                      "(FlashAttention-4 through torch, where installed), or torch "
+                                      "for all of these (default: everything available)")
     g.add_argument("--no-torch", action="store_true", help="skip torch SDPA rows")
     g.add_argument("--no-backward", action="store_true", help="forward only")
     g.add_argument("--memory-only", action="store_true",
