@@ -6,6 +6,16 @@
 #   call 2, carry .fa4b .whl:    bash benchmarks/h200_round9.sh peers
 #   call 3:                      bash benchmarks/h200_round9.sh reduce_probe registers
 #
+# As it ran: calls 1 and 2 as above (call 2's tokamax rows failed: tokamax parsed the bench's
+# arguments as its absl flags); call 3 instead re-ran the bench at once with the flags parsed
+# first by hand (tokamax then failed on JAX 0.11.2's plgpu.kernel, which no longer takes
+# out_shape=), then reduce_probe; `registers` did not run. Both are mended in
+# jax_attn/bench/tokamax_compat.py, and the simulation's INT8 dot is now a float32 one. A second
+# visit, two calls:
+#
+#   call 4, carry .fa4a:         bash benchmarks/fa4_install.sh stage && bash benchmarks/h200_round9.sh sim_probe named_profile
+#   call 5, carry .fa4b .whl:    bash benchmarks/h200_round9.sh peers
+#
 # .whl (ignored; 3.7 MB, downloaded here as the device README says, py3.12): tokamax 0.0.12 and
 # what the image lacks of its needs: einshape, pydantic 2.14.4 (+ pydantic-core, annotated-types,
 # typing-inspection, typing-extensions >= 4.16), qwix, typeguard 2.13.3, immutabledict,
@@ -22,6 +32,10 @@
 # reduce_probe  benchmarks/reduce_compile_probe.py: which program of the 16k-token `sage` check
 #               (the user's call or the simulation it is checked against) holds the fusion that
 #               compiled for 2 min 40 s in rounds 7 and 8; the slow modules' HLO kept.
+# sim_probe     reduce_compile_probe.py on the user's call and the simulation (op by op and
+#               jitted) after the simulation's INT8 Q K^T became a float32 dot.
+# named_profile Nsight Compute (round 5's sections) of the d = 128 forward at 16k tokens with
+#               mbarrier and with named-barrier turns: does the long-scoreboard stall go?
 # registers     benchmarks/kernel_registers.py: ptxas's registers and spills of every Mosaic
 #               kernel at its defaults (does the 8-bit kernel spill?).
 set -u
@@ -72,6 +86,27 @@ if has reduce_probe; then
   timeout 260 python3 benchmarks/reduce_compile_probe.py --limit 45 --out "$OUT/reduce_probe" \
     > "$OUT/reduce_probe.txt" 2>&1
   cat "$OUT/reduce_probe.txt"
+  pack
+fi
+if has sim_probe; then
+  timeout 200 python3 benchmarks/reduce_compile_probe.py --only user,sim,sim_jit --limit 60 \
+    --out "$OUT/sim_probe" > "$OUT/sim_probe.txt" 2>&1
+  cat "$OUT/sim_probe.txt"
+  pack
+fi
+if has named_profile; then
+  mkdir -p "$OUT/named_profile"
+  for v in 'mbarrier|{}' 'named|{"named_turns": true}'; do
+    timeout 150 ncu --clock-control none --section SpeedOfLight --section WarpStateStats \
+      --section LaunchStats --print-details all \
+      --metrics smsp__inst_executed.sum,smsp__average_warps_issue_stalled_long_scoreboard_per_issue_active.ratio,smsp__average_warps_issue_stalled_barrier_per_issue_active.ratio \
+      -k regex:"attention|flash|mosaic|kernel" --launch-skip 0 --launch-count 1 \
+      python3 benchmarks/profile_forward.py mosaic 1 40 16384 128 fwd "${v#*|}" \
+      > "$OUT/named_profile/${v%%|*}.txt" 2>&1
+    echo "== ${v%%|*}"
+    grep -iE "Duration|long_scoreboard|stalled_barrier|inst_executed.sum|Registers Per" \
+      "$OUT/named_profile/${v%%|*}.txt" | head -n 12
+  done
   pack
 fi
 if has registers; then

@@ -357,3 +357,51 @@ def test_shape_options_parse_to_shapes():
     assert args.shape == [(1, 2, 64, 48, 16), (2, 1, 40, 77, 8)] and args.shapes == ["tiny"]
     names = [s.name for s in bench.select_shapes(args)]
     assert names == [s.name for s in bench.SHAPE_SETS["tiny"]] + ["1x2x64x48x16", "2x1x40x77x8"]
+
+
+def test_tokamax_compat_renames_only_the_removed_kernel_keywords():
+    # tokamax 0.0.12 passes plgpu.kernel(out_shape=, scratch_shapes=); JAX 0.11.2 takes only
+    # out_type= / scratch_types=. The shim renames those two and forwards everything else.
+    from jax_attn.bench import tokamax_compat as T
+
+    class NewJax:  # plgpu.kernel as JAX 0.11.2 has it
+        Barrier = object()
+
+        @staticmethod
+        def kernel(body, *, out_type, scratch_types=(), grid=()):
+            return body, out_type, scratch_types, grid
+
+    class OldJax:  # JAX <= 0.11.1: the old names still accepted
+        @staticmethod
+        def kernel(body, out_shape=None, *, out_type=None, scratch_shapes=(), scratch_types=()):
+            return body
+
+    assert T.kernel_needs_renames(NewJax) and not T.kernel_needs_renames(OldJax)
+    shim = T._RenamingPlgpu(NewJax)
+    assert shim.Barrier is NewJax.Barrier
+    assert shim.kernel("body", out_shape="o", scratch_shapes="s", grid=(2,)) == ("body", "o", "s", (2,))
+    assert shim.kernel("body", out_type="o") == ("body", "o", (), ())
+
+
+def test_tokamax_compat_leaves_the_bench_arguments_out_of_absl(monkeypatch):
+    # tokamax parses sys.argv as absl flags on first use; the bench's own arguments must not
+    # reach it. prepare() marks the flags parsed before tokamax is imported.
+    import sys
+    import types
+
+    from absl import flags
+
+    from jax_attn.bench import tokamax_compat as T
+    fake = types.ModuleType("tokamax")
+    monkeypatch.setitem(sys.modules, "tokamax", fake)
+    monkeypatch.setattr(T, "kernel_needs_renames", lambda plgpu: False)
+    monkeypatch.setattr(sys, "argv", ["jax-attn", "bench", "--shapes", "diffusion"])
+    was_parsed = flags.FLAGS.is_parsed()
+    try:
+        if was_parsed:
+            flags.FLAGS.unparse_flags()
+        assert T.prepare() is fake
+        assert flags.FLAGS.is_parsed()
+    finally:
+        if not was_parsed:
+            flags.FLAGS.unparse_flags()

@@ -78,8 +78,8 @@ def _swap(x):  # (b, n, s, d) <-> (b, s, n, d)
 
 def _tokamax_attention():
     """tokamax's Pallas Mosaic GPU attention on Hopper (its `mosaic` implementation)."""
-    import tokamax
-    return functools.partial(tokamax.dot_product_attention, implementation="mosaic")
+    from .tokamax_compat import prepare
+    return functools.partial(prepare().dot_product_attention, implementation="mosaic")
 
 
 # Attention from other JAX libraries, timed as peers beside our backends (never routed to):
