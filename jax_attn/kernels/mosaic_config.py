@@ -75,8 +75,10 @@ class MosaicConfig:
     # With overlap, the warpgroups' turns on the tensor cores through hardware named barriers
     # (`bar.sync` / `bar.arrive`, inline PTX through `plgpu.inline_mgpu`, as FA3/FA4 and
     # tokamax's Pallas kernel do) instead of shared-memory mbarriers, which the waiting
-    # warpgroup polls (round 5: 2.58 cycles per instruction of long-scoreboard stalls against
-    # FA4's 0.77 at d = 128). Opt-in until measured on a GPU; interpret mode keeps mbarriers.
+    # warpgroup polls. Off: correct on the H200 but within +-3% of the mbarrier turns, and the
+    # long-scoreboard stalls it was meant to remove barely move (2.58 -> 2.48 cycles per
+    # instruction at 16k tokens, FA4 0.77; benchmarks/results/2026-12-01-h200-round9/).
+    # Interpret mode keeps mbarriers.
     named_turns: bool = False
     # The forward's registers per thread, (compute, producer) warpgroups: compute_warpgroups x
     # 128 x compute + 128 x producer must fit the SM's 65536 (FA4 runs 240 / 24 with overlap).
