@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# H200 round 10: one call, no FA4.
+# H200 round 10: one call, no FA4. Ran at commit 602ff0f; the switches it times
+# (skip_rescale, rescale_threshold) were slower everywhere and removed in the next commit, so
+# this script is the record of that run (results/2026-12-01-h200-round10/), not runnable after.
 #
 #   bash benchmarks/h200_round10.sh rescale_checks rescale_tune sage_skip
 #

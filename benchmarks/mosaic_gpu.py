@@ -102,13 +102,6 @@ TUNE_SETS = {
                128: [{}, {"named_turns": True}, {"named_turns": True, "fwd_registers": (240, 24)}]},
               {64: [(2, 10, 4096, 4096, 64), (2, 8, 4096, 4096, 40)],
                128: [(1, 24, 4608, 4608, 128), (1, 40, 16384, 16384, 128)]}),
-    # --tune-set rescale: O's rescale skipped where alpha is 1, and with the lazy running max
-    "rescale": ({64: [{}, {"skip_rescale": True},
-                      {"skip_rescale": True, "rescale_threshold": 8.0}],
-                 128: [{}, {"skip_rescale": True},
-                       {"skip_rescale": True, "rescale_threshold": 8.0}]},
-                {64: [(2, 10, 4096, 4096, 64), (2, 8, 4096, 4096, 40)],
-                 128: [(1, 24, 4608, 4608, 128), (1, 40, 16384, 16384, 128)]}),
     # --tune-set split: the fused backward with dQ's columns split, at d = 128 alone
     "split": ({128: [{}, {"bwd_fused": True, "bwd_dq_split": True}]},
               {128: [(1, 24, 4608, 4608, 128), (1, 40, 16384, 16384, 128)]}),

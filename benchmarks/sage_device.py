@@ -184,9 +184,6 @@ def _variants():
         "pv16": SageConfig(pv_bits=16),  # only Q K^T in 8 bits: the accurate variant (sage16)
         "pv16_overlap": SageConfig(pv_bits=16, overlap=True),
         "pv16_stages3": SageConfig(pv_bits=16, stages=3),
-        # O's rescale skipped by the threads whose rows' alpha are all 1 (SageConfig.skip_rescale)
-        "skip": SageConfig(skip_rescale=True),
-        "pv16_skip": SageConfig(pv_bits=16, skip_rescale=True),
     }
 
 

@@ -35,7 +35,6 @@ the whole module takes about 3.5 CPU minutes, so most kernel tests are marked `s
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import pathlib
@@ -68,12 +67,10 @@ LSE_TOL = {"bfloat16": 5e-2, "float16": 1e-2}  # absolute, the lse is a log
 
 
 def check(b, n, n_kv, sq, skv, d, *, dtype="bfloat16", layout="bnsd", kv_lengths=None,
-          key_mask=None, config=None, grads=True, seed=0, backward="auto", key_ramp=None):
+          key_mask=None, config=None, grads=True, seed=0, backward="auto"):
     rng = np.random.default_rng(seed)
     q, k, v = (rng.standard_normal(s)
                for s in ((b, n, sq, d), (b, n_kv, skv, d), (b, n_kv, skv, d)))
-    if key_ramp is not None:  # logits growing along the keys: running maxes that keep rising
-        k = k * np.linspace(*key_ramp, skv)[:, None]
     do, dlse = rng.standard_normal((b, n, sq, d)), rng.standard_normal((b, n, sq))
     q, k, v, do = (np.asarray(jnp.asarray(x, dtype).astype(jnp.float32), np.float64)
                    for x in (q, k, v, do))
@@ -206,51 +203,6 @@ def test_overlap_masked_gqa_empty_row(skv, stages):
     np.testing.assert_array_equal(np.asarray(out[0], np.float32), 0.0)
 
 
-# --- O's rescale skipped where alpha is 1 (MosaicConfig.skip_rescale), and the lazy running max
-# (rescale_threshold): a row keeps its max until a block's exceeds it by more than the threshold.
-
-@needs_mgpu
-@pytest.mark.parametrize("overlap", [False, True])
-def test_lazy_running_max_against_float64(overlap):
-    # Keys scaled up 0.5 -> 4 along the sequence: each row's max keeps rising, by less than the
-    # threshold on most blocks (stale max, P above 1) and by more on some (a real rescale).
-    # The lse feeds the backward, so gradients check it too.
-    cfg = M.MosaicConfig(64, 64, 2, overlap=overlap, skip_rescale=True, rescale_threshold=4.0)
-    check(1, 2, 1, 128, 320, 64, config=cfg, key_ramp=(0.5, 4.0), grads=overlap)
-
-
-@needs_mgpu
-def test_lazy_running_max_keeps_the_old_max_within_the_threshold():
-    from jax_attn.kernels import mosaic_forward as F
-    fw = F._Fwd(bq=4, bk=8, dp=64, n_steps=1, stages=1, dtype=jnp.bfloat16, bnsd=True,
-                has_kb=False, interp=True, qk_scale=1.0, groups=1, key_bias_dims=None,
-                rescale_threshold=2.0)
-    m_i = jnp.array([-jnp.inf, 1.0, 1.0, 1.0])
-    block = jnp.array([0.5, 2.5, 3.5, -3.0])
-    np.testing.assert_array_equal(F._lazy_max(fw, m_i, block), [0.5, 1.0, 3.5, 1.0])
-    exact = F._lazy_max(dataclasses.replace(fw, rescale_threshold=0.0), m_i, block)
-    np.testing.assert_array_equal(exact, [0.5, 2.5, 3.5, 1.0])
-
-
-@needs_mgpu
-@pytest.mark.parametrize("kernel", ["mosaic", "sage"])
-def test_skip_rescale_lowers_to_a_per_thread_branch(kernel):
-    # The skip is a per-thread `scf.if` around O's multiply (row_rescale), only on the GPU
-    # lowering; interpret mode multiplies (the same values: x * 1.0 == x).
-    from jax_attn.kernels import sage_attention as S
-    x = jax.ShapeDtypeStruct((1, 512, 2, 128), jnp.bfloat16)
-
-    def lowered(skip):
-        if kernel == "mosaic":
-            cfg = M.MosaicConfig(64, 128, 2, overlap=True, skip_rescale=skip)
-            f = lambda q, k, v: M.mosaic_attention(q, k, v, layout="bsnd", config=cfg)  # noqa: E731
-        else:
-            cfg = S.SageConfig(skip_rescale=skip)
-            f = lambda q, k, v: S.sage_attention(q, k, v, layout="bsnd", config=cfg)  # noqa: E731
-        return jax.jit(f).trace(x, x, x).lower(lowering_platforms=("cuda",)).as_text()
-    assert "scf.if" in lowered(True) and "scf.if" not in lowered(False)
-
-
 # --- narrow head dims (MosaicConfig.narrow_head_dim): the forward of d = 33-48 at 48
 
 
@@ -284,8 +236,6 @@ def test_config_validation():
         M.MosaicConfig(bwd_registers=(300, 8))
     with pytest.raises(ValueError, match="exceed the SM's 65536 registers"):
         M.MosaicConfig(bwd_registers=(248, 40))
-    with pytest.raises(ValueError, match="rescale_threshold must be in"):
-        M.MosaicConfig(rescale_threshold=20.0)
 
 
 def test_smem_swizzle_by_row_bytes():

@@ -80,13 +80,6 @@ class MosaicConfig:
     # instruction at 16k tokens, FA4 0.77; benchmarks/results/2026-12-01-h200-round9/).
     # Interpret mode keeps mbarriers.
     named_turns: bool = False
-    # The forward's rescale of O by alpha after each key block, skipped by the threads whose
-    # rows all have alpha == 1 (`row_rescale`: a per-thread branch, same bits). With
-    # `rescale_threshold` t > 0 a row also keeps its running max until a block's exceeds it by
-    # more than t (log2 units; P then reaches 2^t), so alpha stays 1 almost always. Off until
-    # measured on a GPU.
-    skip_rescale: bool = False
-    rescale_threshold: float = 0.0
     # The forward's registers per thread, (compute, producer) warpgroups: compute_warpgroups x
     # 128 x compute + 128 x producer must fit the SM's 65536 (FA4 runs 240 / 24 with overlap).
     fwd_registers: tuple[int, int] = (232, 40)
@@ -109,9 +102,6 @@ class MosaicConfig:
             if len(regs) != 2 or any(r % 8 or not 24 <= r <= 256 for r in regs):
                 raise ValueError(f"MosaicConfig.{name} must be two multiples of 8 in 24..256, "
                                  f"got {regs}")
-        if not 0.0 <= float(self.rescale_threshold) <= 15.0:
-            raise ValueError(f"MosaicConfig.rescale_threshold must be in [0, 15] (P reaches "
-                             f"2^threshold), got {self.rescale_threshold}")
         # The forward's sum depends on compute_warpgroups (checked where it launches); the
         # backward always runs two.
         if 128 * (2 * self.bwd_registers[0] + self.bwd_registers[1]) > 65536:

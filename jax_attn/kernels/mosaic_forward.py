@@ -59,7 +59,6 @@ from jaxlib.mlir import ir
 from jaxlib.mlir.dialects import llvm
 
 from .mosaic_config import LN2, LOG2E, MosaicCall, _grid, pl, plgpu, smem_swizzle
-from .row_rescale import rescale_rows
 
 # Hardware named barriers of `_NamedTurns`: Mosaic GPU itself uses barrier 0 (the CTA's) and
 # 1 + warpgroup (each warpgroup's own), so the turns take 8 + warpgroup.
@@ -86,8 +85,6 @@ class _Fwd:
     registers: tuple[int, int] = (232, 40)  # per thread: compute, producer warpgroups
     wgs: int = 2  # compute warpgroups (MosaicConfig.compute_warpgroups)
     named_turns: bool = False  # overlap's turns through named barriers (not in interpret mode)
-    skip_rescale: bool = False  # O's rescale skipped where alpha is 1 (MosaicConfig.skip_rescale)
-    rescale_threshold: float = 0.0  # the running max kept until exceeded by more (log2 units)
 
     def rows(self, ref, b, h, start, size):  # a (size, dp) tile of a 4-d q/k/v/o ref
         return ref.at[b, h, pl.ds(start, size)] if self.bnsd else ref.at[b, pl.ds(start, size), h]
@@ -241,27 +238,16 @@ def _softmax_step(fw: _Fwd, s, kbias, m_i, l_i, cast=True):
     qk_scale = fw.qk_scale
     if fw.has_kb:
         s = s * qk_scale + lax.broadcast_in_dim(kbias, (bq, bk), [1])
-        m_new = _lazy_max(fw, m_i, s.max(axis=1))
+        m_new = jnp.maximum(m_i, s.max(axis=1))
         m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # empty so far: no NaN
         p = jnp.exp2(s - lax.broadcast_in_dim(m_use, (bq, bk), [0]))
     else:
-        m_new = _lazy_max(fw, m_i, s.max(axis=1) * qk_scale)
+        m_new = jnp.maximum(m_i, s.max(axis=1) * qk_scale)
         m_use = m_new
         p = jnp.exp2(s * qk_scale - lax.broadcast_in_dim(m_use, (bq, bk), [0]))
     alpha = jnp.exp2(m_i - m_use)
     l_i = l_i * alpha + p.sum(axis=1)
     return (p.astype(fw.dtype) if cast else p), m_new, l_i, alpha
-
-
-def _lazy_max(fw: _Fwd, m_i, block_max):
-    """The running max after a block. With `rescale_threshold` t > 0 a row keeps its old max
-    until the block's exceeds it by more than t (log2 units): its P then reaches up to 2^t,
-    which bf16/fp16 P and the float32 sums hold, and its alpha stays exactly 1, so its rescale
-    of O can be skipped (`row_rescale`). The first block always sets the max (m_i = -inf)."""
-    m_new = jnp.maximum(m_i, block_max)
-    if fw.rescale_threshold > 0:
-        m_new = jnp.where(block_max > m_i + fw.rescale_threshold, m_new, m_i)
-    return m_new
 
 
 def _qk_interp(q_tile, k_smem, slot):
@@ -280,7 +266,7 @@ def _online_softmax(fw: _Fwd, s, kbias, acc, m_i, l_i):
     """Online softmax in base 2: returns (acc, l_i) rescaled, the new running max, and P in the
     input dtype."""
     p16, m_new, l_i, alpha = _softmax_step(fw, s, kbias, m_i, l_i)
-    acc = rescale_rows(acc, alpha, skip_ones=fw.skip_rescale, interp=fw.interp)
+    acc = acc * lax.broadcast_in_dim(alpha, (fw.bq, fw.dp), [0])
     if not fw.interp:
         acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
     return acc, l_i, m_new, p16
@@ -446,7 +432,7 @@ def _fwd_step_overlap(fw: _Fwd, r: _FwdRefs, q_tile, turn: _Turns, j, carry):
             (plgpu.ACC.init(acc), p_init, m_i, l_i, m_i))
         p16 = p.astype(fw.dtype)
     plgpu.barrier_arrive(r.v_done.at[slot])
-    acc = rescale_rows(acc, alpha, skip_ones=fw.skip_rescale, interp=fw.interp)
+    acc = acc * lax.broadcast_in_dim(alpha, (fw.bq, fw.dp), [0])
     return acc, m_i, l_i, p16
 
 
@@ -542,8 +528,7 @@ def _fwd_call(st: MosaicCall, q, k, v, kb):
               has_kb=has_kb, interp=interp, qk_scale=st.scale * LOG2E, groups=st.groups,
               key_bias_dims=st.key_bias_dims, overlap=cfg.overlap,
               registers=cfg.fwd_registers, wgs=cfg.compute_warpgroups,
-              named_turns=cfg.overlap and cfg.named_turns and not interp,
-              skip_rescale=cfg.skip_rescale, rescale_threshold=float(cfg.rescale_threshold))
+              named_turns=cfg.overlap and cfg.named_turns and not interp)
 
     def kernel(q_ref, k_ref, v_ref, *refs):
         _fwd_kernel(fw, _FwdRefs.unpack(fw, q_ref, k_ref, v_ref, refs))

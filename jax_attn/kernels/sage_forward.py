@@ -61,7 +61,6 @@ from jax import lax
 from ..quantization import FP8, LN2, LN_P_SCALE, LOG2_P_SCALE, MAGIC_F, MAGIC_I, P_SCALE, key_perm
 from .mosaic_config import pl, plgpu
 from .mosaic_forward import _Turns  # the bf16 kernel's turn-taking, shared as is
-from .row_rescale import rescale_rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,9 +112,6 @@ class SageConfig:
     # 4096-16384 tokens, d = 64 and 128; relative L1 unchanged for `sage`, 0.0078 -> 0.0085 at
     # most for `sage16`.
     k_scale_per_tile: bool | None = None
-    # O's rescale by alpha skipped by the threads whose rows all have alpha == 1 (a per-thread
-    # branch, same bits: `row_rescale`). Off until measured on a GPU.
-    skip_rescale: bool = False
 
     def resolved(self, dp: int) -> "SageConfig":
         """With `block_kv` (when 0) and `two_level_pv` (when None) chosen for head dim `dp`, and
@@ -160,7 +156,6 @@ class _Fwd:
     v_bsnd: bool = False  # the 16-bit P V's V in the caller's (b, s, n, d) order
     pingpong: bool = True  # SageConfig.pingpong
     tile_ks: bool = False  # SageConfig.k_scale_per_tile: one K scale per slot, a scalar
-    skip_rescale: bool = False  # SageConfig.skip_rescale
 
     @property
     def p8(self) -> bool:
@@ -285,7 +280,7 @@ def _step(fw: _Fwd, r: _Refs, wg, qs, i, carry):
 
 
 def _rescale(fw: _Fwd, acc, alpha):
-    return rescale_rows(acc, alpha, skip_ones=fw.skip_rescale, interp=fw.interp)
+    return acc * lax.broadcast_in_dim(alpha, (fw.bq, fw.dp), [0])
 
 
 def _softmax(fw: _Fwd, s, ks, kbias, qs, m_i, l_i):
@@ -729,7 +724,7 @@ def sage_call(cfg: SageConfig, qz, kb, *, out_dtype, out_layout: str, groups: in
               key_bias_dims=key_bias_dims, two_level=cfg.two_level_pv,
               p_regs=cfg.p_in_registers, fused=cfg.fused_softmax, overlap=cfg.overlap,
               p_dtype=qz.vt8.dtype, has_seg=segments is not None, v_bsnd=qz.v_bsnd,
-              pingpong=cfg.pingpong, tile_ks=cfg.k_scale_per_tile, skip_rescale=cfg.skip_rescale)
+              pingpong=cfg.pingpong, tile_ks=cfg.k_scale_per_tile)
     if (qz.vt8.dtype == FP8) != (cfg.pv_bits == 8):
         raise ValueError(f"SageConfig.pv_bits={cfg.pv_bits} but the pre-pass stored V as "
                          f"{qz.vt8.dtype}")
