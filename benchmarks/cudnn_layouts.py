@@ -7,7 +7,8 @@ d = 40 and 64. The bench hands JAX rows (b, n, s, d) arrays, which `cudnn` passe
 binding as `qkv_layout="BNTH"`. Here the same backend is timed, forward and forward+backward, on
 the same data in both layouts: `bnsd` (BNTH), `bsnd` (BTNH), and `bnsd->bsnd`, which transposes
 (b, n, s, d) inputs to (b, s, n, d) inside the program and the output back, as a wrapper would.
-Each row is checked against `xla` on the same inputs first. One process, interleaved repeats.
+Each row is checked against `xla` on the same inputs first. One process, the best of three
+repeats per row.
 """
 import sys
 
@@ -54,7 +55,7 @@ def main():
             err = float(np.linalg.norm(out[:, :2] - ref) / np.linalg.norm(ref))
             fb = jax.jit(lambda q, k, v, do, fn=fn: jax.vjp(fn, q, k, v)[1](do))
             times = {"fwd": [], "fwd+bwd": []}
-            for _ in range(3):  # interleaved with nothing else: repeats show the spread
+            for _ in range(3):  # the repeats show the spread
                 times["fwd"].append(time_ms(fwd, *args[:3]))
                 times["fwd+bwd"].append(time_ms(fb, *args, reps=10, inner=3))
             row = dict(shape=(b, n, s, d), layout=name, err=err,

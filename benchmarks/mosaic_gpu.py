@@ -270,8 +270,8 @@ def tune(tune_set="default"):
                              "fwd+bwd %s ms", row["shape"], change, row["rel err"],
                              row.get("grad rel err"), row["fwd ms"], row["fwd TFLOP/s"],
                              row.get("fwd+bwd ms"))
-                    faster = bucket not in best or row.get("fwd+bwd ms", 0) < best[bucket][1]
-                    if not FWD_ONLY[0] and cfg is not None and i == 0 and faster:
+                    if not FWD_ONLY[0] and cfg is not None and i == 0 and (
+                            bucket not in best or row["fwd+bwd ms"] < best[bucket][1]):
                         best[bucket] = (cfg, row["fwd+bwd ms"])
                 except Exception as e:  # noqa: BLE001
                     row["error"] = _short(e)

@@ -279,7 +279,7 @@ def simulate(qz: Quantized, kb=None, *, block_k: int, fused_softmax: bool = Fals
         s = jnp.einsum("bnqd,bnkd->bnqk", q8, sl(k8, 2).astype(jnp.float32),
                        precision=jax.lax.Precision.HIGHEST)
         if k_tile_scale:  # the exponent trick's offset kept: it sets the FMA's rounding
-            u = s.astype(jnp.float32) + MAGIC_F
+            u = s + MAGIC_F
             if kb is not None:
                 u = u + sl(kb, 2)[:, :, None, :]
             if segments is not None:
@@ -293,7 +293,7 @@ def simulate(qz: Quantized, kb=None, *, block_k: int, fused_softmax: bool = Fals
             l_i = l_i * alpha + p.sum(axis=-1)
             p8 = p_round(p).astype(jnp.float32)
         elif fused_softmax:
-            t = s.astype(jnp.float32) * sl(ks, 2)[:, :, None, :]
+            t = s * sl(ks, 2)[:, :, None, :]
             if kb is not None:
                 t = t + sl(kb, 2)[:, :, None, :]
             if segments is not None:
@@ -306,7 +306,7 @@ def simulate(qz: Quantized, kb=None, *, block_k: int, fused_softmax: bool = Fals
             l_i = l_i * alpha + p.sum(axis=-1)
             p8 = p_round(p).astype(jnp.float32)
         else:
-            s2 = (s.astype(jnp.float32) * qz.q_scale[..., None]) * sl(ks, 2)[:, :, None, :]
+            s2 = (s * qz.q_scale[..., None]) * sl(ks, 2)[:, :, None, :]
             if kb is not None:
                 s2 = s2 + sl(kb, 2)[:, :, None, :]
             if segments is not None:

@@ -405,3 +405,23 @@ def test_tokamax_compat_leaves_the_bench_arguments_out_of_absl(monkeypatch):
     finally:
         if not was_parsed:
             flags.FLAGS.unparse_flags()
+
+
+def test_tokamax_compat_patches_only_tokamax_modules(monkeypatch):
+    # Where this JAX's plgpu.kernel lacks the old names, every loaded tokamax module that holds
+    # JAX's plgpu gets the renaming one; JAX's module itself and other modules keep theirs.
+    import sys
+    import types
+
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    from jax_attn.bench import tokamax_compat as T
+    fake, kernel_mod, other = (types.ModuleType(n) for n in ("tokamax", "tokamax._k", "notokamax"))
+    kernel_mod.plgpu = other.plgpu = plgpu
+    for name, mod in (("tokamax", fake), ("tokamax._k", kernel_mod), ("notokamax", other)):
+        monkeypatch.setitem(sys.modules, name, mod)
+    monkeypatch.setattr(T, "KERNEL_MODULES", ())
+    monkeypatch.setattr(T, "kernel_needs_renames", lambda p: p is plgpu)
+    assert T.prepare() is fake
+    assert isinstance(kernel_mod.plgpu, T._RenamingPlgpu) and kernel_mod.plgpu._plgpu is plgpu
+    assert other.plgpu is plgpu and sys.modules["jax.experimental.pallas.mosaic_gpu"] is plgpu

@@ -66,6 +66,7 @@ def prepare():
             if name.startswith("tokamax") and getattr(module, "plgpu", None) is plgpu:
                 module.plgpu = shim
                 patched.append(name)
-        log.info("tokamax: this JAX's plgpu.kernel no longer takes %s; renamed for %d tokamax "
-                 "modules", ", ".join(RENAMED), len(patched))
+        if patched:  # a later call finds them patched already
+            log.info("tokamax: this JAX's plgpu.kernel no longer takes %s; renamed for %d "
+                     "tokamax modules", ", ".join(RENAMED), len(patched))
     return tokamax
