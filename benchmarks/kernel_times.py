@@ -8,7 +8,8 @@ backends' pre-pass costs inside the call (not timed alone, where dispatch domina
 Each `impl:b,n,s,d` runs once, jitted, on (b, s, n, d) bf16 inputs made on the host; between
 calls a tiny sort runs as a marker, so `--table` can split the kernel list into calls (a
 call's compile launches no kernels of its own). `impl` as in
-profile_forward.py: cudnn, mosaic, or a backend name (sage, sage16, pallas, fa4 ...).
+profile_forward.py: cudnn, mosaic, or a backend name (sage, sage16, pallas, fa4 ...); `sage+vx`:
+`sage` with XLA's V pass instead of the Pallas one (`SageConfig.v_pallas=False`).
 """
 import csv
 import sys
@@ -27,7 +28,12 @@ def run(specs):
         impl, dims = spec.split(":")
         b, n, s, d = map(int, dims.split(","))
         x = jax.device_put(np.random.default_rng(0).standard_normal((b, s, n, d)).astype(jnp.bfloat16))
-        if impl == "cudnn":
+        if impl.endswith("+vx"):  # the 8-bit backend with XLA's V pass (SageConfig.v_pallas=False)
+            from jax_attn.kernels import sage_attention as S
+            from jax_attn.kernels.sage_forward import SageConfig
+            cfg = SageConfig(pv_bits=16 if impl.startswith("sage16") else 8, v_pallas=False)
+            fn = jax.jit(lambda q, k, v, cfg=cfg: S.sage_attention(q, k, v, layout="bsnd", config=cfg))
+        elif impl == "cudnn":
             fn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn"))
         else:
             fn = jax.jit(lambda q, k, v, impl=impl: jax_attn.attention_forward(

@@ -38,7 +38,9 @@ def test_prepass_kernel_matches_the_scheme(layout, dims, pv16, k_rows):
               skv_pad=-(-skv // 128) * 128, v_key_perm=not pv16,
               pv_dtype=jnp.bfloat16 if pv16 else None)
     want = Q.quantize(q, k, v, q_rows=1, k_rows=k_rows, **kw)
-    got = P.quantize(q, k, v, interpret=True, k_rows=k_rows, **kw)
+    # The same smoothing mean (token_stats' sums in another order: checked on its own below)
+    got = P.quantize(q, k, v, interpret=True, k_rows=k_rows, v_pallas=not pv16,
+                     mean=Q.smoothing_mean(k, layout), **kw)
     for name in ("q8", "q_scale", "k8", "k_scale", "vt8", "out_scale"):
         w, g = getattr(want, name), getattr(got, name)
         assert g.shape == w.shape and g.dtype == w.dtype, name
@@ -86,3 +88,30 @@ def test_v_pass_matches_the_scheme(layout, dims, perm):
         np.testing.assert_array_equal(np.asarray(g.astype(jnp.float32)),
                                       np.asarray(w.astype(jnp.float32)), err_msg=name)
     assert got[2] is False and np.abs(np.asarray(got[0].astype(jnp.float32))).max() == Q.FP8_MAX
+
+
+
+@pytest.mark.parametrize("layout,dims", [("bsnd", (2, 3, 700, 40)), ("bnsd", (1, 2, 300, 128)),
+                                         ("bsnd", (1, 1, 100, 64))])
+def test_token_stats_pass(layout, dims):
+    # K's smoothing mean and V's FP8 channel scales from the one Pallas pass (256 tokens per
+    # program: 700 has a masked last block, 100 one block; d = 40 masked columns) against
+    # float64 and the jnp definitions; without V, the mean alone.
+    b, n, s, d = dims
+    rng = np.random.default_rng(s)
+    shape = (b, s, n, d) if layout == "bsnd" else (b, n, s, d)
+    axis = 1 if layout == "bsnd" else 2
+    k = jnp.asarray(rng.standard_normal(shape) * 3 + rng.standard_normal(d) * 8, jnp.bfloat16)
+    v = jnp.asarray(rng.standard_t(3, shape), jnp.bfloat16)
+    dp = 64 if d <= 64 else 128
+    mean, v_scale = P.token_stats(k, v, layout=layout, dp=dp, interpret=True)
+    kf, vf = (np.asarray(x.astype(jnp.float32), np.float64) for x in (k, v))
+    assert mean.shape == v_scale.shape == (b, n, d)
+    np.testing.assert_allclose(np.asarray(mean), kf.mean(axis), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(mean), np.asarray(Q.smoothing_mean(k, layout)),
+                               rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(np.asarray(v_scale),  # a max is exact in any order
+                                  np.asarray(Q.v_channel_scale(v.astype(jnp.float32), axis)))
+    mean_only, none = P.token_stats(k, layout=layout, dp=dp, interpret=True)
+    assert none is None
+    np.testing.assert_array_equal(np.asarray(mean_only), np.asarray(mean))

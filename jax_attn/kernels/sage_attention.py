@@ -148,7 +148,8 @@ def sage_attention(q, k, v, *, kv_lengths=None, key_mask=None, scale=None, layou
                   v_key_perm=sim_flags(cfg)["v_key_perm"],
                   pv_dtype=quantization.pv16_dtype(q.dtype) if cfg.pv_bits == 16 else None)
         if q_rows == 1 and (k_rows == 1 or k_rows == cfg.block_kv):  # one Pallas pass each
-            qz = sage_prepass.quantize(q, k, v, interpret=interpret, k_rows=k_rows, **kw)
+            qz = sage_prepass.quantize(q, k, v, interpret=interpret, k_rows=k_rows,
+                                       v_pallas=cfg.v_pallas, **kw)
         else:
             qz = quantization.quantize(q, k, v, q_rows=q_rows, k_rows=k_rows, **kw)
         out, lse = sage_call(cfg, qz, kb, out_dtype=q.dtype, out_layout=layout, groups=n // n_kv,

@@ -6,12 +6,12 @@ input again and transposing it to (b, n, s, d)). Here one program owns `BLOCK_RO
 head: it reads them once in the caller's layout (bsnd rows are strided; no transpose pass), takes each row's amax,
 and writes the INT8 rows and their scales in the kernel's padded (b, n, s, dp) order; for K it
 subtracts the smoothing mean first, for Q it also writes the lse shift (`scale * q . mean`).
-The K mean itself stays a jnp reduction (one read of K), and V stays `quantization.quantize_v`'s
-jnp (FP8: per-channel scales over all tokens, cast and transposed; 16-bit P V: untouched unless
-it must be cast or padded), unless `quantize(v_pallas=True)`: then the FP8 V's cast and
-transpose is `quantize_v` here, one Pallas pass (XLA's transpose fusion reads V at 0.45 TB/s at
-16k tokens; ours is bit for bit the jnp one in interpret mode but not yet timed on a GPU, hence
-not the default).
+The K mean and V's channel amax stay jnp reductions (`quantization.smoothing_mean`,
+`v_channel_scale`: two stages over the token axis). The FP8 V's cast and transpose is
+`quantize_v` here, one Pallas pass, with `quantize(v_pallas=True)` (`SageConfig.v_pallas`, the
+default): bit for bit `quantization.quantize_v`'s jnp in interpret mode, and on the H200 (round
+11, inside the call) 41 us where XLA's transpose fusion took 331 at 16k tokens. The 16-bit P V
+leaves V untouched unless it must be cast or padded (`quantization.quantize_v`).
 
 Measured (H200, `benchmarks/sage_prepass_tune.py`): on Q alone the kernel runs at the speed of a
 plain copy of Q in the same harness at 16k tokens (0.089 vs 0.082 ms); below that every
@@ -118,6 +118,56 @@ def quantize_rows(x, mean, *, layout: str, rows_pad: int, dp: int, groups: int,
         name="sage_quantize_rows")(x, mean)
 
 
+STAT_ROWS = 256  # tokens per program of `token_stats`
+
+
+def _stats_kernel(*refs, n_rows: int, d: int, with_v: bool):
+    """Per program, `STAT_ROWS` tokens of one head: K's float32 column sums and (with V) V's
+    column amax, both (dp,), zeros past the sequence and past d. refs: k, [v], ksum, [vmax]."""
+    k_ref, v_ref, ksum_ref, vmax_ref = refs if with_v else (refs[0], None, refs[1], None)
+    block_rows, dp = k_ref.shape
+    rows = pl.program_id(2) * block_rows + jnp.arange(block_rows)
+    ok = (rows < n_rows)[:, None] & (jnp.arange(dp) < d)[None, :]
+    k = plgpu.load(k_ref, mask=ok, other=0.0).astype(jnp.float32)
+    plgpu.store(ksum_ref, jnp.sum(k, axis=0))
+    if with_v:
+        v = plgpu.load(v_ref, mask=ok, other=0.0).astype(jnp.float32)
+        plgpu.store(vmax_ref, jnp.max(jnp.abs(v), axis=0))
+
+
+def token_stats(k, v=None, *, layout: str, dp: int, interpret: bool = False,
+                block_rows: int = STAT_ROWS, num_warps: int = 4):
+    """K's smoothing mean `(b, n_kv, d)` float32 and, with `v`, V's FP8 channel scale
+    (`quantization.v_channel_scale`; else None), from one Pallas pass over K (and V): each
+    program reduces `block_rows` tokens of one head, a jnp sum / max finishes over the programs.
+    XLA ran each of these token-axis reductions as its own kernel, 26 us apiece for a 10 MB K
+    at 2x4096x10x64 on an H200 (round 11, Nsight Compute inside the call): a tenth of the
+    bandwidth. The V amax is exact; the mean is `quantization.smoothing_mean` up to float32
+    summation order (the smoothing is exact for any vector subtracted from K, so the pre-pass
+    only needs one mean used throughout; its Q . mean lse shift uses this one)."""
+    bnsd = layout == "bnsd"
+    b, n_kv, s, d = k.shape if bnsd else (k.shape[0], k.shape[2], k.shape[1], k.shape[3])
+    chunks = -(-s // block_rows)
+    if bnsd:
+        spec = pl.BlockSpec((_SQ, _SQ, block_rows, dp), lambda b_, h_, i: (b_, h_, i, 0))
+    else:
+        spec = pl.BlockSpec((_SQ, block_rows, _SQ, dp), lambda b_, h_, i: (b_, i, h_, 0))
+    part = jax.ShapeDtypeStruct((b, n_kv, chunks, dp), jnp.float32)
+    part_spec = pl.BlockSpec((_SQ, _SQ, _SQ, dp), lambda b_, h_, i: (b_, h_, i, 0))
+    args = (k,) if v is None else (k, v)
+    parts = pl.pallas_call(
+        functools.partial(_stats_kernel, n_rows=s, d=d, with_v=v is not None), grid=(b, n_kv, chunks),
+        in_specs=[spec] * len(args), out_specs=[part_spec] * len(args),
+        out_shape=[part] * len(args), interpret=interpret,
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
+        name="sage_token_stats")(*args)
+    mean = jnp.sum(parts[0], axis=2)[..., :d] / s
+    if v is None:
+        return mean, None
+    amax = jnp.max(parts[1], axis=2)[..., :d]
+    return mean, jnp.where(amax > 0, amax / Q.FP8_MAX, 1.0)
+
+
 V_BLOCK = 64  # keys per program of `quantize_v` (a multiple of key_perm's 16)
 
 
@@ -135,18 +185,20 @@ def _v_kernel(v_ref, scale_ref, vt_ref, *, n_keys: int, d: int, key_perm: bool):
 
 
 def quantize_v(v, *, layout: str, dp: int, skv_pad: int, v_key_perm: bool = False,
-               interpret: bool = False, block_keys: int = V_BLOCK, num_warps: int = 4):
+               interpret: bool = False, block_keys: int = V_BLOCK, num_warps: int = 4,
+               v_scale=None):
     """`quantization.quantize_v` for the FP8 P V as one Pallas pass after the per-channel amax
     (a jnp reduction): each program reads `block_keys` rows of V in the caller's layout, scales,
     casts to e4m3 and writes them transposed (and key-permuted) into V^T, the (b, n_kv, dp,
-    skv_pad) tile the kernel reads. XLA's transpose fusion for this read V at 0.45 TB/s at 16k
-    tokens on an H200 (round 6); not yet timed on a GPU itself."""
+    skv_pad) tile the kernel reads (`SageConfig.v_pallas` has the H200 timings). `v_scale`:
+    the channel scales `(b, n_kv, d)` when already computed (`token_stats`)."""
     if skv_pad % block_keys or block_keys % 16:
         raise ValueError(f"skv_pad ({skv_pad}) must be a multiple of block_keys ({block_keys}), "
                          "itself a multiple of 16")
     bnsd = layout == "bnsd"
     b, n_kv, s, d = v.shape if bnsd else (v.shape[0], v.shape[2], v.shape[1], v.shape[3])
-    v_scale = Q.v_channel_scale(v.astype(jnp.float32), 2 if bnsd else 1)  # (b, n_kv, d)
+    if v_scale is None:
+        v_scale = Q.v_channel_scale(v.astype(jnp.float32), 2 if bnsd else 1)  # (b, n_kv, d)
     if bnsd:
         v_spec = pl.BlockSpec((_SQ, _SQ, block_keys, dp), lambda b_, h_, i: (b_, h_, i, 0))
     else:
@@ -164,24 +216,32 @@ def quantize_v(v, *, layout: str, dp: int, skv_pad: int, v_key_perm: bool = Fals
 
 def quantize(q, k, v, *, layout: str, scale: float, dp: int, sq_pad: int, skv_pad: int,
              v_key_perm: bool = False, pv_dtype=None, interpret: bool = False,
-             k_rows: int = 1, v_pallas: bool = False) -> Q.Quantized:
+             k_rows: int = 1, v_pallas: bool = False, mean=None) -> Q.Quantized:
     """`quantization.quantize` with per-token Q scales (`q_rows = 1`) and one K scale per
     `k_rows` keys (1, or a power of two: per key block, `SageConfig.k_scale_per_tile`), Q and K
     through `quantize_rows` (see the module docstring for what is equal). `v_pallas`: the FP8
-    V through `quantize_v` (this module's) instead of `quantization.quantize_v`."""
+    V through `quantize_v` (this module's) instead of `quantization.quantize_v`, its channel
+    scales from the same `token_stats` pass as K's mean. `mean`: K's smoothing mean when given
+    (the tests pass `quantization.smoothing_mean`'s to compare the quantization bit for bit),
+    else `token_stats`'."""
     seq = 2 if layout == "bnsd" else 1
     n = q.shape[1] if layout == "bnsd" else q.shape[2]
     n_kv = k.shape[1] if layout == "bnsd" else k.shape[2]
-    mean = Q.smoothing_mean(k, layout)  # (b, n_kv, d)
+    v_fp8 = v_pallas and pv_dtype is None  # V's channel amax read in the same pass as K's mean
+    v_scale = None
+    if mean is None:
+        mean, v_scale = token_stats(k, v if v_fp8 else None, layout=layout, dp=dp,
+                                    interpret=interpret)
     k_block = dict(block_rows=k_rows, block_scale=True) if k_rows > 1 else {}
     k8, k_scale = quantize_rows(k, mean, layout=layout, rows_pad=skv_pad, dp=dp, groups=1,
                                 subtract_mean=True, interpret=interpret, **k_block)
     q8, q_scale, lse_shift = quantize_rows(
         q, mean, layout=layout, rows_pad=sq_pad, dp=dp, groups=n // n_kv,
         row_factor=scale * Q.LOG2E, shift_factor=scale, interpret=interpret)
-    if v_pallas and pv_dtype is None:
+    if v_fp8:
         vt8, out_scale, v_bsnd = quantize_v(v, layout=layout, dp=dp, skv_pad=skv_pad,
-                                            v_key_perm=v_key_perm, interpret=interpret)
+                                            v_key_perm=v_key_perm, interpret=interpret,
+                                            v_scale=v_scale)
     else:
         vt8, out_scale, v_bsnd = Q.quantize_v(v, layout=layout, dp=dp, skv_pad=skv_pad,
                                               v_key_perm=v_key_perm, pv_dtype=pv_dtype)
