@@ -527,3 +527,45 @@ def test_zero_scale_with_masked_keys_is_a_uniform_average():
     with pytest.raises(ValueError, match="positive scale"):
         S.sage_attention(q, k, v, scale=0.0, config=dataclasses.replace(SMALL, k_scale_per_tile=True),
                          interpret=True)
+
+
+@needs_mgpu
+@pytest.mark.parametrize("every", [2, 4])
+def test_kernel_exp2_poly_vs_simulation(every):
+    # SageConfig.exp2_poly: every `every`-th 8-key column tile of P by the polynomial exp2, in
+    # the kernel (interpret mode) and its simulation alike; unmasked GQA, FP8 and 16-bit P V.
+    cfg = dataclasses.replace(SMALL, exp2_poly=every)
+    check_kernel(1, 4, 2, 128, 192, 64, config=cfg, seed=7)
+    check_kernel(1, 2, 1, 100, 130, 128, layout="bsnd", seed=8,
+                 config=dataclasses.replace(cfg, pv_bits=16))
+
+
+def test_exp2_poly_accuracy_and_range():
+    # The polynomial exp2 within 1.1e-4 relative of exp2 over the softmax's range (up to
+    # log2(P_SCALE)), exact powers of two at integers, 2^-126 (not a wrapped exponent) far below,
+    # and the columns it takes.
+    x = jnp.asarray(np.concatenate([np.linspace(-30.0, Q.LOG2_P_SCALE + 0.01, 200001),
+                                    np.arange(-126.0, 9.0)]), jnp.float32)
+    got, want = np.asarray(Q.poly_exp2(x), np.float64), np.exp2(np.asarray(x, np.float64))
+    np.testing.assert_allclose(got, want, rtol=1.1e-4)
+    ints = np.arange(-126, 9)
+    np.testing.assert_array_equal(np.asarray(Q.poly_exp2(jnp.asarray(ints, jnp.float32))),
+                                  np.exp2(ints).astype(np.float32))
+    far = np.asarray(Q.poly_exp2(jnp.asarray([-200.0, -jnp.inf], jnp.float32)))
+    np.testing.assert_array_equal(far, np.float32(2.0 ** -126))
+    keys = Q.exp2_poly_keys(64, 4)
+    assert keys.sum() == 16 and keys[24:32].all() and not keys[:24].any()
+    assert not Q.exp2_poly_keys(64, 0).any()
+
+
+@needs_mgpu
+def test_exp2_poly_leaves_masked_calls_and_is_validated():
+    # Masked calls keep exp2 throughout: the same bits as without the switch.
+    rng = np.random.default_rng(9)
+    q, k, v = (jnp.asarray(rng.standard_normal((1, 2, 100, 64)), jnp.bfloat16) for _ in range(3))
+    kw = dict(kv_lengths=jnp.asarray([90], jnp.int32), interpret=True)
+    a = S.sage_attention(q, k, v, config=SMALL, **kw)
+    b = S.sage_attention(q, k, v, config=dataclasses.replace(SMALL, exp2_poly=2), **kw)
+    np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+    with pytest.raises(ValueError, match="exp2_poly"):
+        SageConfig(exp2_poly=2, k_scale_per_tile=False).resolved(64)
