@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # H200 round 15 (issue 16): exp2 on the FMA pipe for a share of P's column tiles
-# (SageConfig.exp2_poly, quantization.poly_exp2). One call, no FA4:
+# (SageConfig.exp2_poly, quantization.poly_exp2). It ran at commit c04b360; no faster, the
+# switch was removed in the next commit, so this script is the record of that run
+# (results/2026-12-01-h200-round15/), not runnable since. One call, no FA4:
 #
 #   bash benchmarks/h200_round15.sh
 #

@@ -182,10 +182,6 @@ def _variants():
         "overlap_1level": SageConfig(overlap=True, two_level_pv=False),
         "overlap_2level": SageConfig(overlap=True, two_level_pv=True),
         "vxla": SageConfig(v_pallas=False),  # the FP8 V^T by XLA's transpose, not the Pallas pass
-        # exp2 on the FMA pipe for every 4th / 2nd 8-key column tile (SageConfig.exp2_poly)
-        "poly4": SageConfig(exp2_poly=4),
-        "poly2": SageConfig(exp2_poly=2),
-        "pv16_poly4": SageConfig(pv_bits=16, exp2_poly=4),
         "pv16": SageConfig(pv_bits=16),  # only Q K^T in 8 bits: the accurate variant (sage16)
         "pv16_overlap": SageConfig(pv_bits=16, overlap=True),
         "pv16_stages3": SageConfig(pv_bits=16, stages=3),

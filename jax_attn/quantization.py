@@ -60,36 +60,6 @@ LN_P_SCALE = math.log(P_SCALE)
 # where the offset changes a rounding (`simulate`'s k_tile_scale).
 MAGIC_I = 0x4B400000
 MAGIC_F = 12582912.0  # 1.5 * 2**23, the float32 whose bits are MAGIC_I
-# exp2 on the FMA pipe for some of P's columns (`SageConfig.exp2_poly`, FlashAttention-4's
-# trick): exp2 issues on the MUFU pipe, 16 per clock per SM, where the H200 profile of round 11
-# found the 8-bit kernel's softmax waiting. 2^x = 2^j 2^f with j = round(x) (the MAGIC_F add
-# rounds), f in [-0.5, 0.5], 2^f = 1 + f (c1 + f (c2 + f c3)) (a near-minimax fit, relative
-# error 1.0e-4, below bf16's and far below e4m3's rounding), 2^j added into the exponent bits.
-# x is clamped at -126 first, so the exponent never wraps (2^-126 for a logit far below the
-# row's max, which the sum does not see and e4m3 rounds to 0); only unmasked calls take it.
-EXP2_POLY = (0.6932829475846313, 0.24221100257095765, 0.05500881095675392)
-EXP2_POLY_MIN = -126.0
-
-
-def poly_exp2(x):
-    """exp2 by `EXP2_POLY` (float32, elementwise): what the kernel computes on the FMA pipe."""
-    c1, c2, c3 = EXP2_POLY
-    x = jnp.maximum(x.astype(jnp.float32), EXP2_POLY_MIN)
-    # j = round(x), half to even: what the kernel's MAGIC_F add leaves in the low mantissa bits
-    # (written as a round here: XLA folds (x + MAGIC_F) - MAGIC_F back to x)
-    j = jnp.round(x)
-    f = x - j
-    p = ((f * c3 + c2) * f + c1) * f + 1.0
-    bits = (jax.lax.bitcast_convert_type(p, jnp.int32)
-            + jax.lax.shift_left(j.astype(jnp.int32), jnp.int32(23)))
-    return jax.lax.bitcast_convert_type(bits, jnp.float32)
-
-
-def exp2_poly_keys(block_k: int, every: int):
-    """Which keys of a block take `poly_exp2` under `SageConfig.exp2_poly=every`: those of every
-    `every`-th 8-key column tile (the wgmma accumulator's register tiles), bool (block_k,)."""
-    tile = np.arange(block_k) // 8
-    return (tile % every == every - 1) if every else np.zeros(block_k, bool)
 
 
 def key_perm(x, axis):
@@ -264,8 +234,7 @@ def _softmax_block(s2, m_i, l_i, masked: bool):
 
 
 def simulate(qz: Quantized, kb=None, *, block_k: int, fused_softmax: bool = False,
-             v_key_perm: bool = False, segments=None, k_tile_scale: bool = False,
-             exp2_poly: int = 0):
+             v_key_perm: bool = False, segments=None, k_tile_scale: bool = False):
     """The kernel's arithmetic in jnp, block by block: `(out, lse)`, out float32
     `(b, n, sq_pad, dp)` before slicing, lse `(b, n, sq_pad)` natural log, shift not included.
     `kb`: `key_bias(...)` or None. `fused_softmax`: the kernel's `SageConfig.fused_softmax`
@@ -274,13 +243,9 @@ def simulate(qz: Quantized, kb=None, *, block_k: int, fused_softmax: bool = Fals
     `segments`: None or padded int32 `(q_ids (b, sq_pad), kv_ids (b, skv_pad))`: a key counts for
     a row only where their ids are equal (as a dropped key otherwise). `k_tile_scale` (with
     `fused_softmax`): qz holds one K scale per `block_k` keys, and the arithmetic is the
-    kernel's `SageConfig.k_scale_per_tile` one (`sage_forward._softmax_tile_scale`).
-    `exp2_poly` (with `k_tile_scale`): `SageConfig.exp2_poly`'s columns of P by `poly_exp2`,
-    in unmasked calls."""
+    kernel's `SageConfig.k_scale_per_tile` one (`sage_forward._softmax_tile_scale`)."""
     if k_tile_scale and not fused_softmax:
         raise ValueError("k_tile_scale is a variant of the fused softmax: pass fused_softmax=True")
-    if exp2_poly and not k_tile_scale:
-        raise ValueError("exp2_poly is a variant of the k_tile_scale softmax: pass k_tile_scale=True")
     b, n, sq_pad, dp = qz.q8.shape
     n_kv, skv_pad = qz.k8.shape[1], qz.k8.shape[2]
     g = n // n_kv
@@ -323,10 +288,7 @@ def simulate(qz: Quantized, kb=None, *, block_k: int, fused_softmax: bool = Fals
             m_new = jnp.maximum(m_i, (u.max(axis=-1) - MAGIC_F) * c)
             m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
             bias = MAGIC_F * c + (m_use - LOG2_P_SCALE)
-            x = u * c[..., None] - bias[..., None]
-            p = jnp.exp2(x)  # P * P_SCALE
-            if exp2_poly and not masked:
-                p = jnp.where(exp2_poly_keys(block_k, exp2_poly), poly_exp2(x), p)
+            p = jnp.exp2(u * c[..., None] - bias[..., None])  # P * P_SCALE
             alpha = jnp.exp2(m_i - m_use)
             l_i = l_i * alpha + p.sum(axis=-1)
             p8 = p_round(p).astype(jnp.float32)
@@ -380,14 +342,13 @@ def finish(acc, m_i, l_i, out_scale, masked: bool, fused_softmax: bool = False):
 def sage_reference(q, k, v, *, scale=None, layout="bnsd", key_mask=None, kv_lengths=None,
                    block_q: int = 64, block_k: int = 128, q_rows: int = 1, k_rows: int = 1,
                    fused_softmax: bool = False, v_key_perm: bool = False, pv16: bool = False,
-                   q_segment_ids=None, kv_segment_ids=None, k_tile_scale: bool = False,
-                   exp2_poly: int = 0):
+                   q_segment_ids=None, kv_segment_ids=None, k_tile_scale: bool = False):
     """The whole scheme simulated in jnp (no kernel): `(out, lse)`, out float32 in `layout`,
     lse `(b, n, sq)` float32. `key_mask`: bool `(b|1, n|1, skv)`, True = attend. `q_rows`,
     `k_rows`: rows per INT8 scale (1: per token, the default; `block_q`/`block_k`: per kernel
     block). `fused_softmax`, `v_key_perm`, `pv16` (P V in 16 bits: q's dtype, bfloat16 for
     float32 inputs), `k_tile_scale` (one K scale per `block_k` keys: `k_rows` becomes
-    `block_k`), `exp2_poly`: as the kernel's SageConfig (`sim_flags`)."""
+    `block_k`): as the kernel's SageConfig (`sim_flags`)."""
     if k_tile_scale:
         k_rows = tile_k_rows(k_rows, block_k, scale, "k_tile_scale")
     bnsd = (lambda x: x) if layout == "bnsd" else (lambda x: jnp.swapaxes(x, 1, 2))
@@ -403,8 +364,7 @@ def sage_reference(q, k, v, *, scale=None, layout="bnsd", key_mask=None, kv_leng
     segments = None if q_segment_ids is None else padded_segments(
         q_segment_ids, kv_segment_ids, sq_pad, skv_pad)
     out, lse = simulate(qz, kb, block_k=block_k, fused_softmax=fused_softmax,
-                        v_key_perm=v_key_perm, segments=segments, k_tile_scale=k_tile_scale,
-                        exp2_poly=exp2_poly)
+                        v_key_perm=v_key_perm, segments=segments, k_tile_scale=k_tile_scale)
     return bnsd(out[:, :, :sq, :d]), lse[:, :, :sq] + qz.lse_shift
 
 

@@ -32,7 +32,7 @@ def sim_flags(cfg: SageConfig) -> dict:
     cfg = cfg.resolved(64)  # the flags below do not depend on the head dim
     pv16 = cfg.pv_bits == 16
     return dict(fused_softmax=cfg.fused_softmax, v_key_perm=cfg.p_in_registers and not pv16,
-                pv16=pv16, k_tile_scale=cfg.k_scale_per_tile, exp2_poly=cfg.exp2_poly)
+                pv16=pv16, k_tile_scale=cfg.k_scale_per_tile)
 
 HEAD_DIMS = (64, 128)  # what the kernel runs at; smaller head dims are zero-padded up
 

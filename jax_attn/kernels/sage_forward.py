@@ -58,8 +58,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ..quantization import (EXP2_POLY, EXP2_POLY_MIN, FP8, LN2, LN_P_SCALE, LOG2_P_SCALE, MAGIC_F,
-                            MAGIC_I, P_SCALE, key_perm, poly_exp2)
+from ..quantization import FP8, LN2, LN_P_SCALE, LOG2_P_SCALE, MAGIC_F, MAGIC_I, P_SCALE, key_perm
 from .mosaic_config import pl, plgpu
 from .mosaic_forward import _Turns  # the bf16 kernel's turn-taking, shared as is
 
@@ -118,11 +117,6 @@ class SageConfig:
     # Inside one call on the H200 (round 11, Nsight Compute) it takes 41 us instead of 331 at
     # 1x24x16384x128, 13 instead of 95 at 4608 tokens, 8 instead of 36 at 2x10x4096x64.
     v_pallas: bool = True
-    # exp2 on the FMA pipe for every `exp2_poly`-th 8-key column tile of P (0: none), the rest
-    # on the MUFU pipe (`quantization.EXP2_POLY` says how and how accurately). Unmasked calls
-    # only (no key mask, kv_lengths or segment ids: masked ones keep exp2 throughout); needs
-    # `k_scale_per_tile`.
-    exp2_poly: int = 0
 
     def resolved(self, dp: int) -> "SageConfig":
         """With `block_kv` (when 0) and `two_level_pv` (when None) chosen for head dim `dp`, and
@@ -133,9 +127,6 @@ class SageConfig:
         if ktile and not self.fused_softmax:
             raise ValueError("SageConfig.k_scale_per_tile folds the K scale into the fused "
                              "softmax's exp2 FMA: it needs fused_softmax=True")
-        if self.exp2_poly < 0 or (self.exp2_poly and not ktile):
-            raise ValueError(f"SageConfig.exp2_poly must be >= 0 and needs k_scale_per_tile, got "
-                             f"exp2_poly={self.exp2_poly}, k_scale_per_tile={ktile}")
         two_level = (dp <= 64 and self.pv_bits == 8) if self.two_level_pv is None \
             else self.two_level_pv
         return dataclasses.replace(
@@ -170,7 +161,6 @@ class _Fwd:
     v_bsnd: bool = False  # the 16-bit P V's V in the caller's (b, s, n, d) order
     pingpong: bool = True  # SageConfig.pingpong
     tile_ks: bool = False  # SageConfig.k_scale_per_tile: one K scale per slot, a scalar
-    exp2_poly: int = 0  # SageConfig.exp2_poly
 
     @property
     def p8(self) -> bool:
@@ -384,60 +374,10 @@ def _softmax_tile_scale(fw: _Fwd, s, ks, kbias, qs, m_i, l_i, seg=None):
     m_new = jnp.maximum(m_i, (u.max(axis=1) - MAGIC_F) * c)
     m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new) if fw.masked else m_new
     bias = MAGIC_F * c + (m_use - LOG2_P_SCALE)
-    x = u * lax.broadcast_in_dim(c, (bq, bk), [0]) - lax.broadcast_in_dim(bias, (bq, bk), [0])
-    p = jnp.exp2(x)
-    if fw.exp2_poly and not fw.masked:  # some column tiles on the FMA pipe (SageConfig.exp2_poly)
-        p = _exp2_poly_tiles(fw, x, p)
+    p = jnp.exp2(u * lax.broadcast_in_dim(c, (bq, bk), [0])
+                 - lax.broadcast_in_dim(bias, (bq, bk), [0]))
     alpha = jnp.exp2(m_i - m_use)
     return p, alpha, l_i * alpha + p.sum(axis=1), m_new
-
-
-def _poly_exp2_mlir(reg):
-    """`quantization.poly_exp2` on one f32 or vector<N x f32> MLIR value, with FMAs: j = round(x)
-    by the MAGIC_F add (the low mantissa bits of t hold j; LLVM does not fold (x + C) - C
-    without fast-math flags), 2^j added into the exponent bits as j << 23."""
-    from jax._src.lib.mlir import ir
-    from jax._src.lib.mlir.dialects import arith
-    from jax._src.lib.mlir.dialects import math as mlir_math
-    from jax.experimental.mosaic.gpu import utils as mutils
-
-    c1, c2, c3 = EXP2_POLY
-    f32v, i32 = reg.type, ir.IntegerType.get_signless(32)
-    i32v = ir.VectorType.get(ir.VectorType(f32v).shape, i32) if isinstance(f32v, ir.VectorType) else i32
-    k = lambda v: mutils.c(v, f32v)  # noqa: E731
-    x = arith.maximumf(reg, k(EXP2_POLY_MIN))
-    t = arith.addf(x, k(MAGIC_F))
-    f = arith.subf(x, arith.subf(t, k(MAGIC_F)))
-    q = mlir_math.fma(f, k(c3), k(c2))
-    q = mlir_math.fma(q, f, k(c1))
-    q = mlir_math.fma(q, f, k(1.0))
-    bits = arith.addi(arith.bitcast(i32v, q), arith.shli(arith.bitcast(i32v, t), mutils.c(23, i32v)))
-    return arith.bitcast(f32v, bits)
-
-
-def _exp2_poly_tiles(fw: _Fwd, x, p):
-    """`p` (exp2(x), wgmma accumulator layout) with every `fw.exp2_poly`-th 8-key column tile
-    replaced by `quantization.poly_exp2(x)`: per register in the compiled kernel (the MUFU
-    exp2 of those registers is then dead and dropped), a column mask in interpret mode."""
-    if fw.interp:  # `quantization.exp2_poly_keys`, from an iota (a kernel captures no arrays)
-        tile = lax.broadcasted_iota(jnp.int32, (fw.bq, fw.bk), 1) // 8
-        return jnp.where(tile % fw.exp2_poly == fw.exp2_poly - 1, poly_exp2(x), p)
-    from jax.experimental.mosaic import gpu as mgpu
-    import numpy as np
-
-    every = fw.exp2_poly
-
-    @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA, plgpu.Layout.WGMMA),
-                       return_type=plgpu.ShapeDtypeStruct(p.shape, jnp.float32, plgpu.Layout.WGMMA))
-    def mix(ctx, xa, pa):
-        del ctx
-        regs = np.empty(pa.registers.shape, dtype=object)
-        for idx in np.ndindex(*regs.shape):  # axis 1: the 8-key column tiles (`_p_to_8bit_layout`)
-            regs[idx] = (_poly_exp2_mlir(xa.registers[idx]) if idx[1] % every == every - 1
-                         else pa.registers[idx])
-        return mgpu.FragmentedArray(_registers=regs, _layout=pa.layout, _is_signed=None)
-
-    return mix(x, p)
 
 
 def _p_to_8bit_layout(p8):
@@ -789,7 +729,7 @@ def sage_call(cfg: SageConfig, qz, kb, *, out_dtype, out_layout: str, groups: in
               key_bias_dims=key_bias_dims, two_level=cfg.two_level_pv,
               p_regs=cfg.p_in_registers, fused=cfg.fused_softmax, overlap=cfg.overlap,
               p_dtype=qz.vt8.dtype, has_seg=segments is not None, v_bsnd=qz.v_bsnd,
-              pingpong=cfg.pingpong, tile_ks=cfg.k_scale_per_tile, exp2_poly=cfg.exp2_poly)
+              pingpong=cfg.pingpong, tile_ks=cfg.k_scale_per_tile)
     if (qz.vt8.dtype == FP8) != (cfg.pv_bits == 8):
         raise ValueError(f"SageConfig.pv_bits={cfg.pv_bits} but the pre-pass stored V as "
                          f"{qz.vt8.dtype}")
