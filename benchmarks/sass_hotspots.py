@@ -4,8 +4,9 @@ page (`ncu -i REPORT --page source --csv --print-source sass > source.csv`, opti
     python benchmarks/sass_hotspots.py source.csv[.gz] [--logits N]
 
 Prints the stall-reason totals, the instructions holding at least 1% of the warp samples (with
-their top two reasons), and the executed-instruction count per opcode (per logit with
-`--logits`, the number of attention logits the profiled launch computed).
+their top two reasons), and per opcode the executed-instruction count (per logit with
+`--logits`, the number of attention logits the profiled launch computed), its share of the warp
+samples and how much of that is `wait` (a fixed-latency dependency or the pipe's issue rate).
 """
 import argparse
 import collections
@@ -49,16 +50,20 @@ def main():
             top = sorted(((_num(r[ix[s]]), s[6:]) for s in stalls), reverse=True)[:2]
             print(f"  #{n:<5d} {smp / total:6.1%}  {r[ix['Source']].strip()[:58]:58s} "
                   + ", ".join(f"{name} {v / smp:.0%}" for v, name in top))
-    ops = collections.Counter()
+    ops, samples, waits = collections.Counter(), collections.Counter(), collections.Counter()
     for r in rows:
         words = r[ix["Source"]].split()
         op = words[1] if words and words[0].startswith("@") else (words[0] if words else "?")
-        ops[op.split(".")[0]] += _num(r[ix[EXECUTED]])
+        op = op.split(".")[0]
+        ops[op] += _num(r[ix[EXECUTED]])
+        samples[op] += _num(r[ix[SAMPLES]])
+        waits[op] += _num(r[ix["stall_wait"]]) if "stall_wait" in ix else 0
     scale = 32.0 / args.logits if args.logits else 1.0  # warp instructions -> per logit
     unit = "thread instructions per logit" if args.logits else "warp instructions"
-    print(f"\nexecuted, {unit}:")
+    print(f"\nper opcode: executed ({unit}), share of the warp samples, their `wait` share:")
     for op, count in ops.most_common(20):
-        print(f"  {op:12s} {count * scale:10.3f}")
+        print(f"  {op:12s} {count * scale:10.3f} {samples[op] / total:7.1%} "
+              f"{waits[op] / max(samples[op], 1):6.0%}")
     if args.logits:
         print(f"  {'(all)':12s} {sum(ops.values()) * scale:10.3f}")
 
