@@ -6,12 +6,13 @@ input again and transposing it to (b, n, s, d)). Here one program owns `BLOCK_RO
 head: it reads them once in the caller's layout (bsnd rows are strided; no transpose pass), takes each row's amax,
 and writes the INT8 rows and their scales in the kernel's padded (b, n, s, dp) order; for K it
 subtracts the smoothing mean first, for Q it also writes the lse shift (`scale * q . mean`).
-The K mean and V's channel amax stay jnp reductions (`quantization.smoothing_mean`,
-`v_channel_scale`: two stages over the token axis). The FP8 V's cast and transpose is
-`quantize_v` here, one Pallas pass, with `quantize(v_pallas=True)` (`SageConfig.v_pallas`, the
-default): bit for bit `quantization.quantize_v`'s jnp in interpret mode, and on the H200 (round
-11, inside the call) 41 us where XLA's transpose fusion took 331 at 16k tokens. The 16-bit P V
-leaves V untouched unless it must be cast or padded (`quantization.quantize_v`).
+K's smoothing mean and V's channel amax come from `token_stats`, one pass over K and V (XLA's
+two token-axis reductions ran at a tenth of the bandwidth at 4096 tokens). The FP8 V's cast
+and transpose is `quantize_v` here, one Pallas pass, with `quantize(v_pallas=True)`
+(`SageConfig.v_pallas`, the default): bit for bit `quantization.quantize_v`'s jnp in interpret
+mode, and on the H200 (round 11, inside the call) 41 us where XLA's transpose fusion took 331
+at 16k tokens. The 16-bit P V leaves V untouched unless it must be cast or padded
+(`quantization.quantize_v`).
 
 Measured (H200, `benchmarks/sage_prepass_tune.py`): on Q alone the kernel runs at the speed of a
 plain copy of Q in the same harness at 16k tokens (0.089 vs 0.082 ms); below that every
@@ -19,12 +20,13 @@ isolated timing, the copy's included, is bound by dispatching the call (~0.05 ms
 attention call the pre-pass costs less than its isolated timing says.
 
 `quantize` returns the same `Quantized` as `quantization.quantize` (per-token Q scales; K's per
-token or per block): the
-INT8 values and scales bit for bit in interpret mode (the same float32 operations on the same
-smoothing mean; rounding half to even built from floor, which the Triton lowering lacks as an
-op), the lse shift up to float32 summation order. Compiled by Triton, a float32 division may
-round its last bit differently from XLA's (not checked on a GPU; it can move a value by one
-INT8 step at most, which the kernel-vs-simulation tolerance of the device checks covers).
+token or per block): given the same smoothing mean (`token_stats` sums K in another order than
+`quantization.smoothing_mean`), the INT8 values and scales bit for bit in interpret mode (the
+same float32 operations; rounding half to even built from floor, which the Triton lowering
+lacks as an op), the lse shift up to float32 summation order. Compiled by Triton, a float32
+division may round its last bit differently from XLA's (not checked on a GPU; it can move a
+value by one INT8 step at most, which the kernel-vs-simulation tolerance of the device checks
+covers).
 """
 from __future__ import annotations
 
@@ -156,7 +158,8 @@ def token_stats(k, v=None, *, layout: str, dp: int, interpret: bool = False,
     part_spec = pl.BlockSpec((_SQ, _SQ, _SQ, dp), lambda b_, h_, i: (b_, h_, i, 0))
     args = (k,) if v is None else (k, v)
     parts = pl.pallas_call(
-        functools.partial(_stats_kernel, n_rows=s, d=d, with_v=v is not None), grid=(b, n_kv, chunks),
+        functools.partial(_stats_kernel, n_rows=s, d=d, with_v=v is not None),
+        grid=(b, n_kv, chunks),
         in_specs=[spec] * len(args), out_specs=[part_spec] * len(args),
         out_shape=[part] * len(args), interpret=interpret,
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
