@@ -165,9 +165,14 @@ def smoothing_mean(k, layout: str):
 
 
 def v_channel_scale(vf, token_axis: int):
-    """V's FP8 scale per channel, float32 V `vf` reduced over `token_axis`: amax / 448, 1 for an
-    all-zero channel (one definition for every V pre-pass)."""
-    amax = jnp.max(jnp.abs(vf), axis=token_axis)
+    """V's FP8 scale per channel, float32 V `vf` reduced over `token_axis` (`fp8_scale` of its
+    amax; one definition for every V pre-pass)."""
+    return fp8_scale(jnp.max(jnp.abs(vf), axis=token_axis))
+
+
+def fp8_scale(amax):
+    """The FP8 scale of a channel whose largest magnitude is `amax`: amax / 448, 1 for an
+    all-zero channel."""
     return jnp.where(amax > 0, amax / FP8_MAX, 1.0)
 
 

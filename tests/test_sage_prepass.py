@@ -90,7 +90,6 @@ def test_v_pass_matches_the_scheme(layout, dims, perm):
     assert got[2] is False and np.abs(np.asarray(got[0].astype(jnp.float32))).max() == Q.FP8_MAX
 
 
-
 @pytest.mark.parametrize("layout,dims", [("bsnd", (2, 3, 700, 40)), ("bnsd", (1, 2, 300, 128)),
                                          ("bsnd", (1, 1, 100, 64))])
 def test_token_stats_pass(layout, dims):

@@ -167,8 +167,7 @@ def token_stats(k, v=None, *, layout: str, dp: int, interpret: bool = False,
     mean = jnp.sum(parts[0], axis=2)[..., :d] / s
     if v is None:
         return mean, None
-    amax = jnp.max(parts[1], axis=2)[..., :d]
-    return mean, jnp.where(amax > 0, amax / Q.FP8_MAX, 1.0)
+    return mean, Q.fp8_scale(jnp.max(parts[1], axis=2)[..., :d])
 
 
 V_BLOCK = 64  # keys per program of `quantize_v` (a multiple of key_perm's 16)
