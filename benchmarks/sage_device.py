@@ -53,17 +53,25 @@ def _family(name, shape_q, shape_kv, seed=0):
     return q, k, v
 
 
-def smoke(results, log):
+def smoke(results, log, variant=None, shapes=None):
+    """`variant`: a `_variants()` name run instead of the default config (masked calls only);
+    `shapes`: SMOKE indices (default all)."""
+    import dataclasses
+
     import jax.numpy as jnp
 
     from jax_attn import quantization as Q
+    from jax_attn import reference
     from jax_attn.kernels import sage_attention as S
     from jax_attn.kernels.sage_forward import SageConfig
-    for b, n, n_kv, sq, skv, d in SMOKE:
+    for b, n, n_kv, sq, skv, d in [SMOKE[i] for i in (shapes or range(len(SMOKE)))]:
         for layout in ("bnsd", "bsnd"):
-            for masked in (False, True):
+            for masked in (False, True) if variant is None else (True,):
                 for two_level in (True, False):
-                    key = f"smoke {b}x{n}/{n_kv}x{sq}x{skv}x{d} {layout} mask={masked} two_level={two_level}"
+                    base = SageConfig() if variant is None else _variants()[variant]
+                    cfg = dataclasses.replace(base, two_level_pv=two_level)
+                    key = (f"smoke {variant or ''} {b}x{n}/{n_kv}x{sq}x{skv}x{d} {layout} "
+                           f"mask={masked} two_level={two_level}")
                     try:
                         q, k, v = _family("normal", (b, n, sq, d), (b, n_kv, skv, d), seed=sq)
                         t = (lambda x: x) if layout == "bnsd" else (lambda x: np.swapaxes(x, 1, 2))
@@ -71,9 +79,8 @@ def smoke(results, log):
                         km = (np.random.default_rng(1).random((b, 1, 1, skv)) > 0.3) if masked else None
                         lens = jnp.asarray([skv - 7] * b, jnp.int32) if masked else None
                         out, lse = S.sage_attention(q, k, v, layout=layout, key_mask=km, kv_lengths=lens,
-                                                    return_lse=True,
-                                                    config=SageConfig(two_level_pv=two_level))
-                        cfg_r = SageConfig(two_level_pv=two_level).resolved(64 if d <= 64 else 128)
+                                                    return_lse=True, config=cfg)
+                        cfg_r = cfg.resolved(64 if d <= 64 else 128)
                         so, slse = Q.sage_reference(q, k, v, layout=layout, kv_lengths=lens,
                                                     key_mask=None if km is None else jnp.asarray(km)[:, :, 0],
                                                     block_k=cfg_r.block_kv, **S.sim_flags(cfg_r))
@@ -82,8 +89,23 @@ def smoke(results, log):
                         fin = np.isfinite(np.asarray(slse))
                         lerr = float(np.abs(np.asarray(lse)[fin] - np.asarray(slse)[fin]).max())
                         ok = err < 2e-2 and lerr < 1e-2
-                        results["smoke"][key] = {"max_rel_vs_sim": err, "lse_err": lerr, "ok": ok}
-                        log(f"{key}: max|kernel-sim|/max|sim| {err:.2e} lse {lerr:.2e} {'OK' if ok else 'FAIL'}")
+                        # and both against float64 (what a gap to the simulation costs)
+                        f64 = [np.asarray(jnp.asarray(x, jnp.float32), np.float64)
+                               for x in (q, k, v)]
+                        if layout == "bsnd":
+                            f64 = [np.swapaxes(x, 1, 2) for x in f64]
+                        ref, ref_lse = reference.attention(*f64, attn_mask=km, kv_lengths=lens,
+                                                           return_lse=True)
+                        bn = (lambda x: x) if layout == "bnsd" else (lambda x: np.swapaxes(x, 1, 2))
+                        fin64 = np.isfinite(ref_lse)
+                        vs64 = {n_: (Q.accuracy(bn(np.asarray(x, np.float64)), ref)["rel_l1_max"],
+                                     float(np.abs(np.asarray(lx)[fin64] - ref_lse[fin64]).max()))
+                                for n_, x, lx in (("kernel", out, lse), ("sim", so, slse))}
+                        results["smoke"][key] = {"max_rel_vs_sim": err, "lse_err": lerr, "ok": ok,
+                                                 "vs_f64": vs64}
+                        log(f"{key}: max|kernel-sim|/max|sim| {err:.2e} lse {lerr:.2e} {'OK' if ok else 'FAIL'}"
+                            + "".join(f" | {n_} vs f64 relL1 {a:.4f} lse {b_:.2e}"
+                                      for n_, (a, b_) in vs64.items()))
                     except Exception as e:  # noqa: BLE001
                         results["smoke"][key] = {"error": f"{type(e).__name__}: {e}"}
                         log(f"{key}: ERROR\n{traceback.format_exc()}")
@@ -185,6 +207,14 @@ def _variants():
         "pv16": SageConfig(pv_bits=16),  # only Q K^T in 8 bits: the accurate variant (sage16)
         "pv16_overlap": SageConfig(pv_bits=16, overlap=True),
         "pv16_stages3": SageConfig(pv_bits=16, stages=3),
+        # P's row sum on the tensor cores (SageConfig.rowsum_mma: ones beside V^T; round 16)
+        "rowsum": SageConfig(rowsum_mma=True),  # the default since round 16
+        "no_rowsum": SageConfig(rowsum_mma=False),  # the row sum by the softmax's adds
+        "magic": SageConfig(magic_acc=True),  # S's accumulator starts at MAGIC_I (round 16)
+        "pv16_magic": SageConfig(pv_bits=16, magic_acc=True),
+        "no_magic": SageConfig(magic_acc=False),  # the default before magic_acc was by head dim
+        "rowsum_2level": SageConfig(rowsum_mma=True, two_level_pv=True),
+        "rowsum_1level": SageConfig(rowsum_mma=True, two_level_pv=False),
     }
 
 
@@ -214,10 +244,11 @@ def variants(results, log, t0, budget, only=None, shapes=None, prepass=True):
         try:
             if sq > 8192:  # the float64 reference's compile takes minutes here: simulation only
                 raise RuntimeError("skipped above 8192 tokens")
-            ref = reference.attention(*(np.swapaxes(np.asarray(x.astype(jnp.float32), np.float64), 1, 2)
-                                        for x in h0))
+            ref, ref_lse = reference.attention(
+                *(np.swapaxes(np.asarray(x.astype(jnp.float32), np.float64), 1, 2) for x in h0),
+                return_lse=True)
         except Exception as e:  # noqa: BLE001
-            ref = None
+            ref = ref_lse = None
             log(f"{key} float64 reference: ERROR {type(e).__name__}: {e}")
         dp = 64 if d <= 64 else 128
         extra = {
@@ -266,8 +297,11 @@ def variants(results, log, t0, budget, only=None, shapes=None, prepass=True):
                 ent.update(max_rel_vs_sim=err, lse_err=lerr, ok=err < 2e-2 and lerr < 1e-2)
                 if ref is not None:
                     a = Q.accuracy(np.swapaxes(o0.astype(np.float64), 1, 2), ref)
-                    ent.update(cos=a["cos_min"], rel_l1=a["rel_l1_max"])
+                    ent.update(cos=a["cos_min"], rel_l1=a["rel_l1_max"],
+                               lse_f64=float(np.abs(np.asarray(lse[:1, :1], np.float64)
+                                                    - ref_lse).max()))
                 log(f"{key} {name} {cfg_r}: vs sim {err:.2e} lse {lerr:.2e} "
+                    f"lse vs f64 {ent.get('lse_f64', float('nan')):.2e} "
                     f"vs f64 cos {ent.get('cos', float('nan')):.6f} rel_l1 {ent.get('rel_l1', float('nan')):.4f}"
                     f" {'OK' if ent['ok'] else 'MISMATCH (not timed)'}")
                 if ent["ok"]:
@@ -362,6 +396,9 @@ def main():
     ap.add_argument("--shapes", default="1,2", help="--variants: TIMED indices, e.g. 0,1,2,3")
     ap.add_argument("--skip-prepass", action="store_true",
                     help="--variants: no pre-pass-alone rows (the jnp one compiles for minutes at 16k)")
+    ap.add_argument("--smoke-variant", default="",
+                    help="only: the smoke test (masked calls) with this `_variants()` config")
+    ap.add_argument("--smoke-shapes", default="", help="--smoke-variant: SMOKE indices, e.g. 3")
     ap.add_argument("--accuracy", action="store_true",
                     help="only: the accuracy table (sage, sage16, their simulations, cuDNN vs float64)")
     args = ap.parse_args()
@@ -379,6 +416,14 @@ def main():
     t0 = time.time()
     if args.segments:
         segments(results, log)
+        (out / "sage.json").write_text(json.dumps(results, indent=1))
+        (out / "log.txt").write_text("\n".join(lines))
+        return
+    if args.smoke_variant:
+        smoke(results, log, args.smoke_variant,
+              [int(x) for x in args.smoke_shapes.split(",") if x] or None)
+        bad = [k for k, r in results["smoke"].items() if not r.get("ok")]
+        log(f"smoke {args.smoke_variant}: {len(results['smoke']) - len(bad)}/{len(results['smoke'])} ok")
         (out / "sage.json").write_text(json.dumps(results, indent=1))
         (out / "log.txt").write_text("\n".join(lines))
         return

@@ -23,8 +23,9 @@ The scheme (issue 16; after the SageAttention papers, our own code):
   by `P_SCALE = 448` before the cast, so its largest value lands on e4m3's largest finite value
   and small probabilities stay normal numbers down to 2**-6 / 448 (~3.5e-5) instead of 2**-6.
   The row sum `l` is taken from the float32 P (the probabilities the kernel would use without
-  quantization), the product accumulates in float32, and the epilogue multiplies by
-  `v_scale / P_SCALE` per channel.
+  quantization), or, as the kernel does by default (`SageConfig.rowsum_mma`; `rowsum_p8`
+  here), from P as rounded to e4m3, summed by the P V product itself; the product accumulates
+  in float32, and the epilogue multiplies by `v_scale / P_SCALE` per channel.
 
 `quantize` is the pre-pass in jnp: the kernel's entry point runs it for per-block scales and, for
 per-token scales, `kernels/sage_prepass.py`, whose Pallas pass over Q and K gives the same INT8
@@ -239,7 +240,8 @@ def _softmax_block(s2, m_i, l_i, masked: bool):
 
 
 def simulate(qz: Quantized, kb=None, *, block_k: int, fused_softmax: bool = False,
-             v_key_perm: bool = False, segments=None, k_tile_scale: bool = False):
+             v_key_perm: bool = False, segments=None, k_tile_scale: bool = False,
+             rowsum_p8: bool = False):
     """The kernel's arithmetic in jnp, block by block: `(out, lse)`, out float32
     `(b, n, sq_pad, dp)` before slicing, lse `(b, n, sq_pad)` natural log, shift not included.
     `kb`: `key_bias(...)` or None. `fused_softmax`: the kernel's `SageConfig.fused_softmax`
@@ -248,9 +250,13 @@ def simulate(qz: Quantized, kb=None, *, block_k: int, fused_softmax: bool = Fals
     `segments`: None or padded int32 `(q_ids (b, sq_pad), kv_ids (b, skv_pad))`: a key counts for
     a row only where their ids are equal (as a dropped key otherwise). `k_tile_scale` (with
     `fused_softmax`): qz holds one K scale per `block_k` keys, and the arithmetic is the
-    kernel's `SageConfig.k_scale_per_tile` one (`sage_forward._softmax_tile_scale`)."""
+    kernel's `SageConfig.k_scale_per_tile` one (`sage_forward._softmax_tile_scale`).
+    `rowsum_p8` (with `k_tile_scale`): `SageConfig.rowsum_mma`, l sums P as rounded for the
+    P V product."""
     if k_tile_scale and not fused_softmax:
         raise ValueError("k_tile_scale is a variant of the fused softmax: pass fused_softmax=True")
+    if rowsum_p8 and not k_tile_scale:
+        raise ValueError("rowsum_p8 is a variant of k_tile_scale's softmax")
     b, n, sq_pad, dp = qz.q8.shape
     n_kv, skv_pad = qz.k8.shape[1], qz.k8.shape[2]
     g = n // n_kv
@@ -295,8 +301,8 @@ def simulate(qz: Quantized, kb=None, *, block_k: int, fused_softmax: bool = Fals
             bias = MAGIC_F * c + (m_use - LOG2_P_SCALE)
             p = jnp.exp2(u * c[..., None] - bias[..., None])  # P * P_SCALE
             alpha = jnp.exp2(m_i - m_use)
-            l_i = l_i * alpha + p.sum(axis=-1)
             p8 = p_round(p).astype(jnp.float32)
+            l_i = l_i * alpha + (p8 if rowsum_p8 else p).sum(axis=-1)
         elif fused_softmax:
             t = s * sl(ks, 2)[:, :, None, :]
             if kb is not None:
@@ -347,13 +353,14 @@ def finish(acc, m_i, l_i, out_scale, masked: bool, fused_softmax: bool = False):
 def sage_reference(q, k, v, *, scale=None, layout="bnsd", key_mask=None, kv_lengths=None,
                    block_q: int = 64, block_k: int = 128, q_rows: int = 1, k_rows: int = 1,
                    fused_softmax: bool = False, v_key_perm: bool = False, pv16: bool = False,
-                   q_segment_ids=None, kv_segment_ids=None, k_tile_scale: bool = False):
+                   q_segment_ids=None, kv_segment_ids=None, k_tile_scale: bool = False,
+                   rowsum_p8: bool = False):
     """The whole scheme simulated in jnp (no kernel): `(out, lse)`, out float32 in `layout`,
     lse `(b, n, sq)` float32. `key_mask`: bool `(b|1, n|1, skv)`, True = attend. `q_rows`,
     `k_rows`: rows per INT8 scale (1: per token, the default; `block_q`/`block_k`: per kernel
     block). `fused_softmax`, `v_key_perm`, `pv16` (P V in 16 bits: q's dtype, bfloat16 for
     float32 inputs), `k_tile_scale` (one K scale per `block_k` keys: `k_rows` becomes
-    `block_k`): as the kernel's SageConfig (`sim_flags`)."""
+    `block_k`), `rowsum_p8`: as the kernel's SageConfig (`sim_flags`)."""
     if k_tile_scale:
         k_rows = tile_k_rows(k_rows, block_k, scale, "k_tile_scale")
     bnsd = (lambda x: x) if layout == "bnsd" else (lambda x: jnp.swapaxes(x, 1, 2))
@@ -369,7 +376,8 @@ def sage_reference(q, k, v, *, scale=None, layout="bnsd", key_mask=None, kv_leng
     segments = None if q_segment_ids is None else padded_segments(
         q_segment_ids, kv_segment_ids, sq_pad, skv_pad)
     out, lse = simulate(qz, kb, block_k=block_k, fused_softmax=fused_softmax,
-                        v_key_perm=v_key_perm, segments=segments, k_tile_scale=k_tile_scale)
+                        v_key_perm=v_key_perm, segments=segments, k_tile_scale=k_tile_scale,
+                        rowsum_p8=rowsum_p8)
     return bnsd(out[:, :, :sq, :d]), lse[:, :, :sq] + qz.lse_shift
 
 

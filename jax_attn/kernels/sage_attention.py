@@ -32,7 +32,7 @@ def sim_flags(cfg: SageConfig) -> dict:
     cfg = cfg.resolved(64)  # the flags below do not depend on the head dim
     pv16 = cfg.pv_bits == 16
     return dict(fused_softmax=cfg.fused_softmax, v_key_perm=cfg.p_in_registers and not pv16,
-                pv16=pv16, k_tile_scale=cfg.k_scale_per_tile)
+                pv16=pv16, k_tile_scale=cfg.k_scale_per_tile, rowsum_p8=cfg.rowsum_mma)
 
 HEAD_DIMS = (64, 128)  # what the kernel runs at; smaller head dims are zero-padded up
 
@@ -106,13 +106,14 @@ def sage_attention(q, k, v, *, kv_lengths=None, key_mask=None, scale=None, layou
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     dp = head_dim_padded(d)
     cfg = config or SageConfig()
-    if scale <= 0 and cfg.k_scale_per_tile is None:  # the plain softmax below: per-key scales
-        cfg = dataclasses.replace(cfg, k_scale_per_tile=False)
+    if scale <= 0:  # the fused softmax folds the row scale into exp2 via max(t * qs) =
+        if cfg.k_scale_per_tile:  # max(t) * qs: it needs qs > 0 (this raises, naming scale)
+            quantization.tile_k_rows(k_rows, 1, scale, "SageConfig.k_scale_per_tile")
+        # the plain softmax, per-key scales (and what builds on the fused one resolves off)
+        cfg = dataclasses.replace(cfg, fused_softmax=False, k_scale_per_tile=False)
     cfg = cfg.resolved(dp)
     if cfg.k_scale_per_tile:  # one K scale per key block: what the kernel's tile scalar reads
         k_rows = quantization.tile_k_rows(k_rows, cfg.block_kv, scale, "SageConfig.k_scale_per_tile")
-    if scale <= 0 and cfg.fused_softmax:  # it folds the row scale into exp2 via max(t * qs) =
-        cfg = dataclasses.replace(cfg, fused_softmax=False)  # max(t) * qs: needs qs > 0
     if cfg.block_q % q_rows or cfg.block_kv % k_rows:
         raise ValueError(f"q_rows ({q_rows}) and k_rows ({k_rows}) must divide block_q "
                          f"({cfg.block_q}) and block_kv ({cfg.block_kv})")

@@ -40,6 +40,10 @@ tensor cores through a shared "schedule" barrier. What differs, and why:
   shared-memory tile) only once P V is done, so one P suffices. Every variant above combines
   with it.
 * The epilogue writes O from its own shared-memory tile (Q's tile is int8).
+* `rowsum_mma` (default with FP8 P V): the row sum l comes from the P V wgmma itself, through
+  8 rows of ones below V^T (8 more accumulator columns), instead of one add per logit in the
+  softmax. `magic_acc` (default at d <= 64): S's int32 accumulator starts at the exponent
+  trick's offset, so the int -> float conversion needs no add either.
 
 Over 600 lines on purpose: the configuration, the kernel body (one closure over its shared-memory
 layout) and its launch are one kernel, and the variants above are switches inside that body;
@@ -61,6 +65,8 @@ from jax import lax
 from ..quantization import FP8, LN2, LN_P_SCALE, LOG2_P_SCALE, MAGIC_F, MAGIC_I, P_SCALE, key_perm
 from .mosaic_config import pl, plgpu
 from .mosaic_forward import _Turns  # the bf16 kernel's turn-taking, shared as is
+
+ROWSUM_COLS = 8  # SageConfig.rowsum_mma: rows of ones beside V^T (wgmma's N grows in 8s)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,21 +123,52 @@ class SageConfig:
     # Inside one call on the H200 (round 11, Nsight Compute) it takes 41 us instead of 331 at
     # 1x24x16384x128, 13 instead of 95 at 4608 tokens, 8 instead of 36 at 2x10x4096x64.
     v_pallas: bool = True
+    # P's row sum on the tensor cores (FP8 P V only): V^T's shared-memory tile gets 8 more rows
+    # of ones (a constant 1 KB tile TMA'd beside each V tile), so the P V wgmma's 8 extra
+    # accumulator columns each hold the row sum of the FP8 P as the product used it, and the
+    # softmax drops its per-logit add (1.2 of the 9.1 instructions per logit that set the
+    # kernel's pace, round 11). l then sums P as rounded to e4m3 (numerator and denominator
+    # from the same P); `quantization.simulate` mirrors it (`rowsum_p8`). The l columns start
+    # from zero every block (see `_pv_acc`). None (the default): on wherever it can be (FP8 P V
+    # with the per-tile K scale), since the H200 measured it (round 16, two runs): 6% faster
+    # at 16k tokens (1.38x cuDNN), 5-8% at 4608, 12-17% at d = 64, 9-10% at d = 40. The output
+    # is as close to float64 as before; the lse is 2-5e-3 further (l now sums e4m3-rounded P,
+    # in the wgmma's reduced-precision FP8 accumulation, which the simulation does not model).
+    rowsum_mma: bool | None = None
+    # S's int32 wgmma accumulator starts at the exponent trick's MAGIC_I instead of 0, so the
+    # matmul itself leaves MAGIC_I + s and the softmax drops its per-logit integer add (the
+    # wgmma always adds its accumulator in, so the zeros were registers set every block too).
+    # Needs the fused softmax and the plain pipeline (not `overlap`). None (the default): on at
+    # head dims <= 64 where it can be, as the H200 measured (round 16, one run): 5-7% faster
+    # for `sage` and 7-8% for `sage16` at d = 64 and 40; 1-3% slower at d = 128.
+    magic_acc: bool | None = None
 
     def resolved(self, dp: int) -> "SageConfig":
-        """With `block_kv` (when 0) and `two_level_pv` (when None) chosen for head dim `dp`, and
-        `k_scale_per_tile` (when None) as `fused_softmax`."""
+        """With `block_kv` (when 0) and `two_level_pv` (when None) chosen for head dim `dp`,
+        `k_scale_per_tile` (when None) as `fused_softmax`, `rowsum_mma` (when None) on where
+        it can be and `magic_acc` (when None) by head dim."""
         if self.pv_bits not in (8, 16):
             raise ValueError(f"SageConfig.pv_bits must be 8 or 16, got {self.pv_bits}")
         ktile = self.fused_softmax if self.k_scale_per_tile is None else self.k_scale_per_tile
         if ktile and not self.fused_softmax:
             raise ValueError("SageConfig.k_scale_per_tile folds the K scale into the fused "
                              "softmax's exp2 FMA: it needs fused_softmax=True")
+        rowsum = ktile and self.pv_bits == 8 if self.rowsum_mma is None else self.rowsum_mma
+        if rowsum and not (ktile and self.pv_bits == 8):
+            raise ValueError("SageConfig.rowsum_mma puts ones beside the FP8 V^T and is written "
+                             "for the per-tile K scale's softmax: it needs pv_bits=8 and "
+                             "k_scale_per_tile")
+        magic = (dp <= 64 and self.fused_softmax and not self.overlap
+                 if self.magic_acc is None else self.magic_acc)
+        if magic and (self.overlap or not self.fused_softmax):
+            raise ValueError("SageConfig.magic_acc is written for the fused softmax's exponent "
+                             "trick in the plain pipeline: it needs fused_softmax=True and "
+                             "overlap=False")
         two_level = (dp <= 64 and self.pv_bits == 8) if self.two_level_pv is None \
             else self.two_level_pv
         return dataclasses.replace(
             self, block_kv=self.block_kv or (256 if dp <= 64 and not self.overlap else 128),
-            two_level_pv=two_level, k_scale_per_tile=ktile)
+            two_level_pv=two_level, k_scale_per_tile=ktile, rowsum_mma=rowsum, magic_acc=magic)
 
 
 OLD_CONFIG = SageConfig(block_kv=128, two_level_pv=True, p_in_registers=False,
@@ -161,6 +198,12 @@ class _Fwd:
     v_bsnd: bool = False  # the 16-bit P V's V in the caller's (b, s, n, d) order
     pingpong: bool = True  # SageConfig.pingpong
     tile_ks: bool = False  # SageConfig.k_scale_per_tile: one K scale per slot, a scalar
+    rowsum: bool = False  # SageConfig.rowsum_mma: l in O's 8 extra accumulator columns
+    magic: bool = False  # SageConfig.magic_acc: S arrives as MAGIC_I + s
+
+    @property
+    def acc_cols(self) -> int:  # O's accumulator columns: dp, and with `rowsum` l's 8
+        return self.dp + ROWSUM_COLS * self.rowsum
 
     @property
     def p8(self) -> bool:
@@ -216,6 +259,7 @@ class _Refs:
     kid_ref: Any = None  # their tiles beside Q's (q_bar) and beside each K slot's (k_bar)
     qid_smem: Any = None
     kid_smem: Any = None
+    ones_ref: Any = None  # rowsum only: (8, bk) FP8 ones, TMA'd below V^T in every slot
 
     def sched_sync(self):
         if self.sched is None:  # no turn-taking (SageConfig.pingpong=False)
@@ -254,7 +298,8 @@ def _consumer(fw: _Fwd, r: _Refs, qt, h, b, wg):
     if fw.has_seg:  # the row's scale and segment id travel together as the row operand
         qs = (qs, fw.load_vec(r.qid_smem.at[wg], 1))
 
-    acc = fw.layout_cast(jnp.zeros((bq, dp), jnp.float32), None if fw.interp else plgpu.Layout.WGMMA)
+    acc = fw.layout_cast(jnp.zeros((bq, fw.acc_cols), jnp.float32),
+                         None if fw.interp else plgpu.Layout.WGMMA)
     m_i = fw.layout_cast(jnp.full((bq,), -jnp.inf, jnp.float32), fw.row_layout())
     l_i = fw.layout_cast(jnp.zeros((bq,), jnp.float32), fw.row_layout())
 
@@ -285,7 +330,7 @@ def _step(fw: _Fwd, r: _Refs, wg, qs, i, carry):
 
 
 def _rescale(fw: _Fwd, acc, alpha):
-    return acc * lax.broadcast_in_dim(alpha, (fw.bq, fw.dp), [0])
+    return acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
 
 
 def _softmax(fw: _Fwd, s, ks, kbias, qs, m_i, l_i):
@@ -342,7 +387,7 @@ def _softmax_fused(fw: _Fwd, s, ks, kbias, qs, m_i, l_i, seg=None):
     bq, bk = fw.bq, fw.bk
     if fw.tile_ks:
         return _softmax_tile_scale(fw, s, ks, kbias, qs, m_i, l_i, seg)
-    sf = lax.bitcast_convert_type(s + jnp.int32(MAGIC_I), jnp.float32) - MAGIC_F
+    sf = lax.bitcast_convert_type(_magic(fw, s), jnp.float32) - MAGIC_F
     t = sf * lax.broadcast_in_dim(ks, (bq, bk), [1])
     if fw.has_kb:
         t = t + lax.broadcast_in_dim(kbias, (bq, bk), [1])
@@ -357,6 +402,12 @@ def _softmax_fused(fw: _Fwd, s, ks, kbias, qs, m_i, l_i, seg=None):
     return p, alpha, l_i * alpha + p.sum(axis=1), m_new
 
 
+def _magic(fw: _Fwd, s):
+    """MAGIC_I + s (int32), whose bits are the float32 MAGIC_F + s: added here, or already by
+    the Q K^T wgmma (`magic_acc`)."""
+    return s if fw.magic else s + jnp.int32(MAGIC_I)
+
+
 def _softmax_tile_scale(fw: _Fwd, s, ks, kbias, qs, m_i, l_i, seg=None):
     """`_softmax_fused` with one K scale for the whole tile (`ks` a scalar): per logit the
     exponent trick's bits u = MAGIC_F + s (an integer add), the row max of u, and one FMA into
@@ -365,7 +416,7 @@ def _softmax_tile_scale(fw: _Fwd, s, ks, kbias, qs, m_i, l_i, seg=None):
     log2 units at logits of 30). Masked logits are -inf in u. `quantization.simulate` mirrors
     this (its `k_tile_scale`)."""
     bq, bk = fw.bq, fw.bk
-    u = lax.bitcast_convert_type(s + jnp.int32(MAGIC_I), jnp.float32)  # MAGIC_F + s, exactly
+    u = lax.bitcast_convert_type(_magic(fw, s), jnp.float32)  # MAGIC_F + s, exactly
     if fw.has_kb:
         u = u + lax.broadcast_in_dim(kbias, (bq, bk), [1])
     if seg is not None:
@@ -377,6 +428,8 @@ def _softmax_tile_scale(fw: _Fwd, s, ks, kbias, qs, m_i, l_i, seg=None):
     p = jnp.exp2(u * lax.broadcast_in_dim(c, (bq, bk), [0])
                  - lax.broadcast_in_dim(bias, (bq, bk), [0]))
     alpha = jnp.exp2(m_i - m_use)
+    if fw.rowsum:  # l is summed by the P V wgmma (O's extra columns)
+        return p, alpha, l_i, m_new
     return p, alpha, l_i * alpha + p.sum(axis=1), m_new
 
 
@@ -425,7 +478,14 @@ def _scores(fw: _Fwd, r: _Refs, wg, slot):
     ks, kbias = _key_vectors(fw, r, slot)
     if fw.interp:
         s = _qk_interp(r, wg, slot)
+        s = s + jnp.int32(MAGIC_I) if fw.magic else s
         r.sched_sync()
+    elif fw.magic:  # the accumulator starts at MAGIC_I (SageConfig.magic_acc)
+        def qk(acc_ref):
+            plgpu.wgmma(acc_ref, r.q_smem.at[wg], _k_view(r, slot))
+            r.sched_sync()
+        start = fw.layout_cast(jnp.full((fw.bq, fw.bk), MAGIC_I, jnp.int32), plgpu.Layout.WGMMA)
+        s = pl.run_state(qk)(plgpu.ACC.init(start))
     else:
         def qk(acc_ref):
             plgpu.wgmma(acc_ref, r.q_smem.at[wg], _k_view(r, slot))
@@ -486,7 +546,7 @@ def _pv(fw: _Fwd, r: _Refs, wg, i, slot, acc, alpha, p8):
     """O += P8 V8 (float32 accumulation); releases V. P is what `_stage_p` returned. With
     two_level, acc is rescaled by alpha here, while the block's wgmma runs (else the caller
     rescaled it before)."""
-    bq, dp = fw.bq, fw.dp
+    bq = fw.bq
     a_op = _p_operand(fw, r, wg, p8)
     if r.sched is not None:
         plgpu.barrier_arrive(r.sched)  # softmax done
@@ -513,13 +573,13 @@ def _pv(fw: _Fwd, r: _Refs, wg, i, slot, acc, alpha, p8):
                 scaled = _rescale(fw, acc, alpha)  # overlaps the wgmma
                 wait_next_k()  # overlaps the wgmma
                 return scaled, acc_ref[...]
-            scaled, pv = pl.run_scoped(pv_block, plgpu.ACC((bq, dp), jnp.float32))
+            scaled, pv = pl.run_scoped(pv_block, plgpu.ACC((bq, fw.acc_cols), jnp.float32))
             acc = scaled + pv
         else:
             def pv(acc_ref):
                 plgpu.wgmma(acc_ref, a_op, v_view)
                 wait_next_k()
-            acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+            acc = _pv_sum(fw, acc, pl.run_state(pv)(_pv_acc(fw, acc)))
     plgpu.barrier_arrive(r.v_done.at[slot])
     return acc
 
@@ -578,14 +638,29 @@ def _key_loop_overlap(fw: _Fwd, r: _Refs, wg, qs, acc, m_i, l_i):
 
 def _pv_acc(fw: _Fwd, acc):
     """What the P V wgmma accumulates onto: O itself, or with two_level a fresh (zero)
-    accumulator that `_pv_sum` adds to O in float32 registers."""
+    accumulator that `_pv_sum` adds to O in float32 registers. With `rowsum` and one level,
+    O but for fresh l columns: Hopper's FP8 wgmma adds to its accumulator at reduced precision,
+    aligned to the largest addend, so a running l (one sign, growing with every block) would
+    lose the small probabilities (H200 round 16: l 34% off at 16k keys); O's columns, of both
+    signs, keep accumulating in the wgmma as before."""
     if fw.two_level:
-        acc = fw.layout_cast(jnp.zeros((fw.bq, fw.dp), jnp.float32), plgpu.Layout.WGMMA)
+        acc = _zeros_acc(fw, fw.acc_cols)
+    elif fw.rowsum:
+        acc = jnp.concatenate([acc[:, :fw.dp], _zeros_acc(fw, ROWSUM_COLS)], axis=1)
     return plgpu.ACC.init(acc)
 
 
 def _pv_sum(fw: _Fwd, acc, out):
-    return acc + out if fw.two_level else out
+    """O after the block's P V: `out` is what the wgmma left in `_pv_acc`'s accumulator."""
+    if fw.two_level:
+        return acc + out
+    if fw.rowsum:  # O as the wgmma left it; l in float32 registers
+        return jnp.concatenate([out[:, :fw.dp], acc[:, fw.dp:] + out[:, fw.dp:]], axis=1)
+    return out
+
+
+def _zeros_acc(fw: _Fwd, cols: int):
+    return fw.layout_cast(jnp.zeros((fw.bq, cols), jnp.float32), plgpu.Layout.WGMMA)
 
 
 def _step_overlap(fw: _Fwd, r: _Refs, wg, qs, turn, j, carry):
@@ -631,6 +706,9 @@ def _step_overlap(fw: _Fwd, r: _Refs, wg, qs, turn, j, carry):
 
 def _epilogue(fw: _Fwd, r: _Refs, acc, m_i, l_i, b, h, wg, q0):
     bq, dp = fw.bq, fw.dp
+    if fw.rowsum:  # every one of the 8 extra columns holds l: their mean is l exactly
+        l_i = acc[:, dp:].sum(axis=1) * (1.0 / ROWSUM_COLS)
+        acc = acc[:, :dp]
     if fw.masked:
         empty = l_i == 0.0
         l_safe = jnp.where(empty, 1.0, l_i)
@@ -681,7 +759,12 @@ def _produce(fw: _Fwd, r: _Refs, h, b):
             src = r.vt_ref.at[b, kvh, :, keys]
         else:  # 16-bit V, (keys, d) rows in bnsd or (TMA's strided box) bsnd
             src = r.vt_ref.at[b, keys, kvh] if fw.v_bsnd else r.vt_ref.at[b, kvh, keys]
-        plgpu.copy_gmem_to_smem(src, r.vt_smem.at[slot], r.v_bar.at[slot])
+        if fw.rowsum:  # V^T in the slot's first dp rows, the ones tile in the last 8
+            plgpu.copy_gmem_to_smem(src, r.vt_smem.at[slot, pl.ds(0, fw.dp)], r.v_bar.at[slot])
+            plgpu.copy_gmem_to_smem(r.ones_ref, r.vt_smem.at[slot, pl.ds(fw.dp, ROWSUM_COLS)],
+                                    r.v_bar.at[slot])
+        else:
+            plgpu.copy_gmem_to_smem(src, r.vt_smem.at[slot], r.v_bar.at[slot])
 
     for s0 in range(stages):
         issue_k(s0, s0)
@@ -729,7 +812,8 @@ def sage_call(cfg: SageConfig, qz, kb, *, out_dtype, out_layout: str, groups: in
               key_bias_dims=key_bias_dims, two_level=cfg.two_level_pv,
               p_regs=cfg.p_in_registers, fused=cfg.fused_softmax, overlap=cfg.overlap,
               p_dtype=qz.vt8.dtype, has_seg=segments is not None, v_bsnd=qz.v_bsnd,
-              pingpong=cfg.pingpong, tile_ks=cfg.k_scale_per_tile)
+              pingpong=cfg.pingpong, tile_ks=cfg.k_scale_per_tile, rowsum=cfg.rowsum_mma,
+              magic=cfg.magic_acc)
     if (qz.vt8.dtype == FP8) != (cfg.pv_bits == 8):
         raise ValueError(f"SageConfig.pv_bits={cfg.pv_bits} but the pre-pass stored V as "
                          f"{qz.vt8.dtype}")
@@ -738,6 +822,7 @@ def sage_call(cfg: SageConfig, qz, kb, *, out_dtype, out_layout: str, groups: in
         refs = list(refs)
         kb_ref = refs.pop(0) if has_kb else None
         qid_ref, kid_ref = (refs.pop(0), refs.pop(0)) if fw.has_seg else (None, None)
+        ones_ref = refs.pop(0) if fw.rowsum else None
         o_ref, lse_ref = refs[:2]
         q_smem, qs_smem, os_smem, k_smem, ks_smem, vt_smem = refs[2:8]
         rest = refs[8:]
@@ -757,12 +842,13 @@ def sage_call(cfg: SageConfig, qz, kb, *, out_dtype, out_layout: str, groups: in
             o_smem=o_smem, lse_smem=lse_smem, kb_smem=kb_smem, q_bar=q_bar, k_bar=k_bar,
             v_bar=v_bar, k_done=k_done, v_done=v_done, kb_bar=kb_bar,
             sched=sched if fw.pingpong else None,  # None: no turn-taking
-            turn=turn, qid_ref=qid_ref, kid_ref=kid_ref, qid_smem=qid_smem, kid_smem=kid_smem))
+            turn=turn, qid_ref=qid_ref, kid_ref=kid_ref, qid_smem=qid_smem, kid_smem=kid_smem,
+            ones_ref=ones_ref))
 
     d8 = _swizzled(dp, interp)  # Q and K tiles: rows of dp int8
     pv_t = _swizzled(bk, interp, fw.p_dtype.itemsize)  # P, V^T tiles: rows of bk (P V's contraction)
     # V's tiles: FP8 V^T (dp, bk), or 16-bit V (bk, dp) untransposed
-    v_tile, v_t = ((dp, bk), pv_t) if fw.p8 else ((bk, dp), _swizzled(dp, interp, 2))
+    v_tile, v_t = ((fw.acc_cols, bk), pv_t) if fw.p8 else ((bk, dp), _swizzled(dp, interp, 2))
     o_t = () if interp else (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     scratch = [
         plgpu.SMEM((2, bq, dp), jnp.int8, transforms=d8),
@@ -785,7 +871,7 @@ def sage_call(cfg: SageConfig, qz, kb, *, out_dtype, out_layout: str, groups: in
         plgpu.Barrier(num_arrivals=3 + fw.has_seg, num_barriers=2),
         # K and its key scales (and the keys' segment ids)
         plgpu.Barrier(num_arrivals=2 + fw.has_seg, num_barriers=stages),
-        plgpu.Barrier(num_barriers=stages),
+        plgpu.Barrier(num_arrivals=1 + fw.rowsum, num_barriers=stages),  # V^T (and the ones)
         plgpu.Barrier(num_arrivals=2, num_barriers=stages),
         plgpu.Barrier(num_arrivals=2, num_barriers=stages),
         plgpu.Barrier(num_arrivals=2),
@@ -810,4 +896,5 @@ def sage_call(cfg: SageConfig, qz, kb, *, out_dtype, out_layout: str, groups: in
         compiler_params=plgpu.CompilerParams(approx_math=True), **kw)
     args = (qz.q8, qz.q_scale, qz.k8, qz.k_scale, qz.vt8, qz.out_scale) + ((kb,) if has_kb else ())
     args += tuple(segments) if fw.has_seg else ()
+    args += (jnp.ones((ROWSUM_COLS, bk), FP8),) if fw.rowsum else ()
     return call(*args)
