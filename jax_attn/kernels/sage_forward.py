@@ -706,7 +706,7 @@ def _step_overlap(fw: _Fwd, r: _Refs, wg, qs, turn, j, carry):
 
 def _epilogue(fw: _Fwd, r: _Refs, acc, m_i, l_i, b, h, wg, q0):
     bq, dp = fw.bq, fw.dp
-    if fw.rowsum:  # every one of the 8 extra columns holds l: their mean is l exactly
+    if fw.rowsum:  # each of the 8 extra columns holds l (ones in every row): their mean
         l_i = acc[:, dp:].sum(axis=1) * (1.0 / ROWSUM_COLS)
         acc = acc[:, :dp]
     if fw.masked:
