@@ -132,7 +132,7 @@ class SageConfig:
     # from zero every block (see `_pv_acc`). None (the default): on wherever it can be (FP8 P V
     # with the per-tile K scale), since the H200 measured it (round 16, two runs): 6% faster
     # at 16k tokens (1.38x cuDNN), 5-8% at 4608, 12-17% at d = 64, 9-10% at d = 40. The output
-    # is as close to float64 as before; the lse is 2-5e-3 further (l now sums e4m3-rounded P,
+    # is as close to float64 as before; the lse is 1.5-5e-3 further (l now sums e4m3-rounded P,
     # in the wgmma's reduced-precision FP8 accumulation, which the simulation does not model).
     rowsum_mma: bool | None = None
     # S's int32 wgmma accumulator starts at the exponent trick's MAGIC_I instead of 0, so the
