@@ -847,8 +847,9 @@ def sage_call(cfg: SageConfig, qz, kb, *, out_dtype, out_layout: str, groups: in
 
     d8 = _swizzled(dp, interp)  # Q and K tiles: rows of dp int8
     pv_t = _swizzled(bk, interp, fw.p_dtype.itemsize)  # P, V^T tiles: rows of bk (P V's contraction)
-    # V's tiles: FP8 V^T (dp, bk), or 16-bit V (bk, dp) untransposed
-    v_tile, v_t = ((fw.acc_cols, bk), pv_t) if fw.p8 else ((bk, dp), _swizzled(dp, interp, 2))
+    # V's tiles: FP8 V^T (dp, bk; with the row sum's ones, dp + 8), or 16-bit V (bk, dp)
+    v_tile, v_t = (((fw.acc_cols, bk), pv_t) if fw.p8
+                   else ((bk, dp), _swizzled(dp, interp, 2)))
     o_t = () if interp else (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     scratch = [
         plgpu.SMEM((2, bq, dp), jnp.int8, transforms=d8),
