@@ -90,15 +90,12 @@ def smoke(results, log, variant=None, shapes=None):
                         lerr = float(np.abs(np.asarray(lse)[fin] - np.asarray(slse)[fin]).max())
                         ok = err < 2e-2 and lerr < 1e-2
                         # and both against float64 (what a gap to the simulation costs)
-                        f64 = [np.asarray(jnp.asarray(x, jnp.float32), np.float64)
-                               for x in (q, k, v)]
-                        if layout == "bsnd":
-                            f64 = [np.swapaxes(x, 1, 2) for x in f64]
+                        f64 = [t(np.asarray(jnp.asarray(x, jnp.float32), np.float64))
+                               for x in (q, k, v)]  # t: bsnd <-> bnsd, its own inverse
                         ref, ref_lse = reference.attention(*f64, attn_mask=km, kv_lengths=lens,
                                                            return_lse=True)
-                        bn = (lambda x: x) if layout == "bnsd" else (lambda x: np.swapaxes(x, 1, 2))
                         fin64 = np.isfinite(ref_lse)
-                        vs64 = {n_: (Q.accuracy(bn(np.asarray(x, np.float64)), ref)["rel_l1_max"],
+                        vs64 = {n_: (Q.accuracy(t(np.asarray(x, np.float64)), ref)["rel_l1_max"],
                                      float(np.abs(np.asarray(lx)[fin64] - ref_lse[fin64]).max()))
                                 for n_, x, lx in (("kernel", out, lse), ("sim", so, slse))}
                         results["smoke"][key] = {"max_rel_vs_sim": err, "lse_err": lerr, "ok": ok,
@@ -382,6 +379,12 @@ def variants_table(results, log):
                 + ("" if e.get("ok", True) else "  MISMATCH"))
 
 
+def _smoke_summary(results, label):
+    bad = [k for k, r in results["smoke"].items() if not r.get("ok")]
+    return (f"{label}: {len(results['smoke']) - len(bad)}/{len(results['smoke'])} ok"
+            + (f"; failing: {bad[:4]}" if bad else ""))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="sage_out")
@@ -422,8 +425,7 @@ def main():
     if args.smoke_variant:
         smoke(results, log, args.smoke_variant,
               [int(x) for x in args.smoke_shapes.split(",") if x] or None)
-        bad = [k for k, r in results["smoke"].items() if not r.get("ok")]
-        log(f"smoke {args.smoke_variant}: {len(results['smoke']) - len(bad)}/{len(results['smoke'])} ok")
+        log(_smoke_summary(results, f"smoke {args.smoke_variant}"))
         (out / "sage.json").write_text(json.dumps(results, indent=1))
         (out / "log.txt").write_text("\n".join(lines))
         return
@@ -451,8 +453,7 @@ def main():
             log(f"step {step} failed:\n{traceback.format_exc()}")
         (out / "sage.json").write_text(json.dumps(results, indent=1))
     log(f"\n=== summary ({time.time() - t0:.0f} s, {results['device']}, jax {results['jax']}) ===")
-    bad = [k for k, r in results["smoke"].items() if not r.get("ok")]
-    log(f"smoke: {len(results['smoke']) - len(bad)}/{len(results['smoke'])} ok" + (f"; failing: {bad[:4]}" if bad else ""))
+    log(_smoke_summary(results, "smoke"))
     for key, row in results["accuracy"].items():
         log(f"{key:22s} " + "  ".join(f"{n}: {a['cos_min']:.5f}/{a['rel_l1_max']:.4f}" if "cos_min" in a else f"{n}: err"
                                       for n, a in row.items() if isinstance(a, dict)))
