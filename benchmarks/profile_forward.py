@@ -9,9 +9,10 @@ call compiles, so profile with `-k regex:flash`), `sage` / `sage16` (the 8-bit b
 pre-pass kernels run first, so filter with `-k regex:mosaic`). `bwd` differentiates the call
 (forward, then the backward's kernels: filter and count with `-k`/`-c`). Inputs are made on the
 host and copied over, in (b, s, n, d), and the shape needs no padding, so for mosaic and cudnn
-the first kernel launched is the forward itself (`-c 1` profiles just that one). `CONFIG`
-(mosaic only): JSON of `MosaicConfig` fields changed from the head dim's default, e.g.
-'{"bwd_fused": true}' for the one-kernel backward.
+the first kernel launched is the forward itself (`-c 1` profiles just that one). `CONFIG`:
+JSON of `MosaicConfig` fields changed from the head dim's default, e.g. '{"bwd_fused": true}'
+for the one-kernel backward, or for sage / sage16 of `SageConfig` fields (then the kernel is
+called directly, not through the backend), e.g. '{"block_kv": 128}'.
 """
 import dataclasses
 import json
@@ -34,6 +35,11 @@ if impl == "mosaic":
     attn = lambda q, k, v: mosaic_attention.mosaic_attention(q, k, v, layout="bsnd", config=config)  # noqa: E731
 elif impl == "cudnn":
     attn = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn")  # noqa: E731
+elif impl in ("sage", "sage16") and changes:  # a SageConfig other than the backend's
+    from jax_attn.kernels import sage_attention
+    config = dataclasses.replace(sage_attention.SageConfig(pv_bits=16 if impl == "sage16" else 8),
+                                 **changes)
+    attn = lambda q, k, v: sage_attention.sage_attention(q, k, v, layout="bsnd", config=config)  # noqa: E731
 else:  # fa4, sage, sage16: through the library's backend of that name
     attn = lambda q, k, v: jax_attn.attention_forward(q, k, v, layout="bsnd", backend=impl)  # noqa: E731
 if mode == "bwd":

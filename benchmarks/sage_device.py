@@ -187,8 +187,8 @@ def _variants():
         "default_2level": SageConfig(two_level_pv=True),
         "smem_fused": SageConfig(p_in_registers=False),
         "regs_plain": SageConfig(fused_softmax=False),
-        "default_bk128": SageConfig(block_kv=128),
-        "bk256": SageConfig(block_kv=256),  # d = 128: half the barrier passes per key (slower)
+        "default_bk128": SageConfig(block_kv=128),  # at d = 128 the default before round 17
+        "bk256": SageConfig(block_kv=256),  # d = 128: half the barrier passes and O rescales per key
         "free": SageConfig(pingpong=False),  # no turn-taking between the compute warpgroups
         "pv16_free": SageConfig(pv_bits=16, pingpong=False),
         # one K scale per key block, folded into exp2's FMA (SageConfig.k_scale_per_tile)
@@ -212,6 +212,14 @@ def _variants():
         "no_magic": SageConfig(magic_acc=False),  # the default before magic_acc was by head dim
         "rowsum_2level": SageConfig(rowsum_mma=True, two_level_pv=True),
         "rowsum_1level": SageConfig(rowsum_mma=True, two_level_pv=False),
+        # d = 128 with 256-key blocks and MAGIC_I: the default since round 17
+        "bk256_magic": SageConfig(block_kv=256, magic_acc=True),
+        # three compute warpgroups holding the tensor cores in turn for P V and the next
+        # Q K^T (SageConfig.compute_warpgroups; round 17), or running free
+        "wg3": SageConfig(compute_warpgroups=3),
+        "wg3_free": SageConfig(compute_warpgroups=3, pingpong=False),
+        "pv16_wg3": SageConfig(pv_bits=16, compute_warpgroups=3),
+        "stages3": SageConfig(stages=3),  # d <= 64: three K/V slots (d = 128's exceed shared memory)
     }
 
 

@@ -50,6 +50,10 @@ PATHS = {
     # the row sum's one-level path (fresh l columns per block) with the MAGIC_I accumulator
     "rowsum_1level_magic": SageConfig(block_q=64, block_kv=64, stages=2, two_level_pv=False,
                                       magic_acc=True),
+    # three compute warpgroups (192-row tiles): holding the tensor cores in turn, or free
+    "wg3": SageConfig(block_q=64, block_kv=64, stages=2, compute_warpgroups=3),
+    "wg3_free_1level": SageConfig(block_q=64, block_kv=64, stages=3, compute_warpgroups=3,
+                                  pingpong=False, two_level_pv=False),
 }
 
 # What the simulated scheme reaches, worst head (measured: normal d=64/128 cos 0.9992, rel L1
@@ -210,7 +214,8 @@ def test_kernel_bsnd_fp16_masks_lengths_empty_rows_d128():
 @pytest.mark.fast_every(3)
 @needs_mgpu
 @pytest.mark.parametrize("path", ["old", "regs_plain_1level", "smem_fused_1level", "free",
-                                  "no_rowsum_no_magic", "rowsum_1level_magic"])
+                                  "no_rowsum_no_magic", "rowsum_1level_magic", "wg3",
+                                  "wg3_free_1level"])
 def test_kernel_paths_vs_simulation(path):
     # Every SageConfig path on the masked, padded, GQA case (the default path runs above).
     rng = np.random.default_rng(5)
@@ -399,21 +404,34 @@ def test_fused_softmax_costs_no_accuracy(fam):
 
 def test_resolved_by_head_dim():
     """Keys per step and the two-level P V follow the head dim unless set (H200 measurements)."""
-    assert SageConfig().resolved(64).block_kv == 256 and SageConfig().resolved(128).block_kv == 128
+    assert SageConfig().resolved(64).block_kv == 256 and SageConfig().resolved(128).block_kv == 256
+    # 16-bit V at d = 128: two 256-key slots would exceed shared memory
+    assert SageConfig(pv_bits=16).resolved(128).block_kv == 128
+    assert SageConfig(pv_bits=16).resolved(64).block_kv == 256
     assert SMALL.resolved(128).block_kv == 64
     assert SageConfig().resolved(64).two_level_pv and not SageConfig().resolved(128).two_level_pv
     assert SageConfig(two_level_pv=True).resolved(128).two_level_pv
     assert not SageConfig(two_level_pv=False).resolved(64).two_level_pv
     assert SageConfig(overlap=True).resolved(64).block_kv == 128  # S and P live at once
-    # S's accumulator from MAGIC_I at d <= 64 (the H200's measurement, round 16), never where
-    # the exponent trick or the plain pipeline is not
-    assert SageConfig().resolved(64).magic_acc and not SageConfig().resolved(128).magic_acc
+    # S's accumulator from MAGIC_I at d <= 64 and, with 256-key blocks, at d = 128 (the H200's
+    # measurements, rounds 16 and 17), never where the exponent trick or the plain pipeline is not
+    assert SageConfig().resolved(64).magic_acc and SageConfig().resolved(128).magic_acc
+    assert not SageConfig(block_kv=128).resolved(128).magic_acc  # slower there (round 16)
+    assert not SageConfig(pv_bits=16).resolved(128).magic_acc  # 128-key blocks
+    assert SageConfig(block_kv=128).resolved(64).magic_acc
     assert not SageConfig(overlap=True).resolved(64).magic_acc
     assert not SageConfig(fused_softmax=False).resolved(64).magic_acc
     # the row sum on the tensor cores wherever P V is FP8 with the per-tile K scale
     assert SageConfig().resolved(64).rowsum_mma and SageConfig().resolved(128).rowsum_mma
     assert not SageConfig(pv_bits=16).resolved(128).rowsum_mma
     assert not SageConfig(k_scale_per_tile=False).resolved(128).rowsum_mma
+    # three compute warpgroups: 160 registers each, so 128-key blocks at every head dim
+    assert SageConfig(compute_warpgroups=3).resolved(64).block_kv == 128
+    assert SageConfig(compute_warpgroups=3).resolved(128).block_kv == 128
+    with pytest.raises(ValueError, match="compute_warpgroups must be 2 or 3"):
+        SageConfig(compute_warpgroups=4).resolved(64)
+    with pytest.raises(ValueError, match="compute_warpgroups=3 is written for the plain"):
+        SageConfig(compute_warpgroups=3, overlap=True).resolved(64)
 
 
 def test_rowsum_and_magic_validated():

@@ -72,9 +72,12 @@ ROWSUM_COLS = 8  # SageConfig.rowsum_mma: rows of ones beside V^T (wgmma's N gro
 @dataclasses.dataclass(frozen=True)
 class SageConfig:
     block_q: int = 64  # query rows per compute warpgroup (a CTA has two)
-    # Keys per pipeline step; 0 = by head dim (`resolved`): 256 at d = 64 (as the bf16 Mosaic
-    # kernel: half the barrier passes per key; the int32 S tile is then 128 registers, like its
-    # f32 one), 128 at d = 128 (P and V^T tiles of 128-byte rows).
+    # Keys per pipeline step; 0 = by head dim and P V's bits (`resolved`): 256 (as the bf16
+    # Mosaic kernel: half the barrier passes and O rescales per key; the int32 S tile is then
+    # 128 registers, like its f32 one), but 128 with the 16-bit P V at d = 128 (its two 256-key
+    # V slots exceed shared memory) and with `overlap`. At d = 128 256 keys became the faster
+    # once the row sum left the softmax (H200 round 17, two runs: 4-5% at 16k and 4608
+    # tokens; 128 had been level in round 11).
     block_kv: int = 0
     stages: int = 2  # K/V slots in flight
     # Each block's P V in its own wgmma accumulator (see docstring); None = by head dim
@@ -102,8 +105,8 @@ class SageConfig:
     # the tensor cores through the schedule barrier, one's softmax beside the other's matmuls.
     # False: they run free, so both softmaxes can run at once and hide each other's latencies
     # (8-bit matmuls take half the bf16 time, so the softmax, not the tensor cores, sets the
-    # pace: H200 profile, benchmarks/results/2026-11-30-h200-round6/). Checked against the
-    # simulation in interpret mode; not yet timed on a GPU (`h200_round6.sh free`).
+    # pace: H200 profile, benchmarks/results/2026-11-30-h200-round6/). Timed slower: 5-8% at
+    # d = 128 (round 7); with a third compute warpgroup, level at best (round 17).
     pingpong: bool = True
     # One K scale per key block (the pre-pass's k_rows = block_kv; `sage_attention` sets it)
     # instead of one per key: the block's scale then multiplies the row's Q scale once per row,
@@ -138,15 +141,29 @@ class SageConfig:
     # S's int32 wgmma accumulator starts at the exponent trick's MAGIC_I instead of 0, so the
     # matmul itself leaves MAGIC_I + s and the softmax drops its per-logit integer add (the
     # wgmma always adds its accumulator in, so the zeros were registers set every block too).
-    # Needs the fused softmax and the plain pipeline (not `overlap`). None (the default): on at
-    # head dims <= 64 where it can be, as the H200 measured (round 16, one run): 5-7% faster
-    # for `sage` and 7-8% for `sage16` at d = 64 and 40; 1-3% slower at d = 128.
+    # Needs the fused softmax and the plain pipeline (not `overlap`). None (the default): on
+    # where it can be at d <= 64, and at d = 128 with 256-key blocks, as the H200 measured:
+    # 5-7% faster for `sage` and 7-8% for `sage16` at d = 64 and 40 (round 16), 2-4% at
+    # d = 128, 16k tokens, within 2% at 4608 (round 17, two runs); with 128-key blocks at
+    # d = 128 it was 1-3% slower (round 16).
     magic_acc: bool | None = None
+    # Compute warpgroups per CTA, `block_q` rows each: 2, or 3 so that two softmaxes run beside
+    # one warpgroup's matmuls. With two, each step is one warpgroup's softmax beside the
+    # other's matmuls, and the softmax takes about twice as long: the tensor pipe, the exp2
+    # pipe and the issue slots are each busy half the time (H200 round 17). With three and
+    # `pingpong`, the warpgroups hold the tensor cores in turn, round robin, for their P V and
+    # the next Q K^T (one barrier each, as `overlap`'s turns), so two softmaxes overlap every
+    # warpgroup's matmuls; `pingpong=False` lets the three run free. Three take 160 registers
+    # each (the producer 32), so `block_kv=0` resolves to 128 keys. Not with `overlap`.
+    # Checked against the simulation in interpret mode; this turn-taking is not yet timed on a
+    # GPU (`h200_round17.sh ring`). Round 17 timed three warpgroups with turns around Q K^T's
+    # issue only, and free: level at best (3.985 against 4.015 ms at 16k), slower elsewhere.
+    compute_warpgroups: int = 2
 
     def resolved(self, dp: int) -> "SageConfig":
         """With `block_kv` (when 0) and `two_level_pv` (when None) chosen for head dim `dp`,
         `k_scale_per_tile` (when None) as `fused_softmax`, `rowsum_mma` (when None) on where
-        it can be and `magic_acc` (when None) by head dim."""
+        it can be and `magic_acc` (when None) at d <= 64 or with 256-key blocks."""
         if self.pv_bits not in (8, 16):
             raise ValueError(f"SageConfig.pv_bits must be 8 or 16, got {self.pv_bits}")
         ktile = self.fused_softmax if self.k_scale_per_tile is None else self.k_scale_per_tile
@@ -158,7 +175,16 @@ class SageConfig:
             raise ValueError("SageConfig.rowsum_mma puts ones beside the FP8 V^T and is written "
                              "for the per-tile K scale's softmax: it needs pv_bits=8 and "
                              "k_scale_per_tile")
-        magic = (dp <= 64 and self.fused_softmax and not self.overlap
+        if self.compute_warpgroups not in (2, 3):
+            raise ValueError("SageConfig.compute_warpgroups must be 2 or 3, got "
+                             f"{self.compute_warpgroups}")
+        if self.compute_warpgroups == 3 and self.overlap:
+            raise ValueError("SageConfig.compute_warpgroups=3 is written for the plain pipeline: "
+                             "it needs overlap=False")
+        narrow = (self.overlap or (dp > 64 and self.pv_bits == 16)
+                  or self.compute_warpgroups == 3)
+        block_kv = self.block_kv or (128 if narrow else 256)
+        magic = ((dp <= 64 or block_kv >= 256) and self.fused_softmax and not self.overlap
                  if self.magic_acc is None else self.magic_acc)
         if magic and (self.overlap or not self.fused_softmax):
             raise ValueError("SageConfig.magic_acc is written for the fused softmax's exponent "
@@ -167,7 +193,7 @@ class SageConfig:
         two_level = (dp <= 64 and self.pv_bits == 8) if self.two_level_pv is None \
             else self.two_level_pv
         return dataclasses.replace(
-            self, block_kv=self.block_kv or (256 if dp <= 64 and not self.overlap else 128),
+            self, block_kv=block_kv,
             two_level_pv=two_level, k_scale_per_tile=ktile, rowsum_mma=rowsum, magic_acc=magic)
 
 
@@ -200,6 +226,15 @@ class _Fwd:
     tile_ks: bool = False  # SageConfig.k_scale_per_tile: one K scale per slot, a scalar
     rowsum: bool = False  # SageConfig.rowsum_mma: l in O's 8 extra accumulator columns
     magic: bool = False  # SageConfig.magic_acc: S arrives as MAGIC_I + s
+    wgs: int = 2  # SageConfig.compute_warpgroups
+
+    @property
+    def registers(self) -> tuple[int, int]:  # per thread: compute, producer (sum <= 512 / wg)
+        return (232, 40) if self.wgs == 2 else (160, 32)
+
+    @property
+    def ring(self) -> bool:  # three warpgroups holding the tensor cores in turn (`_Refs.ring`)
+        return self.wgs > 2 and self.pingpong
 
     @property
     def acc_cols(self) -> int:  # O's accumulator columns: dp, and with `rowsum` l's 8
@@ -261,8 +296,14 @@ class _Refs:
     kid_smem: Any = None
     ones_ref: Any = None  # rowsum only: (8, bk) FP8 ones, TMA'd below V^T in every slot
 
+    # compute_warpgroups=3 with pingpong: `_Turns` round robin. A warpgroup takes its turn
+    # before its first Q K^T and before each P V, and passes it on once the matmuls it then
+    # issues are done: Q K^T of the first block; P V of block i and Q K^T of block i + 1; P V
+    # of the last block.
+    ring: Any = None
+
     def sched_sync(self):
-        if self.sched is None:  # no turn-taking (SageConfig.pingpong=False)
+        if self.sched is None:  # no pairwise turns (pingpong=False, or three warpgroups)
             return
         plgpu.barrier_arrive(self.sched)
         plgpu.barrier_wait(self.sched)
@@ -272,19 +313,19 @@ def _kernel(fw: _Fwd, r: _Refs):
     qt, h, b = lax.axis_index("q"), lax.axis_index("h"), lax.axis_index("b")
     wg = lax.axis_index("wg")
 
-    @pl.when(wg < 2)
+    @pl.when(wg < fw.wgs)
     def _compute():
         _consumer(fw, r, qt, h, b, wg)
 
-    @pl.when(wg == 2)
+    @pl.when(wg == fw.wgs)
     def _producer():
         _produce(fw, r, h, b)
 
 
 def _consumer(fw: _Fwd, r: _Refs, qt, h, b, wg):
     bq, dp = fw.bq, fw.dp
-    plgpu.set_max_registers(232, action="increase")
-    q0 = qt * (2 * bq) + wg * bq
+    plgpu.set_max_registers(fw.registers[0], action="increase")
+    q0 = qt * (fw.wgs * bq) + wg * bq
     kvh = lax.div(h, jnp.array(fw.groups, h.dtype))
     # Q, its row scales and the output's channel scales share one barrier per warpgroup: three
     # copies, so the barrier waits for all their bytes (Barrier(num_arrivals=3) below).
@@ -309,16 +350,20 @@ def _consumer(fw: _Fwd, r: _Refs, qt, h, b, wg):
         sched_sync = r.sched_sync
         plgpu.barrier_wait(r.k_bar.at[0])
         pl.when(wg == 1)(sched_sync)
+        if r.ring is not None:  # the last warpgroup opens the first turn
+            pl.when(wg == fw.wgs - 1)(r.ring.open_first)
         step = functools.partial(_step, fw, r, wg, qs)
         acc, m_i, l_i = lax.fori_loop(0, fw.n_steps, step, (acc, m_i, l_i))
         pl.when(wg == 0)(sched_sync)
+        if r.ring is not None:  # observe the last warpgroup's last pass
+            pl.when(wg == 0)(r.ring.take)
     _epilogue(fw, r, acc, m_i, l_i, b, h, wg, q0)
 
 
 def _step(fw: _Fwd, r: _Refs, wg, qs, i, carry):
     acc, m_i, l_i = carry
     slot = lax.rem(i, jnp.array(fw.stages, i.dtype))
-    s, ks, kbias = _scores(fw, r, wg, slot)
+    s, ks, kbias = _scores(fw, r, wg, slot, i)
     p, alpha, l_i, m_new = _softmax(fw, s, ks, kbias, qs, m_i, l_i)
     if not fw.two_level:  # the wgmma accumulates onto acc: rescale it first
         acc = _rescale(fw, acc, alpha)
@@ -470,12 +515,14 @@ def _p_to_8bit_layout(p8):
     return relabel(p8)
 
 
-def _scores(fw: _Fwd, r: _Refs, wg, slot):
+def _scores(fw: _Fwd, r: _Refs, wg, slot, i=None):
     """int32 Q8 K8^T of the K tile in `slot`, that slot's key scales and key bias (or None);
     releases K."""
     # K and its key scales (one barrier, two copies) were waited for before this step: before the
     # loop for the first slot, in `_pv`'s `wait_next_k` (overlapping the P V wgmma) for the rest.
     ks, kbias = _key_vectors(fw, r, slot)
+    if r.ring is not None:  # the first Q K^T opens this warpgroup's turns (see `_Refs.ring`)
+        pl.when(i == 0)(r.ring.take)
     if fw.interp:
         s = _qk_interp(r, wg, slot)
         s = s + jnp.int32(MAGIC_I) if fw.magic else s
@@ -492,6 +539,8 @@ def _scores(fw: _Fwd, r: _Refs, wg, slot):
             r.sched_sync()
             return acc_ref[...]
         s = pl.run_scoped(qk, plgpu.ACC((fw.bq, fw.bk), jnp.int32))
+    if r.ring is not None:  # Q K^T done: the turn passes on
+        r.ring.pass_on()
     plgpu.barrier_arrive(r.k_done.at[slot])
     return s, ks, kbias
 
@@ -553,6 +602,8 @@ def _pv(fw: _Fwd, r: _Refs, wg, i, slot, acc, alpha, p8):
     plgpu.barrier_wait(r.v_bar.at[slot])
     if r.sched is not None:
         plgpu.barrier_wait(r.sched)  # the other warpgroup's matmul is issued
+    if r.ring is not None:  # this P V and the next Q K^T in this warpgroup's turn
+        r.ring.take()
     nxt = i + 1
     nxt_slot = lax.rem(nxt, jnp.array(fw.stages, nxt.dtype))
 
@@ -580,6 +631,8 @@ def _pv(fw: _Fwd, r: _Refs, wg, i, slot, acc, alpha, p8):
                 plgpu.wgmma(acc_ref, a_op, v_view)
                 wait_next_k()
             acc = _pv_sum(fw, acc, pl.run_state(pv)(_pv_acc(fw, acc)))
+    if r.ring is not None:  # the last P V done: the turn passes on (else after the next Q K^T)
+        pl.when(i == fw.n_steps - 1)(r.ring.pass_on)
     plgpu.barrier_arrive(r.v_done.at[slot])
     return acc
 
@@ -734,7 +787,7 @@ def _epilogue(fw: _Fwd, r: _Refs, acc, m_i, l_i, b, h, wg, q0):
 
 def _produce(fw: _Fwd, r: _Refs, h, b):
     bk, stages, n_steps, has_kb = fw.bk, fw.stages, fw.n_steps, fw.has_kb
-    plgpu.set_max_registers(40, action="decrease")
+    plgpu.set_max_registers(fw.registers[1], action="decrease")
     kvh = lax.div(h, jnp.array(fw.groups, h.dtype))
     if has_kb:
         kbb = b if fw.key_bias_dims[0] else 0
@@ -813,7 +866,7 @@ def sage_call(cfg: SageConfig, qz, kb, *, out_dtype, out_layout: str, groups: in
               p_regs=cfg.p_in_registers, fused=cfg.fused_softmax, overlap=cfg.overlap,
               p_dtype=qz.vt8.dtype, has_seg=segments is not None, v_bsnd=qz.v_bsnd,
               pingpong=cfg.pingpong, tile_ks=cfg.k_scale_per_tile, rowsum=cfg.rowsum_mma,
-              magic=cfg.magic_acc)
+              magic=cfg.magic_acc, wgs=cfg.compute_warpgroups)
     if (qz.vt8.dtype == FP8) != (cfg.pv_bits == 8):
         raise ValueError(f"SageConfig.pv_bits={cfg.pv_bits} but the pre-pass stored V as "
                          f"{qz.vt8.dtype}")
@@ -833,7 +886,7 @@ def sage_call(cfg: SageConfig, qz, kb, *, out_dtype, out_layout: str, groups: in
         q_bar, k_bar, v_bar, k_done, v_done, sched = rest[:6]
         rest = rest[6:]
         kb_bar = rest.pop(0) if has_kb else None
-        turn = rest.pop(0) if fw.overlap else None
+        turn = rest.pop(0) if fw.overlap or fw.ring else None
         qid_smem, kid_smem = (rest.pop(0), rest.pop(0)) if fw.has_seg else (None, None)
         _kernel(fw, _Refs(
             q_ref=q_ref, qs_ref=qs_ref, k_ref=k_ref, ks_ref=ks_ref, vt_ref=vt_ref, os_ref=os_ref,
@@ -841,10 +894,12 @@ def sage_call(cfg: SageConfig, qz, kb, *, out_dtype, out_layout: str, groups: in
             os_smem=os_smem, k_smem=k_smem, ks_smem=ks_smem, vt_smem=vt_smem, p_smem=p_smem,
             o_smem=o_smem, lse_smem=lse_smem, kb_smem=kb_smem, q_bar=q_bar, k_bar=k_bar,
             v_bar=v_bar, k_done=k_done, v_done=v_done, kb_bar=kb_bar,
-            sched=sched if fw.pingpong else None,  # None: no turn-taking
-            turn=turn, qid_ref=qid_ref, kid_ref=kid_ref, qid_smem=qid_smem, kid_smem=kid_smem,
+            sched=sched if fw.pingpong and fw.wgs == 2 else None,  # None: no pairwise turns
+            turn=turn if fw.overlap else None,
+            ring=_Turns(turn, lax.axis_index("wg"), fw.wgs) if fw.ring else None, qid_ref=qid_ref, kid_ref=kid_ref, qid_smem=qid_smem, kid_smem=kid_smem,
             ones_ref=ones_ref))
 
+    wgs = fw.wgs
     d8 = _swizzled(dp, interp)  # Q and K tiles: rows of dp int8
     pv_t = _swizzled(bk, interp, fw.p_dtype.itemsize)  # P, V^T tiles: rows of bk (P V's contraction)
     # V's tiles: FP8 V^T (dp, bk; with the row sum's ones, dp + 8), or 16-bit V (bk, dp)
@@ -852,37 +907,37 @@ def sage_call(cfg: SageConfig, qz, kb, *, out_dtype, out_layout: str, groups: in
                    else ((bk, dp), _swizzled(dp, interp, 2)))
     o_t = () if interp else (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     scratch = [
-        plgpu.SMEM((2, bq, dp), jnp.int8, transforms=d8),
-        plgpu.SMEM((2, bq), jnp.float32),
-        plgpu.SMEM((2, dp), jnp.float32),
+        plgpu.SMEM((wgs, bq, dp), jnp.int8, transforms=d8),
+        plgpu.SMEM((wgs, bq), jnp.float32),
+        plgpu.SMEM((wgs, dp), jnp.float32),
         plgpu.SMEM((stages, bk, dp), jnp.int8, transforms=d8),
         plgpu.SMEM((stages, bk), jnp.float32),
         plgpu.SMEM((stages, *v_tile), fw.p_dtype, transforms=v_t),
     ]
     if not fw.p_regs:
-        scratch.append(plgpu.SMEM((2, bq, bk), fw.p_dtype, transforms=pv_t))
+        scratch.append(plgpu.SMEM((wgs, bq, bk), fw.p_dtype, transforms=pv_t))
     scratch += [
-        plgpu.SMEM((2, bq, dp), out_dtype, transforms=o_t),
-        plgpu.SMEM((2, bq), jnp.float32),
+        plgpu.SMEM((wgs, bq, dp), out_dtype, transforms=o_t),
+        plgpu.SMEM((wgs, bq), jnp.float32),
     ]
     if has_kb:
         scratch.append(plgpu.SMEM((stages, bk), jnp.float32))
     scratch += [
         # Q, its row scales, the channel scales (and the row's segment ids)
-        plgpu.Barrier(num_arrivals=3 + fw.has_seg, num_barriers=2),
+        plgpu.Barrier(num_arrivals=3 + fw.has_seg, num_barriers=wgs),
         # K and its key scales (and the keys' segment ids)
         plgpu.Barrier(num_arrivals=2 + fw.has_seg, num_barriers=stages),
         plgpu.Barrier(num_arrivals=1 + fw.rowsum, num_barriers=stages),  # V^T (and the ones)
-        plgpu.Barrier(num_arrivals=2, num_barriers=stages),
-        plgpu.Barrier(num_arrivals=2, num_barriers=stages),
-        plgpu.Barrier(num_arrivals=2),
+        plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),  # K consumed
+        plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),  # V consumed
+        plgpu.Barrier(num_arrivals=2),  # the two warpgroups' schedule barrier
     ]
     if has_kb:
         scratch.append(plgpu.Barrier(num_barriers=stages))
-    if fw.overlap:
-        scratch.append(plgpu.Barrier(num_barriers=2))  # turn.at[w]: warpgroup w may issue
+    if fw.overlap or fw.ring:
+        scratch.append(plgpu.Barrier(num_barriers=wgs))  # turn.at[w]: warpgroup w may issue
     if fw.has_seg:
-        scratch += [plgpu.SMEM((2, bq), jnp.int32), plgpu.SMEM((stages, bk), jnp.int32)]
+        scratch += [plgpu.SMEM((wgs, bq), jnp.int32), plgpu.SMEM((stages, bk), jnp.int32)]
 
     out_shape = (batch, heads, sq_pad, dp) if fw.out_bnsd else (batch, sq_pad, heads, dp)
     out_type = [jax.ShapeDtypeStruct(out_shape, out_dtype),
@@ -892,8 +947,8 @@ def sage_call(cfg: SageConfig, qz, kb, *, out_dtype, out_layout: str, groups: in
         from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
         kw["interpret"] = InterpretGPUParams()
     call = plgpu.kernel(
-        kernel, out_type=out_type, scratch_types=scratch, grid=(batch, heads, sq_pad // (2 * bq)),
-        grid_names=("b", "h", "q"), num_threads=3, thread_name="wg",
+        kernel, out_type=out_type, scratch_types=scratch, grid=(batch, heads, sq_pad // (wgs * bq)),
+        grid_names=("b", "h", "q"), num_threads=wgs + 1, thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True), **kw)
     args = (qz.q8, qz.q_scale, qz.k8, qz.k_scale, qz.vt8, qz.out_scale) + ((kb,) if has_kb else ())
     args += tuple(segments) if fw.has_seg else ()
