@@ -5,7 +5,8 @@ The arithmetic is `jax_attn.quantization`'s (its docstring states the scheme; `s
 is this kernel in jnp, step for step). The structure is `mosaic_forward.py`'s: one CTA = two
 compute warpgroups of `block_q` query rows each and a TMA producer warpgroup streaming K and V
 tiles through a ring of `stages` shared-memory slots; the compute warpgroups alternate on the
-tensor cores through a shared "schedule" barrier. What differs, and why:
+tensor cores through a shared "schedule" barrier (or, with `SageConfig.compute_warpgroups=3`,
+three take turns round robin). What differs, and why:
 
 * Operands arrive quantized and padded by the pre-pass in (b, n, s, d) (the pre-pass reads the
   caller's layout and writes that order as it quantizes), except the 16-bit P V's V, which is
