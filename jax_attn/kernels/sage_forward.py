@@ -72,7 +72,7 @@ ROWSUM_COLS = 8  # SageConfig.rowsum_mma: rows of ones beside V^T (wgmma's N gro
 
 @dataclasses.dataclass(frozen=True)
 class SageConfig:
-    block_q: int = 64  # query rows per compute warpgroup (a CTA has two)
+    block_q: int = 64  # query rows per compute warpgroup (a CTA has `compute_warpgroups`)
     # Keys per pipeline step; 0 = by head dim and P V's bits (`resolved`): 256 (as the bf16
     # Mosaic kernel: half the barrier passes and O rescales per key; the int32 S tile is then
     # 128 registers, like its f32 one), but 128 with the 16-bit P V at d = 128 (its two 256-key
@@ -897,7 +897,8 @@ def sage_call(cfg: SageConfig, qz, kb, *, out_dtype, out_layout: str, groups: in
             v_bar=v_bar, k_done=k_done, v_done=v_done, kb_bar=kb_bar,
             sched=sched if fw.pingpong and fw.wgs == 2 else None,  # None: no pairwise turns
             turn=turn if fw.overlap else None,
-            ring=_Turns(turn, lax.axis_index("wg"), fw.wgs) if fw.ring else None, qid_ref=qid_ref, kid_ref=kid_ref, qid_smem=qid_smem, kid_smem=kid_smem,
+            ring=_Turns(turn, lax.axis_index("wg"), fw.wgs) if fw.ring else None,
+            qid_ref=qid_ref, kid_ref=kid_ref, qid_smem=qid_smem, kid_smem=kid_smem,
             ones_ref=ones_ref))
 
     wgs = fw.wgs
