@@ -12,7 +12,9 @@
 #   call 8  bash benchmarks/h200_round17.sh smoke128 accuracy
 #   call 9  bash benchmarks/h200_round17.sh final
 #   calls 10, 11  bash benchmarks/h200_round17.sh d64
-#   next    bash benchmarks/h200_round17.sh ring   (not run: no machine was lent after call 11)
+#   next    bash benchmarks/h200_round17.sh ring   (no machine was lent after call 11: it ran as
+#           round 18's call 1, slower everywhere; SageConfig.compute_warpgroups and the `wg3*`
+#           variants are gone since, so `smoke wg3` and `ring` no longer run)
 #
 # smoke   (call 1) the smoke shapes, masked, with three compute warpgroups (`wg3`), each against
 #         its simulation and float64.

@@ -7,7 +7,9 @@ backends' pre-pass costs inside the call (not timed alone, where dispatch domina
 
 Each `impl:b,n,s,d` runs once, jitted, on (b, s, n, d) bf16 inputs made on the host; between
 calls a tiny sort runs as a marker, so `--table` can split the kernel list into calls (a
-call's compile launches no kernels of its own). `impl` as in
+call's compile launches no kernels of its own). A CSV without markers (one call of
+profile_forward.py, or prepass_probe.py's variants) is one call; values in any of Nsight
+Compute's time units are read as such (without `--print-units base` it scales them). `impl` as in
 profile_forward.py: cudnn, mosaic, or a backend name (sage, sage16, pallas, fa4 ...); `sage+vx`:
 `sage` with XLA's V pass instead of the Pallas one (`SageConfig.v_pallas=False`).
 """
@@ -45,6 +47,7 @@ def run(specs):
 
 
 AUTOTUNER = ("stream_executor", "void stream_executor")
+_US = {"ns": 1e-3, "nsecond": 1e-3, "us": 1.0, "usecond": 1.0, "ms": 1e3, "msecond": 1e3}
 
 
 def table(path):
@@ -53,14 +56,17 @@ def table(path):
     with open(path) as f:
         lines = [ln for ln in f if ln.startswith('"')]
     rows = [r for r in csv.DictReader(lines) if r.get("Metric Name") == "gpu__time_duration.sum"]
-    calls, cur = [], None
+    marked = any("sort" in r["Kernel Name"].lower() for r in rows)
+    calls, cur = ([], None) if marked else ([[]], None)
+    cur = None if marked else calls[0]
     for r in rows:
-        name, ns = r["Kernel Name"], float(r["Metric Value"].replace(",", ""))
-        if "sort" in name.lower():
+        name = r["Kernel Name"]
+        us = float(r["Metric Value"].replace(",", "")) * _US.get(r.get("Metric Unit", "ns"), 1e-3)
+        if marked and "sort" in name.lower():
             cur = []
             calls.append(cur)
         elif cur is not None:
-            cur.append((name[:60], ns / 1e3))
+            cur.append((name[:60], us))
     for i, call in enumerate(c for c in calls if c):  # a marker may launch several kernels
         # XLA's autotuner runs candidates (and its own stream_executor kernels) at the first
         # compile: the call's own kernels are those after its last autotuning kernel.

@@ -214,11 +214,8 @@ def _variants():
         "rowsum_1level": SageConfig(rowsum_mma=True, two_level_pv=False),
         # d = 128 with 256-key blocks and MAGIC_I: the default since round 17
         "bk256_magic": SageConfig(block_kv=256, magic_acc=True),
-        # three compute warpgroups holding the tensor cores in turn for P V and the next
-        # Q K^T (SageConfig.compute_warpgroups; round 17), or running free
-        "wg3": SageConfig(compute_warpgroups=3),
-        "wg3_free": SageConfig(compute_warpgroups=3, pingpong=False),
-        "pv16_wg3": SageConfig(pv_bits=16, compute_warpgroups=3),
+        # (three compute warpgroups, `wg3*`, timed in rounds 17 and 18: slower everywhere, and
+        # gone from SageConfig since)
         "stages3": SageConfig(stages=3),  # d <= 64: three K/V slots (d = 128's exceed shared memory)
     }
 

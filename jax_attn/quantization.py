@@ -113,7 +113,8 @@ def _int8_blocks(x, block):
     xb = x.reshape(b, h, s // block, block, d)
     amax = jnp.max(jnp.abs(xb), axis=(3, 4), keepdims=True)
     scale = jnp.where(amax > 0, amax / INT8_MAX, 1.0)
-    x8 = jnp.clip(jnp.round(xb / scale), -INT8_MAX, INT8_MAX).astype(jnp.int8)
+    # x * (1 / scale): what the Pallas pre-pass computes (`sage_prepass._int8`), bit for bit
+    x8 = jnp.clip(jnp.round(xb * (1.0 / scale)), -INT8_MAX, INT8_MAX).astype(jnp.int8)
     rows = jnp.broadcast_to(scale[..., 0], (b, h, s // block, block)).reshape(b, h, s)
     return x8.reshape(b, h, s, d), rows
 

@@ -50,10 +50,6 @@ PATHS = {
     # the row sum's one-level path (fresh l columns per block) with the MAGIC_I accumulator
     "rowsum_1level_magic": SageConfig(block_q=64, block_kv=64, stages=2, two_level_pv=False,
                                       magic_acc=True),
-    # three compute warpgroups (192-row tiles): holding the tensor cores in turn, or free
-    "wg3": SageConfig(block_q=64, block_kv=64, stages=2, compute_warpgroups=3),
-    "wg3_free_1level": SageConfig(block_q=64, block_kv=64, stages=3, compute_warpgroups=3,
-                                  pingpong=False, two_level_pv=False),
 }
 
 # What the simulated scheme reaches, worst head (measured: normal d=64/128 cos 0.9992, rel L1
@@ -214,8 +210,7 @@ def test_kernel_bsnd_fp16_masks_lengths_empty_rows_d128():
 @pytest.mark.fast_every(3)
 @needs_mgpu
 @pytest.mark.parametrize("path", ["old", "regs_plain_1level", "smem_fused_1level", "free",
-                                  "no_rowsum_no_magic", "rowsum_1level_magic", "wg3",
-                                  "wg3_free_1level"])
+                                  "no_rowsum_no_magic", "rowsum_1level_magic"])
 def test_kernel_paths_vs_simulation(path):
     # Every SageConfig path on the masked, padded, GQA case (the default path runs above).
     rng = np.random.default_rng(5)
@@ -425,13 +420,6 @@ def test_resolved_by_head_dim():
     assert SageConfig().resolved(64).rowsum_mma and SageConfig().resolved(128).rowsum_mma
     assert not SageConfig(pv_bits=16).resolved(128).rowsum_mma
     assert not SageConfig(k_scale_per_tile=False).resolved(128).rowsum_mma
-    # three compute warpgroups: 160 registers each, so 128-key blocks at every head dim
-    assert SageConfig(compute_warpgroups=3).resolved(64).block_kv == 128
-    assert SageConfig(compute_warpgroups=3).resolved(128).block_kv == 128
-    with pytest.raises(ValueError, match="compute_warpgroups must be 2 or 3"):
-        SageConfig(compute_warpgroups=4).resolved(64)
-    with pytest.raises(ValueError, match="compute_warpgroups=3 is written for the plain"):
-        SageConfig(compute_warpgroups=3, overlap=True).resolved(64)
 
 
 def test_rowsum_and_magic_validated():

@@ -28,14 +28,15 @@ def _inputs(layout, b, n, n_kv, sq, skv, d, seed):
     return (jnp.asarray(x, jnp.bfloat16) for x in (q, k, v))
 
 
-@pytest.mark.parametrize("k_rows", [1, 128])  # per key; per key block (k_scale_per_tile)
+# per key; per key block (k_scale_per_tile); 256 rows at dp = 128 run the sliced sweep
+@pytest.mark.parametrize("k_rows", [1, 128, 256])
 @pytest.mark.parametrize("layout,dims,pv16", CASES)
 def test_prepass_kernel_matches_the_scheme(layout, dims, pv16, k_rows):
     b, n, n_kv, sq, skv, d = dims
     q, k, v = _inputs(layout, *dims, seed=sq + skv)
     dp = 64 if d <= 64 else 128
     kw = dict(layout=layout, scale=0.17, dp=dp, sq_pad=-(-sq // 128) * 128,
-              skv_pad=-(-skv // 128) * 128, v_key_perm=not pv16,
+              skv_pad=-(-skv // max(k_rows, 128)) * max(k_rows, 128), v_key_perm=not pv16,
               pv_dtype=jnp.bfloat16 if pv16 else None)
     want = Q.quantize(q, k, v, q_rows=1, k_rows=k_rows, **kw)
     # The same smoothing mean (token_stats' sums in another order: checked on its own below)

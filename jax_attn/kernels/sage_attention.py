@@ -117,8 +117,7 @@ def sage_attention(q, k, v, *, kv_lengths=None, key_mask=None, scale=None, layou
     if cfg.block_q % q_rows or cfg.block_kv % k_rows:
         raise ValueError(f"q_rows ({q_rows}) and k_rows ({k_rows}) must divide block_q "
                          f"({cfg.block_q}) and block_kv ({cfg.block_kv})")
-    rows = cfg.compute_warpgroups * cfg.block_q  # query rows per CTA
-    sq_pad = -(-sq // rows) * rows
+    sq_pad = -(-sq // (2 * cfg.block_q)) * (2 * cfg.block_q)  # two warpgroups' rows per CTA
     skv_pad = -(-skv // cfg.block_kv) * cfg.block_kv
 
     km = None

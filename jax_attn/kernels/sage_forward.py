@@ -5,8 +5,7 @@ The arithmetic is `jax_attn.quantization`'s (its docstring states the scheme; `s
 is this kernel in jnp, step for step). The structure is `mosaic_forward.py`'s: one CTA = two
 compute warpgroups of `block_q` query rows each and a TMA producer warpgroup streaming K and V
 tiles through a ring of `stages` shared-memory slots; the compute warpgroups alternate on the
-tensor cores through a shared "schedule" barrier (or, with `SageConfig.compute_warpgroups=3`,
-three take turns round robin). What differs, and why:
+tensor cores through a shared "schedule" barrier. What differs, and why:
 
 * Operands arrive quantized and padded by the pre-pass in (b, n, s, d) (the pre-pass reads the
   caller's layout and writes that order as it quantizes), except the 16-bit P V's V, which is
@@ -42,9 +41,10 @@ three take turns round robin). What differs, and why:
   with it.
 * The epilogue writes O from its own shared-memory tile (Q's tile is int8).
 * `rowsum_mma` (default with FP8 P V): the row sum l comes from the P V wgmma itself, through
-  8 rows of ones below V^T (8 more accumulator columns), instead of one add per logit in the
-  softmax. `magic_acc` (default at d <= 64): S's int32 accumulator starts at the exponent
-  trick's offset, so the int -> float conversion needs no add either.
+  8 rows below V^T, the first all ones (8 more accumulator columns), instead of one add per
+  logit in the softmax. `magic_acc` (default at d <= 64 and with 256-key blocks): S's int32
+  accumulator starts at the exponent trick's offset, so the int -> float conversion needs no
+  add either.
 
 Over 600 lines on purpose: the configuration, the kernel body (one closure over its shared-memory
 layout) and its launch are one kernel, and the variants above are switches inside that body;
@@ -61,18 +61,19 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from ..quantization import FP8, LN2, LN_P_SCALE, LOG2_P_SCALE, MAGIC_F, MAGIC_I, P_SCALE, key_perm
 from .mosaic_config import pl, plgpu
 from .mosaic_forward import _Turns  # the bf16 kernel's turn-taking, shared as is
 
-ROWSUM_COLS = 8  # SageConfig.rowsum_mma: rows of ones beside V^T (wgmma's N grows in 8s)
+ROWSUM_COLS = 8  # SageConfig.rowsum_mma: rows beside V^T (`_rowsum_tile`; wgmma's N grows in 8s)
 
 
 @dataclasses.dataclass(frozen=True)
 class SageConfig:
-    block_q: int = 64  # query rows per compute warpgroup (a CTA has `compute_warpgroups`)
+    block_q: int = 64  # query rows per compute warpgroup (a CTA has two)
     # Keys per pipeline step; 0 = by head dim and P V's bits (`resolved`): 256 (as the bf16
     # Mosaic kernel: half the barrier passes and O rescales per key; the int32 S tile is then
     # 128 registers, like its f32 one), but 128 with the 16-bit P V at d = 128 (its two 256-key
@@ -96,7 +97,8 @@ class SageConfig:
     fused_softmax: bool = True
     # Intra-warpgroup overlap (see the docstring): S of the next block and P V of this one in
     # flight together. It holds the int32 S tile and the float32 P beside O, so `block_kv=0`
-    # resolves to 128 keys with it at every head dim.
+    # resolves to 128 keys with it at every head dim. Slower every time it was timed: 26-58%
+    # against the default at the four timed shapes (H200 round 18).
     overlap: bool = False
     # Bits of the P V product: 8 (FP8, the scheme) or 16 (P and V in the inputs' 16-bit dtype,
     # V unquantized: only Q K^T is 8-bit; more accurate, P V at the bf16 rate). 16 takes P in
@@ -107,7 +109,8 @@ class SageConfig:
     # False: they run free, so both softmaxes can run at once and hide each other's latencies
     # (8-bit matmuls take half the bf16 time, so the softmax, not the tensor cores, sets the
     # pace: H200 profile, benchmarks/results/2026-11-30-h200-round6/). Timed slower: 5-8% at
-    # d = 128 (round 7); with a third compute warpgroup, level at best (round 17).
+    # d = 128 (round 7); with a third compute warpgroup, level at best (round 17); 4-22% at the
+    # four timed shapes with the row sum on the tensor cores (round 18).
     pingpong: bool = True
     # One K scale per key block (the pre-pass's k_rows = block_kv; `sage_attention` sets it)
     # instead of one per key: the block's scale then multiplies the row's Q scale once per row,
@@ -127,9 +130,9 @@ class SageConfig:
     # Inside one call on the H200 (round 11, Nsight Compute) it takes 41 us instead of 331 at
     # 1x24x16384x128, 13 instead of 95 at 4608 tokens, 8 instead of 36 at 2x10x4096x64.
     v_pallas: bool = True
-    # P's row sum on the tensor cores (FP8 P V only): V^T's shared-memory tile gets 8 more rows
-    # of ones (a constant 1 KB tile TMA'd beside each V tile), so the P V wgmma's 8 extra
-    # accumulator columns each hold the row sum of the FP8 P as the product used it, and the
+    # P's row sum on the tensor cores (FP8 P V only): V^T's shared-memory tile gets 8 more rows,
+    # the first all ones (a constant tile TMA'd beside each V tile), so the P V wgmma's first
+    # extra accumulator column holds the row sum of the FP8 P as the product used it, and the
     # softmax drops its per-logit add (1.2 of the 9.1 instructions per logit that set the
     # kernel's pace, round 11). l then sums P as rounded to e4m3 (numerator and denominator
     # from the same P); `quantization.simulate` mirrors it (`rowsum_p8`). The l columns start
@@ -148,18 +151,6 @@ class SageConfig:
     # d = 128, 16k tokens, within 2% at 4608 (round 17, two runs); with 128-key blocks at
     # d = 128 it was 1-3% slower (round 16).
     magic_acc: bool | None = None
-    # Compute warpgroups per CTA, `block_q` rows each: 2, or 3 so that two softmaxes run beside
-    # one warpgroup's matmuls. With two, each step is one warpgroup's softmax beside the
-    # other's matmuls, and the softmax takes about twice as long: the tensor pipe, the exp2
-    # pipe and the issue slots are each busy half the time (H200 round 17). With three and
-    # `pingpong`, the warpgroups hold the tensor cores in turn, round robin, for their P V and
-    # the next Q K^T (one barrier each, as `overlap`'s turns), so two softmaxes overlap every
-    # warpgroup's matmuls; `pingpong=False` lets the three run free. Three take 160 registers
-    # each (the producer 32), so `block_kv=0` resolves to 128 keys. Not with `overlap`.
-    # Checked against the simulation in interpret mode; this turn-taking is not yet timed on a
-    # GPU (`h200_round17.sh ring`). Round 17 timed three warpgroups with turns around Q K^T's
-    # issue only, and free: level at best (3.985 against 4.015 ms at 16k), slower elsewhere.
-    compute_warpgroups: int = 2
 
     def resolved(self, dp: int) -> "SageConfig":
         """With `block_kv` (when 0) and `two_level_pv` (when None) chosen for head dim `dp`,
@@ -176,14 +167,7 @@ class SageConfig:
             raise ValueError("SageConfig.rowsum_mma puts ones beside the FP8 V^T and is written "
                              "for the per-tile K scale's softmax: it needs pv_bits=8 and "
                              "k_scale_per_tile")
-        if self.compute_warpgroups not in (2, 3):
-            raise ValueError("SageConfig.compute_warpgroups must be 2 or 3, got "
-                             f"{self.compute_warpgroups}")
-        if self.compute_warpgroups == 3 and self.overlap:
-            raise ValueError("SageConfig.compute_warpgroups=3 is written for the plain pipeline: "
-                             "it needs overlap=False")
-        narrow = (self.overlap or (dp > 64 and self.pv_bits == 16)
-                  or self.compute_warpgroups == 3)
+        narrow = self.overlap or (dp > 64 and self.pv_bits == 16)
         block_kv = self.block_kv or (128 if narrow else 256)
         magic = ((dp <= 64 or block_kv >= 256) and self.fused_softmax and not self.overlap
                  if self.magic_acc is None else self.magic_acc)
@@ -227,15 +211,6 @@ class _Fwd:
     tile_ks: bool = False  # SageConfig.k_scale_per_tile: one K scale per slot, a scalar
     rowsum: bool = False  # SageConfig.rowsum_mma: l in O's 8 extra accumulator columns
     magic: bool = False  # SageConfig.magic_acc: S arrives as MAGIC_I + s
-    wgs: int = 2  # SageConfig.compute_warpgroups
-
-    @property
-    def registers(self) -> tuple[int, int]:  # per thread: compute, producer (sum <= 512 / wg)
-        return (232, 40) if self.wgs == 2 else (160, 32)
-
-    @property
-    def ring(self) -> bool:  # three warpgroups holding the tensor cores in turn (`_Refs.ring`)
-        return self.wgs > 2 and self.pingpong
 
     @property
     def acc_cols(self) -> int:  # O's accumulator columns: dp, and with `rowsum` l's 8
@@ -297,14 +272,8 @@ class _Refs:
     kid_smem: Any = None
     ones_ref: Any = None  # rowsum only: (8, bk) FP8 ones, TMA'd below V^T in every slot
 
-    # compute_warpgroups=3 with pingpong: `_Turns` round robin. A warpgroup takes its turn
-    # before its first Q K^T and before each P V, and passes it on once the matmuls it then
-    # issues are done: Q K^T of the first block; P V of block i and Q K^T of block i + 1; P V
-    # of the last block.
-    ring: Any = None
-
     def sched_sync(self):
-        if self.sched is None:  # no pairwise turns (pingpong=False, or three warpgroups)
+        if self.sched is None:  # no turn-taking (SageConfig.pingpong=False)
             return
         plgpu.barrier_arrive(self.sched)
         plgpu.barrier_wait(self.sched)
@@ -314,19 +283,19 @@ def _kernel(fw: _Fwd, r: _Refs):
     qt, h, b = lax.axis_index("q"), lax.axis_index("h"), lax.axis_index("b")
     wg = lax.axis_index("wg")
 
-    @pl.when(wg < fw.wgs)
+    @pl.when(wg < 2)
     def _compute():
         _consumer(fw, r, qt, h, b, wg)
 
-    @pl.when(wg == fw.wgs)
+    @pl.when(wg == 2)
     def _producer():
         _produce(fw, r, h, b)
 
 
 def _consumer(fw: _Fwd, r: _Refs, qt, h, b, wg):
     bq, dp = fw.bq, fw.dp
-    plgpu.set_max_registers(fw.registers[0], action="increase")
-    q0 = qt * (fw.wgs * bq) + wg * bq
+    plgpu.set_max_registers(232, action="increase")
+    q0 = qt * (2 * bq) + wg * bq
     kvh = lax.div(h, jnp.array(fw.groups, h.dtype))
     # Q, its row scales and the output's channel scales share one barrier per warpgroup: three
     # copies, so the barrier waits for all their bytes (Barrier(num_arrivals=3) below).
@@ -351,20 +320,16 @@ def _consumer(fw: _Fwd, r: _Refs, qt, h, b, wg):
         sched_sync = r.sched_sync
         plgpu.barrier_wait(r.k_bar.at[0])
         pl.when(wg == 1)(sched_sync)
-        if r.ring is not None:  # the last warpgroup opens the first turn
-            pl.when(wg == fw.wgs - 1)(r.ring.open_first)
         step = functools.partial(_step, fw, r, wg, qs)
         acc, m_i, l_i = lax.fori_loop(0, fw.n_steps, step, (acc, m_i, l_i))
         pl.when(wg == 0)(sched_sync)
-        if r.ring is not None:  # observe the last warpgroup's last pass
-            pl.when(wg == 0)(r.ring.take)
     _epilogue(fw, r, acc, m_i, l_i, b, h, wg, q0)
 
 
 def _step(fw: _Fwd, r: _Refs, wg, qs, i, carry):
     acc, m_i, l_i = carry
     slot = lax.rem(i, jnp.array(fw.stages, i.dtype))
-    s, ks, kbias = _scores(fw, r, wg, slot, i)
+    s, ks, kbias = _scores(fw, r, wg, slot)
     p, alpha, l_i, m_new = _softmax(fw, s, ks, kbias, qs, m_i, l_i)
     if not fw.two_level:  # the wgmma accumulates onto acc: rescale it first
         acc = _rescale(fw, acc, alpha)
@@ -516,14 +481,12 @@ def _p_to_8bit_layout(p8):
     return relabel(p8)
 
 
-def _scores(fw: _Fwd, r: _Refs, wg, slot, i=None):
+def _scores(fw: _Fwd, r: _Refs, wg, slot):
     """int32 Q8 K8^T of the K tile in `slot`, that slot's key scales and key bias (or None);
     releases K."""
     # K and its key scales (one barrier, two copies) were waited for before this step: before the
     # loop for the first slot, in `_pv`'s `wait_next_k` (overlapping the P V wgmma) for the rest.
     ks, kbias = _key_vectors(fw, r, slot)
-    if r.ring is not None:  # the first Q K^T opens this warpgroup's turns (see `_Refs.ring`)
-        pl.when(i == 0)(r.ring.take)
     if fw.interp:
         s = _qk_interp(r, wg, slot)
         s = s + jnp.int32(MAGIC_I) if fw.magic else s
@@ -540,8 +503,6 @@ def _scores(fw: _Fwd, r: _Refs, wg, slot, i=None):
             r.sched_sync()
             return acc_ref[...]
         s = pl.run_scoped(qk, plgpu.ACC((fw.bq, fw.bk), jnp.int32))
-    if r.ring is not None:  # Q K^T done: the turn passes on
-        r.ring.pass_on()
     plgpu.barrier_arrive(r.k_done.at[slot])
     return s, ks, kbias
 
@@ -603,8 +564,6 @@ def _pv(fw: _Fwd, r: _Refs, wg, i, slot, acc, alpha, p8):
     plgpu.barrier_wait(r.v_bar.at[slot])
     if r.sched is not None:
         plgpu.barrier_wait(r.sched)  # the other warpgroup's matmul is issued
-    if r.ring is not None:  # this P V and the next Q K^T in this warpgroup's turn
-        r.ring.take()
     nxt = i + 1
     nxt_slot = lax.rem(nxt, jnp.array(fw.stages, nxt.dtype))
 
@@ -632,8 +591,6 @@ def _pv(fw: _Fwd, r: _Refs, wg, i, slot, acc, alpha, p8):
                 plgpu.wgmma(acc_ref, a_op, v_view)
                 wait_next_k()
             acc = _pv_sum(fw, acc, pl.run_state(pv)(_pv_acc(fw, acc)))
-    if r.ring is not None:  # the last P V done: the turn passes on (else after the next Q K^T)
-        pl.when(i == fw.n_steps - 1)(r.ring.pass_on)
     plgpu.barrier_arrive(r.v_done.at[slot])
     return acc
 
@@ -758,10 +715,20 @@ def _step_overlap(fw: _Fwd, r: _Refs, wg, qs, turn, j, carry):
     return _rescale(fw, acc, alpha), m_i, l_i, _stage_p(fw, r, wg, p)
 
 
+def _rowsum_tile(bk: int):
+    """The (8, bk) FP8 rows below V^T in every slot: ones in the first row, zeros below, so the
+    first extra accumulator column is l and the other seven stay 0 (wgmma's N grows in 8s). A
+    host constant that is not all one value: XLA turns a splat constant (all ones) back into a
+    broadcast kernel launched on every call (2 us on the H200, round 18)."""
+    tile = np.zeros((ROWSUM_COLS, bk), FP8)
+    tile[0] = 1.0
+    return tile
+
+
 def _epilogue(fw: _Fwd, r: _Refs, acc, m_i, l_i, b, h, wg, q0):
     bq, dp = fw.bq, fw.dp
-    if fw.rowsum:  # each of the 8 extra columns holds l (ones in every row): their mean
-        l_i = acc[:, dp:].sum(axis=1) * (1.0 / ROWSUM_COLS)
+    if fw.rowsum:  # the first of the 8 extra columns holds l, the others 0 (`_rowsum_tile`)
+        l_i = acc[:, dp:].sum(axis=1)
         acc = acc[:, :dp]
     if fw.masked:
         empty = l_i == 0.0
@@ -788,7 +755,7 @@ def _epilogue(fw: _Fwd, r: _Refs, acc, m_i, l_i, b, h, wg, q0):
 
 def _produce(fw: _Fwd, r: _Refs, h, b):
     bk, stages, n_steps, has_kb = fw.bk, fw.stages, fw.n_steps, fw.has_kb
-    plgpu.set_max_registers(fw.registers[1], action="decrease")
+    plgpu.set_max_registers(40, action="decrease")
     kvh = lax.div(h, jnp.array(fw.groups, h.dtype))
     if has_kb:
         kbb = b if fw.key_bias_dims[0] else 0
@@ -813,7 +780,7 @@ def _produce(fw: _Fwd, r: _Refs, h, b):
             src = r.vt_ref.at[b, kvh, :, keys]
         else:  # 16-bit V, (keys, d) rows in bnsd or (TMA's strided box) bsnd
             src = r.vt_ref.at[b, keys, kvh] if fw.v_bsnd else r.vt_ref.at[b, kvh, keys]
-        if fw.rowsum:  # V^T in the slot's first dp rows, the ones tile in the last 8
+        if fw.rowsum:  # V^T in the slot's first dp rows, `_rowsum_tile` in the last 8
             plgpu.copy_gmem_to_smem(src, r.vt_smem.at[slot, pl.ds(0, fw.dp)], r.v_bar.at[slot])
             plgpu.copy_gmem_to_smem(r.ones_ref, r.vt_smem.at[slot, pl.ds(fw.dp, ROWSUM_COLS)],
                                     r.v_bar.at[slot])
@@ -867,7 +834,7 @@ def sage_call(cfg: SageConfig, qz, kb, *, out_dtype, out_layout: str, groups: in
               p_regs=cfg.p_in_registers, fused=cfg.fused_softmax, overlap=cfg.overlap,
               p_dtype=qz.vt8.dtype, has_seg=segments is not None, v_bsnd=qz.v_bsnd,
               pingpong=cfg.pingpong, tile_ks=cfg.k_scale_per_tile, rowsum=cfg.rowsum_mma,
-              magic=cfg.magic_acc, wgs=cfg.compute_warpgroups)
+              magic=cfg.magic_acc)
     if (qz.vt8.dtype == FP8) != (cfg.pv_bits == 8):
         raise ValueError(f"SageConfig.pv_bits={cfg.pv_bits} but the pre-pass stored V as "
                          f"{qz.vt8.dtype}")
@@ -887,7 +854,7 @@ def sage_call(cfg: SageConfig, qz, kb, *, out_dtype, out_layout: str, groups: in
         q_bar, k_bar, v_bar, k_done, v_done, sched = rest[:6]
         rest = rest[6:]
         kb_bar = rest.pop(0) if has_kb else None
-        turn = rest.pop(0) if fw.overlap or fw.ring else None
+        turn = rest.pop(0) if fw.overlap else None
         qid_smem, kid_smem = (rest.pop(0), rest.pop(0)) if fw.has_seg else (None, None)
         _kernel(fw, _Refs(
             q_ref=q_ref, qs_ref=qs_ref, k_ref=k_ref, ks_ref=ks_ref, vt_ref=vt_ref, os_ref=os_ref,
@@ -895,13 +862,11 @@ def sage_call(cfg: SageConfig, qz, kb, *, out_dtype, out_layout: str, groups: in
             os_smem=os_smem, k_smem=k_smem, ks_smem=ks_smem, vt_smem=vt_smem, p_smem=p_smem,
             o_smem=o_smem, lse_smem=lse_smem, kb_smem=kb_smem, q_bar=q_bar, k_bar=k_bar,
             v_bar=v_bar, k_done=k_done, v_done=v_done, kb_bar=kb_bar,
-            sched=sched if fw.pingpong and fw.wgs == 2 else None,  # None: no pairwise turns
-            turn=turn if fw.overlap else None,
-            ring=_Turns(turn, lax.axis_index("wg"), fw.wgs) if fw.ring else None,
-            qid_ref=qid_ref, kid_ref=kid_ref, qid_smem=qid_smem, kid_smem=kid_smem,
+            sched=sched if fw.pingpong else None,  # None: no turn-taking
+            turn=turn, qid_ref=qid_ref, kid_ref=kid_ref, qid_smem=qid_smem, kid_smem=kid_smem,
             ones_ref=ones_ref))
 
-    wgs = fw.wgs
+    wgs = 2  # compute warpgroups per CTA
     d8 = _swizzled(dp, interp)  # Q and K tiles: rows of dp int8
     pv_t = _swizzled(bk, interp, fw.p_dtype.itemsize)  # P, V^T tiles: rows of bk (P V's contraction)
     # V's tiles: FP8 V^T (dp, bk; with the row sum's ones, dp + 8), or 16-bit V (bk, dp)
@@ -936,7 +901,7 @@ def sage_call(cfg: SageConfig, qz, kb, *, out_dtype, out_layout: str, groups: in
     ]
     if has_kb:
         scratch.append(plgpu.Barrier(num_barriers=stages))
-    if fw.overlap or fw.ring:
+    if fw.overlap:
         scratch.append(plgpu.Barrier(num_barriers=wgs))  # turn.at[w]: warpgroup w may issue
     if fw.has_seg:
         scratch += [plgpu.SMEM((wgs, bq), jnp.int32), plgpu.SMEM((stages, bk), jnp.int32)]
@@ -954,5 +919,5 @@ def sage_call(cfg: SageConfig, qz, kb, *, out_dtype, out_layout: str, groups: in
         compiler_params=plgpu.CompilerParams(approx_math=True), **kw)
     args = (qz.q8, qz.q_scale, qz.k8, qz.k_scale, qz.vt8, qz.out_scale) + ((kb,) if has_kb else ())
     args += tuple(segments) if fw.has_seg else ()
-    args += (jnp.ones((ROWSUM_COLS, bk), FP8),) if fw.rowsum else ()
+    args += (_rowsum_tile(bk),) if fw.rowsum else ()
     return call(*args)

@@ -6,6 +6,8 @@ input again and transposing it to (b, n, s, d)). Here one program owns `BLOCK_RO
 head: it reads them once in the caller's layout (bsnd rows are strided; no transpose pass), takes each row's amax,
 and writes the INT8 rows and their scales in the kernel's padded (b, n, s, dp) order; for K it
 subtracts the smoothing mean first, for Q it also writes the lse shift (`scale * q . mean`).
+With one K scale per key tile (`SageConfig.k_scale_per_tile`) a program owns one tile
+(`BLOCK_WARPS`, `SWEEP_SLICES` below).
 K's smoothing mean and V's channel amax come from `token_stats`, one pass over K and V (XLA's
 two token-axis reductions ran at a tenth of the bandwidth at 4096 tokens). The FP8 V's cast
 and transpose is `quantize_v` here, one Pallas pass, with `quantize(v_pallas=True)`
@@ -45,6 +47,14 @@ from ..arrays import pad_to
 # calls are bound by dispatch, not by the kernel.
 BLOCK_ROWS = 64
 NUM_WARPS = 8
+# K's pass with one scale per key tile (256 rows per program at the default block_kv): 16 warps,
+# and above SWEEP_ELEMENTS values per program the tile in SWEEP_SLICES slices (`_rows_kernel`).
+# H200 round 18 (`benchmarks/prepass_probe.py`, Nsight Compute, us at 1x24x4608x128 /
+# 1x24x16384x128 / 2x10x4096x64): 8 warps whole 36 / 108 / 13.6; 16 warps whole 33 / 102 / 11.5;
+# 16 warps in four slices 29 / 82 / 13.2.
+BLOCK_WARPS = 16
+SWEEP_ELEMENTS = 16384
+SWEEP_SLICES = 4
 _SQ = getattr(pl, "squeezed", None)  # a squeezed block dimension (`None` in older JAX)
 
 
@@ -58,24 +68,47 @@ def _round_half_even(x):
     return r + jnp.where((frac > 0.5) | ((frac == 0.5) & odd), 1.0, 0.0)
 
 
+def _int8(x, amax):
+    """`x` (rows, dp) float32 to INT8 with one scale per row from `amax` (rows,): x * (1 / scale),
+    the multiply `quantization._int8_blocks` also does (a division costs more here; H200 round
+    18, `prepass_probe.py`: 1-3% of the pass, bit for bit the same on its inputs)."""
+    scale = jnp.where(amax > 0, amax / Q.INT8_MAX, 1.0)
+    x8 = jnp.clip(_round_half_even(x * (1.0 / scale)[:, None]), -Q.INT8_MAX, Q.INT8_MAX)
+    return x8.astype(jnp.int8), scale
+
+
 def _rows_kernel(x_ref, mean_ref, x8_ref, scale_ref, *shift_ref, n_rows: int, d: int,
                  row_factor: float, shift_factor: float | None, subtract_mean: bool,
                  block_scale: bool):
     block_rows, dp = x8_ref.shape
-    rows = pl.program_id(2) * block_rows + jnp.arange(block_rows)
-    row_ok = rows < n_rows
     col_ok = jnp.arange(dp) < d
-    ok = row_ok[:, None] & col_ok[None, :]
-    x = plgpu.load(x_ref, mask=ok, other=0.0).astype(jnp.float32)
     mean = plgpu.load(mean_ref, mask=col_ok, other=0.0)
-    if subtract_mean:  # K smoothed; padded rows and columns stay zero (padding follows the mean)
-        x = jnp.where(ok, x - mean[None, :], 0.0)
+    base = pl.program_id(2) * block_rows
+
+    def load(lo, n):  # rows [lo, lo + n) of the block, float32, zeros past the sequence and d
+        ok = ((base + lo + jnp.arange(n)) < n_rows)[:, None] & col_ok[None, :]
+        x = plgpu.load(x_ref.at[pl.ds(lo, n)], mask=ok, other=0.0).astype(jnp.float32)
+        # K smoothed; padded rows and columns stay zero (padding follows the mean)
+        return jnp.where(ok, x - mean[None, :], 0.0) if subtract_mean else x
+
+    if block_scale and block_rows * dp > SWEEP_ELEMENTS and shift_factor is None:
+        # One scale for the block, taken over slices, then each slice quantized from a second
+        # read (L1/L2): no slice's registers outlive it (H200 round 18: 36 -> 29 us for K at
+        # 1x24x4608x128, 108 -> 82 at 16k tokens)
+        part = block_rows // SWEEP_SLICES
+        amax = functools.reduce(jnp.maximum, [jnp.max(jnp.abs(load(c * part, part)))
+                                              for c in range(SWEEP_SLICES)])
+        for c in range(SWEEP_SLICES):
+            x8, scale = _int8(load(c * part, part), jnp.full((part,), amax, jnp.float32))
+            plgpu.store(x8_ref.at[pl.ds(c * part, part)], x8)
+            plgpu.store(scale_ref.at[pl.ds(c * part, part)], scale * row_factor)
+        return
+    x = load(0, block_rows)
     amax = jnp.max(jnp.abs(x), axis=1)
     if block_scale:  # one scale for the program's rows (`quantization._int8_blocks`)
         amax = jnp.full_like(amax, jnp.max(amax))
-    scale = jnp.where(amax > 0, amax / Q.INT8_MAX, 1.0)
-    x8 = jnp.clip(_round_half_even(x / scale[:, None]), -Q.INT8_MAX, Q.INT8_MAX)
-    plgpu.store(x8_ref, x8.astype(jnp.int8))
+    x8, scale = _int8(x, amax)
+    plgpu.store(x8_ref, x8)
     plgpu.store(scale_ref, scale * row_factor)
     if shift_factor is not None:
         plgpu.store(shift_ref[0], shift_factor * jnp.sum(x * mean[None, :], axis=1))
@@ -234,7 +267,7 @@ def quantize(q, k, v, *, layout: str, scale: float, dp: int, sq_pad: int, skv_pa
     if mean is None:
         mean, v_scale = token_stats(k, v if v_fp8 else None, layout=layout, dp=dp,
                                     interpret=interpret)
-    k_block = dict(block_rows=k_rows, block_scale=True) if k_rows > 1 else {}
+    k_block = dict(block_rows=k_rows, block_scale=True, num_warps=BLOCK_WARPS) if k_rows > 1 else {}
     k8, k_scale = quantize_rows(k, mean, layout=layout, rows_pad=skv_pad, dp=dp, groups=1,
                                 subtract_mean=True, interpret=interpret, **k_block)
     q8, q_scale, lse_shift = quantize_rows(

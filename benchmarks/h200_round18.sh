@@ -1,0 +1,102 @@
+#!/usr/bin/env bash
+# H200 round 18 (issue 16): where the short shapes' time goes. Calls (the results' call<N>/):
+#
+#   call 1  bash benchmarks/h200_round17.sh ring   (round 17's last step)
+#   call 2  bash benchmarks/h200_round18.sh kernels
+#   call 3  bash benchmarks/h200_round18.sh prepass
+#   then, with the K pass in slices at 16 warps and x * (1 / scale):
+#   call 4  bash benchmarks/h200_round18.sh final
+#   then, with the row-sum tile a constant XLA keeps (ones in its first row only):
+#   call 5  bash benchmarks/h200_round18.sh final2
+#   call 6  bash benchmarks/h200_round18.sh again
+#
+# (Calls 2-5 printed their summaries with a one-off script; `kernel_times.py --table` reads
+# the same raw CSVs, kept in the results, to the same numbers; `prepass`'s Q sweep by rows per
+# program ran in call 4.)
+#
+# kernels  every GPU kernel of one `sage` call (pre-pass, attention, epilogue) and of one cuDNN
+#          call at the four timed shapes: Nsight Compute's gpu__time_duration per kernel
+#          (kernels_<impl>_<shape>.csv; the image has no Nsight Systems, so no timeline).
+# prepass  benchmarks/prepass_probe.py under Nsight Compute at three shapes: the INT8 row
+#          kernel's variants (warps, x * (1 / scale), the 256-row K tile in 64-row sweeps),
+#          each checked against the library's kernel (probe_<shape>.txt).
+# final    the `sage` call's kernels again at 4608 and 2x10x4096x64 (the new pre-pass), Q's
+#          rows-per-program sweep (probe at 4608), then default and pv16 timed beside cuDNN at
+#          the four shapes (the README's table) with ptxas's registers.
+# final2   the smoke's d = 40, 80 and 128 shapes against the simulation and float64, the call's
+#          kernels at 4608 (no broadcast kernel left), default and pv16 timed again.
+# again    the switches last timed before the row sum left the softmax (rounds 7 and 11), with
+#          today's kernel: `overlap` (intra-warpgroup overlap, 128-key blocks) and `free` (no
+#          turns between the two warpgroups), beside the default, at the four shapes.
+set -u
+FINAL=${OUT:-out}
+OUT=/tmp/round18
+rm -rf "$OUT"
+STEPS=${*:-kernels}
+has() { [[ " $STEPS " == *" $1 "* ]]; }
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
+mkdir -p "$OUT"
+pack() { mkdir -p "$FINAL" && tar czf "$FINAL/round18-$(echo $STEPS | tr ' ' '-').tgz" -C "$OUT" .; }
+if has kernels; then
+  for shape in "1 24 16384 128" "1 24 4608 128" "2 10 4096 64" "2 8 4096 40"; do
+    tag=$(echo $shape | tr ' ' x)
+    for impl in sage cudnn; do
+      timeout 100 ncu --clock-control none --metrics gpu__time_duration.sum --csv \
+        python3 benchmarks/profile_forward.py $impl $shape > "$OUT/kernels_${impl}_$tag.csv" \
+        2> "$OUT/kernels_${impl}_$tag.err"
+      echo "$impl $tag"; python3 benchmarks/kernel_times.py --table "$OUT/kernels_${impl}_$tag.csv"
+    done
+  done
+  pack
+fi
+variants() {  # variants NAME ONLY TIMEOUT: the four shapes, ptxas's report kept
+  MOSAIC_GPU_DUMP_PTXAS=1 timeout "$3" python3 benchmarks/sage_device.py --variants --only "$2" \
+    --shapes 0,1,2,3 --skip-prepass --budget $(( $3 - 30 )) --out "$OUT/$1" > "$OUT/$1.txt" 2>&1
+  python3 - "$OUT/$1.txt" > "$OUT/registers_$1.txt" <<'PY'
+import sys
+sys.path.insert(0, "benchmarks")
+from kernel_registers import kernels
+for name, regs, st, ld in kernels(open(sys.argv[1]).read()):
+    print(f"{name:40s} {regs:4d} spill {st} / {ld}")
+PY
+  grep -v "spill 0 / 0" "$OUT/registers_$1.txt" | head -n 8
+  sed -n '/=== variants/,$p' "$OUT/$1.txt" | grep -v "pre-pass ms"
+  grep -A20 "Traceback" "$OUT/$1.txt" | tail -n 25
+  pack
+}
+if has final; then
+  for shape in "1 24 4608 128" "2 10 4096 64"; do
+    tag=$(echo $shape | tr ' ' x)
+    timeout 100 ncu --clock-control none --metrics gpu__time_duration.sum --csv \
+      python3 benchmarks/profile_forward.py sage $shape > "$OUT/kernels_sage_$tag.csv" 2> /dev/null
+    echo "sage $tag"; python3 benchmarks/kernel_times.py --table "$OUT/kernels_sage_$tag.csv"
+  done
+  timeout 100 ncu --clock-control none --metrics gpu__time_duration.sum --csv \
+    python3 benchmarks/prepass_probe.py 1 24 4608 128 > "$OUT/probe_q.csv" 2> "$OUT/probe_q.txt"
+  grep -E "step|ERROR" "$OUT/probe_q.txt" | grep -v "step vs library 0, scale rel err 0.0e+00" | head -n 8
+  python3 benchmarks/kernel_times.py --table "$OUT/probe_q.csv" | grep -E "q_|quantize"
+  pack
+  variants final default,pv16 230
+fi
+if has final2; then
+  timeout 150 python3 benchmarks/sage_device.py --smoke-variant default --smoke-shapes 0,2,3 \
+    --out "$OUT/smoke" > "$OUT/smoke.txt" 2>&1
+  grep -E "ok;|ok$|FAIL|ERROR" "$OUT/smoke.txt" | cut -c1-250 | tail -n 6
+  timeout 100 ncu --clock-control none --metrics gpu__time_duration.sum --csv \
+    python3 benchmarks/profile_forward.py sage 1 24 4608 128 > "$OUT/kernels_final2.csv" 2> /dev/null
+  python3 benchmarks/kernel_times.py --table "$OUT/kernels_final2.csv"
+  pack
+  variants final2 default,pv16 200
+fi
+has again && variants again default,overlap,free 250
+if has prepass; then
+  for shape in "1 24 4608 128" "1 24 16384 128" "2 10 4096 64"; do
+    tag=$(echo $shape | tr ' ' x)
+    timeout 150 ncu --clock-control none --metrics gpu__time_duration.sum --csv \
+      python3 benchmarks/prepass_probe.py $shape > "$OUT/probe_$tag.csv" 2> "$OUT/probe_$tag.txt"
+    grep -E "step|ERROR" "$OUT/probe_$tag.txt" | grep -v "step vs library 0, scale rel err 0.0e+00" | head -n 8
+    echo "$tag"; python3 benchmarks/kernel_times.py --table "$OUT/probe_$tag.csv"
+  done
+  pack
+fi
+pack
