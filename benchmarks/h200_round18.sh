@@ -9,6 +9,9 @@
 #   then, with the row-sum tile a constant XLA keeps (ones in its first row only):
 #   call 5  bash benchmarks/h200_round18.sh final2
 #   call 6  bash benchmarks/h200_round18.sh again
+#   then, with K's tile amax from token_stats' read (quantize_k_tiles; slower, since reverted,
+#   so `tiles` now times the pre-pass above):
+#   call 7  bash benchmarks/h200_round18.sh tiles
 #
 # (Calls 2-5 printed their summaries with a one-off script; `kernel_times.py --table` reads
 # the same raw CSVs, kept in the results, to the same numbers; `prepass`'s Q sweep by rows per
@@ -25,6 +28,8 @@
 #          the four shapes (the README's table) with ptxas's registers.
 # final2   the smoke's d = 40, 80 and 128 shapes against the simulation and float64, the call's
 #          kernels at 4608 (no broadcast kernel left), default and pv16 timed again.
+# tiles    the smoke's d = 40 and 128 shapes against the simulation and float64, then the call's
+#          kernels at 4608 and 2x10x4096x64 (the session's last device seconds: no timing table).
 # again    the switches last timed before the row sum left the softmax (rounds 7 and 11), with
 #          today's kernel: `overlap` (intra-warpgroup overlap, 128-key blocks) and `free` (no
 #          turns between the two warpgroups), beside the default, at the four shapes.
@@ -89,6 +94,20 @@ if has final2; then
   variants final2 default,pv16 200
 fi
 has again && variants again default,overlap,free 250
+if has tiles; then
+  timeout 100 python3 benchmarks/sage_device.py --smoke-variant default --smoke-shapes 0,3 \
+    --out "$OUT/smoke" > "$OUT/smoke.txt" 2>&1
+  grep -E "ok;|ok$|FAIL|ERROR" "$OUT/smoke.txt" | cut -c1-250 | tail -n 3
+  grep -B2 -A12 "Traceback" "$OUT/smoke.txt" | tail -n 20
+  pack
+  for shape in "1 24 4608 128" "2 10 4096 64"; do
+    tag=$(echo $shape | tr ' ' x)
+    timeout 50 ncu --clock-control none --metrics gpu__time_duration.sum --csv \
+      python3 benchmarks/profile_forward.py sage $shape > "$OUT/kernels_sage_$tag.csv" 2> /dev/null
+    echo "sage $tag"; python3 benchmarks/kernel_times.py --table "$OUT/kernels_sage_$tag.csv"
+    pack
+  done
+fi
 if has prepass; then
   for shape in "1 24 4608 128" "1 24 16384 128" "2 10 4096 64"; do
     tag=$(echo $shape | tr ' ' x)
