@@ -15,7 +15,7 @@
 #
 # (Calls 2-5 printed their summaries with a one-off script; `kernel_times.py --table` reads
 # the same raw CSVs, kept in the results, to the same numbers; `prepass`'s Q sweep by rows per
-# program ran in call 4.)
+# program ran in call 4. The steps share `ncu_time` and `smoke` since; the commands are the same.)
 #
 # kernels  every GPU kernel of one `sage` call (pre-pass, attention, epilogue) and of one cuDNN
 #          call at the four timed shapes: Nsight Compute's gpu__time_duration per kernel
@@ -42,14 +42,29 @@ has() { [[ " $STEPS " == *" $1 "* ]]; }
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 mkdir -p "$OUT"
 pack() { mkdir -p "$FINAL" && tar czf "$FINAL/round18-$(echo $STEPS | tr ' ' '-').tgz" -C "$OUT" .; }
+ncu_time() {  # ncu_time NAME ERR TIMEOUT SCRIPT ARGS...: each kernel's GPU time in one run of
+  local name=$1 err=$2 t=$3  # SCRIPT (NAME.csv), then kernel_times.py's table of them
+  shift 3
+  timeout "$t" ncu --clock-control none --metrics gpu__time_duration.sum --csv \
+    python3 "$@" > "$OUT/$name.csv" 2> "$err"
+  echo "$name"; python3 benchmarks/kernel_times.py --table "$OUT/$name.csv"
+}
+smoke() {  # smoke NAME SHAPES TIMEOUT: the default config (masked) against the simulation and float64
+  timeout "$3" python3 benchmarks/sage_device.py --smoke-variant default --smoke-shapes "$2" \
+    --out "$OUT/$1" > "$OUT/$1.txt" 2>&1
+  grep -E "ok;|ok$|FAIL|ERROR" "$OUT/$1.txt" | cut -c1-250 | tail -n 6
+  grep -B2 -A12 "Traceback" "$OUT/$1.txt" | tail -n 20
+  pack
+}
+probe_steps() {  # the probe's variants that differ from the library kernel (none, when all match)
+  grep -E "step|ERROR" "$1" | grep -v "step vs library 0, scale rel err 0.0e+00" | head -n 8
+}
 if has kernels; then
   for shape in "1 24 16384 128" "1 24 4608 128" "2 10 4096 64" "2 8 4096 40"; do
     tag=$(echo $shape | tr ' ' x)
     for impl in sage cudnn; do
-      timeout 100 ncu --clock-control none --metrics gpu__time_duration.sum --csv \
-        python3 benchmarks/profile_forward.py $impl $shape > "$OUT/kernels_${impl}_$tag.csv" \
-        2> "$OUT/kernels_${impl}_$tag.err"
-      echo "$impl $tag"; python3 benchmarks/kernel_times.py --table "$OUT/kernels_${impl}_$tag.csv"
+      ncu_time "kernels_${impl}_$tag" "$OUT/kernels_${impl}_$tag.err" 100 \
+        benchmarks/profile_forward.py $impl $shape
     done
   done
   pack
@@ -71,50 +86,33 @@ PY
 }
 if has final; then
   for shape in "1 24 4608 128" "2 10 4096 64"; do
-    tag=$(echo $shape | tr ' ' x)
-    timeout 100 ncu --clock-control none --metrics gpu__time_duration.sum --csv \
-      python3 benchmarks/profile_forward.py sage $shape > "$OUT/kernels_sage_$tag.csv" 2> /dev/null
-    echo "sage $tag"; python3 benchmarks/kernel_times.py --table "$OUT/kernels_sage_$tag.csv"
+    ncu_time "kernels_sage_$(echo $shape | tr ' ' x)" /dev/null 100 benchmarks/profile_forward.py sage $shape
   done
-  timeout 100 ncu --clock-control none --metrics gpu__time_duration.sum --csv \
-    python3 benchmarks/prepass_probe.py 1 24 4608 128 > "$OUT/probe_q.csv" 2> "$OUT/probe_q.txt"
-  grep -E "step|ERROR" "$OUT/probe_q.txt" | grep -v "step vs library 0, scale rel err 0.0e+00" | head -n 8
-  python3 benchmarks/kernel_times.py --table "$OUT/probe_q.csv" | grep -E "q_|quantize"
+  ncu_time probe_q "$OUT/probe_q.txt" 100 benchmarks/prepass_probe.py 1 24 4608 128 \
+    | grep -E "probe_q|call|q_|quantize"
+  probe_steps "$OUT/probe_q.txt"
   pack
   variants final default,pv16 230
 fi
 if has final2; then
-  timeout 150 python3 benchmarks/sage_device.py --smoke-variant default --smoke-shapes 0,2,3 \
-    --out "$OUT/smoke" > "$OUT/smoke.txt" 2>&1
-  grep -E "ok;|ok$|FAIL|ERROR" "$OUT/smoke.txt" | cut -c1-250 | tail -n 6
-  timeout 100 ncu --clock-control none --metrics gpu__time_duration.sum --csv \
-    python3 benchmarks/profile_forward.py sage 1 24 4608 128 > "$OUT/kernels_final2.csv" 2> /dev/null
-  python3 benchmarks/kernel_times.py --table "$OUT/kernels_final2.csv"
+  smoke smoke 0,2,3 150
+  ncu_time kernels_final2 /dev/null 100 benchmarks/profile_forward.py sage 1 24 4608 128
   pack
   variants final2 default,pv16 200
 fi
 has again && variants again default,overlap,free 250
 if has tiles; then
-  timeout 100 python3 benchmarks/sage_device.py --smoke-variant default --smoke-shapes 0,3 \
-    --out "$OUT/smoke" > "$OUT/smoke.txt" 2>&1
-  grep -E "ok;|ok$|FAIL|ERROR" "$OUT/smoke.txt" | cut -c1-250 | tail -n 3
-  grep -B2 -A12 "Traceback" "$OUT/smoke.txt" | tail -n 20
-  pack
+  smoke smoke 0,3 100
   for shape in "1 24 4608 128" "2 10 4096 64"; do
-    tag=$(echo $shape | tr ' ' x)
-    timeout 50 ncu --clock-control none --metrics gpu__time_duration.sum --csv \
-      python3 benchmarks/profile_forward.py sage $shape > "$OUT/kernels_sage_$tag.csv" 2> /dev/null
-    echo "sage $tag"; python3 benchmarks/kernel_times.py --table "$OUT/kernels_sage_$tag.csv"
+    ncu_time "kernels_sage_$(echo $shape | tr ' ' x)" /dev/null 50 benchmarks/profile_forward.py sage $shape
     pack
   done
 fi
 if has prepass; then
   for shape in "1 24 4608 128" "1 24 16384 128" "2 10 4096 64"; do
     tag=$(echo $shape | tr ' ' x)
-    timeout 150 ncu --clock-control none --metrics gpu__time_duration.sum --csv \
-      python3 benchmarks/prepass_probe.py $shape > "$OUT/probe_$tag.csv" 2> "$OUT/probe_$tag.txt"
-    grep -E "step|ERROR" "$OUT/probe_$tag.txt" | grep -v "step vs library 0, scale rel err 0.0e+00" | head -n 8
-    echo "$tag"; python3 benchmarks/kernel_times.py --table "$OUT/probe_$tag.csv"
+    ncu_time "probe_$tag" "$OUT/probe_$tag.txt" 150 benchmarks/prepass_probe.py $shape
+    probe_steps "$OUT/probe_$tag.txt"
   done
   pack
 fi

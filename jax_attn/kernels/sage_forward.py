@@ -866,7 +866,6 @@ def sage_call(cfg: SageConfig, qz, kb, *, out_dtype, out_layout: str, groups: in
             turn=turn, qid_ref=qid_ref, kid_ref=kid_ref, qid_smem=qid_smem, kid_smem=kid_smem,
             ones_ref=ones_ref))
 
-    wgs = 2  # compute warpgroups per CTA
     d8 = _swizzled(dp, interp)  # Q and K tiles: rows of dp int8
     pv_t = _swizzled(bk, interp, fw.p_dtype.itemsize)  # P, V^T tiles: rows of bk (P V's contraction)
     # V's tiles: FP8 V^T (dp, bk; with the row sum's ones, dp + 8), or 16-bit V (bk, dp)
@@ -874,37 +873,37 @@ def sage_call(cfg: SageConfig, qz, kb, *, out_dtype, out_layout: str, groups: in
                    else ((bk, dp), _swizzled(dp, interp, 2)))
     o_t = () if interp else (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     scratch = [
-        plgpu.SMEM((wgs, bq, dp), jnp.int8, transforms=d8),
-        plgpu.SMEM((wgs, bq), jnp.float32),
-        plgpu.SMEM((wgs, dp), jnp.float32),
+        plgpu.SMEM((2, bq, dp), jnp.int8, transforms=d8),
+        plgpu.SMEM((2, bq), jnp.float32),
+        plgpu.SMEM((2, dp), jnp.float32),
         plgpu.SMEM((stages, bk, dp), jnp.int8, transforms=d8),
         plgpu.SMEM((stages, bk), jnp.float32),
         plgpu.SMEM((stages, *v_tile), fw.p_dtype, transforms=v_t),
     ]
     if not fw.p_regs:
-        scratch.append(plgpu.SMEM((wgs, bq, bk), fw.p_dtype, transforms=pv_t))
+        scratch.append(plgpu.SMEM((2, bq, bk), fw.p_dtype, transforms=pv_t))
     scratch += [
-        plgpu.SMEM((wgs, bq, dp), out_dtype, transforms=o_t),
-        plgpu.SMEM((wgs, bq), jnp.float32),
+        plgpu.SMEM((2, bq, dp), out_dtype, transforms=o_t),
+        plgpu.SMEM((2, bq), jnp.float32),
     ]
     if has_kb:
         scratch.append(plgpu.SMEM((stages, bk), jnp.float32))
     scratch += [
         # Q, its row scales, the channel scales (and the row's segment ids)
-        plgpu.Barrier(num_arrivals=3 + fw.has_seg, num_barriers=wgs),
+        plgpu.Barrier(num_arrivals=3 + fw.has_seg, num_barriers=2),
         # K and its key scales (and the keys' segment ids)
         plgpu.Barrier(num_arrivals=2 + fw.has_seg, num_barriers=stages),
         plgpu.Barrier(num_arrivals=1 + fw.rowsum, num_barriers=stages),  # V^T (and the ones)
-        plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),  # K consumed
-        plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),  # V consumed
+        plgpu.Barrier(num_arrivals=2, num_barriers=stages),  # K consumed
+        plgpu.Barrier(num_arrivals=2, num_barriers=stages),  # V consumed
         plgpu.Barrier(num_arrivals=2),  # the two warpgroups' schedule barrier
     ]
     if has_kb:
         scratch.append(plgpu.Barrier(num_barriers=stages))
     if fw.overlap:
-        scratch.append(plgpu.Barrier(num_barriers=wgs))  # turn.at[w]: warpgroup w may issue
+        scratch.append(plgpu.Barrier(num_barriers=2))  # turn.at[w]: warpgroup w may issue
     if fw.has_seg:
-        scratch += [plgpu.SMEM((wgs, bq), jnp.int32), plgpu.SMEM((stages, bk), jnp.int32)]
+        scratch += [plgpu.SMEM((2, bq), jnp.int32), plgpu.SMEM((stages, bk), jnp.int32)]
 
     out_shape = (batch, heads, sq_pad, dp) if fw.out_bnsd else (batch, sq_pad, heads, dp)
     out_type = [jax.ShapeDtypeStruct(out_shape, out_dtype),
@@ -914,8 +913,8 @@ def sage_call(cfg: SageConfig, qz, kb, *, out_dtype, out_layout: str, groups: in
         from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
         kw["interpret"] = InterpretGPUParams()
     call = plgpu.kernel(
-        kernel, out_type=out_type, scratch_types=scratch, grid=(batch, heads, sq_pad // (wgs * bq)),
-        grid_names=("b", "h", "q"), num_threads=wgs + 1, thread_name="wg",
+        kernel, out_type=out_type, scratch_types=scratch, grid=(batch, heads, sq_pad // (2 * bq)),
+        grid_names=("b", "h", "q"), num_threads=3, thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True), **kw)
     args = (qz.q8, qz.q_scale, qz.k8, qz.k_scale, qz.vt8, qz.out_scale) + ((kb,) if has_kb else ())
     args += tuple(segments) if fw.has_seg else ()
