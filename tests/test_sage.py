@@ -27,6 +27,7 @@ from jax_attn import reference  # noqa: E402
 from jax_attn.backends import BACKENDS  # noqa: E402
 from jax_attn.contract import validate  # noqa: E402
 from jax_attn.kernels import sage_attention as S  # noqa: E402
+from jax_attn.kernels import sage_forward, sage_prepass  # noqa: E402
 from jax_attn.kernels.mosaic_config import available  # noqa: E402
 from jax_attn.kernels.sage_forward import SageConfig  # noqa: E402
 
@@ -192,6 +193,28 @@ def test_kernel_tails_gqa_padded_head_dim():
     # 100 queries (one CTA, padded), 200 keys (4 steps through a 2-slot ring, tail masked),
     # d = 40 run at 64, two query heads sharing one k/v head.
     check_kernel(1, 2, 1, 100, 200, 40)
+
+
+@needs_mgpu
+@pytest.mark.parametrize("layout,d", [("bsnd", 80), ("bnsd", 40)])
+def test_kernel_writes_the_callers_head_dim(layout, d):
+    # SageConfig.narrow_output: at d = 40 and 80 the kernel's output has d columns (no XLA slice
+    # of a dp-wide output follows), with the values of the dp-wide path.
+    out, _ = check_kernel(1, 2, 1, 128, 200, d, layout=layout)
+    rng = np.random.default_rng(0)
+    seq = (1, 2, 128, d) if layout == "bnsd" else (1, 128, 2, d)
+    q, k, v = (jnp.asarray(rng.standard_normal(seq), jnp.bfloat16) for _ in range(3))
+    wide = dataclasses.replace(SMALL, narrow_output=False)
+    outs = [S.sage_attention(q, k, v, layout=layout, config=c, interpret=True) for c in (SMALL, wide)]
+    np.testing.assert_array_equal(np.asarray(outs[0], np.float32), np.asarray(outs[1], np.float32))
+    dp = 64 if d <= 64 else 128
+    qz = sage_prepass.quantize(q, k, v, layout=layout, scale=d ** -0.5, dp=dp, sq_pad=128,
+                               skv_pad=128, v_key_perm=True, interpret=True,
+                               k_rows=SMALL.resolved(dp).block_kv, v_pallas=True)
+    for cfg, cols in ((SMALL, d), (wide, dp)):
+        o, _ = sage_forward.sage_call(cfg, qz, None, out_dtype=jnp.bfloat16, out_layout=layout,
+                                      groups=1, key_bias_dims=None, interpret=True, d=d)
+        assert o.shape[-1] == cols
 
 
 @pytest.mark.slow

@@ -154,7 +154,7 @@ def sage_attention(q, k, v, *, kv_lengths=None, key_mask=None, scale=None, layou
         else:
             qz = quantization.quantize(q, k, v, q_rows=q_rows, k_rows=k_rows, **kw)
         out, lse = sage_call(cfg, qz, kb, out_dtype=q.dtype, out_layout=layout, groups=n // n_kv,
-                             key_bias_dims=kdims, interpret=interpret, segments=segments)
+                             key_bias_dims=kdims, interpret=interpret, segments=segments, d=d)
         out = out[:, :, :sq, :d] if layout == "bnsd" else out[:, :sq, :, :d]
         return out, lse[:, :, :sq] + qz.lse_shift  # -inf stays -inf: the shift is finite
 

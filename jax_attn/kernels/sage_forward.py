@@ -39,7 +39,8 @@ tensor cores through a shared "schedule" barrier. What differs, and why:
   barriers instead of the schedule barrier. P is cast to FP8 (and relabelled, or stored to its
   shared-memory tile) only once P V is done, so one P suffices. Every variant above combines
   with it.
-* The epilogue writes O from its own shared-memory tile (Q's tile is int8).
+* The epilogue writes O from its own shared-memory tile (Q's tile is int8), only the caller's
+  head dim of it where that is narrower than dp (`narrow_output`).
 * `rowsum_mma` (default with FP8 P V): the row sum l comes from the P V wgmma itself, through
   8 rows below V^T, the first all ones (8 more accumulator columns), instead of one add per
   logit in the softmax. `magic_acc` (default at d <= 64 and with 256-key blocks): S's int32
@@ -130,6 +131,12 @@ class SageConfig:
     # Inside one call on the H200 (round 11, Nsight Compute) it takes 41 us instead of 331 at
     # 1x24x16384x128, 13 instead of 95 at 4608 tokens, 8 instead of 36 at 2x10x4096x64.
     v_pallas: bool = True
+    # The kernel writes the caller's head dim d where d < dp (d = 40 or 80, a multiple of 8):
+    # O's shared-memory tile is then d wide and unswizzled, and TMA copies (rows, d) boxes, so
+    # no XLA slice of the padded output follows (5.5 us of the 176 of GPU time at 2x8x4096x40,
+    # H200 round 18; in round 19's same run 10% faster at that shape). False: dp columns,
+    # sliced afterwards.
+    narrow_output: bool = True
     # P's row sum on the tensor cores (FP8 P V only): V^T's shared-memory tile gets 8 more rows,
     # the first all ones (a constant tile TMA'd beside each V tile), so the P V wgmma's first
     # extra accumulator column holds the row sum of the FP8 P as the product used it, and the
@@ -211,6 +218,8 @@ class _Fwd:
     tile_ks: bool = False  # SageConfig.k_scale_per_tile: one K scale per slot, a scalar
     rowsum: bool = False  # SageConfig.rowsum_mma: l in O's 8 extra accumulator columns
     magic: bool = False  # SageConfig.magic_acc: S arrives as MAGIC_I + s
+    d_out: int | None = None  # the output's columns where fewer than dp: the caller's d
+    # (`SageConfig.narrow_output`); None: dp
 
     @property
     def acc_cols(self) -> int:  # O's accumulator columns: dp, and with `rowsum` l's 8
@@ -738,6 +747,8 @@ def _epilogue(fw: _Fwd, r: _Refs, acc, m_i, l_i, b, h, wg, q0):
     inv = (P_SCALE if fw.fused else 1.0) / l_safe  # fused: l sums P * P_SCALE
     osc = fw.load_vec(r.os_smem.at[wg], 0)
     o = (acc * lax.broadcast_in_dim(inv, (bq, dp), [0])) * lax.broadcast_in_dim(osc, (bq, dp), [1])
+    if fw.d_out is not None:  # the caller's head dim only (whole 8-column tiles of the layout)
+        o = o[:, :fw.d_out]
     r.o_smem.at[wg][...] = o.astype(fw.out_dtype)
     lse = m_i * LN2 + jnp.log(l_safe)
     if fw.fused:
@@ -814,14 +825,17 @@ def _swizzled(cols: int, interp: bool, itemsize: int = 1):
 
 
 def sage_call(cfg: SageConfig, qz, kb, *, out_dtype, out_layout: str, groups: int,
-              key_bias_dims, interpret: bool, segments=None):
+              key_bias_dims, interpret: bool, segments=None, d: int | None = None):
     """Run the kernel on a `quantization.Quantized` (padded); kb: (b|1, n|1, skv_pad) f32 0/-inf
     or None. With `cfg.k_scale_per_tile` the kernel reads each tile's first K scale for all its
-    keys: qz must hold one scale per `block_kv` keys (`sage_attention` quantizes so). Returns out `(b, n, sq_pad, dp)` (or bsnd) in `out_dtype` and lse `(b, n, sq_pad)`
-    (without the smoothing shift). `segments`: None, or int32 `(q_ids (b, sq_pad), kv_ids
-    (b, skv_pad))` (padding ids that match no real one)."""
+    keys: qz must hold one scale per `block_kv` keys (`sage_attention` quantizes so). Returns out
+    `(b, n, sq_pad, dp)` (or bsnd) in `out_dtype`, with `d` (the caller's head dim) and
+    `cfg.narrow_output` d columns instead where d < dp is a multiple of 8, and lse
+    `(b, n, sq_pad)` (without the smoothing shift). `segments`: None, or int32
+    `(q_ids (b, sq_pad), kv_ids (b, skv_pad))` (padding ids that match no real one)."""
     batch, heads, sq_pad, dp = qz.q8.shape
     cfg = cfg.resolved(dp)
+    d_out = d if d is not None and cfg.narrow_output and d < dp and d % 8 == 0 else None
     bq, bk = cfg.block_q, cfg.block_kv
     skv_pad = qz.k8.shape[2]
     n_steps = skv_pad // bk
@@ -834,7 +848,8 @@ def sage_call(cfg: SageConfig, qz, kb, *, out_dtype, out_layout: str, groups: in
               p_regs=cfg.p_in_registers, fused=cfg.fused_softmax, overlap=cfg.overlap,
               p_dtype=qz.vt8.dtype, has_seg=segments is not None, v_bsnd=qz.v_bsnd,
               pingpong=cfg.pingpong, tile_ks=cfg.k_scale_per_tile, rowsum=cfg.rowsum_mma,
-              magic=cfg.magic_acc)
+              magic=cfg.magic_acc, d_out=d_out)
+    d_out = d_out or dp
     if (qz.vt8.dtype == FP8) != (cfg.pv_bits == 8):
         raise ValueError(f"SageConfig.pv_bits={cfg.pv_bits} but the pre-pass stored V as "
                          f"{qz.vt8.dtype}")
@@ -871,7 +886,8 @@ def sage_call(cfg: SageConfig, qz, kb, *, out_dtype, out_layout: str, groups: in
     # V's tiles: FP8 V^T (dp, bk; with the row sum's ones, dp + 8), or 16-bit V (bk, dp)
     v_tile, v_t = (((fw.acc_cols, bk), pv_t) if fw.p8
                    else ((bk, dp), _swizzled(dp, interp, 2)))
-    o_t = () if interp else (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+    # O's tile: swizzled rows of dp, or (narrow output) plain rows of d, TMA'd as (rows, d) boxes
+    o_t = () if interp or d_out < dp else (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     scratch = [
         plgpu.SMEM((2, bq, dp), jnp.int8, transforms=d8),
         plgpu.SMEM((2, bq), jnp.float32),
@@ -883,7 +899,7 @@ def sage_call(cfg: SageConfig, qz, kb, *, out_dtype, out_layout: str, groups: in
     if not fw.p_regs:
         scratch.append(plgpu.SMEM((2, bq, bk), fw.p_dtype, transforms=pv_t))
     scratch += [
-        plgpu.SMEM((2, bq, dp), out_dtype, transforms=o_t),
+        plgpu.SMEM((2, bq, d_out), out_dtype, transforms=o_t),
         plgpu.SMEM((2, bq), jnp.float32),
     ]
     if has_kb:
@@ -905,7 +921,7 @@ def sage_call(cfg: SageConfig, qz, kb, *, out_dtype, out_layout: str, groups: in
     if fw.has_seg:
         scratch += [plgpu.SMEM((2, bq), jnp.int32), plgpu.SMEM((stages, bk), jnp.int32)]
 
-    out_shape = (batch, heads, sq_pad, dp) if fw.out_bnsd else (batch, sq_pad, heads, dp)
+    out_shape = (batch, heads, sq_pad, d_out) if fw.out_bnsd else (batch, sq_pad, heads, d_out)
     out_type = [jax.ShapeDtypeStruct(out_shape, out_dtype),
                 jax.ShapeDtypeStruct((batch, heads, sq_pad), jnp.float32)]
     kw = {}

@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# H200 round 19 (issue 16): the `sage` pre-pass in two launches (`sage_prepass.token_parts`,
+# then `quantize_all` for Q, K and V at once, each program finishing the stats itself) instead
+# of five kernels and XLA's finishing kernels. Calls (the results' call<N>/):
+#
+#   call 1  bash benchmarks/h200_round19.sh check
+#   call 2  bash benchmarks/h200_round19.sh table
+#   (the one-launch pre-pass was slower in wall time: reverted, its code kept as
+#   results/2026-12-02-h200-round19/one_launch_prepass.patch, so `check` and `table` no longer
+#   run as they did; then the kernel writes the caller's head dim, SageConfig.narrow_output)
+#   call 3  bash benchmarks/h200_round19.sh narrow
+#   call 4  bash benchmarks/h200_round19.sh narrow2
+#
+# check  the smoke shapes (d = 40, 64, 80, 128, masked, both layouts) of `sage` and `sage16`
+#        against the simulation and float64 on the GPU; one_launch_probe.py under Nsight Compute
+#        at three shapes (quantize_all at 4, 8 and 16 warps beside the separate passes, each
+#        checked against the others); every kernel of one `sage` call at the three short shapes.
+# table  default, split_prepass (the separate passes), pv16 and pv16_split_prepass timed beside
+#        cuDNN at the four shapes (the README's table), with ptxas's registers.
+# narrow the smoke's d = 40, 80 and 128 shapes (`sage`, and `sage16` at d = 40) against the
+#        simulation and float64; the call's kernels at d = 40; default, wide_output (dp columns
+#        sliced by XLA) and pv16 timed beside cuDNN at the four shapes.
+# narrow2  default and pv16 timed again (the table's second process).
+set -u
+FINAL=${OUT:-out}
+OUT=/tmp/round19
+rm -rf "$OUT"
+STEPS=${*:-check}
+has() { [[ " $STEPS " == *" $1 "* ]]; }
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
+mkdir -p "$OUT"
+pack() { mkdir -p "$FINAL" && tar czf "$FINAL/round19-$(echo $STEPS | tr ' ' '-').tgz" -C "$OUT" .; }
+ncu_time() {  # ncu_time NAME ERR TIMEOUT SCRIPT ARGS...: each kernel's GPU time in one run of
+  local name=$1 err=$2 t=$3  # SCRIPT (NAME.csv), then kernel_times.py's table of them
+  shift 3
+  timeout "$t" ncu --clock-control none --metrics gpu__time_duration.sum --csv \
+    python3 "$@" > "$OUT/$name.csv" 2> "$err"
+  echo "$name"; python3 benchmarks/kernel_times.py --table "$OUT/$name.csv"
+}
+smoke() {  # smoke NAME VARIANT SHAPES TIMEOUT: masked calls against the simulation and float64
+  timeout "$4" python3 benchmarks/sage_device.py --smoke-variant "$2" --smoke-shapes "$3" \
+    --out "$OUT/$1" > "$OUT/$1.txt" 2>&1
+  grep -E "ok;|ok$|OK|FAIL|ERROR" "$OUT/$1.txt" | cut -c1-200 | tail -n 8
+  grep -B2 -A12 "Traceback" "$OUT/$1.txt" | tail -n 20
+  pack
+}
+variants() {  # variants NAME ONLY TIMEOUT: the four shapes, ptxas's report kept
+  MOSAIC_GPU_DUMP_PTXAS=1 timeout "$3" python3 benchmarks/sage_device.py --variants --only "$2" \
+    --shapes 0,1,2,3 --skip-prepass --budget $(( $3 - 30 )) --out "$OUT/$1" > "$OUT/$1.txt" 2>&1
+  python3 - "$OUT/$1.txt" > "$OUT/registers_$1.txt" <<'PY'
+import sys
+sys.path.insert(0, "benchmarks")
+from kernel_registers import kernels
+for name, regs, st, ld in kernels(open(sys.argv[1]).read()):
+    print(f"{name:40s} {regs:4d} spill {st} / {ld}")
+PY
+  grep -v "spill 0 / 0" "$OUT/registers_$1.txt" | head -n 8
+  sed -n '/=== variants/,$p' "$OUT/$1.txt" | grep -v "pre-pass ms"
+  grep -A20 "Traceback" "$OUT/$1.txt" | tail -n 25
+  pack
+}
+if has check; then
+  smoke smoke default 0,1,2,3 150
+  smoke smoke_pv16 pv16 0,3 90
+  for shape in "1 24 4608 128" "2 10 4096 64" "2 8 4096 40"; do
+    tag=$(echo $shape | tr ' ' x)
+    ncu_time "probe_$tag" "$OUT/probe_$tag.txt" 60 benchmarks/one_launch_probe.py $shape \
+      | grep -E "call|quantize|token"
+    grep -E "^w|ERROR" "$OUT/probe_$tag.txt" | head -n 4
+    ncu_time "kernels_sage_$tag" /dev/null 60 benchmarks/profile_forward.py sage $shape
+    pack
+  done
+fi
+has table && variants table default,split_prepass,pv16,pv16_split_prepass 300
+if has narrow; then
+  smoke smoke default 0,2,3 130
+  smoke smoke_pv16 pv16 0 60
+  ncu_time kernels_sage_2x8x4096x40 /dev/null 60 benchmarks/profile_forward.py sage 2 8 4096 40
+  pack
+  variants narrow default,wide_output,pv16 280
+fi
+has narrow2 && variants narrow2 default,pv16 230
+pack
