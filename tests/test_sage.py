@@ -101,6 +101,51 @@ def test_brief_target_accuracy(fam):
     assert acc["cos_min"] >= TARGET_COS and acc["rel_l1_max"] <= TARGET_L1, acc
 
 
+def _attention_f64(q, k, v, round_p=None):
+    """float64 attention (b, n, s, d), the unnormalized P optionally rounded by `round_p` (the
+    row sum stays exact, so only the rounding of the P V operand shows)."""
+    s = np.einsum("bnqd,bnkd->bnqk", q, k) / np.sqrt(q.shape[-1])
+    p = np.exp(s - s.max(-1, keepdims=True))
+    l = p.sum(-1, keepdims=True)
+    return np.einsum("bnqk,bnkd->bnqd", p if round_p is None else round_p(p), v) / l
+
+
+def _e4m3(x):  # the scheme's rounding (quantization.fp8), back in float64
+    return np.asarray(Q.fp8(jnp.asarray(x, jnp.float32)).astype(jnp.float32), np.float64)
+
+
+def test_e4m3_rounding_alone_misses_the_l1_target():
+    # Why `sage` cannot reach the brief's relative L1 <= 0.02 on standard-normal inputs: with
+    # everything else in float64, rounding V alone to e4m3 (its channel scale to 448, as the
+    # scheme) leaves ~0.028, P alone (scaled by P_SCALE) ~0.025, both ~0.037, which is what
+    # `sage` measures (README). Any FP8 e4m3 P V has this floor; `sage16` does not.
+    q, k, v = family("normal", (1, 4, 512, 128), (1, 4, 512, 128))
+    ref = _attention_f64(q, k, v)
+    v_scale = np.abs(v).max(axis=2, keepdims=True) / Q.FP8_MAX
+    v_only = Q.accuracy(_attention_f64(q, k, _e4m3(v / v_scale) * v_scale), ref)
+    p_only = Q.accuracy(_attention_f64(q, k, v, lambda p: _e4m3(p * Q.P_SCALE) / Q.P_SCALE), ref)
+    for acc in (v_only, p_only):
+        assert 0.022 < acc["rel_l1_max"] < 0.033, acc
+    both = Q.accuracy(_attention_f64(q, k, _e4m3(v / v_scale) * v_scale,
+                                     lambda p: _e4m3(p * Q.P_SCALE) / Q.P_SCALE), ref)
+    assert both["rel_l1_max"] > 0.033 and both["cos_min"] < TARGET_COS, both
+
+
+def test_int8_q_alone_misses_the_target_on_heavy_tails_at_d128():
+    # Why `sage16` misses the brief's target on the outlier family at d = 128: with K, V and
+    # the softmax in float64, rounding Q alone to INT8 with one scale per token (the finest a
+    # single INT8 product allows: a scale must factor out of the contraction) already gives
+    # about cos 0.9992 / rel L1 0.022 for student-t(3) Q. At d = 64 the same rounding passes.
+    worst = {}
+    for d in (64, 128):
+        q, k, v = family("outlier", (1, 4, 1024, d), (1, 4, 1024, d))
+        q8, q_scale = Q._int8_blocks(jnp.asarray(q, jnp.float32), 1)
+        q_hat = np.asarray(q8, np.float64) * np.asarray(q_scale, np.float64)[..., None]
+        worst[d] = Q.accuracy(_attention_f64(q_hat, k, v), _attention_f64(q, k, v))
+    assert worst[128]["cos_min"] < TARGET_COS and worst[128]["rel_l1_max"] > TARGET_L1, worst
+    assert worst[64]["cos_min"] >= TARGET_COS and worst[64]["rel_l1_max"] <= TARGET_L1, worst
+
+
 @pytest.mark.parametrize("fam", ["normal", "outlier"])
 @pytest.mark.parametrize("d", [64, 128])
 def test_pv16_accuracy_vs_float64(fam, d):
