@@ -10,6 +10,11 @@
 #   run as they did; then the kernel writes the caller's head dim, SageConfig.narrow_output)
 #   call 3  bash benchmarks/h200_round19.sh narrow
 #   call 4  bash benchmarks/h200_round19.sh narrow2
+#   call 5  variants default,pv16 at shapes 1-3 with XLA_FLAGS=--xla_gpu_enable_command_buffer=
+#           (run by hand: sage_device.py --variants --skip-prepass; call5/nocb.txt)
+#   call 6  bash benchmarks/h200_round19.sh overlap
+#   call 7  bash benchmarks/h200_round19.sh injit   (q = k = v in the loop: see the README)
+#   call 8  bash benchmarks/h200_round19.sh injit
 #
 # check  the smoke shapes (d = 40, 64, 80, 128, masked, both layouts) of `sage` and `sage16`
 #        against the simulation and float64 on the GPU; one_launch_probe.py under Nsight Compute
@@ -21,6 +26,12 @@
 #        simulation and float64; the call's kernels at d = 40; default, wide_output (dp columns
 #        sliced by XLA) and pv16 timed beside cuDNN at the four shapes.
 # narrow2  default and pv16 timed again (the table's second process).
+# overlap  do the pre-pass's kernels run side by side? The default pre-pass alone, wall clock,
+#          with XLA's command buffers on and off, at 4608, 2x10x4096x64 and 2x8x4096x40; then
+#          its kernels under Nsight Compute with warm caches (--cache-control none), whose sum
+#          a serial run would take.
+# injit    `sage` and cuDNN timed one jitted call at a time and 20 calls inside one jitted
+#          program (benchmarks/in_jit_timing.py) at 4608, 2x10x4096x64 and 2x8x4096x40.
 set -u
 FINAL=${OUT:-out}
 OUT=/tmp/round19
@@ -80,4 +91,24 @@ if has narrow; then
   variants narrow default,wide_output,pv16 280
 fi
 has narrow2 && variants narrow2 default,pv16 230
+prepass_wall() {  # prepass_wall NAME XLA_FLAGS: the pre-passes alone and `sage` (default), wall clock
+  XLA_FLAGS="$2" timeout 150 python3 benchmarks/sage_device.py --variants --only default --shapes 1,2,3 \
+    --budget 120 --out "$OUT/$1" > "$OUT/$1.txt" 2>&1
+  grep -E "prepass_pallas_v:|cudnn:|default:" "$OUT/$1.txt"
+}
+if has overlap; then
+  prepass_wall cb_on ""
+  prepass_wall cb_off --xla_gpu_enable_command_buffer=
+  pack
+  for shape in "1 24 4608 128" "2 10 4096 64"; do
+    tag=$(echo $shape | tr ' ' x)
+    timeout 60 ncu --clock-control none --cache-control none --metrics gpu__time_duration.sum \
+      --csv python3 benchmarks/profile_forward.py sage $shape > "$OUT/warm_$tag.csv" 2> /dev/null
+    echo "warm_$tag"; python3 benchmarks/kernel_times.py --table "$OUT/warm_$tag.csv"
+  done
+fi
+if has injit; then
+  timeout 270 python3 benchmarks/in_jit_timing.py --backends sage,cudnn > "$OUT/injit.txt" 2>&1
+  grep -E "call|ERROR" "$OUT/injit.txt"
+fi
 pack

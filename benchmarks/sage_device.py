@@ -267,10 +267,13 @@ def variants(results, log, t0, budget, only=None, shapes=None, prepass=True):
             for suffix, v_kw in (("", dict(v_key_perm=True)), ("16", dict(pv_dtype=jnp.bfloat16))):
                 extra[name.replace("prepass", "prepass" + suffix)] = jax.jit(
                     functools.partial(quantize, **shape_kw, **v_kw))
-        # FP8 V through the Pallas V pass too (sage_prepass.quantize_v), against XLA's transpose
+        # FP8 V through the Pallas V pass too (sage_prepass.quantize_v), against XLA's transpose,
+        # with K's one scale per key tile: the pre-pass `sage` runs by default
         if prepass:
+            from jax_attn.kernels.sage_forward import SageConfig
             extra["prepass_pallas_v"] = jax.jit(functools.partial(
-                P.quantize, **shape_kw, v_key_perm=True, v_pallas=True))
+                P.quantize, **shape_kw, v_key_perm=True, v_pallas=True,
+                k_rows=SageConfig().resolved(dp).block_kv))
         for name, fn in extra.items():
             try:
                 ms = time_ms(fn, q, k, v, reps=20)
