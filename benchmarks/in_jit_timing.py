@@ -2,8 +2,11 @@
 next call's q, its q the next k and its k the next v (three distinct buffers, as in a model, and
 no pre-pass work is loop-invariant, so XLA can hoist nothing), against
 the same backends timed one jitted call at a time (what `sage_device.py --variants` does). The
-difference is what dispatching a program costs per call; inside a model's jitted step that cost
-is paid once per step, not once per attention.
+difference is mostly what dispatching a program costs per call (inside a model's jitted step it
+is paid once per step, not once per attention), mixed with cache effects: a buffer is read again
+by the next three calls, and small shapes fit in L2 (as do the one-call timing's inputs, called
+back to back). Repeated attention drives the inputs towards equal rows; the kernels' work does
+not depend on the values.
 
     PYTHONPATH=. python benchmarks/in_jit_timing.py [--n 20] [--shapes 1,2,3]
 
@@ -36,7 +39,8 @@ def main():
     ap.add_argument("--backends", default="sage,sage16,cudnn")
     args = ap.parse_args()
     for i in (int(x) for x in args.shapes.split(",")):
-        b, n, sq, _, d = TIMED[i]
+        b, n, sq, skv, d = TIMED[i]
+        assert sq == skv, "q, k and v rotate through one shape: self-attention shapes only"
         qkv = tuple(random_normal(key, (b, sq, n, d), jnp.bfloat16)
                     for key in jax.random.split(jax.random.key(i), 3))
         ms = {}
@@ -54,7 +58,8 @@ def main():
                 log.info("%s %s: ERROR %s: %s", TIMED[i], name, type(e).__name__, str(e)[:300])
         base = ms.get("cudnn")
         for name, (single, inside) in ms.items():
-            ratio = "" if base is None else f"  vs cudnn {base[0] / single:.2f}x / {base[1] / inside:.2f}x"
+            ratio = "" if base is None else (
+                f"  vs cudnn {base[0] / single:.2f}x / {base[1] / inside:.2f}x")
             log.info("%-24s %-7s one call %.3f ms, inside one program %.3f ms per call%s",
                      "x".join(map(str, TIMED[i])), name, single, inside, ratio)
 

@@ -234,6 +234,7 @@ def variants(results, log, t0, budget, only=None, shapes=None, prepass=True):
     from jax_attn.arrays import random_normal
     from jax_attn.kernels import sage_attention as S
     from jax_attn.kernels import sage_prepass as P
+    from jax_attn.kernels.sage_forward import SageConfig
     from tune_pallas import time_ms
     res = results.setdefault("variants", {})
     for b, n, sq, skv, d in [TIMED[i] for i in (shapes or (1, 2))]:
@@ -268,9 +269,9 @@ def variants(results, log, t0, budget, only=None, shapes=None, prepass=True):
                 extra[name.replace("prepass", "prepass" + suffix)] = jax.jit(
                     functools.partial(quantize, **shape_kw, **v_kw))
         # FP8 V through the Pallas V pass too (sage_prepass.quantize_v), against XLA's transpose,
-        # with K's one scale per key tile: the pre-pass `sage` runs by default
+        # with K's one scale per key tile: the pre-pass `sage` runs by default (before round 19
+        # this timed the per-token K scale)
         if prepass:
-            from jax_attn.kernels.sage_forward import SageConfig
             extra["prepass_pallas_v"] = jax.jit(functools.partial(
                 P.quantize, **shape_kw, v_key_perm=True, v_pallas=True,
                 k_rows=SageConfig().resolved(dp).block_kv))

@@ -241,14 +241,18 @@ def test_kernel_tails_gqa_padded_head_dim():
 
 
 @needs_mgpu
-@pytest.mark.parametrize("layout,d", [("bsnd", 80), ("bnsd", 40)])
-def test_kernel_writes_the_callers_head_dim(layout, d):
+@pytest.mark.parametrize("layout,d,dtype", [("bsnd", 80, "bfloat16"), ("bnsd", 40, "float16"),
+                                            ("bnsd", 36, "bfloat16")])
+def test_kernel_writes_the_callers_head_dim(layout, d, dtype):
     # SageConfig.narrow_output: at d = 40 and 80 the kernel's output has d columns (no XLA slice
-    # of a dp-wide output follows), with the values of the dp-wide path.
-    out, _ = check_kernel(1, 2, 1, 128, 200, d, layout=layout)
+    # of a dp-wide output follows), with the values of the dp-wide path; d = 36 is no multiple of
+    # 8 (the layout's column tile), so it keeps dp columns. Interpret mode has no swizzle or TMA:
+    # the unswizzled tile and the (rows, d) boxes are checked by the GPU smoke runs
+    # (benchmarks/sage_device.py, d = 40 and 80).
+    check_kernel(1, 2, 1, 128, 200, d, layout=layout, dtype=dtype)
     rng = np.random.default_rng(0)
-    seq = (1, 2, 128, d) if layout == "bnsd" else (1, 128, 2, d)
-    q, k, v = (jnp.asarray(rng.standard_normal(seq), jnp.bfloat16) for _ in range(3))
+    shape = (1, 2, 128, d) if layout == "bnsd" else (1, 128, 2, d)
+    q, k, v = (jnp.asarray(rng.standard_normal(shape), dtype) for _ in range(3))
     wide = dataclasses.replace(SMALL, narrow_output=False)
     outs = [S.sage_attention(q, k, v, layout=layout, config=c, interpret=True) for c in (SMALL, wide)]
     np.testing.assert_array_equal(np.asarray(outs[0], np.float32), np.asarray(outs[1], np.float32))
@@ -256,8 +260,8 @@ def test_kernel_writes_the_callers_head_dim(layout, d):
     qz = sage_prepass.quantize(q, k, v, layout=layout, scale=d ** -0.5, dp=dp, sq_pad=128,
                                skv_pad=128, v_key_perm=True, interpret=True,
                                k_rows=SMALL.resolved(dp).block_kv, v_pallas=True)
-    for cfg, cols in ((SMALL, d), (wide, dp)):
-        o, _ = sage_forward.sage_call(cfg, qz, None, out_dtype=jnp.bfloat16, out_layout=layout,
+    for cfg, cols in ((SMALL, d if d % 8 == 0 else dp), (wide, dp)):
+        o, _ = sage_forward.sage_call(cfg, qz, None, out_dtype=dtype, out_layout=layout,
                                       groups=1, key_bias_dims=None, interpret=True, d=d)
         assert o.shape[-1] == cols
 

@@ -131,11 +131,11 @@ class SageConfig:
     # Inside one call on the H200 (round 11, Nsight Compute) it takes 41 us instead of 331 at
     # 1x24x16384x128, 13 instead of 95 at 4608 tokens, 8 instead of 36 at 2x10x4096x64.
     v_pallas: bool = True
-    # The kernel writes the caller's head dim d where d < dp (d = 40 or 80, a multiple of 8):
+    # The kernel writes the caller's head dim d wherever d < dp is a multiple of 8 (40, 80, ...):
     # O's shared-memory tile is then d wide and unswizzled, and TMA copies (rows, d) boxes, so
-    # no XLA slice of the padded output follows (5.5 us of the 176 of GPU time at 2x8x4096x40,
-    # H200 round 18; in round 19's same run 10% faster at that shape). False: dp columns,
-    # sliced afterwards.
+    # XLA slices no head dim off the padded output (5.5 us of the 176 of GPU time at
+    # 2x8x4096x40, H200 round 18; round 19 timed the call 0.190 against 0.212 ms in one run,
+    # within the spread between runs). Other d, or False: dp columns, sliced afterwards.
     narrow_output: bool = True
     # P's row sum on the tensor cores (FP8 P V only): V^T's shared-memory tile gets 8 more rows,
     # the first all ones (a constant tile TMA'd beside each V tile), so the P V wgmma's first
@@ -849,7 +849,7 @@ def sage_call(cfg: SageConfig, qz, kb, *, out_dtype, out_layout: str, groups: in
               p_dtype=qz.vt8.dtype, has_seg=segments is not None, v_bsnd=qz.v_bsnd,
               pingpong=cfg.pingpong, tile_ks=cfg.k_scale_per_tile, rowsum=cfg.rowsum_mma,
               magic=cfg.magic_acc, d_out=d_out)
-    d_out = d_out or dp
+    out_cols = d_out or dp
     if (qz.vt8.dtype == FP8) != (cfg.pv_bits == 8):
         raise ValueError(f"SageConfig.pv_bits={cfg.pv_bits} but the pre-pass stored V as "
                          f"{qz.vt8.dtype}")
@@ -887,7 +887,8 @@ def sage_call(cfg: SageConfig, qz, kb, *, out_dtype, out_layout: str, groups: in
     v_tile, v_t = (((fw.acc_cols, bk), pv_t) if fw.p8
                    else ((bk, dp), _swizzled(dp, interp, 2)))
     # O's tile: swizzled rows of dp, or (narrow output) plain rows of d, TMA'd as (rows, d) boxes
-    o_t = () if interp or d_out < dp else (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+    o_t = (() if interp or d_out is not None
+           else (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
     scratch = [
         plgpu.SMEM((2, bq, dp), jnp.int8, transforms=d8),
         plgpu.SMEM((2, bq), jnp.float32),
@@ -899,7 +900,7 @@ def sage_call(cfg: SageConfig, qz, kb, *, out_dtype, out_layout: str, groups: in
     if not fw.p_regs:
         scratch.append(plgpu.SMEM((2, bq, bk), fw.p_dtype, transforms=pv_t))
     scratch += [
-        plgpu.SMEM((2, bq, d_out), out_dtype, transforms=o_t),
+        plgpu.SMEM((2, bq, out_cols), out_dtype, transforms=o_t),
         plgpu.SMEM((2, bq), jnp.float32),
     ]
     if has_kb:
@@ -921,7 +922,8 @@ def sage_call(cfg: SageConfig, qz, kb, *, out_dtype, out_layout: str, groups: in
     if fw.has_seg:
         scratch += [plgpu.SMEM((2, bq), jnp.int32), plgpu.SMEM((stages, bk), jnp.int32)]
 
-    out_shape = (batch, heads, sq_pad, d_out) if fw.out_bnsd else (batch, sq_pad, heads, d_out)
+    out_shape = ((batch, heads, sq_pad, out_cols) if fw.out_bnsd
+                 else (batch, sq_pad, heads, out_cols))
     out_type = [jax.ShapeDtypeStruct(out_shape, out_dtype),
                 jax.ShapeDtypeStruct((batch, heads, sq_pad), jnp.float32)]
     kw = {}
