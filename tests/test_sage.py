@@ -256,7 +256,7 @@ def test_kernel_writes_the_callers_head_dim(layout, d, dtype):
     wide = dataclasses.replace(SMALL, narrow_output=False)
     outs = [S.sage_attention(q, k, v, layout=layout, config=c, interpret=True) for c in (SMALL, wide)]
     np.testing.assert_array_equal(np.asarray(outs[0], np.float32), np.asarray(outs[1], np.float32))
-    dp = 64 if d <= 64 else 128
+    dp = S.head_dim_padded(d)
     qz = sage_prepass.quantize(q, k, v, layout=layout, scale=d ** -0.5, dp=dp, sq_pad=128,
                                skv_pad=128, v_key_perm=True, interpret=True,
                                k_rows=SMALL.resolved(dp).block_kv, v_pallas=True)
