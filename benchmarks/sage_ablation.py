@@ -13,7 +13,12 @@ Rows:
   gemm_only     the softmax replaced by P = S's bits as float (no max, FMA or exp2)
   no_pv         the P V wgmma dropped
   no_qk         the Q K^T wgmma dropped
-  free          pingpong=False, the warpgroups not taking turns (a SageConfig switch)
+Configurations (each checked against the default's output first):
+  free          pingpong=False, the warpgroups not taking turns
+  paired        paired_issue=True: P V and the next Q K^T issued in one turn, waited together
+  paired_bk128  the same with 128-key blocks (fewer registers: S, O and P live at once)
+  paired_1level the same with one-level P V (two_level_pv=False; d = 64 keeps one accumulator)
+  paired_smem   the same with P through shared memory (p_in_registers=False: P's registers free)
   regs240       240 registers per compute thread, 24 per producer thread (232 / 40 ship)
   max_tree      the row max as a tree of halvings (exact: max is associative) instead of
                 Mosaic GPU's one dependent chain along each row's registers
@@ -34,6 +39,13 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 
+CONFIGS = {
+    "free": dict(pingpong=False),
+    "paired": dict(paired_issue=True),
+    "paired_bk128": dict(paired_issue=True, block_kv=128),
+    "paired_1level": dict(paired_issue=True, two_level_pv=False),
+    "paired_smem": dict(paired_issue=True, p_in_registers=False),
+}
 SHAPES = [(1, 24, 16384, 128), (1, 24, 4608, 128), (2, 10, 4096, 64), (2, 8, 4096, 40)]
 log = logging.getLogger("sage_ablation")
 
@@ -159,7 +171,7 @@ def main():
         row["prepass"] = float("nan") if args.interpret else time_ms(pre, q, k, v, reps=10)
         ref = None
         for variant in args.variants.split(","):
-            cfg = SageConfig(pingpong=False) if variant == "free" else SageConfig()
+            cfg = SageConfig(**CONFIGS.get(variant, {}))
             try:
                 with ablation(variant):
                     fn = jax.jit(lambda a, b_, c, cfg=cfg: S.sage_attention(
@@ -167,7 +179,7 @@ def main():
                     out = jax.block_until_ready(fn(q, k, v))
                 if variant == "default":
                     ref = np.asarray(out[:1, :256], np.float32)
-                elif variant in ("max_tree", "free", "regs240") and ref is not None:
+                elif (variant in CONFIGS or variant in ("max_tree", "regs240")) and ref is not None:
                     got = np.asarray(out[:1, :256], np.float32)
                     err = float(np.abs(got - ref).max() / np.abs(ref).max())
                     log.info("%s %s vs default: max rel %.2e", key, variant, err)

@@ -218,6 +218,13 @@ def _variants():
         "bk256_magic": SageConfig(block_kv=256, magic_acc=True),
         # (three compute warpgroups, `wg3*`, timed in rounds 17 and 18: slower everywhere, and
         # gone from SageConfig since)
+        # P V of block j and Q K^T of block j+1 issued in one turn, waited for together
+        # (SageConfig.paired_issue, round 20), and its register-lighter forms
+        "paired": SageConfig(paired_issue=True),
+        "paired_bk128": SageConfig(paired_issue=True, block_kv=128),
+        "paired_1level": SageConfig(paired_issue=True, two_level_pv=False),
+        "paired_smem": SageConfig(paired_issue=True, p_in_registers=False),
+        "pv16_paired": SageConfig(pv_bits=16, paired_issue=True),
         "stages3": SageConfig(stages=3),  # d <= 64: three K/V slots (d = 128's exceed shared memory)
     }
 

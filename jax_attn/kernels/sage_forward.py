@@ -101,6 +101,14 @@ class SageConfig:
     # resolves to 128 keys with it at every head dim. Slower every time it was timed: 26-58%
     # against the default at the four timed shapes (H200 round 18).
     overlap: bool = False
+    # FlashAttention-3's turn-taking without the overlap: per key block a warpgroup issues
+    # block j's P V and block j+1's S = Q K^T back to back in one turn (`overlap`'s turns and
+    # loop), passes the turn, and waits for both before block j+1's softmax. The plain
+    # pipeline waits for each wgmma before it issues the next, so the tensor cores drain twice
+    # per block and per warpgroup; here the other warpgroup's pair is queued behind this one's
+    # (H200 round 20: that pipeline's two wgmmas alone, no softmax, ran at 65% of the 8-bit
+    # rate, and the softmax barely overlapped them). Registers: S, O and the FP8 P together.
+    paired_issue: bool = False
     # Bits of the P V product: 8 (FP8, the scheme) or 16 (P and V in the inputs' 16-bit dtype,
     # V unquantized: only Q K^T is 8-bit; more accurate, P V at the bf16 rate). 16 takes P in
     # registers as the accumulator layout gives it (no relabelling) and one accumulator.
@@ -174,6 +182,9 @@ class SageConfig:
             raise ValueError("SageConfig.rowsum_mma puts ones beside the FP8 V^T and is written "
                              "for the per-tile K scale's softmax: it needs pv_bits=8 and "
                              "k_scale_per_tile")
+        if self.overlap and self.paired_issue:
+            raise ValueError("SageConfig.overlap and paired_issue are two schedules of the same "
+                             "loop: choose one")
         narrow = self.overlap or (dp > 64 and self.pv_bits == 16)
         block_kv = self.block_kv or (128 if narrow else 256)
         magic = ((dp <= 64 or block_kv >= 256) and self.fused_softmax and not self.overlap
@@ -218,6 +229,7 @@ class _Fwd:
     tile_ks: bool = False  # SageConfig.k_scale_per_tile: one K scale per slot, a scalar
     rowsum: bool = False  # SageConfig.rowsum_mma: l in O's 8 extra accumulator columns
     magic: bool = False  # SageConfig.magic_acc: S arrives as MAGIC_I + s
+    paired: bool = False  # SageConfig.paired_issue (overlap's loop, both wgmmas waited for)
     d_out: int | None = None  # the output's columns where fewer than dp: the caller's d
     # (`SageConfig.narrow_output`); None: dp
 
@@ -323,7 +335,7 @@ def _consumer(fw: _Fwd, r: _Refs, qt, h, b, wg):
     m_i = fw.layout_cast(jnp.full((bq,), -jnp.inf, jnp.float32), fw.row_layout())
     l_i = fw.layout_cast(jnp.zeros((bq,), jnp.float32), fw.row_layout())
 
-    if fw.overlap:
+    if fw.overlap or fw.paired:
         acc, m_i, l_i = _key_loop_overlap(fw, r, wg, qs, acc, m_i, l_i)
     else:
         sched_sync = r.sched_sync
@@ -624,14 +636,13 @@ def _key_loop_overlap(fw: _Fwd, r: _Refs, wg, qs, acc, m_i, l_i):
     ks, kbias = _key_vectors(fw, r, 0)
     turn.take()
     if fw.interp:
-        s = _qk_interp(r, wg, 0)
+        s = _qk_interp(r, wg, 0) + jnp.int32(MAGIC_I * fw.magic)
         turn.pass_on()
     else:
         def qk(s_ref):
             plgpu.wgmma(s_ref, r.q_smem.at[wg], _k_view(r, 0))
             turn.pass_on()
-            return plgpu.wgmma_accumulator_load(s_ref)
-        s = pl.run_scoped(qk, plgpu.ACC((fw.bq, fw.bk), jnp.int32))
+        s = pl.run_state(qk)(_s_acc(fw))
     plgpu.barrier_arrive(r.k_done.at[0])
     p, _, l_i, m_i = _softmax(fw, s, ks, kbias, qs, m_i, l_i)  # acc is zero: nothing to rescale
     p8 = _stage_p(fw, r, wg, p)
@@ -679,6 +690,12 @@ def _pv_sum(fw: _Fwd, acc, out):
     return out
 
 
+def _s_acc(fw: _Fwd):
+    """S = Q K^T's int32 wgmma accumulator, starting at MAGIC_I with `magic` (else 0)."""
+    start = jnp.full((fw.bq, fw.bk), MAGIC_I if fw.magic else 0, jnp.int32)
+    return plgpu.ACC.init(fw.layout_cast(start, plgpu.Layout.WGMMA))
+
+
 def _zeros_acc(fw: _Fwd, cols: int):
     return fw.layout_cast(jnp.zeros((fw.bq, cols), jnp.float32), plgpu.Layout.WGMMA)
 
@@ -696,10 +713,20 @@ def _step_overlap(fw: _Fwd, r: _Refs, wg, qs, turn, j, carry):
     a_op = _p_operand(fw, r, wg, p8)
     turn.take()
     if fw.interp:
-        s = _qk_interp(r, wg, nslot)
+        s = _qk_interp(r, wg, nslot) + jnp.int32(MAGIC_I * fw.magic)
         acc = acc + _pv_interp(fw, r, slot, a_op)
         turn.pass_on()
         plgpu.barrier_arrive(r.k_done.at[nslot])
+        p, alpha, l_i, m_i = _softmax(fw, s, ks, kbias, qs, m_i, l_i)
+    elif fw.paired:  # both wgmmas in flight, both waited for (run_state's exit)
+        def issue(refs):
+            o_ref, s_ref = refs
+            plgpu.wgmma(s_ref, r.q_smem.at[wg], _k_view(r, nslot))
+            plgpu.wgmma(o_ref, a_op, _v_view(fw, r, slot))
+            turn.pass_on()
+        out, s = pl.run_state(issue)((_pv_acc(fw, acc), _s_acc(fw)))
+        plgpu.barrier_arrive(r.k_done.at[nslot])
+        acc = _pv_sum(fw, acc, out)
         p, alpha, l_i, m_i = _softmax(fw, s, ks, kbias, qs, m_i, l_i)
     else:
         def body(refs):
@@ -848,7 +875,7 @@ def sage_call(cfg: SageConfig, qz, kb, *, out_dtype, out_layout: str, groups: in
               p_regs=cfg.p_in_registers, fused=cfg.fused_softmax, overlap=cfg.overlap,
               p_dtype=qz.vt8.dtype, has_seg=segments is not None, v_bsnd=qz.v_bsnd,
               pingpong=cfg.pingpong, tile_ks=cfg.k_scale_per_tile, rowsum=cfg.rowsum_mma,
-              magic=cfg.magic_acc, d_out=d_out)
+              magic=cfg.magic_acc, d_out=d_out, paired=cfg.paired_issue)
     out_cols = d_out or dp
     if (qz.vt8.dtype == FP8) != (cfg.pv_bits == 8):
         raise ValueError(f"SageConfig.pv_bits={cfg.pv_bits} but the pre-pass stored V as "
@@ -869,7 +896,7 @@ def sage_call(cfg: SageConfig, qz, kb, *, out_dtype, out_layout: str, groups: in
         q_bar, k_bar, v_bar, k_done, v_done, sched = rest[:6]
         rest = rest[6:]
         kb_bar = rest.pop(0) if has_kb else None
-        turn = rest.pop(0) if fw.overlap else None
+        turn = rest.pop(0) if fw.overlap or fw.paired else None
         qid_smem, kid_smem = (rest.pop(0), rest.pop(0)) if fw.has_seg else (None, None)
         _kernel(fw, _Refs(
             q_ref=q_ref, qs_ref=qs_ref, k_ref=k_ref, ks_ref=ks_ref, vt_ref=vt_ref, os_ref=os_ref,
@@ -917,7 +944,7 @@ def sage_call(cfg: SageConfig, qz, kb, *, out_dtype, out_layout: str, groups: in
     ]
     if has_kb:
         scratch.append(plgpu.Barrier(num_barriers=stages))
-    if fw.overlap:
+    if fw.overlap or fw.paired:
         scratch.append(plgpu.Barrier(num_barriers=2))  # turn.at[w]: warpgroup w may issue
     if fw.has_seg:
         scratch += [plgpu.SMEM((2, bq), jnp.int32), plgpu.SMEM((stages, bk), jnp.int32)]
