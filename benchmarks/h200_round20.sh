@@ -4,6 +4,7 @@
 #
 #   call 1  bash benchmarks/h200_round20.sh ablate profile
 #   call 2  bash benchmarks/h200_round20.sh paired
+#   call 3  bash benchmarks/h200_round20.sh why_paired
 #
 # ablate   benchmarks/sage_ablation.py at the four timed shapes: the kernel with its exp2, its
 #          row max, its matmuls or its softmax taken away, pingpong off, and the row max as a
@@ -15,6 +16,9 @@
 #          the smoke shapes against the simulation and float64, then the default, paired and
 #          its lighter forms, and sage16 both ways, timed at the four shapes beside cuDNN
 #          (pre-pass included), with ptxas's registers and spills.
+# why_paired  paired_issue without spills (128-key blocks) with its softmax or its matmuls taken
+#          away, beside the default's, at 16k and 4608 tokens; then its per-instruction profile
+#          at 4608.
 set -u
 FINAL=${OUT:-out}
 OUT=/tmp/round20
@@ -55,21 +59,32 @@ if has ablate; then
   grep -E "vs default|failed|Error" "$OUT/ablate.txt" | cut -c1-200 | head -n 20
   pack
 fi
-if has profile; then
-  mkdir -p "$OUT/profile"
+profile() {  # profile NAME B N S D CONFIG: per-SASS-instruction warp samples of one kernel
+  local dir="$OUT/$1" logits=$(( $3 * $4 * $4 ))
+  mkdir -p "$dir"
   timeout 150 ncu --clock-control none --section SourceCounters --section WarpStateStats \
-    --section InstructionStats --section SpeedOfLight -k regex:mosaic -c 1 -o "$OUT/profile/sage" \
-    python3 benchmarks/profile_forward.py sage 1 24 16384 128 > "$OUT/profile/ncu.txt" 2>&1
-  tail -n 3 "$OUT/profile/ncu.txt"
-  rep="$OUT/profile/sage.ncu-rep"
-  ncu -i "$rep" --page details --csv --print-details all > "$OUT/profile/details.csv" 2>&1
-  ncu -i "$rep" --page source --csv --print-source sass > "$OUT/profile/source_sass.csv" 2>&1
-  rm -f "$rep"
-  python3 benchmarks/sass_hotspots.py "$OUT/profile/source_sass.csv" --logits 6442450944 \
-    > "$OUT/profile/hotspots.txt" 2>&1
-  head -n 12 "$OUT/profile/hotspots.txt"
-  gzip "$OUT/profile/source_sass.csv"
+    --section InstructionStats --section SpeedOfLight -k regex:mosaic -c 1 -o "$dir/sage" \
+    python3 benchmarks/profile_forward.py sage $2 $3 $4 $5 fwd "$6" > "$dir/ncu.txt" 2>&1
+  tail -n 3 "$dir/ncu.txt"
+  ncu -i "$dir/sage.ncu-rep" --page details --csv --print-details all > "$dir/details.csv" 2>&1
+  ncu -i "$dir/sage.ncu-rep" --page source --csv --print-source sass > "$dir/source_sass.csv" 2>&1
+  rm -f "$dir/sage.ncu-rep"
+  python3 benchmarks/sass_hotspots.py "$dir/source_sass.csv" --logits $logits \
+    > "$dir/hotspots.txt" 2>&1
+  head -n 14 "$dir/hotspots.txt"
+  gzip "$dir/source_sass.csv"
   pack
+}
+if has profile; then
+  profile profile 1 24 16384 128 '{}'
+fi
+if has why_paired; then
+  timeout 200 python3 benchmarks/sage_ablation.py --shapes 0,1 --variants \
+    default,gemm_only,paired_bk128,gemm_only@paired_bk128,softmax_only@paired_bk128 \
+    > "$OUT/why_paired.txt" 2>&1
+  grep -E "vs default|failed|Error|^\|" "$OUT/why_paired.txt" | cut -c1-200
+  pack
+  profile profile_paired 1 24 4608 128 '{"paired_issue": true, "block_kv": 128}'
 fi
 pack
 [ -f "$OUT/ablate.txt" ] && grep -E "^\|" "$OUT/ablate.txt"

@@ -23,6 +23,8 @@ Configurations (each checked against the default's output first):
   max_tree      the row max as a tree of halvings (exact: max is associative) instead of
                 Mosaic GPU's one dependent chain along each row's registers
 
+`ABLATION@CONFIG` (e.g. `gemm_only@paired_bk128`) takes a part away from a configuration.
+
 If `default` is about `softmax_only` + `gemm_only`, the softmax and the matmuls do not overlap;
 if it is about `softmax_only`, the softmax alone sets the pace.
 """
@@ -171,9 +173,10 @@ def main():
         row["prepass"] = float("nan") if args.interpret else time_ms(pre, q, k, v, reps=10)
         ref = None
         for variant in args.variants.split(","):
-            cfg = SageConfig(**CONFIGS.get(variant, {}))
+            part, _, config = variant.partition("@")
+            cfg = SageConfig(**CONFIGS.get(config or part, {}))
             try:
-                with ablation(variant):
+                with ablation(part):
                     fn = jax.jit(lambda a, b_, c, cfg=cfg: S.sage_attention(
                         a, b_, c, layout="bsnd", config=cfg, interpret=args.interpret))
                     out = jax.block_until_ready(fn(q, k, v))
