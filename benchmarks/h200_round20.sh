@@ -5,6 +5,7 @@
 #   call 1  bash benchmarks/h200_round20.sh ablate profile
 #   call 2  bash benchmarks/h200_round20.sh paired
 #   call 3  bash benchmarks/h200_round20.sh why_paired
+#   call 4  bash benchmarks/h200_round20.sh paired2
 #
 # ablate   benchmarks/sage_ablation.py at the four timed shapes: the kernel with its exp2, its
 #          row max, its matmuls or its softmax taken away, pingpong off, and the row max as a
@@ -16,6 +17,8 @@
 #          the smoke shapes against the simulation and float64, then the default, paired and
 #          its lighter forms, and sage16 both ways, timed at the four shapes beside cuDNN
 #          (pre-pass included), with ptxas's registers and spills.
+# paired2  paired_issue with fewer registers in flight (P through shared memory at 128 keys;
+#          64-key blocks), timed beside the default with ptxas's serialization notes.
 # why_paired  paired_issue without spills (128-key blocks) with its softmax or its matmuls taken
 #          away, beside the default's, at 16k and 4608 tokens; then its per-instruction profile
 #          at 4608.
@@ -53,6 +56,11 @@ PY
 if has paired; then
   smoke smoke_paired paired 0,1,2,3 150
   variants paired default,paired,paired_bk128,paired_1level,paired_smem,pv16,pv16_paired 360
+fi
+if has paired2; then
+  smoke smoke_paired2 paired_smem_bk128 3 60
+  variants paired2 default,paired_smem_bk128,paired_bk64 240
+  grep -E "C751|serialized" "$OUT/paired2.txt" | cut -c1-160 | sort | uniq -c
 fi
 if has ablate; then
   timeout 360 python3 benchmarks/sage_ablation.py > "$OUT/ablate.txt" 2>&1

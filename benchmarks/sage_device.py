@@ -225,6 +225,9 @@ def _variants():
         "paired_1level": SageConfig(paired_issue=True, two_level_pv=False),
         "paired_smem": SageConfig(paired_issue=True, p_in_registers=False),
         "pv16_paired": SageConfig(pv_bits=16, paired_issue=True),
+        # fewer registers in flight, so ptxas need not serialize the wgmmas (round 20, call 4)
+        "paired_smem_bk128": SageConfig(paired_issue=True, p_in_registers=False, block_kv=128),
+        "paired_bk64": SageConfig(paired_issue=True, block_kv=64),
         "stages3": SageConfig(stages=3),  # d <= 64: three K/V slots (d = 128's exceed shared memory)
     }
 
