@@ -6,6 +6,10 @@
 #   call 2  bash benchmarks/h200_round20.sh paired
 #   call 3  bash benchmarks/h200_round20.sh why_paired
 #   call 4  bash benchmarks/h200_round20.sh paired2
+#   (paired_issue was slower in every form: reverted, its code kept as
+#   results/2026-12-02-h200-round20/paired_issue.patch, so paired, why_paired and paired2 no
+#   longer run as they did)
+#   call 5  bash benchmarks/h200_round20.sh named
 #
 # ablate   benchmarks/sage_ablation.py at the four timed shapes: the kernel with its exp2, its
 #          row max, its matmuls or its softmax taken away, pingpong off, and the row max as a
@@ -17,6 +21,9 @@
 #          the smoke shapes against the simulation and float64, then the default, paired and
 #          its lighter forms, and sage16 both ways, timed at the four shapes beside cuDNN
 #          (pre-pass included), with ptxas's registers and spills.
+# named    SageConfig.named_sched (the schedule barrier as a named barrier): the smoke shapes
+#          against the simulation and float64, then timed beside the default (and sage16 both
+#          ways) at the four shapes.
 # paired2  paired_issue with fewer registers in flight (P through shared memory at 128 keys;
 #          64-key blocks), timed beside the default with ptxas's serialization notes.
 # why_paired  paired_issue without spills (128-key blocks) with its softmax or its matmuls taken
@@ -28,6 +35,10 @@ OUT=/tmp/round20
 rm -rf "$OUT"
 STEPS=${*:-ablate}
 has() { [[ " $STEPS " == *" $1 "* ]]; }
+if has paired || has paired2 || has why_paired; then
+  echo "paired, paired2 and why_paired need paired_issue.patch (results/2026-12-02-h200-round20/)"
+  exit 1
+fi
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 mkdir -p "$OUT"
 pack() { mkdir -p "$FINAL" && tar czf "$FINAL/round20-$(echo $STEPS | tr ' ' '-').tgz" -C "$OUT" .; }
@@ -61,6 +72,10 @@ if has paired2; then
   smoke smoke_paired2 paired_smem_bk128 3 60
   variants paired2 default,paired_smem_bk128,paired_bk64 240
   grep -E "C751|serialized" "$OUT/paired2.txt" | cut -c1-160 | sort | uniq -c
+fi
+if has named; then
+  smoke smoke_named named_sched 0,1,2,3 150
+  variants named default,named_sched,pv16,pv16_named_sched 240
 fi
 if has ablate; then
   timeout 360 python3 benchmarks/sage_ablation.py > "$OUT/ablate.txt" 2>&1

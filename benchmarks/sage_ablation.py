@@ -15,15 +15,14 @@ Rows:
   no_qk         the Q K^T wgmma dropped
 Configurations (each checked against the default's output first):
   free          pingpong=False, the warpgroups not taking turns
-  paired        paired_issue=True: P V and the next Q K^T issued in one turn, waited together
-  paired_bk128  the same with 128-key blocks (fewer registers: S, O and P live at once)
-  paired_1level the same with one-level P V (two_level_pv=False; d = 64 keeps one accumulator)
-  paired_smem   the same with P through shared memory (p_in_registers=False: P's registers free)
+  named_sched   named_sched=True: the schedule barrier as a hardware named barrier
+(Round 20 also ran `paired*` configurations here, SageConfig.paired_issue, since reverted:
+results/2026-12-02-h200-round20/paired_issue.patch.)
   regs240       240 registers per compute thread, 24 per producer thread (232 / 40 ship)
   max_tree      the row max as a tree of halvings (exact: max is associative) instead of
                 Mosaic GPU's one dependent chain along each row's registers
 
-`ABLATION@CONFIG` (e.g. `gemm_only@paired_bk128`) takes a part away from a configuration.
+`ABLATION@CONFIG` (e.g. `gemm_only@free`) takes a part away from a configuration.
 
 If `default` is about `softmax_only` + `gemm_only`, the softmax and the matmuls do not overlap;
 if it is about `softmax_only`, the softmax alone sets the pace.
@@ -43,10 +42,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).parent))
 
 CONFIGS = {
     "free": dict(pingpong=False),
-    "paired": dict(paired_issue=True),
-    "paired_bk128": dict(paired_issue=True, block_kv=128),
-    "paired_1level": dict(paired_issue=True, two_level_pv=False),
-    "paired_smem": dict(paired_issue=True, p_in_registers=False),
+    "named_sched": dict(named_sched=True),
 }
 SHAPES = [(1, 24, 16384, 128), (1, 24, 4608, 128), (2, 10, 4096, 64), (2, 8, 4096, 40)]
 log = logging.getLogger("sage_ablation")

@@ -218,16 +218,10 @@ def _variants():
         "bk256_magic": SageConfig(block_kv=256, magic_acc=True),
         # (three compute warpgroups, `wg3*`, timed in rounds 17 and 18: slower everywhere, and
         # gone from SageConfig since)
-        # P V of block j and Q K^T of block j+1 issued in one turn, waited for together
-        # (SageConfig.paired_issue, round 20), and its register-lighter forms
-        "paired": SageConfig(paired_issue=True),
-        "paired_bk128": SageConfig(paired_issue=True, block_kv=128),
-        "paired_1level": SageConfig(paired_issue=True, two_level_pv=False),
-        "paired_smem": SageConfig(paired_issue=True, p_in_registers=False),
-        "pv16_paired": SageConfig(pv_bits=16, paired_issue=True),
-        # fewer registers in flight, so ptxas need not serialize the wgmmas (round 20, call 4)
-        "paired_smem_bk128": SageConfig(paired_issue=True, p_in_registers=False, block_kv=128),
-        "paired_bk64": SageConfig(paired_issue=True, block_kv=64),
+        # (paired_issue, round 20: slower in every form; results/2026-12-02-h200-round20/)
+        # the schedule barrier as a hardware named barrier (SageConfig.named_sched, round 20)
+        "named_sched": SageConfig(named_sched=True),
+        "pv16_named_sched": SageConfig(pv_bits=16, named_sched=True),
         "stages3": SageConfig(stages=3),  # d <= 64: three K/V slots (d = 128's exceed shared memory)
     }
 

@@ -67,7 +67,12 @@ from jax import lax
 
 from ..quantization import FP8, LN2, LN_P_SCALE, LOG2_P_SCALE, MAGIC_F, MAGIC_I, P_SCALE, key_perm
 from .mosaic_config import pl, plgpu
-from .mosaic_forward import _Turns  # the bf16 kernel's turn-taking, shared as is
+from .mosaic_forward import _named_barrier, _Turns  # the bf16 kernel's, shared as they are
+
+# SageConfig.named_sched: the schedule barrier as hardware named barrier 8 (Mosaic GPU itself
+# uses 0 and 1 + warpgroup), completed by both compute warpgroups' 128 threads.
+SCHED_BARRIER = 8
+SCHED_THREADS = 256
 
 ROWSUM_COLS = 8  # SageConfig.rowsum_mma: rows beside V^T (`_rowsum_tile`; wgmma's N grows in 8s)
 
@@ -101,14 +106,6 @@ class SageConfig:
     # resolves to 128 keys with it at every head dim. Slower every time it was timed: 26-58%
     # against the default at the four timed shapes (H200 round 18).
     overlap: bool = False
-    # FlashAttention-3's turn-taking without the overlap: per key block a warpgroup issues
-    # block j's P V and block j+1's S = Q K^T back to back in one turn (`overlap`'s turns and
-    # loop), passes the turn, and waits for both before block j+1's softmax. The plain
-    # pipeline waits for each wgmma before it issues the next, so the tensor cores drain twice
-    # per block and per warpgroup; here the other warpgroup's pair is queued behind this one's
-    # (H200 round 20: that pipeline's two wgmmas alone, no softmax, ran at 65% of the 8-bit
-    # rate, and the softmax barely overlapped them). Registers: S, O and the FP8 P together.
-    paired_issue: bool = False
     # Bits of the P V product: 8 (FP8, the scheme) or 16 (P and V in the inputs' 16-bit dtype,
     # V unquantized: only Q K^T is 8-bit; more accurate, P V at the bf16 rate). 16 takes P in
     # registers as the accumulator layout gives it (no relabelling) and one accumulator.
@@ -121,6 +118,11 @@ class SageConfig:
     # d = 128 (round 7); with a third compute warpgroup, level at best (round 17); 4-22% at the
     # four timed shapes with the row sum on the tensor cores (round 18).
     pingpong: bool = True
+    # The plain pipeline's schedule barrier as a hardware named barrier (`bar.sync`, both
+    # warpgroups' 256 threads) instead of a shared-memory mbarrier polled with try_wait: each
+    # meeting of the warpgroups (twice per key block) then costs the barrier's hardware
+    # latency, not a poll. Interpret mode keeps the mbarrier (it runs no inline PTX).
+    named_sched: bool = False
     # One K scale per key block (the pre-pass's k_rows = block_kv; `sage_attention` sets it)
     # instead of one per key: the block's scale then multiplies the row's Q scale once per row,
     # and the fused softmax needs neither the per-key multiply nor the exponent trick's
@@ -182,9 +184,6 @@ class SageConfig:
             raise ValueError("SageConfig.rowsum_mma puts ones beside the FP8 V^T and is written "
                              "for the per-tile K scale's softmax: it needs pv_bits=8 and "
                              "k_scale_per_tile")
-        if self.overlap and self.paired_issue:
-            raise ValueError("SageConfig.overlap and paired_issue are two schedules of the same "
-                             "loop: choose one")
         narrow = self.overlap or (dp > 64 and self.pv_bits == 16)
         block_kv = self.block_kv or (128 if narrow else 256)
         magic = ((dp <= 64 or block_kv >= 256) and self.fused_softmax and not self.overlap
@@ -229,7 +228,6 @@ class _Fwd:
     tile_ks: bool = False  # SageConfig.k_scale_per_tile: one K scale per slot, a scalar
     rowsum: bool = False  # SageConfig.rowsum_mma: l in O's 8 extra accumulator columns
     magic: bool = False  # SageConfig.magic_acc: S arrives as MAGIC_I + s
-    paired: bool = False  # SageConfig.paired_issue (overlap's loop, both wgmmas waited for)
     d_out: int | None = None  # the output's columns where fewer than dp: the caller's d
     # (`SageConfig.narrow_output`); None: dp
 
@@ -292,9 +290,13 @@ class _Refs:
     qid_smem: Any = None
     kid_smem: Any = None
     ones_ref: Any = None  # rowsum only: (8, bk) FP8 ones, TMA'd below V^T in every slot
+    named_sched: bool = False  # SageConfig.named_sched, outside interpret mode
 
     def sched_sync(self):
         if self.sched is None:  # no turn-taking (SageConfig.pingpong=False)
+            return
+        if self.named_sched:
+            _named_barrier("sync", SCHED_BARRIER, SCHED_THREADS)
             return
         plgpu.barrier_arrive(self.sched)
         plgpu.barrier_wait(self.sched)
@@ -335,7 +337,7 @@ def _consumer(fw: _Fwd, r: _Refs, qt, h, b, wg):
     m_i = fw.layout_cast(jnp.full((bq,), -jnp.inf, jnp.float32), fw.row_layout())
     l_i = fw.layout_cast(jnp.zeros((bq,), jnp.float32), fw.row_layout())
 
-    if fw.overlap or fw.paired:
+    if fw.overlap:
         acc, m_i, l_i = _key_loop_overlap(fw, r, wg, qs, acc, m_i, l_i)
     else:
         sched_sync = r.sched_sync
@@ -580,10 +582,12 @@ def _pv(fw: _Fwd, r: _Refs, wg, i, slot, acc, alpha, p8):
     rescaled it before)."""
     bq = fw.bq
     a_op = _p_operand(fw, r, wg, p8)
-    if r.sched is not None:
+    if r.sched is not None and not r.named_sched:
         plgpu.barrier_arrive(r.sched)  # softmax done
     plgpu.barrier_wait(r.v_bar.at[slot])
-    if r.sched is not None:
+    if r.named_sched:  # softmax done, and the other warpgroup's matmul issued
+        r.sched_sync()
+    elif r.sched is not None:
         plgpu.barrier_wait(r.sched)  # the other warpgroup's matmul is issued
     nxt = i + 1
     nxt_slot = lax.rem(nxt, jnp.array(fw.stages, nxt.dtype))
@@ -636,13 +640,14 @@ def _key_loop_overlap(fw: _Fwd, r: _Refs, wg, qs, acc, m_i, l_i):
     ks, kbias = _key_vectors(fw, r, 0)
     turn.take()
     if fw.interp:
-        s = _qk_interp(r, wg, 0) + jnp.int32(MAGIC_I * fw.magic)
+        s = _qk_interp(r, wg, 0)
         turn.pass_on()
     else:
         def qk(s_ref):
             plgpu.wgmma(s_ref, r.q_smem.at[wg], _k_view(r, 0))
             turn.pass_on()
-        s = pl.run_state(qk)(_s_acc(fw))
+            return plgpu.wgmma_accumulator_load(s_ref)
+        s = pl.run_scoped(qk, plgpu.ACC((fw.bq, fw.bk), jnp.int32))
     plgpu.barrier_arrive(r.k_done.at[0])
     p, _, l_i, m_i = _softmax(fw, s, ks, kbias, qs, m_i, l_i)  # acc is zero: nothing to rescale
     p8 = _stage_p(fw, r, wg, p)
@@ -690,12 +695,6 @@ def _pv_sum(fw: _Fwd, acc, out):
     return out
 
 
-def _s_acc(fw: _Fwd):
-    """S = Q K^T's int32 wgmma accumulator, starting at MAGIC_I with `magic` (else 0)."""
-    start = jnp.full((fw.bq, fw.bk), MAGIC_I if fw.magic else 0, jnp.int32)
-    return plgpu.ACC.init(fw.layout_cast(start, plgpu.Layout.WGMMA))
-
-
 def _zeros_acc(fw: _Fwd, cols: int):
     return fw.layout_cast(jnp.zeros((fw.bq, cols), jnp.float32), plgpu.Layout.WGMMA)
 
@@ -713,20 +712,10 @@ def _step_overlap(fw: _Fwd, r: _Refs, wg, qs, turn, j, carry):
     a_op = _p_operand(fw, r, wg, p8)
     turn.take()
     if fw.interp:
-        s = _qk_interp(r, wg, nslot) + jnp.int32(MAGIC_I * fw.magic)
+        s = _qk_interp(r, wg, nslot)
         acc = acc + _pv_interp(fw, r, slot, a_op)
         turn.pass_on()
         plgpu.barrier_arrive(r.k_done.at[nslot])
-        p, alpha, l_i, m_i = _softmax(fw, s, ks, kbias, qs, m_i, l_i)
-    elif fw.paired:  # both wgmmas in flight, both waited for (run_state's exit)
-        def issue(refs):
-            o_ref, s_ref = refs
-            plgpu.wgmma(s_ref, r.q_smem.at[wg], _k_view(r, nslot))
-            plgpu.wgmma(o_ref, a_op, _v_view(fw, r, slot))
-            turn.pass_on()
-        out, s = pl.run_state(issue)((_pv_acc(fw, acc), _s_acc(fw)))
-        plgpu.barrier_arrive(r.k_done.at[nslot])
-        acc = _pv_sum(fw, acc, out)
         p, alpha, l_i, m_i = _softmax(fw, s, ks, kbias, qs, m_i, l_i)
     else:
         def body(refs):
@@ -875,7 +864,7 @@ def sage_call(cfg: SageConfig, qz, kb, *, out_dtype, out_layout: str, groups: in
               p_regs=cfg.p_in_registers, fused=cfg.fused_softmax, overlap=cfg.overlap,
               p_dtype=qz.vt8.dtype, has_seg=segments is not None, v_bsnd=qz.v_bsnd,
               pingpong=cfg.pingpong, tile_ks=cfg.k_scale_per_tile, rowsum=cfg.rowsum_mma,
-              magic=cfg.magic_acc, d_out=d_out, paired=cfg.paired_issue)
+              magic=cfg.magic_acc, d_out=d_out)
     out_cols = d_out or dp
     if (qz.vt8.dtype == FP8) != (cfg.pv_bits == 8):
         raise ValueError(f"SageConfig.pv_bits={cfg.pv_bits} but the pre-pass stored V as "
@@ -896,7 +885,7 @@ def sage_call(cfg: SageConfig, qz, kb, *, out_dtype, out_layout: str, groups: in
         q_bar, k_bar, v_bar, k_done, v_done, sched = rest[:6]
         rest = rest[6:]
         kb_bar = rest.pop(0) if has_kb else None
-        turn = rest.pop(0) if fw.overlap or fw.paired else None
+        turn = rest.pop(0) if fw.overlap else None
         qid_smem, kid_smem = (rest.pop(0), rest.pop(0)) if fw.has_seg else (None, None)
         _kernel(fw, _Refs(
             q_ref=q_ref, qs_ref=qs_ref, k_ref=k_ref, ks_ref=ks_ref, vt_ref=vt_ref, os_ref=os_ref,
@@ -906,7 +895,7 @@ def sage_call(cfg: SageConfig, qz, kb, *, out_dtype, out_layout: str, groups: in
             v_bar=v_bar, k_done=k_done, v_done=v_done, kb_bar=kb_bar,
             sched=sched if fw.pingpong else None,  # None: no turn-taking
             turn=turn, qid_ref=qid_ref, kid_ref=kid_ref, qid_smem=qid_smem, kid_smem=kid_smem,
-            ones_ref=ones_ref))
+            ones_ref=ones_ref, named_sched=cfg.named_sched and cfg.pingpong and not interp))
 
     d8 = _swizzled(dp, interp)  # Q and K tiles: rows of dp int8
     pv_t = _swizzled(bk, interp, fw.p_dtype.itemsize)  # P, V^T tiles: rows of bk (P V's contraction)
@@ -944,7 +933,7 @@ def sage_call(cfg: SageConfig, qz, kb, *, out_dtype, out_layout: str, groups: in
     ]
     if has_kb:
         scratch.append(plgpu.Barrier(num_barriers=stages))
-    if fw.overlap or fw.paired:
+    if fw.overlap:
         scratch.append(plgpu.Barrier(num_barriers=2))  # turn.at[w]: warpgroup w may issue
     if fw.has_seg:
         scratch += [plgpu.SMEM((2, bq), jnp.int32), plgpu.SMEM((stages, bk), jnp.int32)]
