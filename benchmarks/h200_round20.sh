@@ -10,6 +10,8 @@
 #   results/2026-12-02-h200-round20/paired_issue.patch, so paired, why_paired and paired2 no
 #   longer run as they did)
 #   call 5  bash benchmarks/h200_round20.sh named
+#   (named_sched was slower too: reverted, kept as results/2026-12-02-h200-round20/
+#   named_sched.patch, so `named` no longer runs)
 #
 # ablate   benchmarks/sage_ablation.py at the four timed shapes: the kernel with its exp2, its
 #          row max, its matmuls or its softmax taken away, pingpong off, and the row max as a
@@ -35,8 +37,9 @@ OUT=/tmp/round20
 rm -rf "$OUT"
 STEPS=${*:-ablate}
 has() { [[ " $STEPS " == *" $1 "* ]]; }
-if has paired || has paired2 || has why_paired; then
-  echo "paired, paired2 and why_paired need paired_issue.patch (results/2026-12-02-h200-round20/)"
+if has paired || has paired2 || has why_paired || has named; then
+  echo "paired, paired2 and why_paired need paired_issue.patch, named needs named_sched.patch"
+  echo "(both in benchmarks/results/2026-12-02-h200-round20/)"
   exit 1
 fi
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD

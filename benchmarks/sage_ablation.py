@@ -13,14 +13,13 @@ Rows:
   gemm_only     the softmax replaced by P = S's bits as float (no max, FMA or exp2)
   no_pv         the P V wgmma dropped
   no_qk         the Q K^T wgmma dropped
-Configurations (each checked against the default's output first):
-  free          pingpong=False, the warpgroups not taking turns
-  named_sched   named_sched=True: the schedule barrier as a hardware named barrier
-(Round 20 also ran `paired*` configurations here, SageConfig.paired_issue, since reverted:
-results/2026-12-02-h200-round20/paired_issue.patch.)
   regs240       240 registers per compute thread, 24 per producer thread (232 / 40 ship)
   max_tree      the row max as a tree of halvings (exact: max is associative) instead of
                 Mosaic GPU's one dependent chain along each row's registers
+Configurations (`CONFIGS`, each checked against the default's output first):
+  free          pingpong=False, the warpgroups not taking turns
+(Round 20 also ran SageConfig.paired_issue's configurations here, `paired*`, since reverted:
+results/2026-12-02-h200-round20/paired_issue.patch.)
 
 `ABLATION@CONFIG` (e.g. `gemm_only@free`) takes a part away from a configuration.
 
@@ -42,7 +41,6 @@ sys.path.insert(0, str(pathlib.Path(__file__).parent))
 
 CONFIGS = {
     "free": dict(pingpong=False),
-    "named_sched": dict(named_sched=True),
 }
 SHAPES = [(1, 24, 16384, 128), (1, 24, 4608, 128), (2, 10, 4096, 64), (2, 8, 4096, 40)]
 log = logging.getLogger("sage_ablation")

@@ -218,10 +218,8 @@ def _variants():
         "bk256_magic": SageConfig(block_kv=256, magic_acc=True),
         # (three compute warpgroups, `wg3*`, timed in rounds 17 and 18: slower everywhere, and
         # gone from SageConfig since)
-        # (paired_issue, round 20: slower in every form; results/2026-12-02-h200-round20/)
-        # the schedule barrier as a hardware named barrier (SageConfig.named_sched, round 20)
-        "named_sched": SageConfig(named_sched=True),
-        "pv16_named_sched": SageConfig(pv_bits=16, named_sched=True),
+        # (round 20 timed SageConfig.paired_issue and named_sched here: slower, reverted; their
+        # patches are in results/2026-12-02-h200-round20/)
         "stages3": SageConfig(stages=3),  # d <= 64: three K/V slots (d = 128's exceed shared memory)
     }
 

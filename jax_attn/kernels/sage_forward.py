@@ -67,12 +67,7 @@ from jax import lax
 
 from ..quantization import FP8, LN2, LN_P_SCALE, LOG2_P_SCALE, MAGIC_F, MAGIC_I, P_SCALE, key_perm
 from .mosaic_config import pl, plgpu
-from .mosaic_forward import _named_barrier, _Turns  # the bf16 kernel's, shared as they are
-
-# SageConfig.named_sched: the schedule barrier as hardware named barrier 8 (Mosaic GPU itself
-# uses 0 and 1 + warpgroup), completed by both compute warpgroups' 128 threads.
-SCHED_BARRIER = 8
-SCHED_THREADS = 256
+from .mosaic_forward import _Turns  # the bf16 kernel's turn-taking, shared as is
 
 ROWSUM_COLS = 8  # SageConfig.rowsum_mma: rows beside V^T (`_rowsum_tile`; wgmma's N grows in 8s)
 
@@ -118,11 +113,6 @@ class SageConfig:
     # d = 128 (round 7); with a third compute warpgroup, level at best (round 17); 4-22% at the
     # four timed shapes with the row sum on the tensor cores (round 18).
     pingpong: bool = True
-    # The plain pipeline's schedule barrier as a hardware named barrier (`bar.sync`, both
-    # warpgroups' 256 threads) instead of a shared-memory mbarrier polled with try_wait: each
-    # meeting of the warpgroups (twice per key block) then costs the barrier's hardware
-    # latency, not a poll. Interpret mode keeps the mbarrier (it runs no inline PTX).
-    named_sched: bool = False
     # One K scale per key block (the pre-pass's k_rows = block_kv; `sage_attention` sets it)
     # instead of one per key: the block's scale then multiplies the row's Q scale once per row,
     # and the fused softmax needs neither the per-key multiply nor the exponent trick's
@@ -290,13 +280,9 @@ class _Refs:
     qid_smem: Any = None
     kid_smem: Any = None
     ones_ref: Any = None  # rowsum only: (8, bk) FP8 ones, TMA'd below V^T in every slot
-    named_sched: bool = False  # SageConfig.named_sched, outside interpret mode
 
     def sched_sync(self):
         if self.sched is None:  # no turn-taking (SageConfig.pingpong=False)
-            return
-        if self.named_sched:
-            _named_barrier("sync", SCHED_BARRIER, SCHED_THREADS)
             return
         plgpu.barrier_arrive(self.sched)
         plgpu.barrier_wait(self.sched)
@@ -582,12 +568,10 @@ def _pv(fw: _Fwd, r: _Refs, wg, i, slot, acc, alpha, p8):
     rescaled it before)."""
     bq = fw.bq
     a_op = _p_operand(fw, r, wg, p8)
-    if r.sched is not None and not r.named_sched:
+    if r.sched is not None:
         plgpu.barrier_arrive(r.sched)  # softmax done
     plgpu.barrier_wait(r.v_bar.at[slot])
-    if r.named_sched:  # softmax done, and the other warpgroup's matmul issued
-        r.sched_sync()
-    elif r.sched is not None:
+    if r.sched is not None:
         plgpu.barrier_wait(r.sched)  # the other warpgroup's matmul is issued
     nxt = i + 1
     nxt_slot = lax.rem(nxt, jnp.array(fw.stages, nxt.dtype))
@@ -895,7 +879,7 @@ def sage_call(cfg: SageConfig, qz, kb, *, out_dtype, out_layout: str, groups: in
             v_bar=v_bar, k_done=k_done, v_done=v_done, kb_bar=kb_bar,
             sched=sched if fw.pingpong else None,  # None: no turn-taking
             turn=turn, qid_ref=qid_ref, kid_ref=kid_ref, qid_smem=qid_smem, kid_smem=kid_smem,
-            ones_ref=ones_ref, named_sched=cfg.named_sched and cfg.pingpong and not interp))
+            ones_ref=ones_ref))
 
     d8 = _swizzled(dp, interp)  # Q and K tiles: rows of dp int8
     pv_t = _swizzled(bk, interp, fw.p_dtype.itemsize)  # P, V^T tiles: rows of bk (P V's contraction)
