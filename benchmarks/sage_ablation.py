@@ -9,10 +9,13 @@ Rows:
   default       the kernel as it ships
   no_exp        exp2(x) replaced by x: the softmax without its MUFU.EX2 per logit
   no_max        the row max replaced by max(m, 0): no per-logit max, no shuffles
-  softmax_only  both wgmmas dropped (S stays at its start value): the softmax and barriers alone
+  softmax_only  both wgmmas dropped (S stays at its start value, opaque to the compiler). P is
+                then read by nothing, so the compiler drops its exp2s too: this row is the
+                pipeline's skeleton (loads, barriers, row max, O's rescale, epilogue), not
+                the softmax
   gemm_only     the softmax replaced by P = S's bits as float (no max, FMA or exp2)
-  no_pv         the P V wgmma dropped
-  no_qk         the Q K^T wgmma dropped
+  no_pv         the P V wgmma dropped (and with it P's exp2s, as in softmax_only)
+  no_qk         the Q K^T wgmma dropped: P V with the whole softmax on a constant S
   regs240       240 registers per compute thread, 24 per producer thread (232 / 40 ship)
   max_tree      the row max as a tree of halvings (exact: max is associative) instead of
                 Mosaic GPU's one dependent chain along each row's registers
@@ -23,8 +26,7 @@ results/2026-12-02-h200-round20/paired_issue.patch.)
 
 `ABLATION@CONFIG` (e.g. `gemm_only@free`) takes a part away from a configuration.
 
-If `default` is about `softmax_only` + `gemm_only`, the softmax and the matmuls do not overlap;
-if it is about `softmax_only`, the softmax alone sets the pace.
+`default` - `no_exp` is the exp2s' exposed cost: zero if the matmuls hid them entirely.
 """
 from __future__ import annotations
 
