@@ -42,13 +42,7 @@ has() { [[ " $STEPS " == *" $1 "* ]]; }
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 mkdir -p "$OUT"
 pack() { mkdir -p "$FINAL" && tar czf "$FINAL/round18-$(echo $STEPS | tr ' ' '-').tgz" -C "$OUT" .; }
-ncu_time() {  # ncu_time NAME ERR TIMEOUT SCRIPT ARGS...: each kernel's GPU time in one run of
-  local name=$1 err=$2 t=$3  # SCRIPT (NAME.csv), then kernel_times.py's table of them
-  shift 3
-  timeout "$t" ncu --clock-control none --metrics gpu__time_duration.sum --csv \
-    python3 "$@" > "$OUT/$name.csv" 2> "$err"
-  echo "$name"; python3 benchmarks/kernel_times.py --table "$OUT/$name.csv"
-}
+source benchmarks/sage_steps.sh  # ncu_time, variants (smoke below is this round's own)
 smoke() {  # smoke NAME SHAPES TIMEOUT: the default config (masked) against the simulation and float64
   timeout "$3" python3 benchmarks/sage_device.py --smoke-variant default --smoke-shapes "$2" \
     --out "$OUT/$1" > "$OUT/$1.txt" 2>&1
@@ -69,21 +63,6 @@ if has kernels; then
   done
   pack
 fi
-variants() {  # variants NAME ONLY TIMEOUT: the four shapes, ptxas's report kept
-  MOSAIC_GPU_DUMP_PTXAS=1 timeout "$3" python3 benchmarks/sage_device.py --variants --only "$2" \
-    --shapes 0,1,2,3 --skip-prepass --budget $(( $3 - 30 )) --out "$OUT/$1" > "$OUT/$1.txt" 2>&1
-  python3 - "$OUT/$1.txt" > "$OUT/registers_$1.txt" <<'PY'
-import sys
-sys.path.insert(0, "benchmarks")
-from kernel_registers import kernels
-for name, regs, st, ld in kernels(open(sys.argv[1]).read()):
-    print(f"{name:40s} {regs:4d} spill {st} / {ld}")
-PY
-  grep -v "spill 0 / 0" "$OUT/registers_$1.txt" | head -n 8
-  sed -n '/=== variants/,$p' "$OUT/$1.txt" | grep -v "pre-pass ms"
-  grep -A20 "Traceback" "$OUT/$1.txt" | tail -n 25
-  pack
-}
 if has final; then
   for shape in "1 24 4608 128" "2 10 4096 64"; do
     ncu_time "kernels_sage_$(echo $shape | tr ' ' x)" /dev/null 100 benchmarks/profile_forward.py sage $shape

@@ -45,28 +45,7 @@ fi
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 mkdir -p "$OUT"
 pack() { mkdir -p "$FINAL" && tar czf "$FINAL/round20-$(echo $STEPS | tr ' ' '-').tgz" -C "$OUT" .; }
-smoke() {  # smoke NAME VARIANT SHAPES TIMEOUT: masked calls against the simulation and float64
-  timeout "$4" python3 benchmarks/sage_device.py --smoke-variant "$2" --smoke-shapes "$3" \
-    --out "$OUT/$1" > "$OUT/$1.txt" 2>&1
-  grep -E "ok;|ok$|OK|FAIL|ERROR" "$OUT/$1.txt" | cut -c1-200 | tail -n 8
-  grep -B2 -A12 "Traceback" "$OUT/$1.txt" | tail -n 20
-  pack
-}
-variants() {  # variants NAME ONLY TIMEOUT: the four shapes, ptxas's report kept
-  MOSAIC_GPU_DUMP_PTXAS=1 timeout "$3" python3 benchmarks/sage_device.py --variants --only "$2" \
-    --shapes 0,1,2,3 --skip-prepass --budget $(( $3 - 30 )) --out "$OUT/$1" > "$OUT/$1.txt" 2>&1
-  python3 - "$OUT/$1.txt" > "$OUT/registers_$1.txt" <<'PY'
-import sys
-sys.path.insert(0, "benchmarks")
-from kernel_registers import kernels
-for name, regs, st, ld in kernels(open(sys.argv[1]).read()):
-    print(f"{name:40s} {regs:4d} spill {st} / {ld}")
-PY
-  grep -v "spill 0 / 0" "$OUT/registers_$1.txt" | head -n 8
-  sed -n '/=== variants/,$p' "$OUT/$1.txt" | grep -v "pre-pass ms"
-  grep -A20 "Traceback" "$OUT/$1.txt" | tail -n 25
-  pack
-}
+source benchmarks/sage_steps.sh  # ncu_time, smoke, variants
 if has paired; then
   smoke smoke_paired paired 0,1,2,3 150
   variants paired default,paired,paired_bk128,paired_1level,paired_smem,pv16,pv16_paired 360
