@@ -45,7 +45,7 @@ fi
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 mkdir -p "$OUT"
 pack() { mkdir -p "$FINAL" && tar czf "$FINAL/round20-$(echo $STEPS | tr ' ' '-').tgz" -C "$OUT" .; }
-source benchmarks/sage_steps.sh  # ncu_time, smoke, variants
+source benchmarks/sage_steps.sh  # ncu_time, smoke, variants, profile
 if has paired; then
   smoke smoke_paired paired 0,1,2,3 150
   variants paired default,paired,paired_bk128,paired_1level,paired_smem,pv16,pv16_paired 360
@@ -64,22 +64,6 @@ if has ablate; then
   grep -E "vs default|failed|Error" "$OUT/ablate.txt" | cut -c1-200 | head -n 20
   pack
 fi
-profile() {  # profile NAME B N S D CONFIG: per-SASS-instruction warp samples of one kernel
-  local dir="$OUT/$1" logits=$(( $3 * $4 * $4 ))
-  mkdir -p "$dir"
-  timeout 150 ncu --clock-control none --section SourceCounters --section WarpStateStats \
-    --section InstructionStats --section SpeedOfLight -k regex:mosaic -c 1 -o "$dir/sage" \
-    python3 benchmarks/profile_forward.py sage $2 $3 $4 $5 fwd "$6" > "$dir/ncu.txt" 2>&1
-  tail -n 3 "$dir/ncu.txt"
-  ncu -i "$dir/sage.ncu-rep" --page details --csv --print-details all > "$dir/details.csv" 2>&1
-  ncu -i "$dir/sage.ncu-rep" --page source --csv --print-source sass > "$dir/source_sass.csv" 2>&1
-  rm -f "$dir/sage.ncu-rep"
-  python3 benchmarks/sass_hotspots.py "$dir/source_sass.csv" --logits $logits \
-    > "$dir/hotspots.txt" 2>&1
-  head -n 14 "$dir/hotspots.txt"
-  gzip "$dir/source_sass.csv"
-  pack
-}
 if has profile; then
   profile profile 1 24 16384 128 '{}'
 fi

@@ -220,6 +220,12 @@ def _variants():
         # gone from SageConfig since)
         # (round 20 timed SageConfig.paired_issue and named_sched here: slower, reverted; their
         # patches are in results/2026-12-02-h200-round20/)
+        # a persistent grid: one CTA per SM looping over query tiles (SageConfig.persistent,
+        # the default since round 21), and one CTA per tile (the default before)
+        "persistent": SageConfig(persistent=True),
+        "pv16_persistent": SageConfig(pv_bits=16, persistent=True),
+        "grid_per_tile": SageConfig(persistent=False),
+        "pv16_grid_per_tile": SageConfig(pv_bits=16, persistent=False),
         "stages3": SageConfig(stages=3),  # d <= 64: three K/V slots (d = 128's exceed shared memory)
     }
 

@@ -1,4 +1,4 @@
-# Shared steps of the H200 round scripts (sourced by h200_round18.sh to h200_round20.sh,
+# Shared steps of the H200 round scripts (sourced by h200_round18.sh to h200_round21.sh,
 # after each defines OUT and pack).
 ncu_time() {  # ncu_time NAME ERR TIMEOUT SCRIPT ARGS...: each kernel's GPU time in one run of
   local name=$1 err=$2 t=$3  # SCRIPT (NAME.csv), then kernel_times.py's table of them
@@ -27,5 +27,21 @@ PY
   grep -v "spill 0 / 0" "$OUT/registers_$1.txt" | head -n 8
   sed -n '/=== variants/,$p' "$OUT/$1.txt" | grep -v "pre-pass ms"
   grep -A20 "Traceback" "$OUT/$1.txt" | tail -n 25
+  pack
+}
+profile() {  # profile NAME B N S D CONFIG: per-SASS-instruction warp samples of one kernel
+  local dir="$OUT/$1" logits=$(( $3 * $4 * $4 ))
+  mkdir -p "$dir"
+  timeout 150 ncu --clock-control none --section SourceCounters --section WarpStateStats \
+    --section InstructionStats --section SpeedOfLight -k regex:mosaic -c 1 -o "$dir/sage" \
+    python3 benchmarks/profile_forward.py sage $2 $3 $4 $5 fwd "$6" > "$dir/ncu.txt" 2>&1
+  tail -n 3 "$dir/ncu.txt"
+  ncu -i "$dir/sage.ncu-rep" --page details --csv --print-details all > "$dir/details.csv" 2>&1
+  ncu -i "$dir/sage.ncu-rep" --page source --csv --print-source sass > "$dir/source_sass.csv" 2>&1
+  rm -f "$dir/sage.ncu-rep"
+  python3 benchmarks/sass_hotspots.py "$dir/source_sass.csv" --logits $logits \
+    > "$dir/hotspots.txt" 2>&1
+  head -n 14 "$dir/hotspots.txt"
+  gzip "$dir/source_sass.csv"
   pack
 }

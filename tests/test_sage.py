@@ -266,6 +266,64 @@ def test_kernel_writes_the_callers_head_dim(layout, d, dtype):
         assert o.shape[-1] == cols
 
 
+@needs_mgpu
+@pytest.mark.parametrize("case", ["gqa-masked-odd-steps", "bsnd-segments-stages3",
+                                  "two-ctas-d40"])
+def test_persistent_grid_vs_simulation(case):
+    # SageConfig.persistent (the default; every kernel test here runs it, but this one names
+    # the cases): 3 CTAs (interpret mode's default) loop over the query tiles, the
+    # ring's slots and barrier phases running on from tile to tile, and each warpgroup's next Q
+    # loading into its second buffer. Odd key-block counts put a tile's first block in slot 1;
+    # 8 tiles over 3 CTAs leave them 3, 3 and 2 tiles; 3 tiles over 2 CTAs, 2 and 1. Against
+    # the simulation, and bit for bit against the one-CTA-per-tile grid (same arithmetic).
+    rng = np.random.default_rng(9)
+    segments = None
+    if case == "gqa-masked-odd-steps":  # 3 key blocks of 64, 2 slots
+        b, n, n_kv, sq, skv, d, layout, dtype = 2, 4, 2, 128, 150, 64, "bnsd", "bfloat16"
+        cfg = dataclasses.replace(SMALL, persistent=True)
+        kw = dict(key_mask=rng.random((b, 1, 1, skv)) > 0.3, kv_lengths=[150, 97])
+    elif case == "bsnd-segments-stages3":
+        b, n, n_kv, sq, skv, d, layout, dtype = 1, 2, 1, 256, 200, 128, "bsnd", "bfloat16"
+        cfg = dataclasses.replace(SMALL, persistent=True, stages=3)
+        segments = (np.repeat([0, 1, 2], [100, 100, 56])[None].astype(np.int32),
+                    np.repeat([0, 1, 2], [90, 60, 50])[None].astype(np.int32))
+        kw = {}
+    else:
+        b, n, n_kv, sq, skv, d, layout, dtype = 1, 3, 1, 128, 200, 40, "bnsd", "float16"
+        cfg = dataclasses.replace(SMALL, persistent=True, persistent_ctas=2)
+        kw = {}
+    check_kernel(b, n, n_kv, sq, skv, d, layout=layout, dtype=dtype, config=cfg,
+                 segments=segments, seed=3, **kw)
+    shp = lambda h, s_: (b, h, s_, d) if layout == "bnsd" else (b, s_, h, d)
+    q, k, v = (jnp.asarray(rng.standard_normal(x), dtype)
+               for x in (shp(n, sq), shp(n_kv, skv), shp(n_kv, skv)))
+    extra = {} if segments is None else dict(q_segment_ids=jnp.asarray(segments[0]),
+                                             kv_segment_ids=jnp.asarray(segments[1]))
+    extra.update({k_: (jnp.asarray(x, jnp.int32) if k_ == "kv_lengths" else jnp.asarray(x))
+                  for k_, x in kw.items()})
+    outs = [S.sage_attention(q, k, v, layout=layout, config=c, return_lse=True, interpret=True,
+                             **extra)
+            for c in (cfg, dataclasses.replace(cfg, persistent=False))]
+    for a, b_ in zip(*outs):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b_, np.float32))
+
+
+def test_persistent_grid_config():
+    with pytest.raises(ValueError, match="persistent.*overlap=False"):
+        SageConfig(persistent=True, overlap=True).resolved(64)
+    # never more CTAs than tiles; one per tile where the device gives no SM count
+    fw = sage_forward._Fwd(bq=64, bk=64, dp=64, n_steps=2, stages=2, out_dtype=jnp.bfloat16,
+                           out_bnsd=True, has_kb=False, interp=False, groups=1,
+                           key_bias_dims=None, two_level=True, p_regs=True, fused=True,
+                           overlap=False, p_dtype=Q.FP8, persistent=True, tiles=(1, 2, 3))
+    cfg = SageConfig(persistent=True)
+    assert sage_forward._grid(dataclasses.replace(cfg, persistent_ctas=4), fw, False)["grid"] == (4,)
+    assert sage_forward._grid(dataclasses.replace(cfg, persistent_ctas=16), fw, False)["grid"] == (6,)
+    assert sage_forward._grid(cfg, fw, True)["grid"] == (3,)  # interpret mode
+    plain = dataclasses.replace(fw, persistent=False)
+    assert sage_forward._grid(cfg, plain, False) == dict(grid=(1, 2, 3), grid_names=("b", "h", "q"))
+
+
 @pytest.mark.slow
 @needs_mgpu
 def test_kernel_bsnd_fp16_masks_lengths_empty_rows_d128():
@@ -492,6 +550,10 @@ def test_resolved_by_head_dim():
     assert SageConfig().resolved(64).rowsum_mma and SageConfig().resolved(128).rowsum_mma
     assert not SageConfig(pv_bits=16).resolved(128).rowsum_mma
     assert not SageConfig(k_scale_per_tile=False).resolved(128).rowsum_mma
+    # the persistent grid wherever the plain pipeline runs (H200 round 21)
+    assert SageConfig().resolved(64).persistent and SageConfig(pv_bits=16).resolved(128).persistent
+    assert not SageConfig(overlap=True).resolved(128).persistent
+    assert not SageConfig(persistent=False).resolved(64).persistent
 
 
 def test_rowsum_and_magic_validated():

@@ -7,6 +7,10 @@ compute warpgroups of `block_q` query rows each and a TMA producer warpgroup str
 tiles through a ring of `stages` shared-memory slots; the compute warpgroups alternate on the
 tensor cores through a shared "schedule" barrier. What differs, and why:
 
+* The grid is persistent (`SageConfig.persistent`, default): one CTA per SM loops over query
+  tiles, its producer running on into the next tile's K and V and each compute warpgroup
+  loading its next tile's Q into a second buffer, so no SM idles between tiles.
+
 * Operands arrive quantized and padded by the pre-pass in (b, n, s, d) (the pre-pass reads the
   caller's layout and writes that order as it quantizes), except the 16-bit P V's V, which is
   read in the caller's layout (`Quantized.v_bsnd`); the output is written in the caller's layout.
@@ -158,11 +162,26 @@ class SageConfig:
     # d = 128, 16k tokens, within 2% at 4608 (round 17, two runs); with 128-key blocks at
     # d = 128 it was 1-3% slower (round 16).
     magic_acc: bool | None = None
+    # A persistent grid: one CTA per SM (or `persistent_ctas`), each looping over query tiles
+    # (b, h, 2 * block_q rows; query tiles fastest, so the SMs share each head's K and V in L2).
+    # The producer runs on into the next tile's K and V while the compute warpgroups finish
+    # this one, and each warpgroup TMAs its next tile's Q, row scales and channel scales into a
+    # second buffer as soon as it has its current ones, so neither a CTA's start (barrier
+    # set-up, the first K, V and Q loads) nor its epilogue leaves the SM idle between tiles
+    # (13% of the compute warps' samples at 1x24x4608x128, H200 round 21 profile). The plain
+    # pipeline only (not `overlap`). None (the default): on wherever it can be, since the H200
+    # measured it (round 21, Nsight Compute, the attention kernel alone): 3206 against 3240 us
+    # at 1x24x16384x128, 283 / 291 at 4608 tokens, 157 / 157 at 2x10x4096x64, 121 / 126 at
+    # 2x8x4096x40; wall-clock 0.5-0.6% faster at 16k in three processes, within the +-8%
+    # spread between processes at the shorter shapes.
+    persistent: bool | None = None
+    persistent_ctas: int = 0  # CTAs of the persistent grid; 0: the device's SM count
 
     def resolved(self, dp: int) -> "SageConfig":
         """With `block_kv` (when 0) and `two_level_pv` (when None) chosen for head dim `dp`,
         `k_scale_per_tile` (when None) as `fused_softmax`, `rowsum_mma` (when None) on where
-        it can be and `magic_acc` (when None) at d <= 64 or with 256-key blocks."""
+        it can be, `magic_acc` (when None) at d <= 64 or with 256-key blocks, and `persistent`
+        (when None) without `overlap`."""
         if self.pv_bits not in (8, 16):
             raise ValueError(f"SageConfig.pv_bits must be 8 or 16, got {self.pv_bits}")
         ktile = self.fused_softmax if self.k_scale_per_tile is None else self.k_scale_per_tile
@@ -178,6 +197,10 @@ class SageConfig:
         block_kv = self.block_kv or (128 if narrow else 256)
         magic = ((dp <= 64 or block_kv >= 256) and self.fused_softmax and not self.overlap
                  if self.magic_acc is None else self.magic_acc)
+        persistent = not self.overlap if self.persistent is None else self.persistent
+        if persistent and self.overlap:
+            raise ValueError("SageConfig.persistent loops the plain pipeline over tiles: it "
+                             "needs overlap=False")
         if magic and (self.overlap or not self.fused_softmax):
             raise ValueError("SageConfig.magic_acc is written for the fused softmax's exponent "
                              "trick in the plain pipeline: it needs fused_softmax=True and "
@@ -186,11 +209,13 @@ class SageConfig:
             else self.two_level_pv
         return dataclasses.replace(
             self, block_kv=block_kv,
-            two_level_pv=two_level, k_scale_per_tile=ktile, rowsum_mma=rowsum, magic_acc=magic)
+            two_level_pv=two_level, k_scale_per_tile=ktile, rowsum_mma=rowsum, magic_acc=magic,
+            persistent=persistent)
 
 
 OLD_CONFIG = SageConfig(block_kv=128, two_level_pv=True, p_in_registers=False,
-                        fused_softmax=False, k_scale_per_tile=False)  # the kernel as first measured (2026-11-30)
+                        fused_softmax=False, k_scale_per_tile=False,
+                        persistent=False)  # the kernel as first measured (2026-11-30)
 
 
 
@@ -220,6 +245,12 @@ class _Fwd:
     magic: bool = False  # SageConfig.magic_acc: S arrives as MAGIC_I + s
     d_out: int | None = None  # the output's columns where fewer than dp: the caller's d
     # (`SageConfig.narrow_output`); None: dp
+    persistent: bool = False  # SageConfig.persistent: the grid is ("sm",), tiles looped over
+    tiles: tuple[int, int, int] = (1, 1, 1)  # (batch, heads, query tiles): what the grid covers
+
+    @property
+    def q_bufs(self) -> int:  # Q (and its scales) buffers per warpgroup: the next tile's in the 2nd
+        return 2 if self.persistent else 1
 
     @property
     def acc_cols(self) -> int:  # O's accumulator columns: dp, and with `rowsum` l's 8
@@ -289,34 +320,82 @@ class _Refs:
 
 
 def _kernel(fw: _Fwd, r: _Refs):
-    qt, h, b = lax.axis_index("q"), lax.axis_index("h"), lax.axis_index("b")
     wg = lax.axis_index("wg")
+    if fw.persistent:  # tile t of this CTA: t * CTAs + its index, query tiles fastest
+        sm, n_sm = lax.axis_index("sm"), lax.axis_size("sm")
+        batch, heads, n_qt = fw.tiles
+        n_local = lax.div(batch * heads * n_qt + n_sm - 1 - sm, n_sm)
+
+        def tile_at(t):
+            idx = t * n_sm + sm
+            return (lax.div(idx, heads * n_qt), lax.rem(lax.div(idx, n_qt), heads),
+                    lax.rem(idx, n_qt))
+    else:
+        n_local = 1
+        coords = (lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("q"))
+        tile_at = lambda t: coords  # noqa: E731
 
     @pl.when(wg < 2)
     def _compute():
-        _consumer(fw, r, qt, h, b, wg)
+        _consumer(fw, r, wg, n_local, tile_at)
 
     @pl.when(wg == 2)
     def _producer():
-        _produce(fw, r, h, b)
+        _produce(fw, r, n_local, tile_at)
 
 
-def _consumer(fw: _Fwd, r: _Refs, qt, h, b, wg):
-    bq, dp = fw.bq, fw.dp
-    plgpu.set_max_registers(232, action="increase")
+def _load_q(fw: _Fwd, r: _Refs, wg, coords, buf):
+    """Start the copies of warpgroup `wg`'s Q rows of tile `coords`, their row scales and the
+    output's channel scales (and the rows' segment ids) into its Q buffer `buf`, all on one
+    barrier (Barrier(num_arrivals=3 + has_seg) below waits for all their bytes)."""
+    b, h, qt = coords
+    bq = fw.bq
     q0 = qt * (2 * bq) + wg * bq
     kvh = lax.div(h, jnp.array(fw.groups, h.dtype))
-    # Q, its row scales and the output's channel scales share one barrier per warpgroup: three
-    # copies, so the barrier waits for all their bytes (Barrier(num_arrivals=3) below).
-    plgpu.copy_gmem_to_smem(r.q_ref.at[b, h, pl.ds(q0, bq)], r.q_smem.at[wg], r.q_bar.at[wg])
-    plgpu.copy_gmem_to_smem(r.qs_ref.at[b, h, pl.ds(q0, bq)], r.qs_smem.at[wg], r.q_bar.at[wg])
-    plgpu.copy_gmem_to_smem(r.os_ref.at[b, kvh], r.os_smem.at[wg], r.q_bar.at[wg])
-    if fw.has_seg:  # a fourth copy on the same barrier
-        plgpu.copy_gmem_to_smem(r.qid_ref.at[b, pl.ds(q0, bq)], r.qid_smem.at[wg], r.q_bar.at[wg])
-    plgpu.barrier_wait(r.q_bar.at[wg])
-    qs = fw.load_vec(r.qs_smem.at[wg], 1)
+    qi, bar = wg * fw.q_bufs + buf, r.q_bar.at[wg * fw.q_bufs + buf]
+    plgpu.copy_gmem_to_smem(r.q_ref.at[b, h, pl.ds(q0, bq)], r.q_smem.at[qi], bar)
+    plgpu.copy_gmem_to_smem(r.qs_ref.at[b, h, pl.ds(q0, bq)], r.qs_smem.at[qi], bar)
+    plgpu.copy_gmem_to_smem(r.os_ref.at[b, kvh], r.os_smem.at[qi], bar)
+    if fw.has_seg:
+        plgpu.copy_gmem_to_smem(r.qid_ref.at[b, pl.ds(q0, bq)], r.qid_smem.at[qi], bar)
+
+
+def _consumer(fw: _Fwd, r: _Refs, wg, n_local, tile_at):
+    plgpu.set_max_registers(232, action="increase")
+    if not fw.persistent:
+        _load_q(fw, r, wg, tile_at(0), 0)
+        _tile(fw, r, wg, tile_at(0), 0, 0)
+        return
+
+    @pl.when(n_local > 0)
+    def _():
+        _load_q(fw, r, wg, tile_at(0), 0)
+
+    @pl.loop(0, n_local)
+    def _(t):
+        buf = lax.rem(t, 2)
+        # the next tile's Q goes to the other buffer, free since this tile began: the last
+        # tile's Q K^T wgmmas were all waited for, its scales read before its epilogue's
+        # warpgroup barrier (commit_smem)
+        prefetch = lambda: _load_q(fw, r, wg, tile_at(t + 1), 1 - buf)  # noqa: E731
+        _tile(fw, r, wg, tile_at(t), buf, t * fw.n_steps,
+              lambda: pl.when(t + 1 < n_local)(prefetch))
+
+
+def _tile(fw: _Fwd, r: _Refs, wg, coords, buf, base, prefetch=None):
+    """One query tile of warpgroup `wg`: its Q buffer `buf` (loading), key blocks from the
+    ring's global step `base` on, and the epilogue; `prefetch()` starts the next tile's Q
+    once this one's has arrived."""
+    b, h, qt = coords
+    bq = fw.bq
+    q0 = qt * (2 * bq) + wg * bq
+    qi = wg * fw.q_bufs + buf
+    plgpu.barrier_wait(r.q_bar.at[qi])
+    if prefetch is not None:
+        prefetch()
+    qs = fw.load_vec(r.qs_smem.at[qi], 1)
     if fw.has_seg:  # the row's scale and segment id travel together as the row operand
-        qs = (qs, fw.load_vec(r.qid_smem.at[wg], 1))
+        qs = (qs, fw.load_vec(r.qid_smem.at[qi], 1))
 
     acc = fw.layout_cast(jnp.zeros((bq, fw.acc_cols), jnp.float32),
                          None if fw.interp else plgpu.Layout.WGMMA)
@@ -324,28 +403,37 @@ def _consumer(fw: _Fwd, r: _Refs, qt, h, b, wg):
     l_i = fw.layout_cast(jnp.zeros((bq,), jnp.float32), fw.row_layout())
 
     if fw.overlap:
-        acc, m_i, l_i = _key_loop_overlap(fw, r, wg, qs, acc, m_i, l_i)
+        acc, m_i, l_i = _key_loop_overlap(fw, r, wg, qs, acc, m_i, l_i)  # qi = wg (1 buffer)
     else:
         sched_sync = r.sched_sync
-        plgpu.barrier_wait(r.k_bar.at[0])
+        plgpu.barrier_wait(r.k_bar.at[_slot(fw, base)])
         pl.when(wg == 1)(sched_sync)
-        step = functools.partial(_step, fw, r, wg, qs)
+        step = functools.partial(_step, fw, r, wg, qi, qs, base)
         acc, m_i, l_i = lax.fori_loop(0, fw.n_steps, step, (acc, m_i, l_i))
         pl.when(wg == 0)(sched_sync)
-    _epilogue(fw, r, acc, m_i, l_i, b, h, wg, q0)
+    _epilogue(fw, r, acc, m_i, l_i, b, h, wg, q0, qi)
 
 
-def _step(fw: _Fwd, r: _Refs, wg, qs, i, carry):
+def _slot(fw: _Fwd, g):
+    """The ring slot of global key step `g` (a Python int or an int32)."""
+    if isinstance(g, int):
+        return g % fw.stages
+    return lax.rem(g, jnp.array(fw.stages, g.dtype))
+
+
+def _step(fw: _Fwd, r: _Refs, wg, qi, qs, base, i, carry):
+    """Key block i of the tile, the ring's global step base + i (`_tile`)."""
     acc, m_i, l_i = carry
-    slot = lax.rem(i, jnp.array(fw.stages, i.dtype))
-    s, ks, kbias = _scores(fw, r, wg, slot)
+    g = i if isinstance(base, int) and base == 0 else base + i
+    slot = _slot(fw, g)
+    s, ks, kbias = _scores(fw, r, wg, qi, slot)
     p, alpha, l_i, m_new = _softmax(fw, s, ks, kbias, qs, m_i, l_i)
     if not fw.two_level:  # the wgmma accumulates onto acc: rescale it first
         acc = _rescale(fw, acc, alpha)
     p8 = _stage_p(fw, r, wg, p)
     if fw.p_regs and not fw.interp:  # as mosaic_forward: softmax done before the schedule barrier
         acc, alpha, l_i, m_new, p8 = lax.optimization_barrier((acc, alpha, l_i, m_new, p8))
-    acc = _pv(fw, r, wg, i, slot, acc, alpha, p8)
+    acc = _pv(fw, r, wg, i, slot, acc, alpha, p8, _slot(fw, g + 1))
     return acc, m_new, l_i
 
 
@@ -490,25 +578,25 @@ def _p_to_8bit_layout(p8):
     return relabel(p8)
 
 
-def _scores(fw: _Fwd, r: _Refs, wg, slot):
+def _scores(fw: _Fwd, r: _Refs, wg, qi, slot):
     """int32 Q8 K8^T of the K tile in `slot`, that slot's key scales and key bias (or None);
     releases K."""
     # K and its key scales (one barrier, two copies) were waited for before this step: before the
     # loop for the first slot, in `_pv`'s `wait_next_k` (overlapping the P V wgmma) for the rest.
     ks, kbias = _key_vectors(fw, r, slot)
     if fw.interp:
-        s = _qk_interp(r, wg, slot)
+        s = _qk_interp(r, qi, slot)
         s = s + jnp.int32(MAGIC_I) if fw.magic else s
         r.sched_sync()
     elif fw.magic:  # the accumulator starts at MAGIC_I (SageConfig.magic_acc)
         def qk(acc_ref):
-            plgpu.wgmma(acc_ref, r.q_smem.at[wg], _k_view(r, slot))
+            plgpu.wgmma(acc_ref, r.q_smem.at[qi], _k_view(r, slot))
             r.sched_sync()
         start = fw.layout_cast(jnp.full((fw.bq, fw.bk), MAGIC_I, jnp.int32), plgpu.Layout.WGMMA)
         s = pl.run_state(qk)(plgpu.ACC.init(start))
     else:
         def qk(acc_ref):
-            plgpu.wgmma(acc_ref, r.q_smem.at[wg], _k_view(r, slot))
+            plgpu.wgmma(acc_ref, r.q_smem.at[qi], _k_view(r, slot))
             r.sched_sync()
             return acc_ref[...]
         s = pl.run_scoped(qk, plgpu.ACC((fw.bq, fw.bk), jnp.int32))
@@ -542,9 +630,9 @@ def _v_view(fw: _Fwd, r: _Refs, slot):
     return r.vt_smem.at[slot]
 
 
-def _qk_interp(r: _Refs, wg, slot):
+def _qk_interp(r: _Refs, qi, slot):
     """Interpret mode's S = Q8 K8^T (int32, exact) on the same shared-memory tiles."""
-    return lax.dot_general(r.q_smem.at[wg][...].astype(jnp.int32),
+    return lax.dot_general(r.q_smem.at[qi][...].astype(jnp.int32),
                            r.k_smem[slot].astype(jnp.int32), (((1,), (1,)), ((), ())),
                            preferred_element_type=jnp.int32)
 
@@ -562,7 +650,7 @@ def _pv_interp(fw: _Fwd, r: _Refs, slot, a_op):
                            preferred_element_type=jnp.float32, precision=lax.Precision.HIGHEST)
 
 
-def _pv(fw: _Fwd, r: _Refs, wg, i, slot, acc, alpha, p8):
+def _pv(fw: _Fwd, r: _Refs, wg, i, slot, acc, alpha, p8, nxt_slot):
     """O += P8 V8 (float32 accumulation); releases V. P is what `_stage_p` returned. With
     two_level, acc is rescaled by alpha here, while the block's wgmma runs (else the caller
     rescaled it before)."""
@@ -574,7 +662,6 @@ def _pv(fw: _Fwd, r: _Refs, wg, i, slot, acc, alpha, p8):
     if r.sched is not None:
         plgpu.barrier_wait(r.sched)  # the other warpgroup's matmul is issued
     nxt = i + 1
-    nxt_slot = lax.rem(nxt, jnp.array(fw.stages, nxt.dtype))
 
     def wait_next_k():
         @pl.when(nxt < fw.n_steps)
@@ -734,7 +821,7 @@ def _rowsum_tile(bk: int):
     return tile
 
 
-def _epilogue(fw: _Fwd, r: _Refs, acc, m_i, l_i, b, h, wg, q0):
+def _epilogue(fw: _Fwd, r: _Refs, acc, m_i, l_i, b, h, wg, q0, qi):
     bq, dp = fw.bq, fw.dp
     if fw.rowsum:  # the first of the 8 extra columns holds l, the others 0 (`_rowsum_tile`)
         l_i = acc[:, dp:].sum(axis=1)
@@ -745,7 +832,7 @@ def _epilogue(fw: _Fwd, r: _Refs, acc, m_i, l_i, b, h, wg, q0):
     else:
         l_safe = l_i
     inv = (P_SCALE if fw.fused else 1.0) / l_safe  # fused: l sums P * P_SCALE
-    osc = fw.load_vec(r.os_smem.at[wg], 0)
+    osc = fw.load_vec(r.os_smem.at[qi], 0)
     o = (acc * lax.broadcast_in_dim(inv, (bq, dp), [0])) * lax.broadcast_in_dim(osc, (bq, dp), [1])
     if fw.d_out is not None:  # the caller's head dim only (whole 8-column tiles of the layout)
         o = o[:, :fw.d_out]
@@ -764,15 +851,23 @@ def _epilogue(fw: _Fwd, r: _Refs, acc, m_i, l_i, b, h, wg, q0):
     plgpu.wait_smem_to_gmem(0)
 
 
-def _produce(fw: _Fwd, r: _Refs, h, b):
+def _produce(fw: _Fwd, r: _Refs, n_local, tile_at):
+    """The TMA warpgroup: K and V of every key block of every tile of this CTA through the ring,
+    global step g = tile * n_steps + block in slot g % stages, each slot refilled once both
+    compute warpgroups have released it."""
     bk, stages, n_steps, has_kb = fw.bk, fw.stages, fw.n_steps, fw.has_kb
     plgpu.set_max_registers(40, action="decrease")
-    kvh = lax.div(h, jnp.array(fw.groups, h.dtype))
-    if has_kb:
-        kbb = b if fw.key_bias_dims[0] else 0
-        kbh = h if fw.key_bias_dims[1] else 0
 
-    def issue_k(step_i, slot):
+    def where(g):  # (b, kv head, h, key block) of global step g
+        if fw.persistent:
+            b, h, _ = tile_at(lax.div(g, n_steps))
+            step_i = lax.rem(g, n_steps)
+        else:
+            (b, h, _), step_i = tile_at(0), g
+        return b, lax.div(h, jnp.array(fw.groups, h.dtype)), h, step_i
+
+    def issue_k(g, slot):
+        b, kvh, h, step_i = where(g)
         k0 = step_i * bk
         plgpu.copy_gmem_to_smem(r.k_ref.at[b, kvh, pl.ds(k0, bk)], r.k_smem.at[slot],
                                 r.k_bar.at[slot])
@@ -782,10 +877,13 @@ def _produce(fw: _Fwd, r: _Refs, h, b):
             plgpu.copy_gmem_to_smem(r.kid_ref.at[b, pl.ds(k0, bk)], r.kid_smem.at[slot],
                                     r.k_bar.at[slot])
         if has_kb:
+            kbb = b if fw.key_bias_dims[0] else 0
+            kbh = h if fw.key_bias_dims[1] else 0
             plgpu.copy_gmem_to_smem(r.kb_ref.at[kbb, kbh, pl.ds(k0, bk)], r.kb_smem.at[slot],
                                     r.kb_bar.at[slot])
 
-    def issue_v(step_i, slot):
+    def issue_v(g, slot):
+        b, kvh, _, step_i = where(g)
         keys = pl.ds(step_i * bk, bk)
         if fw.p8:
             src = r.vt_ref.at[b, kvh, :, keys]
@@ -798,22 +896,27 @@ def _produce(fw: _Fwd, r: _Refs, h, b):
         else:
             plgpu.copy_gmem_to_smem(src, r.vt_smem.at[slot], r.v_bar.at[slot])
 
-    for s0 in range(stages):
-        issue_k(s0, s0)
-        issue_v(s0, s0)
+    total = n_local * n_steps  # a Python int (one tile) or, persistent, an int32
+    for s0 in range(stages):  # stages <= n_steps: a CTA with a tile fills every slot
+        def first(s0=s0):
+            issue_k(s0, s0)
+            issue_v(s0, s0)
+        first() if not fw.persistent else pl.when(total > s0)(first)
 
-    @pl.loop(0, n_steps - stages)
-    def _(i):
-        slot = lax.rem(i, jnp.array(stages, i.dtype))
+    @pl.loop(stages, total)
+    def _(g):
+        slot = _slot(fw, g)
         plgpu.barrier_wait(r.k_done.at[slot])
-        issue_k(i + stages, slot)
+        issue_k(g, slot)
         plgpu.barrier_wait(r.v_done.at[slot])
-        issue_v(i + stages, slot)
+        issue_v(g, slot)
 
-    for j in range(stages):  # observe the last consumption of every slot before leaving
-        slot = (n_steps - stages + j) % stages
-        plgpu.barrier_wait(r.k_done.at[slot])
-        plgpu.barrier_wait(r.v_done.at[slot])
+    def observe_last():  # the last consumption of every slot, before leaving
+        for j in range(stages):
+            slot = (n_steps - stages + j) % stages if not fw.persistent else j
+            plgpu.barrier_wait(r.k_done.at[slot])
+            plgpu.barrier_wait(r.v_done.at[slot])
+    observe_last() if not fw.persistent else pl.when(total > 0)(observe_last)
 
 
 def _swizzled(cols: int, interp: bool, itemsize: int = 1):
@@ -822,6 +925,22 @@ def _swizzled(cols: int, interp: bool, itemsize: int = 1):
         return ()
     swizzle = min(128, cols * itemsize)
     return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
+
+
+def _grid(cfg: SageConfig, fw: _Fwd, interp: bool) -> dict:
+    """`plgpu.kernel`'s grid: one CTA per query tile, or (persistent) `persistent_ctas` CTAs,
+    by default one per SM of the device (interpret mode: 3, so tests loop over several tiles)."""
+    if not fw.persistent:
+        return dict(grid=fw.tiles, grid_names=("b", "h", "q"))
+    ctas = cfg.persistent_ctas or (3 if interp else _sm_count())
+    n_tiles = int(np.prod(fw.tiles))
+    return dict(grid=(min(ctas or n_tiles, n_tiles),), grid_names=("sm",))
+
+
+def _sm_count() -> int | None:
+    """The GPU's SM count (132 on an H200), or None where the device does not say (the grid
+    then has one CTA per tile, each looping once)."""
+    return getattr(jax.devices()[0], "core_count", None)
 
 
 def sage_call(cfg: SageConfig, qz, kb, *, out_dtype, out_layout: str, groups: int,
@@ -848,8 +967,10 @@ def sage_call(cfg: SageConfig, qz, kb, *, out_dtype, out_layout: str, groups: in
               p_regs=cfg.p_in_registers, fused=cfg.fused_softmax, overlap=cfg.overlap,
               p_dtype=qz.vt8.dtype, has_seg=segments is not None, v_bsnd=qz.v_bsnd,
               pingpong=cfg.pingpong, tile_ks=cfg.k_scale_per_tile, rowsum=cfg.rowsum_mma,
-              magic=cfg.magic_acc, d_out=d_out)
+              magic=cfg.magic_acc, d_out=d_out, persistent=cfg.persistent,
+              tiles=(batch, heads, sq_pad // (2 * bq)))
     out_cols = d_out or dp
+    nq = 2 * fw.q_bufs  # Q-side buffers: per warpgroup, this tile's (and the next's)
     if (qz.vt8.dtype == FP8) != (cfg.pv_bits == 8):
         raise ValueError(f"SageConfig.pv_bits={cfg.pv_bits} but the pre-pass stored V as "
                          f"{qz.vt8.dtype}")
@@ -890,9 +1011,9 @@ def sage_call(cfg: SageConfig, qz, kb, *, out_dtype, out_layout: str, groups: in
     o_t = (() if interp or d_out is not None
            else (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
     scratch = [
-        plgpu.SMEM((2, bq, dp), jnp.int8, transforms=d8),
-        plgpu.SMEM((2, bq), jnp.float32),
-        plgpu.SMEM((2, dp), jnp.float32),
+        plgpu.SMEM((nq, bq, dp), jnp.int8, transforms=d8),
+        plgpu.SMEM((nq, bq), jnp.float32),
+        plgpu.SMEM((nq, dp), jnp.float32),
         plgpu.SMEM((stages, bk, dp), jnp.int8, transforms=d8),
         plgpu.SMEM((stages, bk), jnp.float32),
         plgpu.SMEM((stages, *v_tile), fw.p_dtype, transforms=v_t),
@@ -907,7 +1028,7 @@ def sage_call(cfg: SageConfig, qz, kb, *, out_dtype, out_layout: str, groups: in
         scratch.append(plgpu.SMEM((stages, bk), jnp.float32))
     scratch += [
         # Q, its row scales, the channel scales (and the row's segment ids)
-        plgpu.Barrier(num_arrivals=3 + fw.has_seg, num_barriers=2),
+        plgpu.Barrier(num_arrivals=3 + fw.has_seg, num_barriers=nq),
         # K and its key scales (and the keys' segment ids)
         plgpu.Barrier(num_arrivals=2 + fw.has_seg, num_barriers=stages),
         plgpu.Barrier(num_arrivals=1 + fw.rowsum, num_barriers=stages),  # V^T (and the ones)
@@ -920,7 +1041,7 @@ def sage_call(cfg: SageConfig, qz, kb, *, out_dtype, out_layout: str, groups: in
     if fw.overlap:
         scratch.append(plgpu.Barrier(num_barriers=2))  # turn.at[w]: warpgroup w may issue
     if fw.has_seg:
-        scratch += [plgpu.SMEM((2, bq), jnp.int32), plgpu.SMEM((stages, bk), jnp.int32)]
+        scratch += [plgpu.SMEM((nq, bq), jnp.int32), plgpu.SMEM((stages, bk), jnp.int32)]
 
     out_shape = ((batch, heads, sq_pad, out_cols) if fw.out_bnsd
                  else (batch, sq_pad, heads, out_cols))
@@ -931,8 +1052,8 @@ def sage_call(cfg: SageConfig, qz, kb, *, out_dtype, out_layout: str, groups: in
         from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
         kw["interpret"] = InterpretGPUParams()
     call = plgpu.kernel(
-        kernel, out_type=out_type, scratch_types=scratch, grid=(batch, heads, sq_pad // (2 * bq)),
-        grid_names=("b", "h", "q"), num_threads=3, thread_name="wg",
+        kernel, out_type=out_type, scratch_types=scratch, num_threads=3, thread_name="wg",
+        **_grid(cfg, fw, interp),
         compiler_params=plgpu.CompilerParams(approx_math=True), **kw)
     args = (qz.q8, qz.q_scale, qz.k8, qz.k_scale, qz.vt8, qz.out_scale) + ((kb,) if has_kb else ())
     args += tuple(segments) if fw.has_seg else ()
