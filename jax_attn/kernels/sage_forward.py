@@ -321,7 +321,8 @@ class _Refs:
 
 def _kernel(fw: _Fwd, r: _Refs):
     wg = lax.axis_index("wg")
-    if fw.persistent:  # tile t of this CTA: t * CTAs + its index, query tiles fastest
+    if fw.persistent:  # tile t of this CTA: t * CTAs + its index, query tiles fastest; every
+        # CTA has at least one tile (`_grid` launches no more CTAs than tiles)
         sm, n_sm = lax.axis_index("sm"), lax.axis_size("sm")
         batch, heads, n_qt = fw.tiles
         n_local = lax.div(batch * heads * n_qt + n_sm - 1 - sm, n_sm)
@@ -352,7 +353,8 @@ def _load_q(fw: _Fwd, r: _Refs, wg, coords, buf):
     bq = fw.bq
     q0 = qt * (2 * bq) + wg * bq
     kvh = lax.div(h, jnp.array(fw.groups, h.dtype))
-    qi, bar = wg * fw.q_bufs + buf, r.q_bar.at[wg * fw.q_bufs + buf]
+    qi = wg * fw.q_bufs + buf
+    bar = r.q_bar.at[qi]
     plgpu.copy_gmem_to_smem(r.q_ref.at[b, h, pl.ds(q0, bq)], r.q_smem.at[qi], bar)
     plgpu.copy_gmem_to_smem(r.qs_ref.at[b, h, pl.ds(q0, bq)], r.qs_smem.at[qi], bar)
     plgpu.copy_gmem_to_smem(r.os_ref.at[b, kvh], r.os_smem.at[qi], bar)
@@ -362,14 +364,10 @@ def _load_q(fw: _Fwd, r: _Refs, wg, coords, buf):
 
 def _consumer(fw: _Fwd, r: _Refs, wg, n_local, tile_at):
     plgpu.set_max_registers(232, action="increase")
+    _load_q(fw, r, wg, tile_at(0), 0)
     if not fw.persistent:
-        _load_q(fw, r, wg, tile_at(0), 0)
         _tile(fw, r, wg, tile_at(0), 0, 0)
         return
-
-    @pl.when(n_local > 0)
-    def _():
-        _load_q(fw, r, wg, tile_at(0), 0)
 
     @pl.loop(0, n_local)
     def _(t):
@@ -896,14 +894,11 @@ def _produce(fw: _Fwd, r: _Refs, n_local, tile_at):
         else:
             plgpu.copy_gmem_to_smem(src, r.vt_smem.at[slot], r.v_bar.at[slot])
 
-    total = n_local * n_steps  # a Python int (one tile) or, persistent, an int32
-    for s0 in range(stages):  # stages <= n_steps: a CTA with a tile fills every slot
-        def first(s0=s0):
-            issue_k(s0, s0)
-            issue_v(s0, s0)
-        first() if not fw.persistent else pl.when(total > s0)(first)
+    for s0 in range(stages):  # stages <= n_steps, and every CTA has a tile: every slot fills
+        issue_k(s0, s0)
+        issue_v(s0, s0)
 
-    @pl.loop(stages, total)
+    @pl.loop(stages, n_local * n_steps)
     def _(g):
         slot = _slot(fw, g)
         plgpu.barrier_wait(r.k_done.at[slot])
@@ -911,12 +906,9 @@ def _produce(fw: _Fwd, r: _Refs, n_local, tile_at):
         plgpu.barrier_wait(r.v_done.at[slot])
         issue_v(g, slot)
 
-    def observe_last():  # the last consumption of every slot, before leaving
-        for j in range(stages):
-            slot = (n_steps - stages + j) % stages if not fw.persistent else j
-            plgpu.barrier_wait(r.k_done.at[slot])
-            plgpu.barrier_wait(r.v_done.at[slot])
-    observe_last() if not fw.persistent else pl.when(total > 0)(observe_last)
+    for slot in range(stages):  # observe the last consumption of every slot before leaving
+        plgpu.barrier_wait(r.k_done.at[slot])
+        plgpu.barrier_wait(r.v_done.at[slot])
 
 
 def _swizzled(cols: int, interp: bool, itemsize: int = 1):
